@@ -1,0 +1,348 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/lib/pq"
+	"github.com/lib/pq/pqerror"
+)
+
+//go:embed schema.sql
+var schemaSQL string
+
+// schemaLockID names the advisory lock held while the schema is applied, so
+// that several instances starting at once do not run it concurrently.
+const schemaLockID = 7_201_418_305
+
+// openDB connects to the database cfg names, creating it when it is missing,
+// and applies schema.sql.
+func openDB(ctx context.Context, cfg pq.Config, maxConns int) (*sql.DB, error) {
+	db, err := connect(cfg, maxConns)
+	if err != nil {
+		return nil, err
+	}
+	err = db.PingContext(ctx)
+	if pq.As(err, pqerror.InvalidCatalogName) != nil {
+		if err = createDatabase(ctx, cfg); err == nil {
+			err = db.PingContext(ctx)
+		}
+	}
+	if err == nil {
+		err = migrate(ctx, db)
+	}
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("database %q on %s: %w", cfg.Database, cfg.Host, err)
+	}
+	return db, nil
+}
+
+// connect opens a pool without touching the network.
+func connect(cfg pq.Config, maxConns int) (*sql.DB, error) {
+	connector, err := pq.NewConnectorConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("database config: %w", err)
+	}
+	db := sql.OpenDB(connector)
+	db.SetMaxOpenConns(maxConns)
+	db.SetMaxIdleConns(maxConns)
+	db.SetConnMaxIdleTime(5 * time.Minute)
+	db.SetConnMaxLifetime(time.Hour)
+	return db, nil
+}
+
+// createDatabase creates cfg.Database through the maintenance database.
+func createDatabase(ctx context.Context, cfg pq.Config) error {
+	name := cfg.Database
+	cfg.Database = "postgres"
+	admin, err := connect(cfg, 1)
+	if err != nil {
+		return err
+	}
+	defer admin.Close()
+	// Identifiers cannot be placeholders; QuoteIdentifier makes the name inert.
+	_, err = admin.ExecContext(ctx, "CREATE DATABASE "+pq.QuoteIdentifier(name))
+	if pq.As(err, pqerror.DuplicateDatabase) != nil {
+		return nil // another instance created it first
+	}
+	if err != nil {
+		return fmt.Errorf("create database: %w", err)
+	}
+	return nil
+}
+
+// migrate applies the embedded schema under an advisory lock.
+func migrate(ctx context.Context, db *sql.DB) error {
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, schemaLockID); err != nil {
+		return fmt.Errorf("lock schema: %w", err)
+	}
+	defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, schemaLockID)
+	if _, err := conn.ExecContext(ctx, schemaSQL); err != nil {
+		return fmt.Errorf("apply schema: %w", err)
+	}
+	return nil
+}
+
+// withTx runs fn in a transaction, committing only when fn succeeds.
+func withTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	defer tx.Rollback()
+	if err := fn(tx); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+// violation reports the constraint err violated when it has the given code.
+func violation(err error, code pqerror.Code) (constraint string, ok bool) {
+	if e := pq.As(err, code); e != nil {
+		return e.Constraint, true
+	}
+	return "", false
+}
+
+// isUnavailable reports whether err means the database cannot be reached
+// (down, restarting, out of connections, or too slow), which the client sees
+// as a 503 it may retry rather than a 500.
+func isUnavailable(err error) bool {
+	var pqErr *pq.Error
+	if errors.As(err, &pqErr) {
+		switch pqErr.Code.Class() {
+		case "08", "53", "57", "58": // connection, resources, operator intervention, system
+			return true
+		}
+		return false
+	}
+	var netErr net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &netErr)
+}
+
+// listParams are a collection GET's validated query parameters.
+type listParams struct {
+	page    int // 1-based; 0 means "last"
+	size    int
+	orderBy string   // SQL from a fixed whitelist, never from input
+	terms   []string // ILIKE patterns with %, _ and \ escaped
+}
+
+// maxSearchTerms bounds the work one search can ask of the database.
+const maxSearchTerms = 20
+
+// parseList reads page, page_size, ordering and (when searchable) search.
+// orderable maps each public field name to its SQL column.
+func parseList(q url.Values, orderable map[string]string, searchable bool) (listParams, error) {
+	p := listParams{page: 1, size: 10}
+	switch v := q.Get("page"); v {
+	case "":
+	case "last":
+		p.page = 0
+	default:
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return p, errInvalidPage
+		}
+		p.page = n
+	}
+	if n, err := strconv.Atoi(q.Get("page_size")); err == nil && n > 0 {
+		p.size = min(n, 100)
+	}
+	var order []string
+	for _, f := range strings.Split(q.Get("ordering"), ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		col, ok := orderable[strings.TrimPrefix(f, "-")]
+		if !ok {
+			return p, fieldErrors{"ordering": {fmt.Sprintf("Invalid ordering field %q.", f)}}
+		}
+		if strings.HasPrefix(f, "-") {
+			col += " DESC"
+		}
+		order = append(order, col)
+	}
+	// The id tie-breaker keeps pages stable when the ordered values repeat.
+	p.orderBy = strings.Join(append(order, orderable["id"]), ", ")
+	if searchable {
+		terms := strings.FieldsFunc(q.Get("search"), func(r rune) bool { return r == ' ' || r == ',' })
+		if len(terms) > maxSearchTerms {
+			return p, fieldErrors{"search": {fmt.Sprintf("Ensure there are no more than %d search terms.", maxSearchTerms)}}
+		}
+		escape := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`)
+		for _, t := range terms {
+			p.terms = append(p.terms, "%"+escape.Replace(t)+"%")
+		}
+	}
+	return p, nil
+}
+
+// searchSQL returns " AND (...)" clauses requiring every term to match at
+// least one of columns, with placeholders numbered from after args; args
+// gains one value per term.
+func (p listParams) searchSQL(columns []string, args *[]any) string {
+	var b strings.Builder
+	for _, t := range p.terms {
+		*args = append(*args, t)
+		n := "$" + strconv.Itoa(len(*args))
+		b.WriteString(" AND (")
+		for i, c := range columns {
+			if i > 0 {
+				b.WriteString(" OR ")
+			}
+			b.WriteString(c + " ILIKE " + n)
+		}
+		b.WriteString(")")
+	}
+	return b.String()
+}
+
+// window resolves the page against count, returning LIMIT and OFFSET, or
+// errInvalidPage for a page past the end.
+func (p *listParams) window(count int) (limit, offset int, err error) {
+	pages := max(1, int(math.Ceil(float64(count)/float64(p.size))))
+	if p.page == 0 {
+		p.page = pages
+	}
+	if p.page > pages {
+		return 0, 0, errInvalidPage
+	}
+	return p.size, (p.page - 1) * p.size, nil
+}
+
+// page is a collection GET's body, as DRF's PageNumberPagination writes it.
+type page[T any] struct {
+	Count    int     `json:"count"`
+	Next     *string `json:"next"`
+	Previous *string `json:"previous"`
+	Results  []T     `json:"results"`
+}
+
+// newPage builds the page with absolute links that keep the request's other
+// query parameters; the link to page 1 carries no page parameter, as in DRF.
+func newPage[T any](r *http.Request, p listParams, count int, results []T) page[T] {
+	if results == nil {
+		results = []T{}
+	}
+	link := func(n int) *string {
+		q := r.URL.Query()
+		if n == 1 {
+			q.Del("page")
+		} else {
+			q.Set("page", strconv.Itoa(n))
+		}
+		u := url.URL{Scheme: requestScheme(r), Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}
+		s := u.String()
+		return &s
+	}
+	pg := page[T]{Count: count, Results: results}
+	if p.page*p.size < count {
+		pg.Next = link(p.page + 1)
+	}
+	if p.page > 1 {
+		pg.Previous = link(p.page - 1)
+	}
+	return pg
+}
+
+// rowScanner is what *sql.Row and *sql.Rows share.
+type rowScanner interface{ Scan(dest ...any) error }
+
+// listPage answers a collection GET: the count over fromWhere, then the page of
+// rows ordered by p, each read by scan.
+func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhere string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
+	ctx := r.Context()
+	var count int
+	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+fromWhere, args...).Scan(&count); err != nil {
+		return page[T]{}, fmt.Errorf("count: %w", err)
+	}
+	limit, offset, err := p.window(count)
+	if err != nil {
+		return page[T]{}, err
+	}
+	var results []T
+	if count > 0 {
+		n := len(args)
+		q := fmt.Sprintf("SELECT %s FROM %s ORDER BY %s LIMIT $%d OFFSET $%d", columns, fromWhere, p.orderBy, n+1, n+2)
+		rows, err := db.QueryContext(ctx, q, append(args, limit, offset)...)
+		if err != nil {
+			return page[T]{}, fmt.Errorf("list: %w", err)
+		}
+		defer rows.Close()
+		for rows.Next() {
+			v, err := scan(rows)
+			if err != nil {
+				return page[T]{}, fmt.Errorf("scan: %w", err)
+			}
+			results = append(results, v)
+		}
+		if err := rows.Err(); err != nil {
+			return page[T]{}, fmt.Errorf("list: %w", err)
+		}
+	}
+	return newPage(r, p, count, results), nil
+}
+
+// assignments are validated column values for an INSERT or UPDATE, in the
+// order the fields were read. Column names come from Go constants only.
+type assignments struct {
+	cols []string
+	args []any
+}
+
+func (a *assignments) set(col string, v any) {
+	a.cols = append(a.cols, col)
+	a.args = append(a.args, v)
+}
+
+// insertSQL is "INSERT INTO table (cols) VALUES ($1, …) RETURNING returning".
+func (a assignments) insertSQL(table, returning string) string {
+	marks := make([]string, len(a.cols))
+	for i := range marks {
+		marks[i] = "$" + strconv.Itoa(i+1)
+	}
+	return fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s) RETURNING %s",
+		table, strings.Join(a.cols, ", "), strings.Join(marks, ", "), returning)
+}
+
+// updateSQL is "UPDATE table SET updated_at = now(), col = $3, … WHERE
+// where RETURNING returning"; where uses $1 and $2, which the caller puts
+// in front of a.args.
+func (a assignments) updateSQL(table, where, returning string) string {
+	sets := []string{"updated_at = now()"}
+	for i, c := range a.cols {
+		sets = append(sets, fmt.Sprintf("%s = $%d", c, i+3))
+	}
+	return fmt.Sprintf("UPDATE %s SET %s WHERE %s RETURNING %s", table, strings.Join(sets, ", "), where, returning)
+}
+
+// stamp is a time as DRF writes it: RFC 3339 in UTC, microseconds, "Z".
+type stamp time.Time
+
+func (t stamp) MarshalJSON() ([]byte, error) {
+	return time.Time(t).UTC().AppendFormat([]byte(`"`), `2006-01-02T15:04:05.000000Z"`), nil
+}

@@ -1,0 +1,436 @@
+// Command healthcare serves the Healthcare API: accounts with JWT logins,
+// private patients, a shared doctor directory and patient–doctor
+// assignments, on PostgreSQL. API.md is its contract.
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+func main() {
+	if err := run(context.Background(), os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		os.Exit(1)
+	}
+}
+
+// run starts the server and blocks until ctx ends or a signal arrives, then
+// shuts down gracefully. Tests call it with their own environment.
+func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	dotenv, err := readDotenv(".env")
+	if err != nil {
+		return err
+	}
+	cfg, warnings, err := loadConfig(func(k string) string {
+		if v := getenv(k); v != "" {
+			return v // real environment variables win over .env
+		}
+		return dotenv[k]
+	})
+	if err != nil {
+		return err
+	}
+	logger := newLogger(stdout, cfg.debug)
+	for _, w := range warnings {
+		logger.Warn(w)
+	}
+	db, err := openDB(ctx, cfg.db, cfg.dbMaxConns)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	srv, err := newServer(cfg, db, logger)
+	if err != nil {
+		return err
+	}
+	httpServer := &http.Server{
+		Handler: srv,
+		// Slow clients are cut off: a trickled header or body cannot hold a
+		// connection (and its goroutine) open for long.
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	ln, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	scheme := "http"
+	if cfg.tlsCert != "" {
+		scheme = "https"
+	}
+	logger.Info("serving", "url", scheme+"://"+ln.Addr().String()+"/")
+
+	serveErr := make(chan error, 1)
+	go func() {
+		if cfg.tlsCert != "" {
+			serveErr <- httpServer.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey)
+		} else {
+			serveErr <- httpServer.Serve(ln)
+		}
+	}()
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	logger.Info("shutting down")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := httpServer.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	if err := <-serveErr; !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve: %w", err)
+	}
+	return nil
+}
+
+func newLogger(w io.Writer, debug bool) *slog.Logger {
+	if debug {
+		return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewJSONHandler(w, nil))
+}
+
+// server holds what the handlers share. There is no package-level state:
+// tests build as many independent servers as they like.
+type server struct {
+	cfg       config
+	db        *sql.DB
+	log       *slog.Logger
+	mux       *http.ServeMux
+	signer    *signer
+	passwords *passwords
+
+	commonPasswords map[string]struct{}
+	registerLimit   *limiter
+	loginLimit      *limiter
+	anonLimit       *limiter
+	userLimit       *limiter
+
+	idPrefix string
+	requests atomic.Uint64
+}
+
+// newServer builds the handler for cfg on db.
+func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
+	pw, err := newPasswords(cfg.passwordIterations, runtime.NumCPU())
+	if err != nil {
+		return nil, err
+	}
+	common, err := loadCommonPasswords()
+	if err != nil {
+		return nil, err
+	}
+	var prefix [4]byte
+	rand.Read(prefix[:])
+	s := &server{
+		cfg:             cfg,
+		db:              db,
+		log:             logger,
+		mux:             http.NewServeMux(),
+		signer:          newSigner(cfg.secretKey, cfg.accessTTL, cfg.refreshTTL),
+		passwords:       pw,
+		commonPasswords: common,
+		registerLimit:   newLimiter(cfg.rateRegister, cfg.rateMaxKeys),
+		loginLimit:      newLimiter(cfg.rateLogin, cfg.rateMaxKeys),
+		anonLimit:       newLimiter(cfg.rateAnon, cfg.rateMaxKeys),
+		userLimit:       newLimiter(cfg.rateUser, cfg.rateMaxKeys),
+		idPrefix:        fmt.Sprintf("%x-", prefix),
+	}
+	s.addRoutes()
+	return s, nil
+}
+
+// addRoutes lists the whole API. Each pattern ends in {$} so that it
+// matches its path exactly, not the subtree below it.
+func (s *server) addRoutes() {
+	handle := func(pattern string, a access, h http.HandlerFunc) {
+		s.mux.Handle(pattern, route{s: s, access: a, h: h})
+	}
+	handle("GET /healthz", probe, s.handleHealthz)
+	handle("GET /readyz", probe, s.handleReadyz)
+
+	handle("POST /api/auth/register/{$}", public, s.handleRegister)
+	handle("POST /api/auth/login/{$}", public, s.handleLogin)
+	handle("POST /api/auth/token/refresh/{$}", public, s.handleRefresh)
+	handle("POST /api/auth/logout/{$}", public, s.handleLogout)
+	handle("GET /api/auth/me/{$}", private, s.handleMe)
+
+	handle("GET /api/patients/{$}", private, s.handleListPatients)
+	handle("POST /api/patients/{$}", private, s.handleCreatePatient)
+	handle("GET /api/patients/{id}/{$}", private, s.handleGetPatient)
+	handle("PUT /api/patients/{id}/{$}", private, s.handleUpdatePatient)
+	handle("PATCH /api/patients/{id}/{$}", private, s.handleUpdatePatient)
+	handle("DELETE /api/patients/{id}/{$}", private, s.handleDeletePatient)
+
+	handle("GET /api/doctors/{$}", private, s.handleListDoctors)
+	handle("POST /api/doctors/{$}", private, s.handleCreateDoctor)
+	handle("GET /api/doctors/{id}/{$}", private, s.handleGetDoctor)
+	handle("PUT /api/doctors/{id}/{$}", private, s.handleUpdateDoctor)
+	handle("PATCH /api/doctors/{id}/{$}", private, s.handleUpdateDoctor)
+	handle("DELETE /api/doctors/{id}/{$}", private, s.handleDeleteDoctor)
+
+	handle("GET /api/mappings/{$}", private, s.handleListMappings)
+	handle("POST /api/mappings/{$}", private, s.handleCreateMapping)
+	handle("GET /api/mappings/{id}/{$}", private, s.handlePatientMappings)
+	handle("DELETE /api/mappings/{id}/{$}", private, s.handleDeleteMapping)
+}
+
+func (s *server) handleHealthz(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	if err := s.db.PingContext(ctx); err != nil {
+		s.log.Warn("not ready", "err", err)
+		w.Header().Set("Retry-After", "5")
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable"})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+// config is the server's configuration, read from the environment.
+type config struct {
+	addr               string
+	secretKey          secret
+	debug              bool
+	allowedHosts       []string
+	db                 pq.Config
+	dbMaxConns         int
+	accessTTL          time.Duration
+	refreshTTL         time.Duration
+	corsOrigins        []string
+	trustedProxies     []netip.Prefix
+	rateRegister       rate
+	rateLogin          rate
+	rateAnon           rate
+	rateUser           rate
+	rateMaxKeys        int
+	passwordIterations int
+	reuseGrace         time.Duration
+	requestTimeout     time.Duration
+	tlsCert, tlsKey    string
+}
+
+// loadConfig reads the configuration API.md names, with its defaults. It
+// refuses invalid values, naming the variable, and returns warnings to log.
+func loadConfig(getenv func(string) string) (config, []string, error) {
+	var warnings []string
+	var errs []error
+	get := func(key, def string) string {
+		if v := strings.TrimSpace(getenv(key)); v != "" {
+			return v
+		}
+		return def
+	}
+	num := func(key string, def, lowest int) int {
+		v := get(key, strconv.Itoa(def))
+		n, err := strconv.Atoi(v)
+		if err != nil || n < lowest {
+			errs = append(errs, fmt.Errorf("%s: want an integer of at least %d, got %q", key, lowest, v))
+		}
+		return n
+	}
+	rateOf := func(key, def string) rate {
+		r, err := parseRate(get(key, def))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", key, err))
+		}
+		return r
+	}
+	list := func(key, def string) []string {
+		var out []string
+		for _, item := range strings.Split(get(key, def), ",") {
+			if item = strings.TrimSpace(item); item != "" {
+				out = append(out, item)
+			}
+		}
+		return out
+	}
+
+	cfg := config{
+		addr:               get("ADDR", "127.0.0.1:8000"),
+		dbMaxConns:         4 * runtime.NumCPU(),
+		accessTTL:          time.Duration(num("ACCESS_TOKEN_LIFETIME_MIN", 15, 1)) * time.Minute,
+		refreshTTL:         time.Duration(num("REFRESH_TOKEN_LIFETIME_DAYS", 1, 1)) * 24 * time.Hour,
+		corsOrigins:        list("CORS_ALLOWED_ORIGINS", "http://localhost:3000,http://127.0.0.1:3000,http://localhost:8080,http://127.0.0.1:8080"),
+		rateRegister:       rateOf("RATE_REGISTER", "5/hour"),
+		rateLogin:          rateOf("RATE_LOGIN", "10/hour"),
+		rateAnon:           rateOf("RATE_ANON", "100/hour"),
+		rateUser:           rateOf("RATE_USER", "1000/hour"),
+		rateMaxKeys:        num("RATE_MAX_KEYS", 100_000, 1),
+		passwordIterations: num("PASSWORD_ITERATIONS", minIterations, minIterations),
+		reuseGrace:         time.Duration(num("REFRESH_REUSE_GRACE_S", 10, 0)) * time.Second,
+		requestTimeout:     4 * time.Second,
+		tlsCert:            get("TLS_CERT_FILE", ""),
+		tlsKey:             get("TLS_KEY_FILE", ""),
+	}
+	for _, h := range list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]") {
+		cfg.allowedHosts = append(cfg.allowedHosts, strings.ToLower(h))
+	}
+	for _, p := range list("TRUSTED_PROXIES", "") {
+		prefix, err := netip.ParsePrefix(p)
+		if err != nil {
+			addr, addrErr := netip.ParseAddr(p)
+			if addrErr != nil {
+				errs = append(errs, fmt.Errorf("TRUSTED_PROXIES: %q is not a CIDR or an address", p))
+				continue
+			}
+			prefix = netip.PrefixFrom(addr, addr.BitLen())
+		}
+		cfg.trustedProxies = append(cfg.trustedProxies, prefix.Masked())
+	}
+
+	debug, err := parseBool(get("DEBUG", "False"))
+	if err != nil {
+		errs = append(errs, fmt.Errorf("DEBUG: %w", err))
+	}
+	cfg.debug = debug
+
+	switch key := getenv("SECRET_KEY"); {
+	case key == "":
+		cfg.secretKey = make([]byte, 64)
+		rand.Read(cfg.secretKey)
+		warnings = append(warnings, "SECRET_KEY is not set: using a random key, so tokens will not survive a restart")
+	case len(key) < 32:
+		errs = append(errs, fmt.Errorf("SECRET_KEY: must be at least 32 bytes, got %d", len(key)))
+	default:
+		cfg.secretKey = []byte(key)
+	}
+	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
+		errs = append(errs, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both or neither"))
+	}
+
+	db, err := dbConfig(get)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	cfg.db = db
+	return cfg, warnings, errors.Join(errs...)
+}
+
+// dbConfig builds the connection settings from DATABASE_URL, or else DB_*.
+func dbConfig(get func(key, def string) string) (pq.Config, error) {
+	if url := get("DATABASE_URL", ""); url != "" {
+		cfg, err := pq.NewConfig(url)
+		if err != nil {
+			return cfg, fmt.Errorf("DATABASE_URL: %w", err)
+		}
+		// A local server needs no TLS; elsewhere lib/pq's default stands.
+		if !strings.Contains(url, "sslmode") && (cfg.Host == "localhost" || strings.HasPrefix(cfg.Host, "127.") || cfg.Host == "::1") {
+			cfg.SSLMode = pq.SSLModeDisable
+		}
+		cfg.BinaryParameters = true
+		return cfg, nil
+	}
+	cfg, err := pq.NewConfig("")
+	if err != nil {
+		return cfg, fmt.Errorf("database config: %w", err)
+	}
+	port, err := strconv.ParseUint(get("DB_PORT", "5432"), 10, 16)
+	if err != nil {
+		return cfg, fmt.Errorf("DB_PORT: want a port number, got %q", get("DB_PORT", ""))
+	}
+	cfg.Host = get("DB_HOST", "localhost")
+	cfg.Port = uint16(port)
+	cfg.Database = get("DB_NAME", "healthcare_db")
+	cfg.User = get("DB_USER", "postgres")
+	cfg.Password = get("DB_PASSWORD", "")
+	cfg.SSLMode = pq.SSLModeDisable
+	// One round trip per query instead of two (no separate prepare step).
+	cfg.BinaryParameters = true
+	cfg.ConnectTimeout = 3 * time.Second
+	return cfg, nil
+}
+
+// parseRate reads "5/hour", "100/minute", "10/second", "2/day" (only the
+// period's first letter counts, as in DRF) or "off".
+func parseRate(s string) (rate, error) {
+	if strings.EqualFold(s, "off") {
+		return rate{}, nil
+	}
+	count, period, ok := strings.Cut(s, "/")
+	n, err := strconv.Atoi(count)
+	if !ok || err != nil || n < 1 || period == "" {
+		return rate{}, fmt.Errorf("want N/second, N/minute, N/hour, N/day or off, got %q", s)
+	}
+	units := map[byte]time.Duration{'s': time.Second, 'm': time.Minute, 'h': time.Hour, 'd': 24 * time.Hour}
+	unit, ok := units[period[0]]
+	if !ok {
+		return rate{}, fmt.Errorf("unknown period in %q", s)
+	}
+	return rate{n: n, period: unit}, nil
+}
+
+func parseBool(s string) (bool, error) {
+	switch strings.ToLower(s) {
+	case "1", "true", "yes", "on":
+		return true, nil
+	case "0", "false", "no", "off":
+		return false, nil
+	}
+	return false, fmt.Errorf("want True or False, got %q", s)
+}
+
+// readDotenv reads KEY=value lines from path, if it exists: # comments,
+// blank lines and an optional "export " are skipped, and a value in single
+// or double quotes loses them.
+func readDotenv(path string) (map[string]string, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	defer f.Close()
+	vars := map[string]string{}
+	sc := bufio.NewScanner(f)
+	for line := 1; sc.Scan(); line++ {
+		text := strings.TrimSpace(sc.Text())
+		if text == "" || strings.HasPrefix(text, "#") {
+			continue
+		}
+		key, value, ok := strings.Cut(strings.TrimPrefix(text, "export "), "=")
+		if !ok {
+			return nil, fmt.Errorf("%s:%d: want KEY=value", path, line)
+		}
+		value = strings.TrimSpace(value)
+		if len(value) >= 2 && (value[0] == '"' || value[0] == '\'') && value[len(value)-1] == value[0] {
+			value = value[1 : len(value)-1]
+		}
+		vars[strings.TrimSpace(key)] = value
+	}
+	return vars, sc.Err()
+}

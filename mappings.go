@@ -1,0 +1,225 @@
+package main
+
+import (
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/lib/pq/pqerror"
+)
+
+// mapping assigns a doctor to a patient. It belongs to the patient's owner:
+// every query joins the patient and names the owner.
+type mapping struct {
+	ID            int64   `json:"id"`
+	Patient       int64   `json:"patient"`
+	Doctor        int64   `json:"doctor"`
+	PatientDetail patient `json:"patient_detail"`
+	DoctorDetail  doctor  `json:"doctor_detail"`
+	CreatedAt     stamp   `json:"created_at"`
+}
+
+// mappingColumns reads a mapping with its patient (p) and doctor (d).
+const mappingColumns = `m.id, m.created_at,
+	p.id, p.first_name, p.last_name, p.email, p.date_of_birth, p.phone, p.created_at, p.updated_at,
+	d.id, d.first_name, d.last_name, d.email, d.specialization, d.created_at, d.updated_at`
+
+const mappingJoins = `mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
+
+func scanMapping(row rowScanner) (mapping, error) {
+	var m mapping
+	var dob sql.NullTime
+	dest := append([]any{&m.ID, (*time.Time)(&m.CreatedAt)}, m.PatientDetail.targets(&dob)...)
+	err := row.Scan(append(dest, m.DoctorDetail.targets()...)...)
+	m.PatientDetail.setBirthDate(dob)
+	m.Patient, m.Doctor = m.PatientDetail.ID, m.DoctorDetail.ID
+	return m, err
+}
+
+var mappingOrdering = map[string]string{"id": "m.id", "created_at": "m.created_at"}
+
+func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) {
+	p, err := parseList(r.URL.Query(), mappingOrdering, false)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	pg, err := listPage(r, s.db, p, mappingColumns, mappingJoins+" WHERE p.owner_id = $1",
+		[]any{infoFrom(r).userID}, scanMapping)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, pg)
+}
+
+// pk reads a primary key given as a JSON integer or a string of digits.
+// ok is false when it is unusable; text is the value as the client wrote it,
+// for the "does not exist" message.
+func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {
+	raw, present := f[key]
+	if !present {
+		errs.add(key, "This field is required.")
+		return 0, "", false
+	}
+	var v any
+	dec := json.NewDecoder(strings.NewReader(string(raw)))
+	dec.UseNumber()
+	if err := dec.Decode(&v); err != nil {
+		errs.add(key, "Incorrect type. Expected pk value, received str.")
+		return 0, "", false
+	}
+	var got string
+	switch v := v.(type) {
+	case nil:
+		errs.add(key, "This field may not be null.")
+		return 0, "", false
+	case json.Number:
+		text, got = v.String(), "float"
+	case string:
+		text, got = v, "str"
+	case bool:
+		got = "bool"
+	case []any:
+		got = "list"
+	default:
+		got = "dict"
+	}
+	if text == "" || strings.Trim(strings.TrimPrefix(text, "-"), "0123456789") != "" || got == "str" && text[0] == '-' {
+		errs.add(key, "Incorrect type. Expected pk value, received "+got+".")
+		return 0, "", false
+	}
+	id, err := strconv.ParseInt(text, 10, 64)
+	if err != nil { // beyond int64: a well-formed id no row can have
+		id = 0
+	}
+	return id, text, true
+}
+
+func invalidPK(text string) string {
+	return fmt.Sprintf("Invalid pk %q - object does not exist.", text)
+}
+
+// handleCreateMapping assigns a doctor to one of the caller's patients. The
+// INSERT selects the patient together with its owner, so another user's
+// patient inserts nothing; the foreign key checks the doctor; the unique key
+// decides a race between two identical requests.
+func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) {
+	f, err := decodeBody(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	errs := fieldErrors{}
+	patientID, patientText, okP := f.pk("patient", errs)
+	doctorID, doctorText, okD := f.pk("doctor", errs)
+	if !okP || !okD {
+		s.fail(w, r, errs)
+		return
+	}
+	ctx, owner := r.Context(), infoFrom(r).userID
+	const q = `
+		WITH m AS (
+			INSERT INTO mappings (patient_id, doctor_id)
+			SELECT id, $2 FROM patients WHERE id = $1 AND owner_id = $3
+			RETURNING id, patient_id, doctor_id, created_at)
+		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
+	m, err := scanMapping(s.db.QueryRowContext(ctx, q, patientID, doctorID, owner))
+	if c, dup := violation(err, pqerror.UniqueViolation); dup && c == "mappings_patient_doctor" {
+		s.fail(w, r, fieldErrors{"non_field_errors": {"The fields patient, doctor must make a unique set."}})
+		return
+	}
+	if _, fk := violation(err, pqerror.ForeignKeyViolation); fk || errors.Is(err, sql.ErrNoRows) {
+		// Say which reference is bad: one text for "not yours" and "missing".
+		const check = `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $1 AND owner_id = $3),
+		                      EXISTS (SELECT 1 FROM doctors WHERE id = $2)`
+		var patientOK, doctorOK bool
+		if err := s.db.QueryRowContext(ctx, check, patientID, doctorID, owner).Scan(&patientOK, &doctorOK); err != nil {
+			s.fail(w, r, fmt.Errorf("check mapping references: %w", err))
+			return
+		}
+		if !patientOK {
+			errs.add("patient", invalidPK(patientText))
+		}
+		if !doctorOK {
+			errs.add("doctor", invalidPK(doctorText))
+		}
+		if len(errs) == 0 { // both appeared after the failed insert: let the client retry
+			errs.add("non_field_errors", "The patient or doctor changed during the request; try again.")
+		}
+		s.fail(w, r, errs)
+		return
+	}
+	if err != nil {
+		s.fail(w, r, fmt.Errorf("insert mapping: %w", err))
+		return
+	}
+	writeJSON(w, http.StatusCreated, m)
+}
+
+// handlePatientMappings lists one of the caller's patients' mappings, oldest
+// first, as a plain array.
+func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) {
+	id, ok := pathID(r)
+	if !ok {
+		s.fail(w, r, errNotFound)
+		return
+	}
+	ctx, owner := r.Context(), infoFrom(r).userID
+	q := `SELECT ` + mappingColumns + ` FROM ` + mappingJoins + `
+		WHERE p.id = $1 AND p.owner_id = $2 ORDER BY m.created_at, m.id`
+	rows, err := s.db.QueryContext(ctx, q, id, owner)
+	if err != nil {
+		s.fail(w, r, fmt.Errorf("list patient mappings: %w", err))
+		return
+	}
+	defer rows.Close()
+	out := []mapping{}
+	for rows.Next() {
+		m, err := scanMapping(rows)
+		if err != nil {
+			s.fail(w, r, fmt.Errorf("scan mapping: %w", err))
+			return
+		}
+		out = append(out, m)
+	}
+	if err := rows.Err(); err != nil {
+		s.fail(w, r, fmt.Errorf("list patient mappings: %w", err))
+		return
+	}
+	if len(out) == 0 {
+		// No mappings: an empty list for the caller's patient, 404 otherwise.
+		var one int
+		err := s.db.QueryRowContext(ctx, `SELECT 1 FROM patients WHERE id = $1 AND owner_id = $2`, id, owner).Scan(&one)
+		if err != nil {
+			s.fail(w, r, notFoundIfNoRows(err))
+			return
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) {
+	id, ok := pathID(r)
+	if !ok {
+		s.fail(w, r, errNotFound)
+		return
+	}
+	const q = `DELETE FROM mappings m USING patients p
+		WHERE m.id = $1 AND p.id = m.patient_id AND p.owner_id = $2`
+	res, err := s.db.ExecContext(r.Context(), q, id, infoFrom(r).userID)
+	if err != nil {
+		s.fail(w, r, fmt.Errorf("delete mapping: %w", err))
+		return
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		s.fail(w, r, errNotFound)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
