@@ -1,0 +1,260 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/lib/pq"
+)
+
+// testDB is the throw-away database TestMain creates for this run. Every
+// test server shares it; tests keep apart by registering their own users.
+var (
+	testDB       *sql.DB
+	testDBConfig pq.Config
+)
+
+// testSecret is the SECRET_KEY of test servers (and of tokens tests forge).
+const testSecret = "test-secret-key-0123456789abcdef-0123456789"
+
+func TestMain(m *testing.M) {
+	os.Exit(runTests(m))
+}
+
+// runTests creates a database named for this run, runs the tests against
+// it and drops it, whatever the outcome.
+func runTests(m *testing.M) int {
+	var suffix [6]byte
+	rand.Read(suffix[:])
+	name := "healthcare_test_" + hex.EncodeToString(suffix[:])
+	cfg, _, err := loadConfig(testEnv(map[string]string{"DB_NAME": name}))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "test config:", err)
+		return 1
+	}
+	ctx := context.Background()
+	testDBConfig = cfg.db
+	testDB, err = openDB(ctx, cfg.db, 16)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "test database (is PostgreSQL running on localhost:5432?):", err)
+		return 1
+	}
+	code := m.Run()
+	testDB.Close()
+	admin := cfg.db
+	admin.Database = "postgres"
+	if db, err := connect(admin, 1); err == nil {
+		if _, err := db.ExecContext(ctx, "DROP DATABASE IF EXISTS "+pq.QuoteIdentifier(name)+" WITH (FORCE)"); err != nil {
+			fmt.Fprintln(os.Stderr, "drop test database:", err)
+		}
+		db.Close()
+	}
+	return code
+}
+
+// testEnv is an environment for loadConfig: the test defaults (a fixed
+// secret, every rate limit off) overridden by vars. It never reads the real
+// environment, except PG* through lib/pq and DB_HOST/DB_PORT so that CI can
+// point the tests at another server.
+func testEnv(vars map[string]string) func(string) string {
+	env := map[string]string{
+		"SECRET_KEY":    testSecret,
+		"RATE_REGISTER": "off",
+		"RATE_LOGIN":    "off",
+		"RATE_ANON":     "off",
+		"RATE_USER":     "off",
+		"DB_HOST":       os.Getenv("DB_HOST"),
+		"DB_PORT":       os.Getenv("DB_PORT"),
+	}
+	for k, v := range vars {
+		env[k] = v
+	}
+	return func(k string) string { return env[k] }
+}
+
+// testIterations keeps PBKDF2 cheap in tests. It is set through the config
+// struct, never the environment, which refuses anything under 600,000.
+const testIterations = 1_000
+
+// newTestServer builds the real handler, as run does, on the test database.
+// vars override testEnv's defaults; edit may change the config further.
+func newTestServer(t testing.TB, vars map[string]string, edit ...func(*config)) *server {
+	t.Helper()
+	cfg, _, err := loadConfig(testEnv(vars))
+	if err != nil {
+		t.Fatalf("loadConfig: %v", err)
+	}
+	cfg.passwordIterations = testIterations
+	for _, e := range edit {
+		e(&cfg)
+	}
+	srv, err := newServer(cfg, testDB, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatalf("newServer: %v", err)
+	}
+	return srv
+}
+
+// response is what a test request got back.
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+// json decodes the body into a generic value, failing the test when it is
+// not JSON.
+func (r response) json(t testing.TB) any {
+	t.Helper()
+	var v any
+	if err := json.Unmarshal(r.body, &v); err != nil {
+		t.Fatalf("body is not JSON (%v): %q", err, r.body)
+	}
+	return v
+}
+
+// object decodes the body as a JSON object.
+func (r response) object(t testing.TB) map[string]any {
+	t.Helper()
+	m, ok := r.json(t).(map[string]any)
+	if !ok {
+		t.Fatalf("body is not a JSON object: %q", r.body)
+	}
+	return m
+}
+
+// req describes a test request. body may be a string (sent as is), []byte,
+// or any other value (sent as JSON); nil sends no body.
+type req struct {
+	method, path string
+	token        string // access token for Authorization: Bearer
+	body         any
+	header       map[string]string
+	remoteAddr   string // default 192.0.2.1:1234
+}
+
+// do serves one request through the whole handler, as a client would see it.
+func do(t testing.TB, s http.Handler, rq req) response {
+	t.Helper()
+	var body io.Reader
+	switch b := rq.body.(type) {
+	case nil:
+	case string:
+		body = strings.NewReader(b)
+	case []byte:
+		body = bytes.NewReader(b)
+	default:
+		data, err := json.Marshal(b)
+		if err != nil {
+			t.Fatalf("marshal body: %v", err)
+		}
+		body = bytes.NewReader(data)
+	}
+	r := httptest.NewRequest(rq.method, "http://localhost"+rq.path, body)
+	if body != nil {
+		r.Header.Set("Content-Type", "application/json")
+	}
+	if rq.token != "" {
+		r.Header.Set("Authorization", "Bearer "+rq.token)
+	}
+	for k, v := range rq.header {
+		if k == "Host" {
+			r.Host = v
+			continue
+		}
+		if v == "" {
+			r.Header.Del(k)
+			continue
+		}
+		r.Header.Set(k, v)
+	}
+	if rq.remoteAddr != "" {
+		r.RemoteAddr = rq.remoteAddr
+	}
+	w := httptest.NewRecorder()
+	s.ServeHTTP(w, r)
+	return response{status: w.Code, header: w.Result().Header, body: w.Body.Bytes()}
+}
+
+// wantJSON fails unless got has the status and its body equals the JSON in
+// want (compared as decoded values, so key order does not matter).
+func wantJSON(t testing.TB, got response, status int, want string) {
+	t.Helper()
+	if got.status != status {
+		t.Fatalf("status %d, want %d; body %s", got.status, status, got.body)
+	}
+	var w any
+	if err := json.Unmarshal([]byte(want), &w); err != nil {
+		t.Fatalf("bad want JSON %q: %v", want, err)
+	}
+	g := got.json(t)
+	if !jsonEqual(g, w) {
+		t.Fatalf("body %s\nwant %s", got.body, want)
+	}
+}
+
+func jsonEqual(a, b any) bool {
+	x, _ := json.Marshal(a)
+	y, _ := json.Marshal(b)
+	return bytes.Equal(x, y)
+}
+
+var userSeq atomic.Int64
+
+// account is a registered test user with its first token pair.
+type account struct {
+	id       int64
+	username string
+	email    string
+	password string
+	access   string
+	refresh  string
+}
+
+// register creates a fresh user through the API and returns it.
+func register(t testing.TB, s http.Handler) account {
+	t.Helper()
+	var suffix [4]byte
+	rand.Read(suffix[:])
+	n := fmt.Sprintf("%d%x", userSeq.Add(1), suffix)
+	a := account{username: "user" + n, email: "user" + n + "@example.com", password: "Quiet-Harbor-" + n}
+	res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: map[string]string{
+		"username": a.username, "email": a.email, "name": "Test User", "password": a.password, "password_confirm": a.password,
+	}})
+	if res.status != http.StatusCreated {
+		t.Fatalf("register: status %d: %s", res.status, res.body)
+	}
+	var out struct {
+		User   user      `json:"user"`
+		Tokens tokenPair `json:"tokens"`
+	}
+	if err := json.Unmarshal(res.body, &out); err != nil {
+		t.Fatalf("register body: %v", err)
+	}
+	a.id, a.access, a.refresh = out.User.ID, out.Tokens.Access, out.Tokens.Refresh
+	return a
+}
+
+func TestHealthAndReady(t *testing.T) {
+	s := newTestServer(t, nil)
+	for _, path := range []string{"/healthz", "/readyz"} {
+		t.Run(path, func(t *testing.T) {
+			// Load balancers call these by IP: no Host check, no token.
+			res := do(t, s, req{method: "GET", path: path, header: map[string]string{"Host": "10.0.0.7"}})
+			wantJSON(t, res, http.StatusOK, `{"status": "ok"}`)
+		})
+	}
+}
