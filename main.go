@@ -141,7 +141,9 @@ type server struct {
 
 // newServer builds the handler for cfg on db.
 func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
-	pw, err := newPasswords(cfg.passwordIterations, runtime.NumCPU())
+	// Half the cores at most hash passwords: a login flood then leaves the
+	// other half to every request that needs no hash.
+	pw, err := newPasswords(cfg.passwordIterations, max(1, runtime.NumCPU()/2))
 	if err != nil {
 		return nil, err
 	}

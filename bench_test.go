@@ -1,0 +1,140 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Benchmarks: go test -run '^$' -bench . -benchmem
+// The handler benchmarks go through the whole stack (headers, routing,
+// limiter, token check in PostgreSQL, the query, JSON) on the test database.
+
+func BenchmarkJWTSign(b *testing.B) {
+	s := newSigner([]byte(testSecret), 15*time.Minute, 24*time.Hour)
+	c := s.newClaims("access", 42, 7, time.Now())
+	b.ReportAllocs()
+	for b.Loop() {
+		s.sign(c)
+	}
+}
+
+func BenchmarkJWTVerify(b *testing.B) {
+	s := newSigner([]byte(testSecret), 15*time.Minute, 24*time.Hour)
+	now := time.Now()
+	tok := s.sign(s.newClaims("access", 42, 7, now))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := s.verify(tok, "access", now); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkLimiter is one decision per op from many goroutines over 1,000
+// clients: the steady state of a busy server.
+func BenchmarkLimiter(b *testing.B) {
+	l := newLimiter(rate{n: 1 << 30, period: time.Hour}, 100_000)
+	keys := make([]rateKey, 1000)
+	for i := range keys {
+		keys[i] = ipKey(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}))
+		l.allow(keys[i])
+	}
+	var seq atomic.Uint32
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		i := int(seq.Add(1)) * 7919
+		for pb.Next() {
+			i++
+			if _, ok := l.allow(keys[i%len(keys)]); !ok {
+				b.Fatal("limited")
+			}
+		}
+	})
+}
+
+// BenchmarkPasswordHash is one PBKDF2 at the production work factor.
+func BenchmarkPasswordHash(b *testing.B) {
+	p, err := newPasswords(minIterations, 1)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if _, err := p.encode("correct-horse-battery", "abcdefghijklmnopqrstuv"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// benchServer is a server with the limits on but too high to trigger, so
+// the limiter's cost is measured, and a user with 50 patients.
+func benchServer(b *testing.B) (*server, account, []int64) {
+	s := newTestServer(b, map[string]string{"RATE_USER": "100000000/hour", "RATE_ANON": "100000000/hour"})
+	a := register(b, s)
+	var ids []int64
+	for i := range 50 {
+		res := do(b, s, req{method: "POST", path: "/api/patients/", token: a.access, body: map[string]string{
+			"first_name": fmt.Sprintf("Bench%d", i), "last_name": "Patient", "email": fmt.Sprintf("p%d@example.com", i),
+		}})
+		if res.status != http.StatusCreated {
+			b.Fatalf("seed: %d %s", res.status, res.body)
+		}
+		id, _ := res.object(b)["id"].(float64)
+		ids = append(ids, int64(id))
+	}
+	return s, a, ids
+}
+
+// serveParallel runs one request per op from GOMAXPROCS goroutines and
+// fails on any status but want.
+func serveParallel(b *testing.B, s *server, want int, newReq func(i int) *http.Request) {
+	var seq atomic.Int64
+	b.SetParallelism(8) // 16 requests in flight on 2 cores, as under load
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			w := httptest.NewRecorder()
+			s.ServeHTTP(w, newReq(int(seq.Add(1))))
+			if w.Code != want {
+				b.Fatalf("status %d: %s", w.Code, w.Body)
+			}
+		}
+	})
+}
+
+func BenchmarkPatientGet(b *testing.B) {
+	s, a, ids := benchServer(b)
+	serveParallel(b, s, http.StatusOK, func(i int) *http.Request {
+		r := httptest.NewRequest("GET", "http://localhost/api/patients/"+strconv.FormatInt(ids[i%len(ids)], 10)+"/", nil)
+		r.Header.Set("Authorization", "Bearer "+a.access)
+		return r
+	})
+}
+
+func BenchmarkPatientList(b *testing.B) {
+	s, a, _ := benchServer(b)
+	serveParallel(b, s, http.StatusOK, func(i int) *http.Request {
+		r := httptest.NewRequest("GET", "http://localhost/api/patients/?page="+strconv.Itoa(i%5+1), nil)
+		r.Header.Set("Authorization", "Bearer "+a.access)
+		return r
+	})
+}
+
+func BenchmarkPatientCreate(b *testing.B) {
+	s, a, _ := benchServer(b)
+	run := time.Now().UnixNano()
+	serveParallel(b, s, http.StatusCreated, func(i int) *http.Request {
+		body := fmt.Sprintf(`{"first_name": "New", "email": "n%d-%d@example.com"}`, run, i)
+		r := httptest.NewRequest("POST", "http://localhost/api/patients/", strings.NewReader(body))
+		r.Header.Set("Authorization", "Bearer "+a.access)
+		r.Header.Set("Content-Type", "application/json")
+		return r
+	})
+}
