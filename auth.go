@@ -333,12 +333,18 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 			return c, errors.New("bad header")
 		}
 	}
-	raw, err := b64.DecodeString(body)
+	var buf [maxTokenLen]byte // on the stack: decoding costs no allocation
+	n, err := b64.Decode(buf[:], []byte(body))
 	if err != nil {
 		return c, errTokenFormat
 	}
-	if err := json.Unmarshal(raw, &c); err != nil {
-		return c, fmt.Errorf("claims: %w", err)
+	if !parseOwnClaims(buf[:n], &c) {
+		// Not this server's layout (a SimpleJWT service sharing the key, say):
+		// decode it strictly. The copy keeps buf from escaping to the heap.
+		c = claims{}
+		if err := json.Unmarshal(bytes.Clone(buf[:n]), &c); err != nil {
+			return c, fmt.Errorf("claims: %w", err)
+		}
 	}
 	switch {
 	case c.TokenType != tokenType:
@@ -349,6 +355,66 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 		return c, errors.New("missing claims")
 	}
 	return c, nil
+}
+
+// parseOwnClaims reads a payload in exactly the layout sign writes, without
+// reflection, and reports false for anything else (which the caller then
+// decodes with encoding/json). Only HMAC-verified bytes reach it.
+func parseOwnClaims(p []byte, c *claims) bool {
+	fields := [...]struct {
+		key string
+		str *string
+		num *int64
+	}{
+		{`{"token_type":"`, &c.TokenType, nil}, {`","exp":`, nil, &c.Exp}, {`,"iat":`, nil, &c.Iat},
+		{`,"jti":"`, &c.JTI, nil}, {`","user_id":`, nil, &c.UserID}, {`,"sid":`, nil, &c.SID},
+	}
+	for _, f := range fields {
+		rest, ok := bytes.CutPrefix(p, []byte(f.key))
+		if !ok {
+			return false
+		}
+		if f.str != nil {
+			end := bytes.IndexByte(rest, '"')
+			if end < 0 || bytes.IndexByte(rest[:end], '\\') >= 0 {
+				return false
+			}
+			switch v := rest[:end]; string(v) { // the common values cost no allocation
+			case "access":
+				*f.str = "access"
+			case "refresh":
+				*f.str = "refresh"
+			default:
+				*f.str = string(v)
+			}
+			p = rest[end:]
+			continue
+		}
+		end := bytes.IndexAny(rest, ",}")
+		n, ok := parseDigits(rest[:max(end, 0)])
+		if !ok {
+			return false
+		}
+		*f.num = n
+		p = rest[end:]
+	}
+	return string(p) == "}"
+}
+
+// parseDigits reads a non-negative JSON integer of at most 18 digits, so
+// that it cannot overflow; anything else reports false.
+func parseDigits(b []byte) (int64, bool) {
+	if len(b) == 0 || len(b) > 18 || b[0] == '0' && len(b) > 1 {
+		return 0, false
+	}
+	var n int64
+	for _, d := range b {
+		if d < '0' || d > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(d-'0')
+	}
+	return n, true
 }
 
 func isJTI(s string) bool {

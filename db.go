@@ -272,12 +272,13 @@ func newPage[T any](r *http.Request, p listParams, count int, results []T) page[
 // rowScanner is what *sql.Row and *sql.Rows share.
 type rowScanner interface{ Scan(dest ...any) error }
 
-// listPage answers a collection GET: the count over fromWhere, then the page of
-// rows ordered by p, each read by scan.
-func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhere string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
+// listPage answers a collection GET: the count over countFrom, then the page
+// of rows from fromWhere ordered by p, each read by scan. countFrom selects
+// the same rows as fromWhere with only the joins the count needs.
+func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
 	ctx := r.Context()
 	var count int
-	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+fromWhere, args...).Scan(&count); err != nil {
+	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+countFrom, args...).Scan(&count); err != nil {
 		return page[T]{}, fmt.Errorf("count: %w", err)
 	}
 	limit, offset, err := p.window(count)
