@@ -28,6 +28,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -108,7 +109,14 @@ func (p *passwords) verify(ctx context.Context, password, encoded string) (ok, s
 	iter, iterErr := strconv.Atoi(iterText)
 	want, dkErr := base64.StdEncoding.DecodeString(dkText)
 	if algo != "pbkdf2_sha256" || iterErr != nil || iter < 1 || iter > maxIterations || dkErr != nil || len(want) != sha256.Size || salt == "" {
-		return false, false, fmt.Errorf("unusable password hash")
+		// An unusable hash (Django's "!…" for an account without a password,
+		// another hasher, a damaged row) matches no password. It costs the
+		// dummy's work, so such an account looks like any wrong password.
+		if encoded == p.dummy {
+			return false, false, fmt.Errorf("unusable password hash")
+		}
+		_, _, err := p.verify(ctx, password, p.dummy)
+		return false, false, err
 	}
 	if err := p.acquire(ctx); err != nil {
 		return false, false, err
@@ -375,8 +383,13 @@ func parseOwnClaims(p []byte, c *claims) bool {
 			return false
 		}
 		if f.str != nil {
-			end := bytes.IndexByte(rest, '"')
-			if end < 0 || bytes.IndexByte(rest[:end], '\\') >= 0 {
+			// Our strings are lower-case letters and hex digits; anything
+			// else (escapes, control bytes, other UTF-8) is encoding/json's.
+			end := 0
+			for end < len(rest) && (rest[end] >= 'a' && rest[end] <= 'z' || rest[end] >= '0' && rest[end] <= '9') {
+				end++
+			}
+			if end == len(rest) || rest[end] != '"' {
 				return false
 			}
 			switch v := rest[:end]; string(v) { // the common values cost no allocation
@@ -551,7 +564,8 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case !havePassword && errs["password"] == nil:
 		errs.add("password", "This field is required.")
-	case havePassword && password == "":
+	case havePassword && strings.TrimSpace(password) == "":
+		// Blank as login judges it (DRF's), or the account could never log in.
 		errs.add("password", "This field may not be blank.")
 	case utf8.RuneCountInString(password) > 1024:
 		errs.add("password", "Ensure this field has no more than 1024 characters.")
@@ -644,20 +658,36 @@ func loginNames(u user) []loginName {
 }
 
 // checkNamesFree reports names already in use as field errors, so that a
-// registration hears about every problem at once. It is only a courtesy: the
-// unique key still decides when two registrations race.
+// registration hears about every problem at once. One statement reads them
+// all from one snapshot: a query per name could straddle the commit of a
+// racing registration and report only some of its names. It is only a
+// courtesy: the unique key still decides when two registrations race.
 func (s *server) checkNamesFree(ctx context.Context, names []loginName, errs fieldErrors) error {
+	list := make([]string, len(names))
+	for i, n := range names {
+		list[i] = n.name
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT name FROM login_names WHERE name = ANY($1)`, pq.Array(list))
+	if err != nil {
+		return fmt.Errorf("check login names: %w", err)
+	}
+	defer rows.Close()
+	taken := map[string]bool{}
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			return fmt.Errorf("check login names: %w", err)
+		}
+		taken[name] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("check login names: %w", err)
+	}
 	for _, n := range names {
-		var one int
-		err := s.db.QueryRowContext(ctx, `SELECT 1 FROM login_names WHERE name = $1`, n.name).Scan(&one)
-		if errors.Is(err, sql.ErrNoRows) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("check login name: %w", err)
-		}
-		for f, msgs := range n.taken() {
-			errs[f] = append(errs[f], msgs...)
+		if taken[n.name] {
+			for f, msgs := range n.taken() {
+				errs[f] = append(errs[f], msgs...)
+			}
 		}
 	}
 	return nil
@@ -842,9 +872,11 @@ var errSpent = errors.New("refresh token not spendable")
 // token was probably stolen, so the whole login ends (RFC 9700 §4.14.2);
 // inside it, it is more likely two tabs refreshing at once.
 func (s *server) refusedRefresh(ctx context.Context, c claims) error {
+	// coalesce: an unrotated token (one the database already counts as
+	// expired) makes the comparison NULL, which must read as "no reuse".
 	const q = `
 		SELECT t.rotated_at IS NOT NULL OR s.ended_at IS NOT NULL,
-		       s.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $2)
+		       coalesce(s.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $2), false)
 		FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
 		WHERE t.jti = $1 AND t.session_id = $3`
 	var spent, reuse bool
