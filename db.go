@@ -168,7 +168,9 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 		}
 		p.page = n
 	}
-	if n, err := strconv.Atoi(q.Get("page_size")); err == nil && n > 0 {
+	// A size too large for an int is still "larger", so it is capped too
+	// (Atoi then returns the largest int with ErrRange), not the default.
+	if n, err := strconv.Atoi(q.Get("page_size")); (err == nil || errors.Is(err, strconv.ErrRange)) && n > 0 {
 		p.size = min(n, 100)
 	}
 	var order []string
@@ -189,7 +191,11 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 	// The id tie-breaker keeps pages stable when the ordered values repeat.
 	p.orderBy = strings.Join(append(order, orderable["id"]), ", ")
 	if searchable {
-		terms := strings.FieldsFunc(q.Get("search"), func(r rune) bool { return r == ' ' || r == ',' })
+		// PostgreSQL text holds neither NUL nor invalid UTF-8 (a 500 if sent):
+		// NULs are dropped, as DRF does, and invalid bytes become U+FFFD, as
+		// Django decodes a query string.
+		search := strings.ToValidUTF8(strings.ReplaceAll(q.Get("search"), "\x00", ""), "\uFFFD")
+		terms := strings.FieldsFunc(search, func(r rune) bool { return r == ' ' || r == ',' })
 		if len(terms) > maxSearchTerms {
 			return p, fieldErrors{"search": {fmt.Sprintf("Ensure there are no more than %d search terms.", maxSearchTerms)}}
 		}

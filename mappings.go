@@ -90,7 +90,7 @@ func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool
 	default:
 		got = "dict"
 	}
-	if text == "" || strings.Trim(strings.TrimPrefix(text, "-"), "0123456789") != "" || got == "str" && text[0] == '-' {
+	if text == "" || strings.Trim(strings.TrimPrefix(text, "-"), "0123456789") != "" {
 		errs.add(key, "Incorrect type. Expected pk value, received "+got+".")
 		return 0, "", false
 	}

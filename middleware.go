@@ -639,13 +639,15 @@ func (l *limiter) allow(key rateKey) (wait time.Duration, ok bool) {
 		return 0, true
 	}
 	// How long until the estimate drops below the limit: within this window
-	// if the previous one's share can fade enough, else into the next.
+	// if the previous one's share can fade enough, else into the next. The
+	// float product is rounded up, not truncated: a wait one nanosecond
+	// short can make Retry-After a whole second short.
 	if w.cur < l.rate.n {
 		need := 1 - (limit-float64(w.cur))/float64(w.prev)
-		return time.Duration(need*period) - elapsed + 1, false
+		return time.Duration(math.Ceil(need*period)) - elapsed + 1, false
 	}
 	need := 1 - limit/float64(w.cur)
-	return l.rate.period - elapsed + time.Duration(need*period) + 1, false
+	return l.rate.period - elapsed + time.Duration(math.Ceil(need*period)) + 1, false
 }
 
 // undo takes back one counted request, as a successful login does.
@@ -696,6 +698,8 @@ func (l *limiter) window(key rateKey) (*window, time.Duration) {
 }
 
 // len reports how many keys the limiter holds.
+//
+//lint:ignore U1000 kept for tests of the limiter's key cap (maxKeys).
 func (l *limiter) len() int {
 	if l == nil {
 		return 0

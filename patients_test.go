@@ -1,0 +1,1162 @@
+package main
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"math"
+	"net/http"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Helpers shared by patients_test.go, doctors_test.go and mappings_test.go.
+
+var labelSeq atomic.Int64
+
+// uniqueLabel is a lower-case token no other test uses, for emails and for
+// search terms in the shared doctor directory.
+func uniqueLabel(prefix string) string {
+	var b [3]byte
+	rand.Read(b[:])
+	return fmt.Sprintf("%s%dx%x", prefix, labelSeq.Add(1), b)
+}
+
+var stampRE = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$`)
+
+// isStamp reports whether s is an RFC 3339 time in UTC ending in Z.
+func isStamp(s string) bool {
+	_, err := time.Parse(time.RFC3339Nano, s)
+	return err == nil && stampRE.MatchString(s)
+}
+
+// wantShape is wantJSON for bodies with generated values: in want, the
+// string "<id>" matches any positive integer and "<stamp>" any RFC 3339 UTC
+// time ending in Z; everything else must be equal, objects key for key. It
+// returns the decoded body.
+func wantShape(t testing.TB, got response, status int, want string) any {
+	t.Helper()
+	if got.status != status {
+		t.Fatalf("status %d, want %d; body %s", got.status, status, got.body)
+	}
+	var w any
+	if err := json.Unmarshal([]byte(want), &w); err != nil {
+		t.Fatalf("bad want JSON %q: %v", want, err)
+	}
+	g := got.json(t)
+	if at, ok := shapeMatch(g, w, "body"); !ok {
+		t.Fatalf("mismatch at %s\nbody %s\nwant %s", at, got.body, want)
+	}
+	return g
+}
+
+// shapeMatch compares got with want as wantShape describes, returning where
+// they first differ.
+func shapeMatch(got, want any, at string) (string, bool) {
+	switch w := want.(type) {
+	case string:
+		switch w {
+		case "<id>":
+			n, ok := got.(float64)
+			return at, ok && n >= 1 && n == math.Trunc(n)
+		case "<stamp>":
+			s, ok := got.(string)
+			return at, ok && isStamp(s)
+		}
+	case map[string]any:
+		g, ok := got.(map[string]any)
+		if !ok || len(g) != len(w) {
+			return at, false
+		}
+		for k, wv := range w {
+			gv, ok := g[k]
+			if !ok {
+				return at + "." + k, false
+			}
+			if where, ok := shapeMatch(gv, wv, at+"."+k); !ok {
+				return where, false
+			}
+		}
+		return "", true
+	case []any:
+		g, ok := got.([]any)
+		if !ok || len(g) != len(w) {
+			return at, false
+		}
+		for i := range w {
+			if where, ok := shapeMatch(g[i], w[i], fmt.Sprintf("%s[%d]", at, i)); !ok {
+				return where, false
+			}
+		}
+		return "", true
+	}
+	return at, jsonEqual(got, want)
+}
+
+// wantNoContent fails unless got is a 204 with an empty body.
+func wantNoContent(t testing.TB, got response) {
+	t.Helper()
+	if got.status != http.StatusNoContent || len(got.body) != 0 {
+		t.Fatalf("status %d body %q, want 204 and no body", got.status, got.body)
+	}
+}
+
+// mustGet GETs path as token and returns the body of its 200.
+func mustGet(t testing.TB, s http.Handler, token, path string) string {
+	t.Helper()
+	res := do(t, s, req{method: "GET", path: path, token: token})
+	if res.status != http.StatusOK {
+		t.Fatalf("GET %s: status %d: %s", path, res.status, res.body)
+	}
+	return string(res.body)
+}
+
+// wantSame fails unless GET path as token still answers exactly before.
+func wantSame(t testing.TB, s http.Handler, token, path, before string) {
+	t.Helper()
+	if after := mustGet(t, s, token, path); after != before {
+		t.Fatalf("GET %s changed:\nbefore %s\nafter  %s", path, before, after)
+	}
+}
+
+// mustCreate POSTs body to path as token, requires a 201 and returns the id
+// and the body.
+func mustCreate(t testing.TB, s http.Handler, token, path string, body any) (int64, string) {
+	t.Helper()
+	res := do(t, s, req{method: "POST", path: path, token: token, body: body})
+	if res.status != http.StatusCreated {
+		t.Fatalf("POST %s: status %d: %s", path, res.status, res.body)
+	}
+	id, ok := res.object(t)["id"].(float64)
+	if !ok || id < 1 {
+		t.Fatalf("POST %s: no id in %s", path, res.body)
+	}
+	return int64(id), string(res.body)
+}
+
+// resultIDs reads the ids of a list page's results, in order.
+func resultIDs(t testing.TB, page map[string]any) []int64 {
+	t.Helper()
+	results, ok := page["results"].([]any)
+	if !ok {
+		t.Fatalf("no results array in %v", page)
+	}
+	ids := []int64{}
+	for _, r := range results {
+		ids = append(ids, int64(r.(map[string]any)["id"].(float64)))
+	}
+	return ids
+}
+
+// wantPage checks a whole list page: count, both links ("" for null) and the
+// result ids in order.
+func wantPage(t testing.TB, res response, count int, next, previous string, ids []int64) {
+	t.Helper()
+	if res.status != http.StatusOK {
+		t.Fatalf("status %d, want 200; body %s", res.status, res.body)
+	}
+	page := res.object(t)
+	if len(page) != 4 {
+		t.Fatalf("page has keys other than count, next, previous, results: %s", res.body)
+	}
+	link := func(s string) any {
+		if s == "" {
+			return nil
+		}
+		return s
+	}
+	if page["count"] != float64(count) || page["next"] != link(next) || page["previous"] != link(previous) {
+		t.Fatalf("page %s\nwant count %d, next %q, previous %q", res.body, count, next, previous)
+	}
+	if got := resultIDs(t, page); fmt.Sprint(got) != fmt.Sprint(ids) {
+		t.Fatalf("result ids %v, want %v", got, ids)
+	}
+}
+
+// emptyPage is the body of page 1 of an empty list.
+const emptyPage = `{"count": 0, "next": null, "previous": null, "results": []}`
+
+const (
+	bodyUnauthenticated = `{"detail": "Authentication credentials were not provided."}`
+	bodyNotFound        = `{"detail": "Not found."}`
+	bodyInvalidPage     = `{"detail": "Invalid page."}`
+	bodyForbidden       = `{"detail": "You do not have permission to perform this action."}`
+)
+
+// jsonText is v as JSON, for building want strings.
+func jsonText(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
+}
+
+// thisID stands for the id of the record a table case works on; tests
+// replace its digits with the real id.
+const thisID = 424242424242
+
+// patientWant is the wantShape pattern of a patient; id 0 means any id; dob
+// nil means null.
+func patientWant(id int64, first, last, email string, dob any, phone string) string {
+	var idv any = "<id>"
+	if id != 0 {
+		idv = id
+	}
+	return jsonText(map[string]any{"id": idv, "first_name": first, "last_name": last, "email": email,
+		"date_of_birth": dob, "phone": phone, "created_at": "<stamp>", "updated_at": "<stamp>"})
+}
+
+// injections are SQL metacharacter strings every string input must store
+// verbatim or refuse, never execute.
+var injections = []string{
+	`'; DROP TABLE patients; --`,
+	`" OR 1=1 --`,
+	`\`,
+	`%`,
+	`_`,
+	`$1`,
+	`Robert'); DROP TABLE doctors;--`,
+	`1' OR '1'='1`,
+}
+
+// wantTablesIntact fails unless every table the API uses still exists.
+func wantTablesIntact(t testing.TB) {
+	t.Helper()
+	for _, table := range []string{"users", "patients", "doctors", "mappings", "sessions", "refresh_tokens"} {
+		var exists bool
+		if err := testDB.QueryRow(`SELECT to_regclass($1) IS NOT NULL`, "public."+table).Scan(&exists); err != nil || !exists {
+			t.Fatalf("table %s: exists %v, err %v", table, exists, err)
+		}
+	}
+}
+
+// concurrently runs n requests at once (released together) and returns the
+// answers in order. The requests' bodies must already be strings.
+func concurrently(t testing.TB, s http.Handler, rqs []req) []response {
+	t.Helper()
+	out := make([]response, len(rqs))
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, rq := range rqs {
+		if _, ok := rq.body.(string); !ok && rq.body != nil {
+			t.Fatalf("concurrently: request %d body must be a string", i)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			out[i] = do(t, s, rq)
+		}()
+	}
+	close(start)
+	wg.Wait()
+	return out
+}
+
+// The patient tests.
+
+const patientsPath = "/api/patients/"
+
+func patientPath(id int64) string { return patientsPath + strconv.FormatInt(id, 10) + "/" }
+
+// adaBody is the full patient most tests start from.
+func adaBody(email string) map[string]any {
+	return map[string]any{"first_name": "Ada", "last_name": "Byron", "email": email,
+		"date_of_birth": "1990-05-17", "phone": "+44 20 7946 0958"}
+}
+
+func TestPatientAccess(t *testing.T) {
+	s := newTestServer(t, nil)
+	const (
+		owner  = "owner"
+		other  = "other"
+		nobody = "nobody"
+	)
+	// In paths and wants, {id} is the owner's patient's id and {before} its
+	// body before the request. after says what the owner must see next:
+	// "same" (nothing changed), "changed" (the detail GET equals the
+	// answer), "created" (one more patient), "deleted".
+	cases := []struct {
+		name   string
+		who    string
+		method string
+		path   string
+		body   any
+		status int
+		want   string
+		after  string
+	}{
+		{"list as owner", owner, "GET", patientsPath, nil, 200,
+			`{"count": 1, "next": null, "previous": null, "results": [{before}]}`, "same"},
+		{"list as other", other, "GET", patientsPath, nil, 200, emptyPage, "same"},
+		{"list without token", nobody, "GET", patientsPath, nil, 401, bodyUnauthenticated, "same"},
+
+		{"create as owner", owner, "POST", patientsPath, map[string]any{"first_name": "Bo", "email": "bo@example.com"}, 201,
+			patientWant(0, "Bo", "", "bo@example.com", nil, ""), "created"},
+		// The other user's POST makes the other user's patient, whatever
+		// owner it names; the owner's list does not change.
+		{"create as other", other, "POST", patientsPath,
+			map[string]any{"first_name": "Eve", "email": "ada@example.com", "owner": "{ownerID}", "owner_id": "{ownerID}"}, 201,
+			patientWant(0, "Eve", "", "ada@example.com", nil, ""), "same"},
+		{"create without token", nobody, "POST", patientsPath, map[string]any{"first_name": "Eve", "email": "eve@example.com"}, 401,
+			bodyUnauthenticated, "same"},
+
+		{"get as owner", owner, "GET", "/api/patients/{id}/", nil, 200, `{before}`, "same"},
+		{"get as other", other, "GET", "/api/patients/{id}/", nil, 404, bodyNotFound, "same"},
+		{"get without token", nobody, "GET", "/api/patients/{id}/", nil, 401, bodyUnauthenticated, "same"},
+
+		{"put as owner", owner, "PUT", "/api/patients/{id}/", map[string]any{"first_name": "Grace", "email": "grace@example.com"}, 200,
+			patientWant(thisID, "Grace", "Byron", "grace@example.com", "1990-05-17", "+44 20 7946 0958"), "changed"},
+		{"put as other", other, "PUT", "/api/patients/{id}/", map[string]any{"first_name": "Eve", "email": "eve@example.com"}, 404,
+			bodyNotFound, "same"},
+		{"put without token", nobody, "PUT", "/api/patients/{id}/", map[string]any{"first_name": "Eve", "email": "eve@example.com"}, 401,
+			bodyUnauthenticated, "same"},
+
+		{"patch as owner", owner, "PATCH", "/api/patients/{id}/", map[string]any{"last_name": "Lovelace"}, 200,
+			patientWant(thisID, "Ada", "Lovelace", "ada@example.com", "1990-05-17", "+44 20 7946 0958"), "changed"},
+		{"patch as other", other, "PATCH", "/api/patients/{id}/", map[string]any{"last_name": "Hacked"}, 404, bodyNotFound, "same"},
+		{"empty patch as other", other, "PATCH", "/api/patients/{id}/", nil, 404, bodyNotFound, "same"},
+		{"patch without token", nobody, "PATCH", "/api/patients/{id}/", map[string]any{"last_name": "Hacked"}, 401,
+			bodyUnauthenticated, "same"},
+
+		{"delete as owner", owner, "DELETE", "/api/patients/{id}/", nil, 204, "", "deleted"},
+		{"delete as other", other, "DELETE", "/api/patients/{id}/", nil, 404, bodyNotFound, "same"},
+		{"delete without token", nobody, "DELETE", "/api/patients/{id}/", nil, 401, bodyUnauthenticated, "same"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			// Fresh users each time keep the counts exact.
+			a, b := register(t, s), register(t, s)
+			id, _ := mustCreate(t, s, a.access, patientsPath, adaBody("ada@example.com"))
+			before := mustGet(t, s, a.access, patientPath(id))
+			listBefore := mustGet(t, s, a.access, patientsPath)
+			r := strings.NewReplacer("{id}", strconv.FormatInt(id, 10), "{before}", before,
+				`"{ownerID}"`, strconv.FormatInt(a.id, 10), strconv.Itoa(thisID), strconv.FormatInt(id, 10))
+			token := map[string]string{owner: a.access, other: b.access}[tc.who]
+			var body any
+			if tc.body != nil {
+				body = r.Replace(jsonText(tc.body))
+			}
+			res := do(t, s, req{method: tc.method, path: r.Replace(tc.path), token: token, body: body})
+			switch {
+			case tc.status == http.StatusNoContent:
+				wantNoContent(t, res)
+			default:
+				wantShape(t, res, tc.status, r.Replace(tc.want))
+			}
+			if tc.status == 401 && res.header.Get("WWW-Authenticate") != `Bearer realm="api"` {
+				t.Errorf("401 without WWW-Authenticate: %v", res.header)
+			}
+			switch tc.after {
+			case "same":
+				wantSame(t, s, a.access, patientPath(id), before)
+				wantSame(t, s, a.access, patientsPath, listBefore)
+			case "changed":
+				wantSame(t, s, a.access, patientPath(id), string(res.body))
+				if got := res.object(t)["created_at"]; got != jsonObject(t, before)["created_at"] {
+					t.Errorf("created_at changed: %v, was %s", got, before)
+				}
+			case "created":
+				newID := int64(res.object(t)["id"].(float64))
+				wantSame(t, s, a.access, patientPath(newID), string(res.body))
+				wantSame(t, s, a.access, patientPath(id), before)
+				wantPage(t, do(t, s, req{method: "GET", path: patientsPath, token: a.access}), 2, "", "", []int64{id, newID})
+			case "deleted":
+				wantJSON(t, do(t, s, req{method: "GET", path: patientPath(id), token: a.access}), 404, bodyNotFound)
+				wantJSON(t, do(t, s, req{method: "GET", path: patientsPath, token: a.access}), 200, emptyPage)
+			}
+			if tc.who == other && tc.method == "POST" {
+				// The other user's new patient is theirs alone.
+				newID := int64(res.object(t)["id"].(float64))
+				wantSame(t, s, b.access, patientPath(newID), string(res.body))
+				wantJSON(t, do(t, s, req{method: "GET", path: patientPath(newID), token: a.access}), 404, bodyNotFound)
+			}
+		})
+	}
+}
+
+// jsonObject decodes a JSON object given as text.
+func jsonObject(t testing.TB, s string) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal([]byte(s), &m); err != nil {
+		t.Fatalf("not a JSON object (%v): %s", err, s)
+	}
+	return m
+}
+
+func TestPatientUnknownIDs(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	id, before := mustCreate(t, s, a.access, patientsPath, adaBody("ada@example.com"))
+	before = mustGet(t, s, a.access, patientPath(id))
+	valid := map[string]any{"first_name": "Eve", "email": "eve@example.com"}
+	for _, p := range []string{
+		strconv.FormatInt(id+1_000_000, 10),
+		"0",
+		"-1",
+		"abc",
+		"1.5",
+		"99999999999999999999",
+		"1%20OR%201=1",
+		"1;DROP%20TABLE%20patients",
+		"%27",
+	} {
+		for _, method := range []string{"GET", "PUT", "PATCH", "DELETE"} {
+			t.Run(method+" "+p, func(t *testing.T) {
+				var body any
+				if method == "PUT" || method == "PATCH" {
+					body = valid
+				}
+				res := do(t, s, req{method: method, path: patientsPath + p + "/", token: a.access, body: body})
+				wantJSON(t, res, 404, bodyNotFound)
+			})
+		}
+	}
+	wantSame(t, s, a.access, patientPath(id), before)
+	wantTablesIntact(t)
+}
+
+func TestPatientListIsolation(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, b := register(t, s), register(t, s)
+	var aIDs, bIDs []int64
+	for i := range 3 {
+		id, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Shared", "email": fmt.Sprintf("p%d@example.com", i)})
+		aIDs = append(aIDs, id)
+	}
+	for i := range 2 {
+		// The same emails: unique per owner, not across owners.
+		id, _ := mustCreate(t, s, b.access, patientsPath, map[string]any{"first_name": "Shared", "email": fmt.Sprintf("P%d@Example.com", i)})
+		bIDs = append(bIDs, id)
+	}
+	for _, q := range []string{"", "?search=shared", "?search=example.com", "?ordering=-id", "?page_size=100"} {
+		t.Run("a"+q, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: patientsPath + q, token: a.access})
+			want := aIDs
+			if q == "?ordering=-id" {
+				want = []int64{aIDs[2], aIDs[1], aIDs[0]}
+			}
+			wantPage(t, res, 3, "", "", want)
+		})
+		t.Run("b"+q, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: patientsPath + q, token: b.access})
+			want := bIDs
+			if q == "?ordering=-id" {
+				want = []int64{bIDs[1], bIDs[0]}
+			}
+			wantPage(t, res, 2, "", "", want)
+		})
+	}
+	t.Run("new user", func(t *testing.T) {
+		c := register(t, s)
+		wantJSON(t, do(t, s, req{method: "GET", path: patientsPath, token: c.access}), 200, emptyPage)
+	})
+}
+
+func TestPatientPagination(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	var ids []int64
+	for i := range 25 {
+		id, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{
+			"first_name": fmt.Sprintf("Page%02d", i), "last_name": "Turner", "email": fmt.Sprintf("n%02d@example.com", i)})
+		ids = append(ids, id)
+	}
+	reversed := make([]int64, len(ids))
+	for i, id := range ids {
+		reversed[len(ids)-1-i] = id
+	}
+	const base = "http://localhost/api/patients/"
+	cases := []struct {
+		name, query    string
+		count          int
+		next, previous string
+		ids            []int64
+	}{
+		{"first page by default", "", 25, base + "?page=2", "", ids[0:10]},
+		{"page 1", "?page=1", 25, base + "?page=2", "", ids[0:10]},
+		{"empty page means 1", "?page=", 25, base + "?page=2", "", ids[0:10]},
+		{"page 2", "?page=2", 25, base + "?page=3", base, ids[10:20]},
+		{"last page", "?page=3", 25, "", base + "?page=2", ids[20:25]},
+		{"page last", "?page=last", 25, "", base + "?page=2", ids[20:25]},
+		{"page size 5", "?page_size=5&page=2", 25, base + "?page=3&page_size=5", base + "?page_size=5", ids[5:10]},
+		{"page size 25", "?page_size=25", 25, "", "", ids},
+		{"page size 100", "?page_size=100", 25, "", "", ids},
+		{"page size 0 means default", "?page_size=0", 25, base + "?page=2&page_size=0", "", ids[0:10]},
+		{"negative page size means default", "?page_size=-3", 25, base + "?page=2&page_size=-3", "", ids[0:10]},
+		{"page size abc means default", "?page_size=abc", 25, base + "?page=2&page_size=abc", "", ids[0:10]},
+		{"page size 2.5 means default", "?page_size=2.5", 25, base + "?page=2&page_size=2.5", "", ids[0:10]},
+		{"empty page size means default", "?page_size=", 25, base + "?page=2&page_size=", "", ids[0:10]},
+		{"links keep search", "?search=page0&page_size=3&page=2", 10,
+			base + "?page=3&page_size=3&search=page0", base + "?page_size=3&search=page0", ids[3:6]},
+		{"links keep ordering", "?ordering=-id&page=2", 25, base + "?ordering=-id&page=3", base + "?ordering=-id", reversed[10:20]},
+		{"links keep unknown parameters", "?foo=bar&page=2", 25, base + "?foo=bar&page=3", base + "?foo=bar", ids[10:20]},
+		{"search with one page", "?search=page1", 10, "", "", ids[10:20]},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: patientsPath + tc.query, token: a.access})
+			wantPage(t, res, tc.count, tc.next, tc.previous, tc.ids)
+		})
+	}
+	t.Run("links are absolute", func(t *testing.T) {
+		page := do(t, s, req{method: "GET", path: patientsPath + "?page=2", token: a.access}).object(t)
+		for _, k := range []string{"next", "previous"} {
+			u, err := url.Parse(page[k].(string))
+			if err != nil || !u.IsAbs() || u.Host != "localhost" || u.Path != patientsPath {
+				t.Errorf("%s = %v (err %v), want an absolute URL to %s", k, page[k], err, patientsPath)
+			}
+		}
+	})
+	t.Run("results are whole patients", func(t *testing.T) {
+		page := do(t, s, req{method: "GET", path: patientsPath + "?page_size=1", token: a.access})
+		one := mustGet(t, s, a.access, patientPath(ids[0]))
+		wantJSON(t, page, 200, fmt.Sprintf(`{"count": 25, "next": %q, "previous": null, "results": [%s]}`,
+			base+"?page=2&page_size=1", one))
+	})
+	for _, p := range []string{"4", "0", "-1", "abc", "1.5", "99999999999999999999", "%27%3B", "last1"} {
+		t.Run("invalid page "+p, func(t *testing.T) {
+			wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?page=" + p, token: a.access}), 404, bodyInvalidPage)
+		})
+	}
+	t.Run("empty list", func(t *testing.T) {
+		b := register(t, s)
+		for _, q := range []string{"", "?page=1", "?page=last", "?page_size=5", "?search=nothing"} {
+			wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + q, token: b.access}), 200, emptyPage)
+		}
+		wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?page=2", token: b.access}), 404, bodyInvalidPage)
+	})
+	t.Run("page size capped at 100", func(t *testing.T) {
+		b := register(t, s)
+		var many []int64
+		for i := range 105 {
+			id, _ := mustCreate(t, s, b.access, patientsPath, map[string]any{"first_name": "Many", "email": fmt.Sprintf("m%03d@example.com", i)})
+			many = append(many, id)
+		}
+		for _, size := range []string{"100", "101", "150", "1000000", "99999999999999999999"} {
+			res := do(t, s, req{method: "GET", path: patientsPath + "?page_size=" + size, token: b.access})
+			wantPage(t, res, 105, base+"?page=2&page_size="+size, "", many[0:100])
+			res = do(t, s, req{method: "GET", path: patientsPath + "?page=2&page_size=" + size, token: b.access})
+			wantPage(t, res, 105, "", base+"?page_size="+size, many[100:])
+		}
+		wantPage(t, do(t, s, req{method: "GET", path: patientsPath, token: b.access}), 105, base+"?page=2", "", many[0:10])
+		wantPage(t, do(t, s, req{method: "GET", path: patientsPath + "?page=11", token: b.access}), 105, "", base+"?page=10", many[100:])
+		wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?page=12", token: b.access}), 404, bodyInvalidPage)
+	})
+}
+
+func TestPatientSearch(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	rows := []map[string]any{
+		{"first_name": "Alice", "last_name": "Smith", "email": "alice.smith@clinic.org"},
+		{"first_name": "Bob", "last_name": "Alison", "email": "bob@home.net"},
+		{"first_name": "Carol", "last_name": "Jones", "email": "cj@alice-corp.com"},
+		{"first_name": "100%", "last_name": "Percent", "email": "pct@x.org"},
+		{"first_name": "1000", "last_name": "Plain", "email": "plain@x.org"},
+		{"first_name": "a_b", "last_name": "Under", "email": "u1@x.org"},
+		{"first_name": "axb", "last_name": "Under", "email": "u2@x.org"},
+		{"first_name": `back\slash`, "last_name": "Esc", "email": "e@x.org"},
+	}
+	ids := make([]int64, len(rows))
+	for i, r := range rows {
+		ids[i], _ = mustCreate(t, s, a.access, patientsPath, r)
+	}
+	pick := func(n ...int) []int64 {
+		out := []int64{}
+		for _, i := range n {
+			out = append(out, ids[i])
+		}
+		return out
+	}
+	cases := []struct {
+		search string
+		want   []int64
+	}{
+		{"alice", pick(0, 2)},
+		{"ALICE", pick(0, 2)},
+		{"aLiCe", pick(0, 2)},
+		{"ali", pick(0, 1, 2)},
+		{"alice smith", pick(0)},
+		{"alice,smith", pick(0)},
+		{"alice, smith", pick(0)},
+		{" alice  smith ", pick(0)},
+		{"smith,alice", pick(0)},
+		{"alice bob", pick()},
+		{"home.net", pick(1)},
+		{"jones alice-corp", pick(2)},
+		{"%", pick(3)},
+		{"0%", pick(3)},
+		{"_", pick(5)},
+		{"a_b", pick(5)},
+		{`\`, pick(7)},
+		{`\s`, pick(7)},
+		{"under", pick(5, 6)},
+		{"x.org", pick(3, 4, 5, 6, 7)},
+		{"x.org under", pick(5, 6)},
+		{"", pick(0, 1, 2, 3, 4, 5, 6, 7)},
+		{" , ,", pick(0, 1, 2, 3, 4, 5, 6, 7)},
+		{"nomatch", pick()},
+		{"'", pick()},
+	}
+	for _, tc := range cases {
+		t.Run(tc.search, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: patientsPath + "?search=" + url.QueryEscape(tc.search), token: a.access})
+			wantPage(t, res, len(tc.want), "", "", tc.want)
+		})
+	}
+	t.Run("another user's patients never match", func(t *testing.T) {
+		b := register(t, s)
+		wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?search=alice", token: b.access}), 200, emptyPage)
+	})
+}
+
+func TestPatientOrdering(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	rows := [][2]string{{"carl", "young"}, {"anna", "young"}, {"bert", "adams"}, {"anna", "adams"}}
+	ids := make([]int64, len(rows))
+	for i, r := range rows {
+		ids[i], _ = mustCreate(t, s, a.access, patientsPath, map[string]any{
+			"first_name": r[0], "last_name": r[1], "email": fmt.Sprintf("o%d@example.com", i)})
+	}
+	pick := func(n ...int) []int64 {
+		out := []int64{}
+		for _, i := range n {
+			out = append(out, ids[i])
+		}
+		return out
+	}
+	cases := []struct {
+		ordering string
+		want     []int64
+	}{
+		{"", pick(0, 1, 2, 3)},
+		{",", pick(0, 1, 2, 3)},
+		{"id", pick(0, 1, 2, 3)},
+		{"-id", pick(3, 2, 1, 0)},
+		{"first_name", pick(1, 3, 2, 0)},
+		{"-first_name", pick(0, 2, 1, 3)},
+		{"last_name", pick(2, 3, 0, 1)},
+		{"-last_name", pick(0, 1, 2, 3)},
+		{"last_name,first_name", pick(3, 2, 1, 0)},
+		{"last_name,-first_name", pick(2, 3, 0, 1)},
+		{"-last_name,-id", pick(1, 0, 3, 2)},
+		{"created_at", pick(0, 1, 2, 3)},
+		{"-created_at", pick(3, 2, 1, 0)},
+	}
+	for _, tc := range cases {
+		t.Run("ordering="+tc.ordering, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: patientsPath + "?ordering=" + url.QueryEscape(tc.ordering), token: a.access})
+			wantPage(t, res, 4, "", "", tc.want)
+		})
+	}
+	for _, tc := range []struct{ ordering, field string }{
+		{"nope", "nope"},
+		{"email", "email"},
+		{"specialization", "specialization"},
+		{"phone", "phone"},
+		{"owner_id", "owner_id"},
+		{"first_name,nope", "nope"},
+		{"FIRST_NAME", "FIRST_NAME"},
+		{"id;DROP TABLE patients", "id;DROP TABLE patients"},
+	} {
+		t.Run("invalid "+tc.ordering, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: patientsPath + "?ordering=" + url.QueryEscape(tc.ordering), token: a.access})
+			wantJSON(t, res, 400, jsonText(map[string][]string{"ordering": {`Invalid ordering field "` + tc.field + `".`}}))
+		})
+	}
+	wantTablesIntact(t)
+}
+
+// strN repeats s n times.
+func strN(s string, n int) string { return strings.Repeat(s, n) }
+
+const (
+	msgRequired  = "This field is required."
+	msgBlank     = "This field may not be blank."
+	msgNull      = "This field may not be null."
+	msgNotString = "Not a valid string."
+	msgNUL       = "Null characters are not allowed."
+	msgEmail     = "Enter a valid email address."
+	msgMax100    = "Ensure this field has no more than 100 characters."
+	msgMax254    = "Ensure this field has no more than 254 characters."
+	msgPhone     = "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses."
+	msgDate      = "Date has wrong format. Use one of these formats instead: YYYY-MM-DD."
+	msgFuture    = "Date of birth cannot be in the future."
+	msgBefore    = "Date of birth cannot be before 1900-01-01."
+)
+
+// errs builds a field-error body: field, message, field, message…
+func errs(kv ...string) string {
+	m := map[string][]string{}
+	for i := 0; i < len(kv); i += 2 {
+		m[kv[i]] = append(m[kv[i]], kv[i+1])
+	}
+	return jsonText(m)
+}
+
+func TestPatientValidation(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	tomorrow := time.Now().UTC().AddDate(0, 0, 1).Format(time.DateOnly)
+	cases := []struct {
+		name string
+		body any // a map is merged over a valid body; nil/"" are sent as they are
+		want string
+	}{
+		{"no body", nil, errs("first_name", msgRequired, "email", msgRequired)},
+		{"empty object", "{}", errs("first_name", msgRequired, "email", msgRequired)},
+		{"only unknown keys", `{"First_Name": "Ann", "EMAIL": "ann@example.com"}`, errs("first_name", msgRequired, "email", msgRequired)},
+		{"first_name missing", map[string]any{"-": "first_name"}, errs("first_name", msgRequired)},
+		{"email missing", map[string]any{"-": "email"}, errs("email", msgRequired)},
+
+		{"first_name blank", map[string]any{"first_name": ""}, errs("first_name", msgBlank)},
+		{"first_name spaces", map[string]any{"first_name": "   \t "}, errs("first_name", msgBlank)},
+		{"first_name only tags", map[string]any{"first_name": "<b></b>"}, errs("first_name", msgBlank)},
+		{"first_name 101 characters", map[string]any{"first_name": strN("é", 101)}, errs("first_name", msgMax100)},
+		{"first_name 101 after tags", map[string]any{"first_name": "<b>" + strN("a", 101) + "</b>"}, errs("first_name", msgMax100)},
+		{"first_name null", map[string]any{"first_name": json.RawMessage("null")}, errs("first_name", msgNull)},
+		{"first_name number", map[string]any{"first_name": 5}, errs("first_name", msgNotString)},
+		{"first_name bool", map[string]any{"first_name": true}, errs("first_name", msgNotString)},
+		{"first_name list", map[string]any{"first_name": []string{"Ann"}}, errs("first_name", msgNotString)},
+		{"first_name NUL", map[string]any{"first_name": "A\u0000nn"}, errs("first_name", msgNUL)},
+
+		{"last_name 101 characters", map[string]any{"last_name": strN("ß", 101)}, errs("last_name", msgMax100)},
+		{"last_name null", map[string]any{"last_name": json.RawMessage("null")}, errs("last_name", msgNull)},
+		{"last_name object", map[string]any{"last_name": map[string]any{}}, errs("last_name", msgNotString)},
+		{"last_name NUL", map[string]any{"last_name": "\u0000"}, errs("last_name", msgNUL)},
+
+		{"email blank", map[string]any{"email": ""}, errs("email", msgBlank)},
+		{"email spaces", map[string]any{"email": "   "}, errs("email", msgBlank)},
+		{"email null", map[string]any{"email": json.RawMessage("null")}, errs("email", msgNull)},
+		{"email object", map[string]any{"email": map[string]any{"a": 1}}, errs("email", msgNotString)},
+		{"email number", map[string]any{"email": 42}, errs("email", msgNotString)},
+		{"email NUL", map[string]any{"email": "ann\u0000@example.com"}, errs("email", msgNUL)},
+		{"email no at", map[string]any{"email": "not-an-email"}, errs("email", msgEmail)},
+		{"email no domain dot", map[string]any{"email": "ann@example"}, errs("email", msgEmail)},
+		{"email two ats", map[string]any{"email": "ann@@example.com"}, errs("email", msgEmail)},
+		{"email space", map[string]any{"email": "a nn@example.com"}, errs("email", msgEmail)},
+		{"email no local part", map[string]any{"email": "@example.com"}, errs("email", msgEmail)},
+		{"email leading dot", map[string]any{"email": ".ann@example.com"}, errs("email", msgEmail)},
+		{"email 255 characters", map[string]any{"email": strN("a", 243) + "@example.com"}, errs("email", msgMax254)},
+		// 142 characters but 272 bytes: the length is fine, the letters are not.
+		{"email multi-byte", map[string]any{"email": strN("é", 130) + "@example.com"}, errs("email", msgEmail)},
+
+		{"phone 9 digits", map[string]any{"phone": "123456789"}, errs("phone", msgPhone)},
+		{"phone 16 digits", map[string]any{"phone": "1234567890123456"}, errs("phone", msgPhone)},
+		{"phone letters", map[string]any{"phone": "+1 555 CALL NOW"}, errs("phone", msgPhone)},
+		{"phone two pluses", map[string]any{"phone": "++15551234567"}, errs("phone", msgPhone)},
+		{"phone plus at the end", map[string]any{"phone": "15551234567+"}, errs("phone", msgPhone)},
+		{"phone slashes", map[string]any{"phone": "1/555/123/4567"}, errs("phone", msgPhone)},
+		{"phone extension", map[string]any{"phone": "(555) 123-4567 x8"}, errs("phone", msgPhone)},
+		{"phone only separators", map[string]any{"phone": "()-. "}, errs("phone", msgPhone)},
+		{"phone number", map[string]any{"phone": 5551234567}, errs("phone", msgNotString)},
+		{"phone null", map[string]any{"phone": json.RawMessage("null")}, errs("phone", msgNull)},
+		{"phone NUL", map[string]any{"phone": "555123\u00004567"}, errs("phone", msgNUL)},
+
+		{"date day first", map[string]any{"date_of_birth": "17/05/1990"}, errs("date_of_birth", msgDate)},
+		{"date month 13", map[string]any{"date_of_birth": "1990-13-01"}, errs("date_of_birth", msgDate)},
+		{"date February 30", map[string]any{"date_of_birth": "1990-02-30"}, errs("date_of_birth", msgDate)},
+		{"date with time", map[string]any{"date_of_birth": "1990-05-17T00:00:00Z"}, errs("date_of_birth", msgDate)},
+		{"date words", map[string]any{"date_of_birth": "yesterday"}, errs("date_of_birth", msgDate)},
+		{"date number", map[string]any{"date_of_birth": 19900517}, errs("date_of_birth", msgNotString)},
+		{"date NUL", map[string]any{"date_of_birth": "1990-05-17\u0000"}, errs("date_of_birth", msgNUL)},
+		{"date tomorrow", map[string]any{"date_of_birth": tomorrow}, errs("date_of_birth", msgFuture)},
+		{"date far future", map[string]any{"date_of_birth": "3000-01-01"}, errs("date_of_birth", msgFuture)},
+		{"date 1899-12-31", map[string]any{"date_of_birth": "1899-12-31"}, errs("date_of_birth", msgBefore)},
+		{"date year 1", map[string]any{"date_of_birth": "0001-01-01"}, errs("date_of_birth", msgBefore)},
+
+		{"every field wrong", map[string]any{"first_name": "", "last_name": 1, "email": "bad", "phone": "1", "date_of_birth": "x"},
+			errs("first_name", msgBlank, "last_name", msgNotString, "email", msgEmail, "phone", msgPhone, "date_of_birth", msgDate)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			body := tc.body
+			if m, ok := tc.body.(map[string]any); ok {
+				full := map[string]any{"first_name": "Ann", "email": uniqueLabel("v") + "@example.com"}
+				for k, v := range m {
+					if k == "-" {
+						delete(full, v.(string))
+						continue
+					}
+					if v != nil {
+						full[k] = v
+					}
+				}
+				body = full
+			}
+			res := do(t, s, req{method: "POST", path: patientsPath, token: a.access, body: body})
+			wantJSON(t, res, 400, tc.want)
+		})
+	}
+	// Nothing above was stored.
+	wantJSON(t, do(t, s, req{method: "GET", path: patientsPath, token: a.access}), 200, emptyPage)
+}
+
+func TestPatientStoredValues(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, other := register(t, s), register(t, s)
+	today := time.Now().UTC().Format(time.DateOnly)
+	long := strN("a", 242) + "@example.com"
+	cases := []struct {
+		name string
+		body map[string]any
+		want string // patientWant with any id
+	}{
+		{"only required fields", map[string]any{"first_name": "Ann", "email": "ann@example.com"},
+			patientWant(0, "Ann", "", "ann@example.com", nil, "")},
+		{"every field", map[string]any{"first_name": "Ann", "last_name": "Lee", "email": "ann.lee@example.com", "date_of_birth": "1990-05-17", "phone": "+1 (555) 123-4567"},
+			patientWant(0, "Ann", "Lee", "ann.lee@example.com", "1990-05-17", "+1 (555) 123-4567")},
+		{"email lower-cased and trimmed", map[string]any{"first_name": "Ann", "email": "  Ann.UPPER@Example.COM "},
+			patientWant(0, "Ann", "", "ann.upper@example.com", nil, "")},
+		{"email 254 characters", map[string]any{"first_name": "Ann", "email": long},
+			patientWant(0, "Ann", "", long, nil, "")},
+		{"email with plus and apostrophe", map[string]any{"first_name": "Ann", "email": "o'brien+tag@example.co.uk"},
+			patientWant(0, "Ann", "", "o'brien+tag@example.co.uk", nil, "")},
+		{"names of 100 multi-byte characters", map[string]any{"first_name": strN("é", 100), "last_name": strN("日", 100), "email": "mb@example.com"},
+			patientWant(0, strN("é", 100), strN("日", 100), "mb@example.com", nil, "")},
+		{"names trimmed", map[string]any{"first_name": "  Ann  ", "last_name": "\tLee\n", "email": "trim@example.com"},
+			patientWant(0, "Ann", "Lee", "trim@example.com", nil, "")},
+		{"last_name blank", map[string]any{"first_name": "Ann", "last_name": "   ", "email": "blank@example.com"},
+			patientWant(0, "Ann", "", "blank@example.com", nil, "")},
+		{"tags stripped", map[string]any{"first_name": "<b>Doe</b>", "last_name": "Tom <3 Jerry", "email": "tags1@example.com"},
+			patientWant(0, "Doe", "Tom <3 Jerry", "tags1@example.com", nil, "")},
+		{"script stripped", map[string]any{"first_name": "<script>alert(1)</script>x", "last_name": "  <i>van</i> Dyke  ", "email": "tags2@example.com"},
+			patientWant(0, "alert(1)x", "van Dyke", "tags2@example.com", nil, "")},
+		{"comment and lone brackets", map[string]any{"first_name": "<!-- c -->Ann", "last_name": "a < b > c", "email": "tags3@example.com"},
+			patientWant(0, "Ann", "a < b > c", "tags3@example.com", nil, "")},
+		{"phone trimmed", map[string]any{"first_name": "Ann", "email": "ph1@example.com", "phone": "  555.123.4567  "},
+			patientWant(0, "Ann", "", "ph1@example.com", nil, "555.123.4567")},
+		{"phone 10 digits", map[string]any{"first_name": "Ann", "email": "ph2@example.com", "phone": "0123456789"},
+			patientWant(0, "Ann", "", "ph2@example.com", nil, "0123456789")},
+		{"phone 15 digits", map[string]any{"first_name": "Ann", "email": "ph3@example.com", "phone": "+123456789012345"},
+			patientWant(0, "Ann", "", "ph3@example.com", nil, "+123456789012345")},
+		{"phone dashes", map[string]any{"first_name": "Ann", "email": "ph4@example.com", "phone": "555-123-4567"},
+			patientWant(0, "Ann", "", "ph4@example.com", nil, "555-123-4567")},
+		{"phone empty", map[string]any{"first_name": "Ann", "email": "ph5@example.com", "phone": ""},
+			patientWant(0, "Ann", "", "ph5@example.com", nil, "")},
+		{"phone spaces only", map[string]any{"first_name": "Ann", "email": "ph6@example.com", "phone": "   "},
+			patientWant(0, "Ann", "", "ph6@example.com", nil, "")},
+		{"date 1900-01-01", map[string]any{"first_name": "Ann", "email": "d1@example.com", "date_of_birth": "1900-01-01"},
+			patientWant(0, "Ann", "", "d1@example.com", "1900-01-01", "")},
+		{"date today", map[string]any{"first_name": "Ann", "email": "d2@example.com", "date_of_birth": today},
+			patientWant(0, "Ann", "", "d2@example.com", today, "")},
+		{"date null", map[string]any{"first_name": "Ann", "email": "d3@example.com", "date_of_birth": nil},
+			patientWant(0, "Ann", "", "d3@example.com", nil, "")},
+		{"leap day", map[string]any{"first_name": "Ann", "email": "d4@example.com", "date_of_birth": "2000-02-29"},
+			patientWant(0, "Ann", "", "d4@example.com", "2000-02-29", "")},
+		{"client ids, timestamps and owners ignored", map[string]any{"first_name": "Ann", "email": "ign@example.com",
+			"id": 999999999, "created_at": "2000-01-01T00:00:00Z", "updated_at": "2000-01-01T00:00:00Z",
+			"owner": other.id, "owner_id": other.id, "created_by": other.id, "user": other.id},
+			patientWant(0, "Ann", "", "ign@example.com", nil, "")},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			res := do(t, s, req{method: "POST", path: patientsPath, token: a.access, body: tc.body})
+			got := wantShape(t, res, 201, tc.want).(map[string]any)
+			id := int64(got["id"].(float64))
+			// What was answered is what was stored, for the caller alone.
+			wantSame(t, s, a.access, patientPath(id), string(res.body))
+			wantJSON(t, do(t, s, req{method: "GET", path: patientPath(id), token: other.access}), 404, bodyNotFound)
+			if id == 999999999 || strings.HasPrefix(got["created_at"].(string), "2000") || strings.HasPrefix(got["updated_at"].(string), "2000") {
+				t.Errorf("client values were stored: %s", res.body)
+			}
+		})
+	}
+	wantJSON(t, do(t, s, req{method: "GET", path: patientsPath, token: other.access}), 200, emptyPage)
+}
+
+func TestPatientUpdate(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	const phone = "+44 20 7946 0958"
+	cases := []struct {
+		name   string
+		method string
+		body   any
+		status int
+		want   string // for 200: patientWant of the result (id filled in)
+	}{
+		{"put without email", "PUT", map[string]any{"first_name": "Grace"}, 400, errs("email", msgRequired)},
+		{"put without first_name", "PUT", map[string]any{"email": "g@example.com"}, 400, errs("first_name", msgRequired)},
+		{"put empty", "PUT", map[string]any{}, 400, errs("first_name", msgRequired, "email", msgRequired)},
+		{"put no body", "PUT", nil, 400, errs("first_name", msgRequired, "email", msgRequired)},
+		{"put blank first_name", "PUT", map[string]any{"first_name": "", "email": "g@example.com"}, 400, errs("first_name", msgBlank)},
+		{"put bad phone", "PUT", map[string]any{"first_name": "Grace", "email": "g@example.com", "phone": "12"}, 400, errs("phone", msgPhone)},
+		{"put required only keeps the rest", "PUT", map[string]any{"first_name": "Grace", "email": "G@Example.com"}, 200,
+			patientWant(thisID, "Grace", "Byron", "g@example.com", "1990-05-17", phone)},
+		{"put clears what it names", "PUT", map[string]any{"first_name": "Grace", "email": "ada@example.com", "last_name": "", "phone": "", "date_of_birth": nil}, 200,
+			patientWant(thisID, "Grace", "", "ada@example.com", nil, "")},
+		{"put every field", "PUT", map[string]any{"first_name": "<b>Grace</b>", "last_name": "Hopper", "email": "grace@example.com", "date_of_birth": "1906-12-09", "phone": "555-123-4567"}, 200,
+			patientWant(thisID, "Grace", "Hopper", "grace@example.com", "1906-12-09", "555-123-4567")},
+		{"patch nothing", "PATCH", map[string]any{}, 200, patientWant(thisID, "Ada", "Byron", "ada@example.com", "1990-05-17", phone)},
+		{"patch no body", "PATCH", nil, 200, patientWant(thisID, "Ada", "Byron", "ada@example.com", "1990-05-17", phone)},
+		{"patch phone", "PATCH", map[string]any{"phone": " 0123456789 "}, 200, patientWant(thisID, "Ada", "Byron", "ada@example.com", "1990-05-17", "0123456789")},
+		{"patch date null", "PATCH", map[string]any{"date_of_birth": nil}, 200, patientWant(thisID, "Ada", "Byron", "ada@example.com", nil, phone)},
+		{"patch email", "PATCH", map[string]any{"email": "ADA2@example.com"}, 200, patientWant(thisID, "Ada", "Byron", "ada2@example.com", "1990-05-17", phone)},
+		{"patch last_name tags", "PATCH", map[string]any{"last_name": "<em>King</em>"}, 200, patientWant(thisID, "Ada", "King", "ada@example.com", "1990-05-17", phone)},
+		{"patch ignores id and timestamps", "PATCH", map[string]any{"id": 1, "created_at": "2000-01-01T00:00:00Z", "owner_id": 1}, 200,
+			patientWant(thisID, "Ada", "Byron", "ada@example.com", "1990-05-17", phone)},
+		{"patch blank first_name", "PATCH", map[string]any{"first_name": " "}, 400, errs("first_name", msgBlank)},
+		{"patch null first_name", "PATCH", map[string]any{"first_name": nil}, 400, errs("first_name", msgNull)},
+		{"patch null email", "PATCH", map[string]any{"email": nil}, 400, errs("email", msgNull)},
+		{"patch bad email", "PATCH", map[string]any{"email": "BAD"}, 400, errs("email", msgEmail)},
+		{"patch future date", "PATCH", map[string]any{"date_of_birth": "2999-01-01"}, 400, errs("date_of_birth", msgFuture)},
+		{"patch number phone", "PATCH", map[string]any{"phone": 123}, 400, errs("phone", msgNotString)},
+		{"patch one bad field changes nothing", "PATCH", map[string]any{"last_name": "Changed", "phone": "x"}, 400, errs("phone", msgPhone)},
+		{"patch NUL", "PATCH", map[string]any{"last_name": "a\u0000b"}, 400, errs("last_name", msgNUL)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			id, _ := mustCreate(t, s, a.access, patientsPath, adaBody("ada@example.com"))
+			defer do(t, s, req{method: "DELETE", path: patientPath(id), token: a.access})
+			before := mustGet(t, s, a.access, patientPath(id))
+			res := do(t, s, req{method: tc.method, path: patientPath(id), token: a.access, body: tc.body})
+			if tc.status != 200 {
+				wantJSON(t, res, tc.status, tc.want)
+				wantSame(t, s, a.access, patientPath(id), before)
+				return
+			}
+			want := strings.ReplaceAll(tc.want, strconv.Itoa(thisID), strconv.FormatInt(id, 10))
+			got := wantShape(t, res, 200, want).(map[string]any)
+			wantSame(t, s, a.access, patientPath(id), string(res.body))
+			prev := jsonObject(t, before)
+			if got["created_at"] != prev["created_at"] {
+				t.Errorf("created_at changed from %v to %v", prev["created_at"], got["created_at"])
+			}
+			if got["updated_at"].(string) < prev["updated_at"].(string) {
+				t.Errorf("updated_at went back from %v to %v", prev["updated_at"], got["updated_at"])
+			}
+		})
+	}
+}
+
+func TestPatientEmailUnique(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, b := register(t, s), register(t, s)
+	dup := errs("email", "A patient with this email already exists.")
+	first, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "One", "email": "dup@example.com"})
+	second, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Two", "email": "two@example.com"})
+	firstBody, secondBody := mustGet(t, s, a.access, patientPath(first)), mustGet(t, s, a.access, patientPath(second))
+	for _, tc := range []struct {
+		name, method, path string
+		body               map[string]any
+	}{
+		{"create same", "POST", patientsPath, map[string]any{"first_name": "X", "email": "dup@example.com"}},
+		{"create other case", "POST", patientsPath, map[string]any{"first_name": "X", "email": "DUP@Example.COM"}},
+		{"create with spaces", "POST", patientsPath, map[string]any{"first_name": "X", "email": " Dup@example.com "}},
+		{"patch onto it", "PATCH", patientPath(second), map[string]any{"email": "Dup@example.com"}},
+		{"put onto it", "PUT", patientPath(second), map[string]any{"first_name": "Two", "email": "dUp@example.com"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			wantJSON(t, do(t, s, req{method: tc.method, path: tc.path, token: a.access, body: tc.body}), 400, dup)
+			wantSame(t, s, a.access, patientPath(first), firstBody)
+			wantSame(t, s, a.access, patientPath(second), secondBody)
+		})
+	}
+	t.Run("own email in another case", func(t *testing.T) {
+		res := do(t, s, req{method: "PATCH", path: patientPath(first), token: a.access, body: map[string]any{"email": "DUP@example.com"}})
+		wantShape(t, res, 200, patientWant(first, "One", "", "dup@example.com", nil, ""))
+	})
+	t.Run("another owner may use it", func(t *testing.T) {
+		res := do(t, s, req{method: "POST", path: patientsPath, token: b.access, body: map[string]any{"first_name": "Bee", "email": "Dup@Example.com"}})
+		wantShape(t, res, 201, patientWant(0, "Bee", "", "dup@example.com", nil, ""))
+	})
+	t.Run("free again after delete", func(t *testing.T) {
+		wantNoContent(t, do(t, s, req{method: "DELETE", path: patientPath(first), token: a.access}))
+		res := do(t, s, req{method: "POST", path: patientsPath, token: a.access, body: map[string]any{"first_name": "Three", "email": "dup@example.com"}})
+		wantShape(t, res, 201, patientWant(0, "Three", "", "dup@example.com", nil, ""))
+	})
+}
+
+func TestPatientRaceSameEmail(t *testing.T) {
+	s := newTestServer(t, nil)
+	for round := range 5 {
+		t.Run(fmt.Sprint("round ", round), func(t *testing.T) {
+			a := register(t, s)
+			emails := []string{"race@example.com", "RACE@example.com", "Race@Example.com", "race@EXAMPLE.COM"}
+			var rqs []req
+			for _, e := range emails {
+				rqs = append(rqs, req{method: "POST", path: patientsPath, token: a.access, body: jsonText(map[string]any{"first_name": "R", "email": e})})
+			}
+			created := 0
+			for i, res := range concurrently(t, s, rqs) {
+				switch res.status {
+				case 201:
+					created++
+					wantShape(t, res, 201, patientWant(0, "R", "", "race@example.com", nil, ""))
+				default:
+					t.Logf("request %d", i)
+					wantJSON(t, res, 400, errs("email", "A patient with this email already exists."))
+				}
+			}
+			if created != 1 {
+				t.Fatalf("%d created, want exactly 1", created)
+			}
+			res := do(t, s, req{method: "GET", path: patientsPath, token: a.access})
+			if n := res.object(t)["count"]; n != float64(1) {
+				t.Fatalf("count %v, want 1", n)
+			}
+		})
+	}
+}
+
+func TestPatientRaceDeleteAndPatch(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	docID, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueLabel("race")+"@example.com", "Race", "Cardiology"))
+	for round := range 5 {
+		t.Run(fmt.Sprint("round ", round), func(t *testing.T) {
+			id, _ := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueLabel("p")+"@example.com"))
+			mustCreate(t, s, a.access, mappingsPath, map[string]any{"patient": id, "doctor": docID})
+			rqs := []req{{method: "DELETE", path: patientPath(id), token: a.access}}
+			for i := range 8 {
+				rqs = append(rqs, req{method: "PATCH", path: patientPath(id), token: a.access, body: jsonText(map[string]any{"last_name": fmt.Sprint("P", i)})})
+			}
+			for i, res := range concurrently(t, s, rqs) {
+				switch {
+				case i == 0:
+					wantNoContent(t, res)
+				case res.status == 200:
+					got := res.object(t)
+					if got["id"] != float64(id) || got["last_name"] != fmt.Sprint("P", i-1) || got["first_name"] != "Ada" {
+						t.Errorf("PATCH %d answered %s", i, res.body)
+					}
+				default:
+					wantJSON(t, res, 404, bodyNotFound)
+				}
+			}
+			wantJSON(t, do(t, s, req{method: "GET", path: patientPath(id), token: a.access}), 404, bodyNotFound)
+			wantJSON(t, do(t, s, req{method: "GET", path: mappingsPath + strconv.FormatInt(id, 10) + "/", token: a.access}), 404, bodyNotFound)
+			var rows int
+			if err := testDB.QueryRow(`SELECT (SELECT count(*) FROM patients WHERE id = $1) + (SELECT count(*) FROM mappings WHERE patient_id = $1)`, id).Scan(&rows); err != nil || rows != 0 {
+				t.Fatalf("after the race: %d rows left (err %v)", rows, err)
+			}
+		})
+	}
+	wantJSON(t, do(t, s, req{method: "GET", path: patientsPath, token: a.access}), 200, emptyPage)
+}
+
+func TestPatientSQLMetacharacters(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	type row struct{ first, last, email string }
+	var stored []row
+	for i, inj := range injections {
+		t.Run("stored "+inj, func(t *testing.T) {
+			email := fmt.Sprintf("inj%d@example.com", i)
+			res := do(t, s, req{method: "POST", path: patientsPath, token: a.access, body: map[string]any{"first_name": inj, "last_name": inj, "email": email}})
+			wantShape(t, res, 201, patientWant(0, inj, inj, email, nil, ""))
+			stored = append(stored, row{inj, inj, email})
+			id := int64(res.object(t)["id"].(float64))
+			res = do(t, s, req{method: "PATCH", path: patientPath(id), token: a.access, body: map[string]any{"last_name": inj + inj}})
+			wantShape(t, res, 200, patientWant(id, inj, inj+inj, email, nil, ""))
+			stored[len(stored)-1].last = inj + inj
+		})
+		t.Run("refused "+inj, func(t *testing.T) {
+			for _, tc := range []struct{ field, msg string }{{"email", msgEmail}, {"phone", msgPhone}, {"date_of_birth", msgDate}} {
+				body := map[string]any{"first_name": "X", "email": "x@example.com", tc.field: inj}
+				wantJSON(t, do(t, s, req{method: "POST", path: patientsPath, token: a.access, body: body}), 400, errs(tc.field, tc.msg))
+			}
+		})
+	}
+	// An email may legitimately hold some metacharacters.
+	t.Run("email with metacharacters", func(t *testing.T) {
+		email := "o'brien%_$1+x@example.com"
+		res := do(t, s, req{method: "POST", path: patientsPath, token: a.access, body: map[string]any{"first_name": "Quote", "email": email}})
+		wantShape(t, res, 201, patientWant(0, "Quote", "", email, nil, ""))
+		stored = append(stored, row{"Quote", "", email})
+	})
+	// The search, as the contract defines it, over what was stored.
+	matches := func(search string) int {
+		n := 0
+		terms := strings.FieldsFunc(search, func(r rune) bool { return r == ' ' || r == ',' })
+	rows:
+		for _, r := range stored {
+			for _, term := range terms {
+				term = strings.ToLower(term)
+				if !strings.Contains(strings.ToLower(r.first), term) && !strings.Contains(strings.ToLower(r.last), term) &&
+					!strings.Contains(r.email, term) {
+					continue rows
+				}
+			}
+			n++
+		}
+		return n
+	}
+	for _, inj := range injections {
+		t.Run("query "+inj, func(t *testing.T) {
+			q := url.QueryEscape(inj)
+			res := do(t, s, req{method: "GET", path: patientsPath + "?page_size=100&search=" + q, token: a.access})
+			if res.status != 200 || res.object(t)["count"] != float64(matches(inj)) {
+				t.Fatalf("search %q: status %d, body %s; want %d matches", inj, res.status, res.body, matches(inj))
+			}
+			wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?page=" + q, token: a.access}), 404, bodyInvalidPage)
+			res = do(t, s, req{method: "GET", path: patientsPath + "?page_size=" + q, token: a.access})
+			if res.status != 200 || res.object(t)["count"] != float64(len(stored)) || len(resultIDs(t, res.object(t))) != min(10, len(stored)) {
+				t.Fatalf("page_size %q: status %d, body %s", inj, res.status, res.body)
+			}
+			wantOrderingRefused(t, do(t, s, req{method: "GET", path: patientsPath + "?ordering=" + q, token: a.access}), inj)
+		})
+	}
+	wantTablesIntact(t)
+	res := do(t, s, req{method: "GET", path: patientsPath, token: a.access})
+	if res.status != 200 || res.object(t)["count"] != float64(len(stored)) {
+		t.Fatalf("after the attacks: %s, want count %d", res.body, len(stored))
+	}
+	var n int
+	if err := testDB.QueryRow(`SELECT count(*) FROM patients WHERE owner_id = $1`, a.id).Scan(&n); err != nil || n != len(stored) {
+		t.Fatalf("patients in the database: %d (err %v), want %d", n, err, len(stored))
+	}
+}
+
+// wantOrderingRefused checks the 400 for an unknown ordering field f. The
+// contract's template is `Invalid ordering field "…".`; the field may be
+// quoted Go-style (escaping " and \) or written raw.
+func wantOrderingRefused(t testing.TB, res response, f string) {
+	t.Helper()
+	raw := `Invalid ordering field "` + f + `".`
+	quoted := fmt.Sprintf("Invalid ordering field %q.", f)
+	body := res.object(t)
+	if res.status != 400 || len(body) != 1 || !(jsonEqual(body["ordering"], []any{raw}) || jsonEqual(body["ordering"], []any{quoted})) {
+		t.Fatalf("ordering %q: status %d, body %s", f, res.status, res.body)
+	}
+}
+
+func TestPatientQueryNotText(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	id, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Nul", "email": "nul@example.com"})
+	// A NUL or invalid UTF-8 in the query string is not something PostgreSQL
+	// can compare; DRF drops NULs from the search and Django decodes the
+	// query with replacement characters. Never a 500.
+	for _, tc := range []struct {
+		name, query string
+		want        []int64
+	}{
+		{"NUL search", "?search=%00", []int64{id}},
+		{"NUL inside a term", "?search=N%00ul", []int64{id}},
+		{"invalid UTF-8 search", "?search=%FF", []int64{}},
+		{"invalid UTF-8 inside a term", "?search=Nu%FFl", []int64{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: patientsPath + tc.query, token: a.access})
+			wantPage(t, res, len(tc.want), "", "", tc.want)
+		})
+	}
+	t.Run("NUL ordering", func(t *testing.T) {
+		wantOrderingRefused(t, do(t, s, req{method: "GET", path: patientsPath + "?ordering=%00", token: a.access}), "\x00")
+	})
+	t.Run("NUL page", func(t *testing.T) {
+		wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?page=%00", token: a.access}), 404, bodyInvalidPage)
+	})
+}
