@@ -1,0 +1,1495 @@
+package main
+
+import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/pbkdf2"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"hash"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The contract's 401 bodies.
+const (
+	invalidAccessBody = `{"detail": "Given token not valid for any token type", "code": "token_not_valid",
+		"messages": [{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}]}`
+	noCredentialsBody  = `{"detail": "Authentication credentials were not provided."}`
+	badAuthHeaderBody  = `{"detail": "Authorization header must contain two space-delimited values", "code": "bad_authorization_header"}`
+	refreshInvalidBody = `{"detail": "Token is invalid or expired", "code": "token_not_valid"}`
+	blacklistedBody    = `{"detail": "Token is blacklisted", "code": "token_not_valid"}`
+	badCredentialsBody = `{"detail": "No active account found with the given credentials"}`
+	unavailableBody    = `{"detail": "Service temporarily unavailable."}`
+)
+
+// hs256Header is the only JWT header the server issues and accepts.
+const hs256Header = `{"alg":"HS256","typ":"JWT"}`
+
+// otherKey is a well-formed secret that is not the server's.
+const otherKey = "another-secret-key-0123456789abcdef-xyz"
+
+// wantUnauthorized is wantJSON for a 401, which must also carry the
+// contract's WWW-Authenticate challenge.
+func wantUnauthorized(t testing.TB, res response, body string) {
+	t.Helper()
+	wantJSON(t, res, http.StatusUnauthorized, body)
+	if got := res.header.Get("WWW-Authenticate"); got != `Bearer realm="api"` {
+		t.Fatalf("WWW-Authenticate %q, want %q", got, `Bearer realm="api"`)
+	}
+}
+
+// me asks GET /api/auth/me/ with token (none when empty).
+func me(t testing.TB, s http.Handler, token string) response {
+	t.Helper()
+	return do(t, s, req{method: "GET", path: "/api/auth/me/", token: token})
+}
+
+// wantMe fails unless token authenticates as a.
+func wantMe(t testing.TB, s http.Handler, token string, a account) {
+	t.Helper()
+	res := me(t, s, token)
+	if res.status != http.StatusOK {
+		t.Fatalf("me: status %d, want 200; body %s", res.status, res.body)
+	}
+	if id, _ := res.object(t)["id"].(float64); int64(id) != a.id {
+		t.Fatalf("me: %s, want user %d", res.body, a.id)
+	}
+}
+
+// login posts credentials to the login endpoint from the default address.
+func login(t testing.TB, s http.Handler, name, password string) response {
+	t.Helper()
+	return do(t, s, req{method: "POST", path: "/api/auth/login/", body: map[string]string{"username": name, "password": password}})
+}
+
+// loginPair logs in and returns the new pair, failing unless it is a 200.
+func loginPair(t testing.TB, s http.Handler, name, password string) tokenPair {
+	t.Helper()
+	return pairOf(t, login(t, s, name, password))
+}
+
+// refresh posts a refresh token to the refresh endpoint.
+func refresh(t testing.TB, s http.Handler, token string) response {
+	t.Helper()
+	return do(t, s, req{method: "POST", path: "/api/auth/token/refresh/", body: map[string]string{"refresh": token}})
+}
+
+// logout posts a refresh token to the logout endpoint.
+func logout(t testing.TB, s http.Handler, token string) response {
+	t.Helper()
+	return do(t, s, req{method: "POST", path: "/api/auth/logout/", body: map[string]string{"refresh": token}})
+}
+
+// pairOf reads a 200 {"refresh", "access"} body: exactly those two members,
+// both tokens of the right type.
+func pairOf(t testing.TB, res response) tokenPair {
+	t.Helper()
+	if res.status != http.StatusOK {
+		t.Fatalf("status %d, want 200; body %s", res.status, res.body)
+	}
+	m := res.object(t)
+	r, _ := m["refresh"].(string)
+	a, _ := m["access"].(string)
+	if len(m) != 2 || r == "" || a == "" {
+		t.Fatalf("body %s, want exactly refresh and access", res.body)
+	}
+	if tokenClaims(t, r)["token_type"] != "refresh" || tokenClaims(t, a)["token_type"] != "access" {
+		t.Fatalf("token types mixed up in %s", res.body)
+	}
+	return tokenPair{Refresh: r, Access: a}
+}
+
+// seg base64url-encodes s without padding, as a JWT segment.
+func seg(s string) string { return base64.RawURLEncoding.EncodeToString([]byte(s)) }
+
+// forge makes a token of arbitrary header and payload JSON, signed with
+// HMAC-SHA256 under key, as an attacker who knew (or guessed) key would.
+func forge(header, payload, key string) string {
+	return signSegments(sha256.New, seg(header), seg(payload), key)
+}
+
+// signSegments signs two already encoded segments with HMAC over h.
+func signSegments(h func() hash.Hash, head, body, key string) string {
+	m := hmac.New(h, []byte(key))
+	m.Write([]byte(head + "." + body))
+	return head + "." + body + "." + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+// tokenClaims decodes a token's payload without checking anything; numbers
+// stay json.Number so that they marshal back unchanged.
+func tokenClaims(t testing.TB, token string) map[string]any {
+	t.Helper()
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		t.Fatalf("token %q has %d segments", token, len(parts))
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		t.Fatalf("token payload: %v", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var c map[string]any
+	if err := dec.Decode(&c); err != nil {
+		t.Fatalf("token payload: %v", err)
+	}
+	return c
+}
+
+// absent, as a value in payloadWith's changes, removes the claim.
+type absent struct{}
+
+// payloadWith returns base's claims as JSON with changes applied.
+func payloadWith(t testing.TB, base, changes map[string]any) string {
+	t.Helper()
+	c := map[string]any{}
+	for k, v := range base {
+		c[k] = v
+	}
+	for k, v := range changes {
+		if _, drop := v.(absent); drop {
+			delete(c, k)
+			continue
+		}
+		c[k] = v
+	}
+	data, err := json.Marshal(c)
+	if err != nil {
+		t.Fatalf("marshal claims: %v", err)
+	}
+	return string(data)
+}
+
+// claimInt reads an integer claim.
+func claimInt(t testing.TB, c map[string]any, key string) int64 {
+	t.Helper()
+	n, ok := c[key].(json.Number)
+	if !ok {
+		t.Fatalf("claim %s = %#v, want a number", key, c[key])
+	}
+	v, err := n.Int64()
+	if err != nil {
+		t.Fatalf("claim %s = %s, want an integer", key, n)
+	}
+	return v
+}
+
+// uniqueName makes a name no other test uses: prefix, a counter and random
+// hex.
+func uniqueName(prefix string) string {
+	var b [3]byte
+	rand.Read(b[:])
+	return fmt.Sprintf("%s%d%x", prefix, userSeq.Add(1), b)
+}
+
+// mustJSON marshals v for a wanted body.
+func mustJSON(t testing.TB, v any) string {
+	t.Helper()
+	data, err := json.Marshal(v)
+	if err != nil {
+		t.Fatalf("marshal: %v", err)
+	}
+	return string(data)
+}
+
+// storedHash reads a user's password column.
+func storedHash(t testing.TB, id int64) string {
+	t.Helper()
+	var h string
+	if err := testDB.QueryRowContext(t.Context(), `SELECT password FROM users WHERE id = $1`, id).Scan(&h); err != nil {
+		t.Fatalf("read password of user %d: %v", id, err)
+	}
+	return h
+}
+
+// insertUser stores an account directly, as a migration from the Django
+// database would, with the given password hash and both login names.
+func insertUser(t testing.TB, username, email, passwordHash string) int64 {
+	t.Helper()
+	ctx := t.Context()
+	var id int64
+	err := testDB.QueryRowContext(ctx, `INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id`,
+		username, email, "Migrated User", passwordHash).Scan(&id)
+	if err != nil {
+		t.Fatalf("insert user: %v", err)
+	}
+	for _, n := range []string{strings.ToLower(username), email} {
+		if _, err := testDB.ExecContext(ctx, `INSERT INTO login_names (name, user_id) VALUES ($1, $2)`, n, id); err != nil {
+			t.Fatalf("insert login name: %v", err)
+		}
+	}
+	return id
+}
+
+// djangoHash computes a pbkdf2_sha256 hash in the test, not through the
+// server's code.
+func djangoHash(t testing.TB, password, salt string, iterations int) string {
+	t.Helper()
+	dk, err := pbkdf2.Key(sha256.New, password, []byte(salt), iterations, 32)
+	if err != nil {
+		t.Fatalf("pbkdf2: %v", err)
+	}
+	return fmt.Sprintf("pbkdf2_sha256$%d$%s$%s", iterations, salt, base64.StdEncoding.EncodeToString(dk))
+}
+
+// hashIterations reads the iteration count of a stored hash.
+func hashIterations(t testing.TB, encoded string) int {
+	t.Helper()
+	parts := strings.Split(encoded, "$")
+	if len(parts) != 4 || parts[0] != "pbkdf2_sha256" {
+		t.Fatalf("hash %q is not pbkdf2_sha256$<iterations>$<salt>$<key>", encoded)
+	}
+	n, err := strconv.Atoi(parts[1])
+	if err != nil {
+		t.Fatalf("hash %q: iterations: %v", encoded, err)
+	}
+	return n
+}
+
+// slowHashes lets a request run the real 600,000 PBKDF2 rounds: the race
+// detector (CI runs -race) makes them take seconds, and the request deadline
+// is not what these tests are about.
+func slowHashes(c *config) { c.requestTimeout = 2 * time.Minute }
+
+func TestTokenIssuedClaims(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	for _, tc := range []struct {
+		name, token, tokenType string
+		lifetime               int64
+	}{
+		{"access", a.access, "access", 15 * 60},
+		{"refresh", a.refresh, "refresh", 24 * 60 * 60},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			parts := strings.Split(tc.token, ".")
+			if len(parts) != 3 {
+				t.Fatalf("token %q: want three segments", tc.token)
+			}
+			head, err := base64.RawURLEncoding.DecodeString(parts[0])
+			if err != nil || !jsonEqual(mustDecode(t, head), mustDecode(t, []byte(hs256Header))) {
+				t.Fatalf("header %s, want %s", head, hs256Header)
+			}
+			c := tokenClaims(t, tc.token)
+			if len(c) != 6 {
+				t.Errorf("claims %v, want exactly token_type, exp, iat, jti, user_id, sid", c)
+			}
+			if c["token_type"] != tc.tokenType {
+				t.Errorf("token_type %v, want %s", c["token_type"], tc.tokenType)
+			}
+			if exp, iat := claimInt(t, c, "exp"), claimInt(t, c, "iat"); exp-iat != tc.lifetime {
+				t.Errorf("exp - iat = %d, want %d", exp-iat, tc.lifetime)
+			}
+			if now := time.Now().Unix(); claimInt(t, c, "iat") > now || claimInt(t, c, "iat") < now-60 {
+				t.Errorf("iat %d is not now (%d)", claimInt(t, c, "iat"), now)
+			}
+			if jti, _ := c["jti"].(string); len(jti) != 32 || strings.ToLower(jti) != jti || !isHex(jti) {
+				t.Errorf("jti %v, want 32 lower-case hex characters", c["jti"])
+			}
+			if claimInt(t, c, "user_id") != a.id {
+				t.Errorf("user_id %v, want %d", c["user_id"], a.id)
+			}
+			if claimInt(t, c, "sid") <= 0 {
+				t.Errorf("sid %v, want a login id", c["sid"])
+			}
+			// Independently of the server's code: HMAC-SHA256 under SECRET_KEY.
+			if again := signSegments(sha256.New, parts[0], parts[1], testSecret); again != tc.token {
+				t.Errorf("signature is not HMAC-SHA256 under SECRET_KEY")
+			}
+		})
+	}
+	if tokenClaims(t, a.access)["sid"] != tokenClaims(t, a.refresh)["sid"] {
+		t.Errorf("access and refresh of one login carry different sids")
+	}
+	if tokenClaims(t, a.access)["jti"] == tokenClaims(t, a.refresh)["jti"] {
+		t.Errorf("access and refresh share a jti")
+	}
+}
+
+func isHex(s string) bool {
+	_, err := hex.DecodeString(s)
+	return err == nil
+}
+
+// mustDecode decodes JSON for comparison.
+func mustDecode(t testing.TB, data []byte) any {
+	t.Helper()
+	var v any
+	if err := json.Unmarshal(data, &v); err != nil {
+		t.Fatalf("decode %q: %v", data, err)
+	}
+	return v
+}
+
+func TestTokenForgedAccess(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, b := register(t, s), register(t, s)
+	ac, bc := tokenClaims(t, a.access), tokenClaims(t, b.access)
+	now := time.Now().Unix()
+	// signed makes a correctly signed token of a's claims with changes.
+	signed := func(changes map[string]any) string {
+		return forge(hs256Header, payloadWith(t, ac, changes), testSecret)
+	}
+	parts := strings.Split(a.access, ".")
+	head, body, sig := parts[0], parts[1], parts[2]
+	bSig := strings.Split(b.access, ".")[2]
+
+	// The forging helper must make tokens the server accepts, or every
+	// refusal below would prove nothing.
+	t.Run("controls", func(t *testing.T) {
+		for name, token := range map[string]string{
+			"real token":                a.access,
+			"forged with the right key": signed(nil),
+			"header keys reordered":     forge(`{"typ":"JWT","alg":"HS256"}`, payloadWith(t, ac, nil), testSecret),
+			"header with spaces":        forge(`{ "alg": "HS256", "typ": "JWT" }`, payloadWith(t, ac, nil), testSecret),
+			"unknown payload claim":     signed(map[string]any{"scope": "admin"}),
+		} {
+			t.Run(name, func(t *testing.T) { wantMe(t, s, token, a) })
+		}
+	})
+
+	// layout writes claims in exactly the byte layout the server signs,
+	// which it reads without encoding/json; each argument is raw JSON.
+	num := func(key string) string { return ac[key].(json.Number).String() }
+	layout := func(tokenType, exp, iat, jti, userID, sid string) string {
+		return `{"token_type":` + tokenType + `,"exp":` + exp + `,"iat":` + iat + `,"jti":` + jti + `,"user_id":` + userID + `,"sid":` + sid + `}`
+	}
+	jti := `"` + ac["jti"].(string) + `"`
+	own := func(edit func(tt, exp, iat, jti, uid, sid *string)) string {
+		tt, exp, iat, j, uid, sid := `"access"`, num("exp"), num("iat"), jti, num("user_id"), num("sid")
+		if edit != nil {
+			edit(&tt, &exp, &iat, &j, &uid, &sid)
+		}
+		return forge(hs256Header, layout(tt, exp, iat, j, uid, sid), testSecret)
+	}
+	if raw, _ := base64.RawURLEncoding.DecodeString(body); string(raw) != layout(`"access"`, num("exp"), num("iat"), jti, num("user_id"), num("sid")) {
+		t.Fatalf("payload %s is not in the layout this test forges", raw)
+	}
+	t.Run("controls in the server's layout", func(t *testing.T) {
+		wantMe(t, s, own(nil), a)
+		wantMe(t, s, own(func(tt, _, _, _, _, _ *string) { *tt = `"acc\u0065ss"` }), a)
+		wantMe(t, s, own(func(_, _, _, _, _, sid *string) { *sid += `,"scope":"admin"` }), a)
+	})
+	layoutTests := []struct {
+		name, token string
+	}{
+		{"exp as a string", own(func(_, exp, _, _, _, _ *string) { *exp = `"` + *exp + `"` })},
+		{"exp as a float", own(func(_, exp, _, _, _, _ *string) { *exp += ".0" })},
+		{"exp with an exponent", own(func(_, exp, _, _, _, _ *string) { *exp = "1.9e9" })},
+		{"exp with a leading zero", own(func(_, exp, _, _, _, _ *string) { *exp = "0" + *exp })},
+		{"exp of 19 digits", own(func(_, exp, _, _, _, _ *string) { *exp = "9999999999999999999" })},
+		{"exp of 25 digits", own(func(_, exp, _, _, _, _ *string) { *exp = "9999999999999999999999999" })},
+		{"exp negative", own(func(_, exp, _, _, _, _ *string) { *exp = "-" + *exp })},
+		{"exp null", own(func(_, exp, _, _, _, _ *string) { *exp = "null" })},
+		{"exp past", own(func(_, exp, _, _, _, _ *string) { *exp = strconv.FormatInt(now-10, 10) })},
+		{"user_id as a string", own(func(_, _, _, _, uid, _ *string) { *uid = `"` + *uid + `"` })},
+		{"user_id of another user", own(func(_, _, _, _, uid, _ *string) { *uid = strconv.FormatInt(b.id, 10) })},
+		{"user_id zero", own(func(_, _, _, _, uid, _ *string) { *uid = "0" })},
+		{"user_id true", own(func(_, _, _, _, uid, _ *string) { *uid = "true" })},
+		{"sid of another user's login", own(func(_, _, _, _, _, sid *string) { *sid = bc["sid"].(json.Number).String() })},
+		{"sid null", own(func(_, _, _, _, _, sid *string) { *sid = "null" })},
+		{"sid an object", own(func(_, _, _, _, _, sid *string) { *sid = `{"id":1}` })},
+		{"user_id given twice", own(func(_, _, _, _, _, sid *string) { *sid += `,"user_id":` + strconv.FormatInt(b.id, 10) })},
+		{"sid given twice", own(func(_, _, _, _, _, sid *string) { *sid += `,"sid":` + bc["sid"].(json.Number).String() })},
+		{"token_type given twice", own(func(_, _, _, _, _, sid *string) { *sid += `,"token_type":"refresh"` })},
+		{"token_type refresh", own(func(tt, _, _, _, _, _ *string) { *tt = `"refresh"` })},
+		{"token_type with a NUL", own(func(tt, _, _, _, _, _ *string) { *tt = `"access\u0000"` })},
+		{"token_type accented", own(func(tt, _, _, _, _, _ *string) { *tt = `"accéss"` })},
+		{"token_type a number", own(func(tt, _, _, _, _, _ *string) { *tt = `1` })},
+		{"jti upper-case", own(func(_, _, _, j, _, _ *string) { *j = strings.ToUpper(*j) })},
+		{"jti short", own(func(_, _, _, j, _, _ *string) { *j = `"abc"` })},
+		{"jti escaped quote", own(func(_, _, _, j, _, _ *string) { *j = `"` + ac["jti"].(string)[:31] + `\""` })},
+		{"trailing data", own(func(_, _, _, _, _, sid *string) { *sid += "}x" })},
+		{"no closing brace", forge(hs256Header, strings.TrimSuffix(layout(`"access"`, num("exp"), num("iat"), jti, num("user_id"), num("sid")), "}"), testSecret)},
+	}
+	for _, tc := range layoutTests {
+		t.Run("server's layout, "+tc.name, func(t *testing.T) {
+			wantUnauthorized(t, me(t, s, tc.token), invalidAccessBody)
+		})
+	}
+
+	padded := base64.URLEncoding.EncodeToString([]byte(payloadWith(t, ac, map[string]any{"x": "y"})))
+	if !strings.HasSuffix(padded, "=") {
+		padded = base64.URLEncoding.EncodeToString([]byte(payloadWith(t, ac, map[string]any{"x": "yz"})))
+	}
+	rsaPublicKey := "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAu1SU1LfVLPHCozMxH2Mo\n-----END PUBLIC KEY-----\n"
+	tests := []struct {
+		name, token string
+	}{
+		{"alg none, empty signature", seg(`{"alg":"none","typ":"JWT"}`) + "." + body + "."},
+		{"alg None, empty signature", seg(`{"alg":"None","typ":"JWT"}`) + "." + body + "."},
+		{"alg NONE, empty signature", seg(`{"alg":"NONE","typ":"JWT"}`) + "." + body + "."},
+		{"alg none, real signature", forge(`{"alg":"none","typ":"JWT"}`, payloadWith(t, ac, nil), testSecret)},
+		{"alg None, real signature", forge(`{"alg":"None","typ":"JWT"}`, payloadWith(t, ac, nil), testSecret)},
+		{"alg NONE, real signature", forge(`{"alg":"NONE","typ":"JWT"}`, payloadWith(t, ac, nil), testSecret)},
+		{"alg none, the original signature", seg(`{"alg":"none","typ":"JWT"}`) + "." + body + "." + sig},
+		{"alg none, no signature segment", seg(`{"alg":"none","typ":"JWT"}`) + "." + body},
+		{"HS512 header and signature", signSegments(sha512.New, seg(`{"alg":"HS512","typ":"JWT"}`), body, testSecret)},
+		{"HS512 header, HS256 signature", forge(`{"alg":"HS512","typ":"JWT"}`, payloadWith(t, ac, nil), testSecret)},
+		{"RS256 header, HMAC under the secret", forge(`{"alg":"RS256","typ":"JWT"}`, payloadWith(t, ac, nil), testSecret)},
+		{"RS256 header, HMAC under a public key", forge(`{"alg":"RS256","typ":"JWT"}`, payloadWith(t, ac, nil), rsaPublicKey)},
+		{"extra header field kid", forge(`{"alg":"HS256","typ":"JWT","kid":"1"}`, payloadWith(t, ac, nil), testSecret)},
+		{"extra header field jku", forge(`{"alg":"HS256","typ":"JWT","jku":"https://evil.example/keys"}`, payloadWith(t, ac, nil), testSecret)},
+		{"missing typ", forge(`{"alg":"HS256"}`, payloadWith(t, ac, nil), testSecret)},
+		{"typ lower case", forge(`{"alg":"HS256","typ":"jwt"}`, payloadWith(t, ac, nil), testSecret)},
+		{"alg lower case", forge(`{"alg":"hs256","typ":"JWT"}`, payloadWith(t, ac, nil), testSecret)},
+		{"header not JSON", forge(`alg=HS256`, payloadWith(t, ac, nil), testSecret)},
+		{"empty header", forge(`{}`, payloadWith(t, ac, nil), testSecret)},
+		{"wrong key", forge(hs256Header, payloadWith(t, ac, nil), otherKey)},
+		{"empty key", forge(hs256Header, payloadWith(t, ac, nil), "")},
+		{"tampered user_id, old signature", head + "." + seg(payloadWith(t, ac, map[string]any{"user_id": b.id})) + "." + sig},
+		{"tampered exp, old signature", head + "." + seg(payloadWith(t, ac, map[string]any{"exp": now + 86400*365})) + "." + sig},
+		{"another token's signature", head + "." + body + "." + bSig},
+		{"signature truncated", head + "." + body + "." + sig[:len(sig)-1]},
+		{"signature extended", head + "." + body + "." + sig + "A"},
+		{"expired", signed(map[string]any{"exp": now - 1})},
+		{"expiring this second", signed(map[string]any{"exp": now})},
+		{"refresh token used as access", a.refresh},
+		{"token_type refresh, signed", signed(map[string]any{"token_type": "refresh"})},
+		{"token_type missing", signed(map[string]any{"token_type": absent{}})},
+		{"token_type Access", signed(map[string]any{"token_type": "Access"})},
+		{"two segments", head + "." + body},
+		{"four segments", a.access + "." + sig},
+		{"empty segments", ".."},
+		{"one word", "garbage"},
+		{"non-base64 character in signature", head + "." + body + ".!" + sig[1:]},
+		{"non-base64 character in payload, signed", signSegments(sha256.New, head, "eyJ!"+body[4:], testSecret)},
+		{"padded base64 payload, signed", signSegments(sha256.New, head, padded, testSecret)},
+		{"payload not JSON, signed", forge(hs256Header, "not json", testSecret)},
+		{"payload a JSON array, signed", forge(hs256Header, "[]", testSecret)},
+		{"payload with trailing data, signed", forge(hs256Header, payloadWith(t, ac, nil)+"{}", testSecret)},
+		{"exp as a string", signed(map[string]any{"exp": strconv.FormatInt(now+600, 10)})},
+		{"exp as a float", signed(map[string]any{"exp": float64(now+600) + 0.5})},
+		{"exp missing", signed(map[string]any{"exp": absent{}})},
+		{"exp null", signed(map[string]any{"exp": nil})},
+		{"iat as a string", signed(map[string]any{"iat": strconv.FormatInt(now, 10)})},
+		{"user_id as a string", signed(map[string]any{"user_id": strconv.FormatInt(a.id, 10)})},
+		{"user_id missing", signed(map[string]any{"user_id": absent{}})},
+		{"user_id zero", signed(map[string]any{"user_id": 0})},
+		{"user_id negative", signed(map[string]any{"user_id": -a.id})},
+		{"user_id of another user", signed(map[string]any{"user_id": b.id})},
+		{"jti missing", signed(map[string]any{"jti": absent{}})},
+		{"jti upper-case hex", signed(map[string]any{"jti": strings.ToUpper(ac["jti"].(string))})},
+		{"jti as a number", signed(map[string]any{"jti": 12345})},
+		{"sid missing, as the original service's tokens", signed(map[string]any{"sid": absent{}})},
+		{"sid as a string", signed(map[string]any{"sid": fmt.Sprint(ac["sid"])})},
+		{"sid of another user's login", signed(map[string]any{"sid": bc["sid"]})},
+		{"sid of no login", signed(map[string]any{"sid": int64(1) << 50})},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			wantUnauthorized(t, me(t, s, tc.token), invalidAccessBody)
+		})
+	}
+	// After every attack, both users' real tokens still work.
+	wantMe(t, s, a.access, a)
+	wantMe(t, s, b.access, b)
+}
+
+func TestTokenLengthCap(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	ac := tokenClaims(t, a.access)
+	// padTo returns the shortest valid token of at least n bytes.
+	padTo := func(n int) string {
+		withPad := func(pad int) string {
+			return forge(hs256Header, payloadWith(t, ac, map[string]any{"pad": strings.Repeat("x", pad)}), testSecret)
+		}
+		// Base64 makes 4 bytes of 3: start a little short and step up.
+		pad := max(0, (n-len(withPad(0)))*3/4-8)
+		for len(withPad(pad)) < n {
+			pad++
+		}
+		return withPad(pad)
+	}
+	t.Run("4096 bytes", func(t *testing.T) {
+		tok := padTo(maxTokenLen)
+		if len(tok) != 4096 {
+			t.Fatalf("token of %d bytes, want 4096", len(tok))
+		}
+		wantMe(t, s, tok, a)
+	})
+	for _, n := range []int{4097, 5000, 60000} {
+		t.Run(fmt.Sprintf("%d bytes", n), func(t *testing.T) {
+			tok := padTo(n)
+			if len(tok) != n {
+				t.Fatalf("token of %d bytes, want %d", len(tok), n)
+			}
+			wantUnauthorized(t, me(t, s, tok), invalidAccessBody)
+		})
+	}
+}
+
+func TestTokenDeletedUser(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	forged := forge(hs256Header, payloadWith(t, tokenClaims(t, a.access), nil), testSecret)
+	wantMe(t, s, a.access, a)
+	if _, err := testDB.ExecContext(t.Context(), `DELETE FROM users WHERE id = $1`, a.id); err != nil {
+		t.Fatalf("delete user: %v", err)
+	}
+	t.Run("access token", func(t *testing.T) { wantUnauthorized(t, me(t, s, a.access), invalidAccessBody) })
+	t.Run("validly signed token", func(t *testing.T) { wantUnauthorized(t, me(t, s, forged), invalidAccessBody) })
+	t.Run("refresh", func(t *testing.T) { wantUnauthorized(t, refresh(t, s, a.refresh), refreshInvalidBody) })
+	t.Run("login", func(t *testing.T) { wantUnauthorized(t, login(t, s, a.username, a.password), badCredentialsBody) })
+}
+
+func TestAuthHeaderVariants(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	tests := []struct {
+		name, header string
+		wantStatus   int
+		wantBody     string
+	}{
+		{"no header", "", http.StatusUnauthorized, noCredentialsBody},
+		{"only spaces", "   ", http.StatusUnauthorized, noCredentialsBody},
+		{"lower-case bearer", "bearer " + a.access, http.StatusUnauthorized, noCredentialsBody},
+		{"upper-case BEARER", "BEARER " + a.access, http.StatusUnauthorized, noCredentialsBody},
+		{"Basic x", "Basic x", http.StatusUnauthorized, noCredentialsBody},
+		{"Basic credentials", "Basic " + base64.StdEncoding.EncodeToString([]byte(a.username+":"+a.password)), http.StatusUnauthorized, noCredentialsBody},
+		{"JWT scheme", "JWT " + a.access, http.StatusUnauthorized, noCredentialsBody},
+		{"token without scheme", a.access, http.StatusUnauthorized, noCredentialsBody},
+		{"Bearer alone", "Bearer", http.StatusUnauthorized, badAuthHeaderBody},
+		{"Bearer and a space", "Bearer ", http.StatusUnauthorized, badAuthHeaderBody},
+		{"Bearer a b", "Bearer a b", http.StatusUnauthorized, badAuthHeaderBody},
+		{"Bearer token and more", "Bearer " + a.access + " " + a.access, http.StatusUnauthorized, badAuthHeaderBody},
+		{"Bearer garbage", "Bearer garbage", http.StatusUnauthorized, invalidAccessBody},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: "/api/auth/me/", header: map[string]string{"Authorization": tc.header}})
+			wantUnauthorized(t, res, tc.wantBody)
+		})
+	}
+	t.Run("Bearer and the token", func(t *testing.T) {
+		res := do(t, s, req{method: "GET", path: "/api/auth/me/", header: map[string]string{"Authorization": "Bearer " + a.access}})
+		wantJSON(t, res, http.StatusOK, mustJSON(t, user{ID: a.id, Username: a.username, Email: a.email, Name: "Test User"}))
+	})
+}
+
+func TestAuthPublicEndpointsIgnoreAuthorization(t *testing.T) {
+	s := newTestServer(t, nil)
+	victim := register(t, s)
+	expired := forge(hs256Header, payloadWith(t, tokenClaims(t, victim.access), map[string]any{"exp": time.Now().Unix() - 3600}), testSecret)
+	for name, header := range map[string]string{
+		"garbage token":   "Bearer garbage",
+		"expired token":   "Bearer " + expired,
+		"three values":    "Bearer a b",
+		"Bearer alone":    "Bearer",
+		"another scheme":  "Basic x",
+		"refresh as auth": "Bearer " + victim.refresh,
+	} {
+		t.Run(name, func(t *testing.T) {
+			h := map[string]string{"Authorization": header}
+			username, password := uniqueName("pub"), "Quiet-Harbor-Lantern-9"
+			res := do(t, s, req{method: "POST", path: "/api/auth/register/", header: h, body: map[string]string{
+				"username": username, "email": username + "@example.com", "name": "Pub User", "password": password,
+			}})
+			if res.status != http.StatusCreated {
+				t.Fatalf("register: status %d; body %s", res.status, res.body)
+			}
+			res = do(t, s, req{method: "POST", path: "/api/auth/login/", header: h, body: map[string]string{"username": username, "password": password}})
+			pair := pairOf(t, res)
+			res = do(t, s, req{method: "POST", path: "/api/auth/token/refresh/", header: h, body: map[string]string{"refresh": pair.Refresh}})
+			pair = pairOf(t, res)
+			res = do(t, s, req{method: "POST", path: "/api/auth/logout/", header: h, body: map[string]string{"refresh": pair.Refresh}})
+			if res.status != http.StatusNoContent || len(res.body) != 0 {
+				t.Fatalf("logout: status %d, body %q; want 204 and no body", res.status, res.body)
+			}
+		})
+	}
+}
+
+func TestAuthMe(t *testing.T) {
+	s := newTestServer(t, nil)
+	username := uniqueName("Me_User.")
+	res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: map[string]string{
+		"username": username, "email": " " + strings.ToUpper(username) + "@Example.ORG ", "name": "  <em>Ada</em> Lovelace ",
+		"password": "Analytical-Engine-1843", "password_confirm": "Analytical-Engine-1843",
+	}})
+	if res.status != http.StatusCreated {
+		t.Fatalf("register: status %d; body %s", res.status, res.body)
+	}
+	out := res.object(t)
+	u, _ := out["user"].(map[string]any)
+	id, _ := u["id"].(float64)
+	want := user{ID: int64(id), Username: username, Email: strings.ToLower(username) + "@example.org", Name: "Ada Lovelace"}
+	if !jsonEqual(u, mustDecode(t, []byte(mustJSON(t, want)))) || len(out) != 2 {
+		t.Fatalf("register body %s, want user %s and tokens", res.body, mustJSON(t, want))
+	}
+	tokens, _ := out["tokens"].(map[string]any)
+	access, _ := tokens["access"].(string)
+	if len(tokens) != 2 || access == "" || tokens["refresh"] == "" {
+		t.Fatalf("tokens %v, want refresh and access", tokens)
+	}
+	wantJSON(t, me(t, s, access), http.StatusOK, mustJSON(t, want))
+
+	other := register(t, s)
+	wantJSON(t, me(t, s, other.access), http.StatusOK,
+		mustJSON(t, user{ID: other.id, Username: other.username, Email: other.email, Name: "Test User"}))
+}
+
+// registerBody is a valid registration with unique names, with changes
+// applied (an absent{} value removes the field).
+func registerBody(changes map[string]any) map[string]any {
+	n := uniqueName("reg")
+	b := map[string]any{
+		"username": n, "email": n + "@example.com", "name": "Reg User",
+		"password": "Velvet-Orchard-Compass-31", "password_confirm": "Velvet-Orchard-Compass-31",
+	}
+	for k, v := range changes {
+		if _, drop := v.(absent); drop {
+			delete(b, k)
+			continue
+		}
+		b[k] = v
+	}
+	return b
+}
+
+func TestRegisterValidation(t *testing.T) {
+	s := newTestServer(t, nil)
+	const (
+		required      = "This field is required."
+		blank         = "This field may not be blank."
+		badUsername   = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
+		badEmail      = "Enter a valid email address."
+		tooShort      = "This password is too short. It must contain at least 8 characters."
+		numeric       = "This password is entirely numeric."
+		common        = "This password is too common."
+		similarToUser = "The password is too similar to the username."
+		similarToMail = "The password is too similar to the email address."
+		similarToName = "The password is too similar to the name."
+	)
+	fe := func(field string, msgs ...string) string {
+		return mustJSON(t, map[string][]string{field: msgs})
+	}
+	// For the password cases: names that no password below resembles.
+	pw := func(password, username, email, name string) map[string]any {
+		return map[string]any{"username": username, "email": email, "name": name, "password": password, "password_confirm": password}
+	}
+	long254 := strings.Repeat("a", 64) + "@" + strings.Repeat("b", 60) + "." + strings.Repeat("c", 60) + "." + strings.Repeat("d", 60) + ".com"
+	long254 = long254[:len(long254)-4] + strings.Repeat("e", 254-len(long254)) + ".com"
+	if len(long254) != 254 {
+		t.Fatalf("test email has %d characters", len(long254))
+	}
+	tests := []struct {
+		name     string
+		body     any
+		wantBody string
+	}{
+		{"empty body", "", `{"username": ["` + required + `"], "email": ["` + required + `"], "name": ["` + required + `"], "password": ["` + required + `"]}`},
+		{"empty object", map[string]any{}, `{"username": ["` + required + `"], "email": ["` + required + `"], "name": ["` + required + `"], "password": ["` + required + `"]}`},
+		{"blank fields", map[string]any{"username": "", "email": "", "name": "", "password": "", "password_confirm": ""},
+			`{"username": ["` + blank + `"], "email": ["` + blank + `"], "name": ["` + blank + `"], "password": ["` + blank + `"]}`},
+		{"whitespace fields", map[string]any{"username": "  ", "email": " ", "name": "\t", "password": "Velvet-Orchard-Compass-31"},
+			`{"username": ["` + blank + `"], "email": ["` + blank + `"], "name": ["` + blank + `"]}`},
+		{"username missing", registerBody(map[string]any{"username": absent{}}), fe("username", required)},
+		{"username null", registerBody(map[string]any{"username": nil}), fe("username", "This field may not be null.")},
+		{"username a number", registerBody(map[string]any{"username": 42}), fe("username", "Not a valid string.")},
+		{"username 151 characters", registerBody(map[string]any{"username": strings.Repeat("u", 151)}), fe("username", "Ensure this field has no more than 150 characters.")},
+		{"username SQL injection", registerBody(map[string]any{"username": "admin'; DROP TABLE auth_user; --"}), fe("username", badUsername)},
+		{"username with a space", registerBody(map[string]any{"username": "john smith"}), fe("username", badUsername)},
+		{"username with a slash", registerBody(map[string]any{"username": "a/b"}), fe("username", badUsername)},
+		{"username with a tag", registerBody(map[string]any{"username": "<b>bob</b>"}), fe("username", badUsername)},
+		{"username with an emoji", registerBody(map[string]any{"username": "bob😀"}), fe("username", badUsername)},
+		{"username with a newline", registerBody(map[string]any{"username": "bob\nalice"}), fe("username", badUsername)},
+		{"username with NUL", registerBody(map[string]any{"username": "bob\x00"}), fe("username", "Null characters are not allowed.")},
+		{"email missing", registerBody(map[string]any{"email": absent{}}), fe("email", required)},
+		{"email without @", registerBody(map[string]any{"email": "not-an-email"}), fe("email", badEmail)},
+		{"email with two @", registerBody(map[string]any{"email": "a@@example.com"}), fe("email", badEmail)},
+		{"email without a dot in the domain", registerBody(map[string]any{"email": "a@example"}), fe("email", badEmail)},
+		{"email with a space", registerBody(map[string]any{"email": "a b@example.com"}), fe("email", badEmail)},
+		{"email with SQL", registerBody(map[string]any{"email": "x'--@example.com' OR 1=1"}), fe("email", badEmail)},
+		{"email 255 characters", registerBody(map[string]any{"email": "a" + long254}), fe("email", "Ensure this field has no more than 254 characters.")},
+		{"name missing", registerBody(map[string]any{"name": absent{}}), fe("name", required)},
+		{"name only tags", registerBody(map[string]any{"name": "<script></script>"}), fe("name", blank)},
+		{"name 151 characters", registerBody(map[string]any{"name": strings.Repeat("n", 151)}), fe("name", "Ensure this field has no more than 150 characters.")},
+		{"name 151 characters after stripping", registerBody(map[string]any{"name": "<b>" + strings.Repeat("é", 151) + "</b>"}), fe("name", "Ensure this field has no more than 150 characters.")},
+		{"password missing", registerBody(map[string]any{"password": absent{}, "password_confirm": absent{}}), fe("password", required)},
+		{"password only spaces", registerBody(map[string]any{"password": "          ", "password_confirm": absent{}}), fe("password", blank)},
+		{"password a number", registerBody(map[string]any{"password": 12345678, "password_confirm": absent{}}), fe("password", "Not a valid string.")},
+		{"password too short", pw("Xq7!kd", "pwcheck_s", "pwcheck@example.org", "Pat Doe"), fe("password", tooShort)},
+		{"password 7 characters of 2 bytes", pw("ééééééé", "pwcheck_s", "pwcheck@example.org", "Pat Doe"), fe("password", tooShort)},
+		{"password entirely numeric", pw("4081957362", "pwcheck_d", "pwcheck@example.org", "Pat Doe"), fe("password", numeric)},
+		{"password too common", pw("password123", "pwcheck_c", "pwcheck@example.org", "Pat Doe"), fe("password", common)},
+		{"password too common, other case", pw("PassWord", "pwcheck_c", "pwcheck@example.org", "Pat Doe"), fe("password", common)},
+		{"password common and numeric", pw("12345678", "pwcheck_c", "pwcheck@example.org", "Pat Doe"), fe("password", common, numeric)},
+		{"password short, common and numeric", pw("1234", "pwcheck_c", "pwcheck@example.org", "Pat Doe"), fe("password", tooShort, common, numeric)},
+		{"password too similar to the username", pw("JohnathanSmith7", "JohnathanSmith", "pwcheck@example.org", "Pat Doe"), fe("password", similarToUser)},
+		{"password too similar to the username, other case", pw("JOHNATHANSMITH7", "johnathansmith", "pwcheck@example.org", "Pat Doe"), fe("password", similarToUser)},
+		{"password too similar to the email address", pw("MargaretWilson!", "pwcheck_e", "margaretwilson@example.org", "Pat Doe"), fe("password", similarToMail)},
+		{"password too similar to the whole email address", pw("ExampleOrg", "pwcheck_p", "pwcheck@example.org", "Pat Doe"), fe("password", similarToMail)},
+		{"password too similar to the name", pw("Kingsley-Bartholomew", "pwcheck_n", "pwcheck@example.org", "Bartholomew Kingsley"), fe("password", similarToName)},
+		{"password 1025 characters", registerBody(map[string]any{"password": strings.Repeat("Zq-", 341) + "Zq", "password_confirm": absent{}}),
+			fe("password", "Ensure this field has no more than 1024 characters.")},
+		{"password_confirm mismatch", registerBody(map[string]any{"password_confirm": "Velvet-Orchard-Compass-32"}), fe("password_confirm", "Passwords don't match.")},
+		{"password_confirm differs in case", registerBody(map[string]any{"password_confirm": "velvet-orchard-compass-31"}), fe("password_confirm", "Passwords don't match.")},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			wantJSON(t, do(t, s, req{method: "POST", path: "/api/auth/register/", body: tc.body}), http.StatusBadRequest, tc.wantBody)
+		})
+	}
+	var n int
+	if err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM users WHERE username LIKE 'admin%' OR username LIKE 'pwcheck%'`).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("refused registrations stored %d users (err %v)", n, err)
+	}
+}
+
+func TestRegisterAccepts(t *testing.T) {
+	s := newTestServer(t, nil)
+	long150 := uniqueName("U")
+	long150 += strings.Repeat("x", 150-len(long150))
+	email254 := uniqueName("m")
+	email254 += strings.Repeat("a", 64-len(email254)) + "@" + strings.Repeat("b", 63) + "." + strings.Repeat("c", 63) + "." + strings.Repeat("d", 57) + ".com"
+	if len(email254) != 254 {
+		t.Fatalf("test email has %d characters", len(email254))
+	}
+	tests := []struct {
+		name              string
+		changes           map[string]any
+		wantName, wantKey string // wantKey: the field whose stored value is checked
+		want              string
+	}{
+		{name: "username 150 characters", changes: map[string]any{"username": long150}, wantKey: "username", want: long150},
+		{name: "unicode username", changes: map[string]any{"username": uniqueName("Zoë_Ärger.名前+x-@")}, wantKey: "username"},
+		{name: "username trimmed", changes: map[string]any{"username": " " + uniqueName("trim") + " "}, wantKey: "username"},
+		{name: "email 254 characters", changes: map[string]any{"email": email254}, wantKey: "email", want: email254},
+		{name: "email lower-cased", changes: map[string]any{"email": "Mixed." + uniqueName("Case") + "@Example.COM"}, wantKey: "email"},
+		{name: "name tags stripped", changes: map[string]any{"name": "<b>Doe</b>"}, wantKey: "name", want: "Doe"},
+		{name: "name script stripped", changes: map[string]any{"name": `<script>alert(1)</script><img src=x onerror="alert(2)">Ann`}, wantKey: "name", want: "alert(1)Ann"},
+		{name: "name not a tag kept", changes: map[string]any{"name": "  Tom <3 Jerry  "}, wantKey: "name", want: "Tom <3 Jerry"},
+		{name: "name 150 characters", changes: map[string]any{"name": strings.Repeat("ñ", 150)}, wantKey: "name", want: strings.Repeat("ñ", 150)},
+		{name: "password_confirm omitted", changes: map[string]any{"password_confirm": absent{}}},
+		{name: "password 8 characters", changes: map[string]any{"password": "Gq8#vLm2", "password_confirm": "Gq8#vLm2"}},
+		{name: "password 1024 characters", changes: map[string]any{"password": strings.Repeat("Zq-", 341) + "Z", "password_confirm": absent{}}},
+		{name: "password 1024 two-byte characters", changes: map[string]any{"password": strings.Repeat("é", 1024), "password_confirm": absent{}}},
+		{name: "password with spaces inside", changes: map[string]any{"password": "lantern in the fog", "password_confirm": "lantern in the fog"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			body := registerBody(tc.changes)
+			res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: body})
+			if res.status != http.StatusCreated {
+				t.Fatalf("status %d, want 201; body %s", res.status, res.body)
+			}
+			u, _ := res.object(t)["user"].(map[string]any)
+			want := map[string]any{
+				"username": strings.TrimSpace(body["username"].(string)),
+				"email":    strings.ToLower(body["email"].(string)),
+				"name":     body["name"],
+			}
+			if tc.want != "" {
+				want[tc.wantKey] = tc.want
+			}
+			for k, v := range want {
+				if u[k] != v {
+					t.Errorf("%s = %q, want %q", k, u[k], v)
+				}
+			}
+			if id, _ := u["id"].(float64); id <= 0 || len(u) != 4 {
+				t.Errorf("user %v, want id, username, email, name", u)
+			}
+			loginPair(t, s, want["email"].(string), body["password"].(string))
+			loginPair(t, s, want["username"].(string), body["password"].(string))
+		})
+	}
+}
+
+func TestRegisterUniqueness(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	carol := uniqueName("carol.") + "@example.net" // a username that looks like an email
+	res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: registerBody(map[string]any{"username": carol})})
+	if res.status != http.StatusCreated {
+		t.Fatalf("register %s: status %d; body %s", carol, res.status, res.body)
+	}
+	const (
+		userTaken  = `{"username": ["A user with that username already exists."]}`
+		emailTaken = `{"email": ["A user with that email already exists."]}`
+		bothTaken  = `{"username": ["A user with that username already exists."], "email": ["A user with that email already exists."]}`
+	)
+	tests := []struct {
+		name     string
+		changes  map[string]any
+		wantBody string
+	}{
+		{"same username", map[string]any{"username": a.username}, userTaken},
+		{"username in upper case", map[string]any{"username": strings.ToUpper(a.username)}, userTaken},
+		{"same email", map[string]any{"email": a.email}, emailTaken},
+		{"email in upper case", map[string]any{"email": strings.ToUpper(a.email)}, emailTaken},
+		{"both", map[string]any{"username": strings.ToUpper(a.username), "email": a.email}, bothTaken},
+		{"username equal to another account's email", map[string]any{"username": a.email}, userTaken},
+		{"username equal to another account's email, other case", map[string]any{"username": strings.ToUpper(a.email)}, userTaken},
+		{"email equal to another account's username", map[string]any{"email": carol}, emailTaken},
+		{"email equal to another account's username, other case", map[string]any{"email": strings.ToUpper(carol)}, emailTaken},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: registerBody(tc.changes)})
+			wantJSON(t, res, http.StatusBadRequest, tc.wantBody)
+		})
+	}
+	t.Run("own username as email", func(t *testing.T) {
+		n := uniqueName("self") + "@example.com"
+		res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: registerBody(map[string]any{"username": n, "email": n})})
+		if res.status != http.StatusCreated {
+			t.Fatalf("status %d, want 201; body %s", res.status, res.body)
+		}
+		loginPair(t, s, strings.ToUpper(n), "Velvet-Orchard-Compass-31")
+	})
+	// Every login name still means the account that first had it.
+	wantMe(t, s, loginPair(t, s, strings.ToUpper(a.email), a.password).Access, a)
+	wantMe(t, s, loginPair(t, s, strings.ToUpper(a.username), a.password).Access, a)
+}
+
+func TestRegisterRace(t *testing.T) {
+	s := newTestServer(t, nil)
+	for _, n := range []int{2, 8} {
+		t.Run(fmt.Sprintf("%d at once", n), func(t *testing.T) {
+			body := mustJSON(t, registerBody(nil))
+			results := make([]response, n)
+			start := make(chan struct{})
+			var wg sync.WaitGroup
+			for i := range n {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					<-start
+					results[i] = do(t, s, req{method: "POST", path: "/api/auth/register/", body: body})
+				}()
+			}
+			close(start)
+			wg.Wait()
+			created := 0
+			for _, res := range results {
+				if res.status == http.StatusCreated {
+					created++
+					continue
+				}
+				// A loser hears about the username, and about the email when
+				// it looked after the winner committed; never a 500.
+				if res.status != http.StatusBadRequest {
+					t.Fatalf("status %d, want 201 or 400; body %s", res.status, res.body)
+				}
+				got := res.object(t)
+				if !jsonEqual(got["username"], []any{"A user with that username already exists."}) {
+					t.Fatalf("body %s, want the username taken", res.body)
+				}
+				for k, v := range got {
+					if k != "username" && (k != "email" || !jsonEqual(v, []any{"A user with that email already exists."})) {
+						t.Fatalf("body %s: unexpected %s", res.body, k)
+					}
+				}
+			}
+			if created != 1 {
+				t.Fatalf("%d registrations created, want exactly 1", created)
+			}
+			var users int
+			var b map[string]any
+			json.Unmarshal([]byte(body), &b)
+			if err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM users WHERE username = $1`, b["username"]).Scan(&users); err != nil || users != 1 {
+				t.Fatalf("%d users stored (err %v), want 1", users, err)
+			}
+		})
+	}
+}
+
+func TestLogin(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	if res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: registerBody(nil)}); res.status != http.StatusCreated {
+		t.Fatalf("register: status %d; body %s", res.status, res.body)
+	}
+	if a.password == "Velvet-Orchard-Compass-31" {
+		t.Fatalf("test accounts share a password")
+	}
+	registeredSID := tokenClaims(t, a.access)["sid"]
+	t.Run("accepted", func(t *testing.T) {
+		for _, tc := range []struct{ name, username string }{
+			{"username", a.username},
+			{"username in upper case", strings.ToUpper(a.username)},
+			{"username with surrounding spaces", "  " + a.username + " "},
+			{"email", a.email},
+			{"email in upper case", strings.ToUpper(a.email)},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				runs := s.passwords.runs.Load()
+				pair := loginPair(t, s, tc.username, a.password)
+				if got := s.passwords.runs.Load() - runs; got != 1 {
+					t.Errorf("%d password hashes for a login, want 1", got)
+				}
+				wantMe(t, s, pair.Access, a)
+				if sid := tokenClaims(t, pair.Access)["sid"]; sid == registeredSID || sid != tokenClaims(t, pair.Refresh)["sid"] {
+					t.Errorf("sid %v: want a new login shared by the pair", sid)
+				}
+			})
+		}
+	})
+	t.Run("refused", func(t *testing.T) {
+		for _, tc := range []struct{ name, username, password string }{
+			{"wrong password", a.username, a.password + "x"},
+			{"password in other case", a.username, strings.ToUpper(a.password)},
+			{"password prefix", a.username, a.password[:len(a.password)-1]},
+			{"password with a trailing space", a.username, a.password + " "},
+			{"another user's password", a.username, "Velvet-Orchard-Compass-31"},
+			{"unknown user", uniqueName("nobody"), a.password},
+			{"unknown email", uniqueName("nobody") + "@example.com", a.password},
+			{"SQL injection as username", "' OR '1'='1", "' OR '1'='1"},
+			{"dummy hash's password for an unknown user", uniqueName("nobody"), "dummy password"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				runs := s.passwords.runs.Load()
+				wantUnauthorized(t, login(t, s, tc.username, tc.password), badCredentialsBody)
+				// The same work whether or not the account exists: exactly one
+				// full hash, the dummy one for an unknown user.
+				if got := s.passwords.runs.Load() - runs; got != 1 {
+					t.Fatalf("%d password hashes, want exactly 1", got)
+				}
+			})
+		}
+	})
+	t.Run("invalid", func(t *testing.T) {
+		for _, tc := range []struct {
+			name     string
+			body     any
+			wantBody string
+		}{
+			{"empty body", nil, `{"username": ["This field is required."], "password": ["This field is required."]}`},
+			{"password missing", map[string]any{"username": a.username}, `{"password": ["This field is required."]}`},
+			{"blank", map[string]any{"username": "", "password": ""}, `{"username": ["This field may not be blank."], "password": ["This field may not be blank."]}`},
+			{"password a number", map[string]any{"username": a.username, "password": 1}, `{"password": ["Not a valid string."]}`},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				runs := s.passwords.runs.Load()
+				wantJSON(t, do(t, s, req{method: "POST", path: "/api/auth/login/", body: tc.body}), http.StatusBadRequest, tc.wantBody)
+				if got := s.passwords.runs.Load() - runs; got != 0 {
+					t.Fatalf("%d password hashes for an invalid body, want 0", got)
+				}
+			})
+		}
+	})
+}
+
+// Django-format hashes computed outside this code base, with Python's
+// hashlib, as Django's PBKDF2PasswordHasher does:
+//
+//	python3 -c "import hashlib,base64; print(base64.b64encode(hashlib.pbkdf2_hmac('sha256', b'correct horse battery staple', b'hV3kQp9ZsL2mWx7RtY4bNc', 600000, 32)).decode())"
+//	→ QX1YEO/cXCkesaI8ZLOEjrXpul6CHkkxakzFUJJl020=
+//	python3 -c "import hashlib,base64; print(base64.b64encode(hashlib.pbkdf2_hmac('sha256', 'pässwörd-ünïcode-42'.encode(), b'Uc7rTe2WqY9pLo3KjH5gFd', 600000, 32)).decode())"
+//	→ qXIj5kPO0Ugfv4u7QzsVazXMsWeQMzhA0hSUgtXPZZQ=
+//	python3 -c "import hashlib,base64; print(base64.b64encode(hashlib.pbkdf2_hmac('sha256', b'Tr0ub4dor&3-legacy', b'Lg5tNb8QaZ1xCv6MkP0dRw', 260000, 32)).decode())"
+//	→ HjhA7GRVMsfRfWWk00Kp+ZtdzD6akDvOCwBgCV5MrcE=
+//
+// 600,000 is Django 5's iteration count; 260,000 Django 3.2's.
+const (
+	djangoPassword    = "correct horse battery staple"
+	djangoHash600k    = "pbkdf2_sha256$600000$hV3kQp9ZsL2mWx7RtY4bNc$QX1YEO/cXCkesaI8ZLOEjrXpul6CHkkxakzFUJJl020="
+	djangoUnicodePass = "pässwörd-ünïcode-42"
+	djangoUnicode600k = "pbkdf2_sha256$600000$Uc7rTe2WqY9pLo3KjH5gFd$qXIj5kPO0Ugfv4u7QzsVazXMsWeQMzhA0hSUgtXPZZQ="
+	djangoLegacyPass  = "Tr0ub4dor&3-legacy"
+	djangoLegacy260k  = "pbkdf2_sha256$260000$Lg5tNb8QaZ1xCv6MkP0dRw$HjhA7GRVMsfRfWWk00Kp+ZtdzD6akDvOCwBgCV5MrcE="
+)
+
+func TestPasswordDjangoHashes(t *testing.T) {
+	s := newTestServer(t, nil, slowHashes)
+	for _, tc := range []struct {
+		name, password, hash, wrong string
+	}{
+		{"600,000 iterations", djangoPassword, djangoHash600k, "correct horse battery stapl"},
+		{"unicode password", djangoUnicodePass, djangoUnicode600k, ""},
+		{"260,000 iterations", djangoLegacyPass, djangoLegacy260k, "tr0ub4dor&3-legacy"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			name := uniqueName("django")
+			id := insertUser(t, name, name+"@example.com", tc.hash)
+			a := account{id: id}
+			wantMe(t, s, loginPair(t, s, name, tc.password).Access, a)
+			// More iterations than the server's own: verified at the hash's
+			// count and kept, never re-hashed downwards.
+			if got := storedHash(t, id); got != tc.hash {
+				t.Fatalf("stored hash changed to %q", got)
+			}
+			if tc.wrong != "" {
+				wantUnauthorized(t, login(t, s, name, tc.wrong), badCredentialsBody)
+			}
+		})
+	}
+}
+
+func TestPasswordRealIterations(t *testing.T) {
+	s := newTestServer(t, nil, slowHashes, func(c *config) { c.passwordIterations = minIterations })
+	a := register(t, s)
+	stored := storedHash(t, a.id)
+	if n := hashIterations(t, stored); n != 600_000 {
+		t.Fatalf("stored hash %q has %d iterations, want 600000", stored, n)
+	}
+	if salt := strings.Split(stored, "$")[2]; len(salt) != 22 || strings.Trim(salt, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") != "" {
+		t.Fatalf("salt %q, want 22 characters of Django's alphabet", salt)
+	}
+	wantMe(t, s, loginPair(t, s, a.username, a.password).Access, a)
+
+	t.Run("Django 3.2 hash upgraded", func(t *testing.T) {
+		name := uniqueName("legacy")
+		id := insertUser(t, name, name+"@example.com", djangoLegacy260k)
+		wantMe(t, s, loginPair(t, s, name, djangoLegacyPass).Access, account{id: id})
+		upgraded := storedHash(t, id)
+		if n := hashIterations(t, upgraded); n != 600_000 {
+			t.Fatalf("stored hash %q has %d iterations after login, want 600000", upgraded, n)
+		}
+	})
+}
+
+func TestPasswordRehash(t *testing.T) {
+	s := newTestServer(t, nil)
+	const password = "Saffron-Kettle-Drum-88"
+	t.Run("fewer iterations upgraded", func(t *testing.T) {
+		name := uniqueName("rehash")
+		old := djangoHash(t, password, "OldSaltOldSaltOldSalt0", testIterations/2)
+		id := insertUser(t, name, name+"@example.com", old)
+		wantUnauthorized(t, login(t, s, name, password+"!"), badCredentialsBody)
+		if got := storedHash(t, id); got != old {
+			t.Fatalf("a failed login changed the hash to %q", got)
+		}
+		wantMe(t, s, loginPair(t, s, name, password).Access, account{id: id})
+		upgraded := storedHash(t, id)
+		if n := hashIterations(t, upgraded); n != testIterations {
+			t.Fatalf("stored hash %q has %d iterations, want %d", upgraded, n, testIterations)
+		}
+		salt := strings.Split(upgraded, "$")[2]
+		if salt == "OldSaltOldSaltOldSalt0" {
+			t.Errorf("re-hash kept the old salt")
+		}
+		if want := djangoHash(t, password, salt, testIterations); upgraded != want {
+			t.Fatalf("upgraded hash %q, want %q", upgraded, want)
+		}
+		wantMe(t, s, loginPair(t, s, name, password).Access, account{id: id})
+		if got := storedHash(t, id); got != upgraded {
+			t.Fatalf("second login re-hashed again: %q", got)
+		}
+	})
+	t.Run("more iterations kept", func(t *testing.T) {
+		name := uniqueName("rehash")
+		stored := djangoHash(t, password, "NewerDjangoSaltAbCdEf1", testIterations*3)
+		id := insertUser(t, name, name+"@example.com", stored)
+		runs := s.passwords.runs.Load()
+		wantMe(t, s, loginPair(t, s, name, password).Access, account{id: id})
+		if got := s.passwords.runs.Load() - runs; got != 1 {
+			t.Errorf("%d hashes, want 1 (no re-hash)", got)
+		}
+		if got := storedHash(t, id); got != stored {
+			t.Fatalf("stored hash changed to %q", got)
+		}
+	})
+	t.Run("fresh salt per password", func(t *testing.T) {
+		a, b := register(t, s), register(t, s)
+		ha, hb := storedHash(t, a.id), storedHash(t, b.id)
+		if strings.Split(ha, "$")[2] == strings.Split(hb, "$")[2] {
+			t.Fatalf("two hashes share a salt: %q, %q", ha, hb)
+		}
+	})
+}
+
+// A stored value that is no usable pbkdf2_sha256 hash (Django's unusable
+// "!…" password, another hasher, a damaged row) matches no password; the
+// login is refused like any wrong password, not a server error.
+func TestPasswordUnusableHash(t *testing.T) {
+	s := newTestServer(t, nil)
+	for _, tc := range []struct{ name, hash string }{
+		{"Django unusable password", "!Tq3yX8vNcR2mWp5LkJ7hGf4dS1aZ0oIuYtReWq9B"},
+		{"argon2", "argon2$argon2id$v=19$m=102400,t=2,p=8$c29tZXNhbHQ$aGFzaA"},
+		{"short key", "pbkdf2_sha256$1000$salt$" + base64.StdEncoding.EncodeToString([]byte("short"))},
+		{"no salt", djangoHash(t, "x", "", 1000)},
+		{"empty", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			name := uniqueName("unusable")
+			insertUser(t, name, name+"@example.com", tc.hash)
+			for _, password := range []string{"dummy password", tc.hash + "!"} {
+				runs := s.passwords.runs.Load()
+				wantUnauthorized(t, login(t, s, name, password), badCredentialsBody)
+				// The dummy hash ran: such an account costs what any does.
+				if got := s.passwords.runs.Load() - runs; got != 1 {
+					t.Fatalf("%d password hashes, want exactly 1", got)
+				}
+			}
+		})
+	}
+}
+
+// moveRotation pretends a refresh token was rotated long ago.
+func moveRotation(t testing.TB, token string, ago time.Duration) {
+	t.Helper()
+	const q = `UPDATE refresh_tokens SET rotated_at = rotated_at - make_interval(secs => $2) WHERE jti = $1 AND rotated_at IS NOT NULL`
+	res, err := testDB.ExecContext(t.Context(), q, tokenClaims(t, token)["jti"], ago.Seconds())
+	if err != nil {
+		t.Fatalf("move rotation: %v", err)
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		t.Fatalf("move rotation: %d rows, want 1 rotated token", n)
+	}
+}
+
+func TestTokenRefresh(t *testing.T) {
+	s := newTestServer(t, nil)
+	t.Run("rotation", func(t *testing.T) {
+		a := register(t, s)
+		pair := pairOf(t, refresh(t, s, a.refresh))
+		if pair.Refresh == a.refresh || pair.Access == a.access {
+			t.Fatalf("refresh returned the old tokens")
+		}
+		if tokenClaims(t, pair.Refresh)["sid"] != tokenClaims(t, a.refresh)["sid"] || claimInt(t, tokenClaims(t, pair.Access), "user_id") != a.id {
+			t.Fatalf("new pair does not continue the login")
+		}
+		wantMe(t, s, pair.Access, a)
+		wantMe(t, s, a.access, a) // the old access token lives out its 15 minutes
+		next := pairOf(t, refresh(t, s, pair.Refresh))
+		wantMe(t, s, next.Access, a)
+	})
+	t.Run("invalid body", func(t *testing.T) {
+		for _, tc := range []struct {
+			name     string
+			body     any
+			wantBody string
+		}{
+			{"no body", nil, `{"refresh": ["This field is required."]}`},
+			{"field missing", map[string]any{"access": "x"}, `{"refresh": ["This field is required."]}`},
+			{"field in other case", map[string]any{"Refresh": register(t, s).refresh}, `{"refresh": ["This field is required."]}`},
+			{"blank", map[string]any{"refresh": ""}, `{"refresh": ["This field may not be blank."]}`},
+			{"null", map[string]any{"refresh": nil}, `{"refresh": ["This field may not be null."]}`},
+			{"a number", map[string]any{"refresh": 1}, `{"refresh": ["Not a valid string."]}`},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				wantJSON(t, do(t, s, req{method: "POST", path: "/api/auth/token/refresh/", body: tc.body}), http.StatusBadRequest, tc.wantBody)
+			})
+		}
+	})
+	t.Run("invalid token", func(t *testing.T) {
+		a := register(t, s)
+		rc := tokenClaims(t, a.refresh)
+		var unknownJTI [16]byte
+		rand.Read(unknownJTI[:])
+		for _, tc := range []struct{ name, token string }{
+			{"garbage", "garbage"},
+			{"access token", a.access},
+			{"wrong key", forge(hs256Header, payloadWith(t, rc, nil), otherKey)},
+			{"alg none", seg(`{"alg":"none","typ":"JWT"}`) + "." + strings.Split(a.refresh, ".")[1] + "."},
+			{"extra header field", forge(`{"alg":"HS256","typ":"JWT","kid":"x"}`, payloadWith(t, rc, nil), testSecret)},
+			{"expired", forge(hs256Header, payloadWith(t, rc, map[string]any{"exp": time.Now().Unix() - 1}), testSecret)},
+			{"tampered, old signature", strings.Join([]string{strings.Split(a.refresh, ".")[0],
+				seg(payloadWith(t, rc, map[string]any{"exp": time.Now().Unix() + 86400*30})), strings.Split(a.refresh, ".")[2]}, ".")},
+			{"validly signed, never issued", forge(hs256Header, payloadWith(t, rc, map[string]any{"jti": hex.EncodeToString(unknownJTI[:])}), testSecret)},
+			{"validly signed, other login", forge(hs256Header, payloadWith(t, rc, map[string]any{"sid": tokenClaims(t, register(t, s).refresh)["sid"]}), testSecret)},
+			{"missing sid", forge(hs256Header, payloadWith(t, rc, map[string]any{"sid": absent{}}), testSecret)},
+			{"over 4096 bytes", forge(hs256Header, payloadWith(t, rc, map[string]any{"pad": strings.Repeat("x", 4096)}), testSecret)},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				wantUnauthorized(t, refresh(t, s, tc.token), refreshInvalidBody)
+			})
+		}
+		// None of that spent the real token.
+		wantMe(t, s, pairOf(t, refresh(t, s, a.refresh)).Access, a)
+	})
+	t.Run("reuse inside the grace window", func(t *testing.T) {
+		a := register(t, s)
+		pair := pairOf(t, refresh(t, s, a.refresh))
+		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
+		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
+		// Two tabs refreshing at once: the login goes on.
+		wantMe(t, s, pair.Access, a)
+		next := pairOf(t, refresh(t, s, pair.Refresh))
+		wantMe(t, s, next.Access, a)
+	})
+	t.Run("reuse after the grace window", func(t *testing.T) {
+		a := register(t, s)
+		other := loginPair(t, s, a.username, a.password)
+		pair := pairOf(t, refresh(t, s, a.refresh))
+		moveRotation(t, a.refresh, 11*time.Second)
+		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
+		// Reuse detection: the thief's and the owner's tokens of that login
+		// are all dead.
+		wantUnauthorized(t, me(t, s, pair.Access), invalidAccessBody)
+		wantUnauthorized(t, me(t, s, a.access), invalidAccessBody)
+		wantUnauthorized(t, refresh(t, s, pair.Refresh), blacklistedBody)
+		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
+		// The user's other login is untouched.
+		wantMe(t, s, other.Access, a)
+		wantMe(t, s, pairOf(t, refresh(t, s, other.Refresh)).Access, a)
+	})
+	t.Run("reuse with no grace window", func(t *testing.T) {
+		s := newTestServer(t, nil, func(c *config) { c.reuseGrace = 0 })
+		a := register(t, s)
+		pair := pairOf(t, refresh(t, s, a.refresh))
+		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
+		wantUnauthorized(t, me(t, s, pair.Access), invalidAccessBody)
+		wantUnauthorized(t, refresh(t, s, pair.Refresh), blacklistedBody)
+	})
+	t.Run("an older generation reused", func(t *testing.T) {
+		a := register(t, s)
+		first := pairOf(t, refresh(t, s, a.refresh))
+		second := pairOf(t, refresh(t, s, first.Refresh))
+		moveRotation(t, a.refresh, time.Minute)
+		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
+		wantUnauthorized(t, me(t, s, second.Access), invalidAccessBody)
+		wantUnauthorized(t, refresh(t, s, second.Refresh), blacklistedBody)
+	})
+	t.Run("expired in the database", func(t *testing.T) {
+		a := register(t, s)
+		if _, err := testDB.ExecContext(t.Context(), `UPDATE refresh_tokens SET expires_at = now() - interval '1 second' WHERE jti = $1`,
+			tokenClaims(t, a.refresh)["jti"]); err != nil {
+			t.Fatalf("expire token: %v", err)
+		}
+		wantUnauthorized(t, refresh(t, s, a.refresh), refreshInvalidBody)
+		wantMe(t, s, a.access, a)
+	})
+}
+
+func TestTokenRefreshRace(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	const n = 10
+	body := mustJSON(t, map[string]string{"refresh": a.refresh})
+	results := make([]response, n)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			results[i] = do(t, s, req{method: "POST", path: "/api/auth/token/refresh/", body: body})
+		}()
+	}
+	close(start)
+	wg.Wait()
+	var winner tokenPair
+	won := 0
+	for _, res := range results {
+		if res.status == http.StatusOK {
+			won++
+			winner = pairOf(t, res)
+			continue
+		}
+		wantUnauthorized(t, res, blacklistedBody)
+	}
+	if won != 1 {
+		t.Fatalf("%d refreshes succeeded, want exactly 1", won)
+	}
+	// Losers inside the grace window did not end the login.
+	wantMe(t, s, winner.Access, a)
+	pairOf(t, refresh(t, s, winner.Refresh))
+	var issued int
+	const q = `SELECT count(*) FROM refresh_tokens WHERE session_id = $1`
+	if err := testDB.QueryRowContext(t.Context(), q, tokenClaims(t, a.refresh)["sid"]).Scan(&issued); err != nil || issued != 3 {
+		t.Fatalf("%d refresh tokens recorded for the login (err %v), want 3", issued, err)
+	}
+}
+
+func TestLogout(t *testing.T) {
+	s := newTestServer(t, nil)
+	noContent := func(t *testing.T, res response) {
+		t.Helper()
+		if res.status != http.StatusNoContent || len(res.body) != 0 {
+			t.Fatalf("status %d, body %q; want 204 and no body", res.status, res.body)
+		}
+	}
+	t.Run("ends the login", func(t *testing.T) {
+		a := register(t, s)
+		other := loginPair(t, s, a.username, a.password)
+		noContent(t, logout(t, s, a.refresh))
+		wantUnauthorized(t, me(t, s, a.access), invalidAccessBody)
+		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
+		// Only that login: another one of the same user goes on.
+		wantMe(t, s, other.Access, a)
+		wantMe(t, s, pairOf(t, refresh(t, s, other.Refresh)).Access, a)
+		// Logging out an ended login is fine.
+		noContent(t, logout(t, s, a.refresh))
+	})
+	t.Run("with a rotated refresh token", func(t *testing.T) {
+		a := register(t, s)
+		pair := pairOf(t, refresh(t, s, a.refresh))
+		noContent(t, logout(t, s, a.refresh))
+		wantUnauthorized(t, me(t, s, pair.Access), invalidAccessBody)
+		wantUnauthorized(t, refresh(t, s, pair.Refresh), blacklistedBody)
+		noContent(t, logout(t, s, pair.Refresh))
+	})
+	t.Run("refused tokens", func(t *testing.T) {
+		a := register(t, s)
+		rc := tokenClaims(t, a.refresh)
+		var unknownJTI [16]byte
+		rand.Read(unknownJTI[:])
+		for _, tc := range []struct{ name, token string }{
+			{"garbage", "garbage"},
+			{"access token", a.access},
+			{"wrong key", forge(hs256Header, payloadWith(t, rc, nil), otherKey)},
+			{"alg none", forge(`{"alg":"none","typ":"JWT"}`, payloadWith(t, rc, nil), testSecret)},
+			{"expired", forge(hs256Header, payloadWith(t, rc, map[string]any{"exp": time.Now().Unix() - 1}), testSecret)},
+			{"validly signed, never issued", forge(hs256Header, payloadWith(t, rc, map[string]any{"jti": hex.EncodeToString(unknownJTI[:])}), testSecret)},
+			{"validly signed, another user's login", forge(hs256Header, payloadWith(t, rc, map[string]any{"sid": tokenClaims(t, register(t, s).refresh)["sid"]}), testSecret)},
+			{"user_id of another user", forge(hs256Header, payloadWith(t, rc, map[string]any{"user_id": register(t, s).id}), testSecret)},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				wantUnauthorized(t, logout(t, s, tc.token), refreshInvalidBody)
+			})
+		}
+		wantJSON(t, do(t, s, req{method: "POST", path: "/api/auth/logout/", body: map[string]any{}}), http.StatusBadRequest,
+			`{"refresh": ["This field is required."]}`)
+		// None of that ended the login.
+		wantMe(t, s, a.access, a)
+	})
+	t.Run("on another instance", func(t *testing.T) {
+		other := newTestServer(t, nil)
+		a := register(t, s)
+		wantMe(t, other, a.access, a)
+		noContent(t, logout(t, other, a.refresh))
+		wantUnauthorized(t, me(t, s, a.access), invalidAccessBody)
+		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
+	})
+}
+
+// wantThrottled checks a 429: Retry-After N ≥ 1 and the body naming N.
+func wantThrottled(t testing.TB, res response) {
+	t.Helper()
+	n, err := strconv.Atoi(res.header.Get("Retry-After"))
+	if err != nil || n < 1 {
+		t.Fatalf("Retry-After %q, want whole seconds ≥ 1; status %d, body %s", res.header.Get("Retry-After"), res.status, res.body)
+	}
+	unit := "seconds"
+	if n == 1 {
+		unit = "second"
+	}
+	wantJSON(t, res, http.StatusTooManyRequests, mustJSON(t, map[string]string{
+		"detail": fmt.Sprintf("Request was throttled. Expected available in %d %s.", n, unit),
+	}))
+}
+
+func TestAuthLoginRateLimit(t *testing.T) {
+	const ip, otherIP = "203.0.113.5:4000", "198.51.100.9:4000"
+	loginFrom := func(t *testing.T, s http.Handler, addr, name, password string) response {
+		t.Helper()
+		return do(t, s, req{method: "POST", path: "/api/auth/login/", remoteAddr: addr,
+			body: map[string]string{"username": name, "password": password}})
+	}
+	t.Run("failures count, successes give theirs back", func(t *testing.T) {
+		s := newTestServer(t, map[string]string{"RATE_LOGIN": "3/hour"})
+		a := register(t, s)
+		wantUnauthorized(t, loginFrom(t, s, ip, a.username, "wrong-1"), badCredentialsBody)
+		wantUnauthorized(t, loginFrom(t, s, ip, uniqueName("ghost"), "wrong-2"), badCredentialsBody)
+		for range 5 {
+			pairOf(t, loginFrom(t, s, ip, a.username, a.password))
+		}
+		wantUnauthorized(t, loginFrom(t, s, ip, a.username, "wrong-3"), badCredentialsBody)
+		// Over the limit: even the right password is refused, without a hash.
+		runs := s.passwords.runs.Load()
+		wantThrottled(t, loginFrom(t, s, ip, a.username, a.password))
+		wantThrottled(t, loginFrom(t, s, ip, a.username, "wrong-4"))
+		if got := s.passwords.runs.Load() - runs; got != 0 {
+			t.Errorf("%d hashes for throttled logins, want 0", got)
+		}
+		// Another address has its own budget.
+		pairOf(t, loginFrom(t, s, otherIP, a.username, a.password))
+		wantUnauthorized(t, loginFrom(t, s, otherIP, a.username, "wrong"), badCredentialsBody)
+	})
+	t.Run("concurrent guesses", func(t *testing.T) {
+		s := newTestServer(t, map[string]string{"RATE_LOGIN": "3/hour"})
+		a := register(t, s)
+		const n = 10
+		results := make([]response, n)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				results[i] = do(t, s, req{method: "POST", path: "/api/auth/login/", remoteAddr: ip,
+					body: fmt.Sprintf(`{"username": %q, "password": "guess-%d"}`, a.username, i)})
+			}()
+		}
+		close(start)
+		wg.Wait()
+		answered := 0
+		for _, res := range results {
+			if res.status == http.StatusTooManyRequests {
+				wantThrottled(t, res)
+				continue
+			}
+			answered++
+			wantUnauthorized(t, res, badCredentialsBody)
+		}
+		if answered > 3 {
+			t.Fatalf("%d guesses answered, want at most 3", answered)
+		}
+		wantThrottled(t, loginFrom(t, s, ip, a.username, a.password))
+	})
+}
+
+func TestAuthRegisterRateLimit(t *testing.T) {
+	s := newTestServer(t, map[string]string{"RATE_REGISTER": "2/hour"})
+	const ip, otherIP = "203.0.113.6:4000", "[2001:db8:1:2::7]:4000"
+	registerFrom := func(addr string, body any) response {
+		return do(t, s, req{method: "POST", path: "/api/auth/register/", remoteAddr: addr, body: body})
+	}
+	if res := registerFrom(ip, registerBody(nil)); res.status != http.StatusCreated {
+		t.Fatalf("first registration: status %d; body %s", res.status, res.body)
+	}
+	wantJSON(t, registerFrom(ip, map[string]any{"username": "x"}), http.StatusBadRequest,
+		`{"email": ["This field is required."], "name": ["This field is required."], "password": ["This field is required."]}`)
+	// Every POST counts, valid or not.
+	wantThrottled(t, registerFrom(ip, "not even JSON"))
+	wantThrottled(t, registerFrom(ip, registerBody(nil)))
+	if res := registerFrom(otherIP, registerBody(nil)); res.status != http.StatusCreated {
+		t.Fatalf("another address: status %d; body %s", res.status, res.body)
+	}
+	// Logins are not registrations.
+	a := register(t, s)
+	pairOf(t, do(t, s, req{method: "POST", path: "/api/auth/login/", remoteAddr: ip,
+		body: map[string]string{"username": a.username, "password": a.password}}))
+}
+
+func TestAuthHashingBound(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	for range cap(s.passwords.slots) {
+		s.passwords.slots <- struct{}{}
+	}
+	s.passwords.maxWait = 10 * time.Millisecond
+	busy := func(t *testing.T, res response) {
+		t.Helper()
+		wantJSON(t, res, http.StatusServiceUnavailable, unavailableBody)
+		if n, err := strconv.Atoi(res.header.Get("Retry-After")); err != nil || n < 1 {
+			t.Fatalf("Retry-After %q, want whole seconds ≥ 1", res.header.Get("Retry-After"))
+		}
+	}
+	t.Run("login", func(t *testing.T) { busy(t, login(t, s, a.username, a.password)) })
+	t.Run("unknown user", func(t *testing.T) { busy(t, login(t, s, uniqueName("ghost"), a.password)) })
+	t.Run("register", func(t *testing.T) {
+		body := registerBody(nil)
+		busy(t, do(t, s, req{method: "POST", path: "/api/auth/register/", body: body}))
+		// Nothing was stored: the same registration works once a slot is free.
+		<-s.passwords.slots
+		if res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: body}); res.status != http.StatusCreated {
+			t.Fatalf("register after the wait: status %d; body %s", res.status, res.body)
+		}
+		s.passwords.slots <- struct{}{}
+	})
+	// Requests that need no hash are not held up.
+	wantMe(t, s, a.access, a)
+	pairOf(t, refresh(t, s, a.refresh))
+	for range cap(s.passwords.slots) {
+		<-s.passwords.slots
+	}
+	pairOf(t, login(t, s, a.username, a.password))
+}
