@@ -1493,3 +1493,67 @@ func TestAuthHashingBound(t *testing.T) {
 	}
 	pairOf(t, login(t, s, a.username, a.password))
 }
+
+// TestEndedLoginRefusedEverywhere logs out and then calls every
+// authenticated route with the login's still-unexpired access token, with
+// requests that would otherwise succeed and with ones that would otherwise
+// be refused later in the order of checks (403, 404, 400, 415, 409): every
+// answer must be the 401. The login check rides along in each handler's own
+// query, so this pins every handler to making it.
+func TestEndedLoginRefusedEverywhere(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	other := register(t, s)
+	patient, _ := mustCreate(t, s, a.access, "/api/patients/", map[string]any{"first_name": "Ended", "email": uniqueName("ended") + "@example.com"})
+	doctor, _ := mustCreate(t, s, a.access, "/api/doctors/", map[string]any{"first_name": "Ended", "email": uniqueName("ended") + "@example.com", "specialization": "Surgery"})
+	othersDoctor, _ := mustCreate(t, s, other.access, "/api/doctors/", map[string]any{"first_name": "Other", "email": uniqueName("other") + "@example.com", "specialization": "Surgery"})
+	mapping, _ := mustCreate(t, s, a.access, "/api/mappings/", map[string]any{"patient": patient, "doctor": doctor})
+	if res := logout(t, s, a.refresh); res.status != http.StatusNoContent {
+		t.Fatalf("logout: %d %s", res.status, res.body)
+	}
+	p, d, od, m := fmt.Sprint(patient), fmt.Sprint(doctor), fmt.Sprint(othersDoctor), fmt.Sprint(mapping)
+	newPatient := map[string]any{"first_name": "New", "email": uniqueName("new") + "@example.com"}
+	newDoctor := map[string]any{"first_name": "New", "email": uniqueName("new") + "@example.com", "specialization": "Surgery"}
+	cases := []struct {
+		name         string
+		method, path string
+		body         any
+		header       map[string]string
+	}{
+		{"me", "GET", "/api/auth/me/", nil, nil},
+		{"list patients", "GET", "/api/patients/", nil, nil},
+		{"list patients, bad ordering", "GET", "/api/patients/?ordering=nope", nil, nil},
+		{"list patients, page past the end", "GET", "/api/patients/?page=9", nil, nil},
+		{"create patient", "POST", "/api/patients/", newPatient, nil},
+		{"create patient, invalid", "POST", "/api/patients/", map[string]any{"first_name": ""}, nil},
+		{"create patient, text/plain", "POST", "/api/patients/", "x", map[string]string{"Content-Type": "text/plain"}},
+		{"get patient", "GET", "/api/patients/" + p + "/", nil, nil},
+		{"get unknown patient", "GET", "/api/patients/999999999/", nil, nil},
+		{"put patient", "PUT", "/api/patients/" + p + "/", map[string]any{"first_name": "X", "email": "x@example.com"}, nil},
+		{"patch patient", "PATCH", "/api/patients/" + p + "/", map[string]any{"last_name": "X"}, nil},
+		{"delete patient", "DELETE", "/api/patients/" + p + "/", nil, nil},
+		{"list doctors", "GET", "/api/doctors/", nil, nil},
+		{"create doctor", "POST", "/api/doctors/", newDoctor, nil},
+		{"get doctor", "GET", "/api/doctors/" + d + "/", nil, nil},
+		{"patch doctor", "PATCH", "/api/doctors/" + d + "/", map[string]any{"last_name": "X"}, nil},
+		{"patch another's doctor", "PATCH", "/api/doctors/" + od + "/", map[string]any{"last_name": "X"}, nil},
+		{"delete assigned doctor", "DELETE", "/api/doctors/" + d + "/", nil, nil},
+		{"list mappings", "GET", "/api/mappings/", nil, nil},
+		{"create mapping", "POST", "/api/mappings/", map[string]any{"patient": patient, "doctor": othersDoctor}, nil},
+		{"create duplicate mapping", "POST", "/api/mappings/", map[string]any{"patient": patient, "doctor": doctor}, nil},
+		{"patient's mappings", "GET", "/api/mappings/" + p + "/", nil, nil},
+		{"delete mapping", "DELETE", "/api/mappings/" + m + "/", nil, nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			res := do(t, s, req{method: tc.method, path: tc.path, token: a.access, body: tc.body, header: tc.header})
+			wantUnauthorized(t, res, invalidAccessBody)
+		})
+	}
+	// Nothing was changed by the refused requests.
+	b := loginPair(t, s, a.username, a.password)
+	res := do(t, s, req{method: "GET", path: "/api/mappings/" + p + "/", token: b.Access})
+	if res.status != http.StatusOK || len(res.json(t).([]any)) != 1 {
+		t.Fatalf("after refusals: %d %s", res.status, res.body)
+	}
+}

@@ -280,12 +280,18 @@ type rowScanner interface{ Scan(dest ...any) error }
 
 // listPage answers a collection GET: the count over countFrom, then the page
 // of rows from fromWhere ordered by p, each read by scan. countFrom selects
-// the same rows as fromWhere with only the joins the count needs.
+// the same rows as fromWhere with only the joins the count needs. The count
+// query also checks that the caller's login is live.
 func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
-	ctx := r.Context()
+	ctx, info := r.Context(), infoFrom(r)
 	var count int
-	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM "+countFrom, args...).Scan(&count); err != nil {
+	var live bool
+	q := fmt.Sprintf("SELECT count(*), live_session($%d, $%d) FROM %s", len(args)+1, len(args)+2, countFrom)
+	if err := db.QueryRowContext(ctx, q, append(args, info.sessionID, info.userID)...).Scan(&count, &live); err != nil {
 		return page[T]{}, fmt.Errorf("count: %w", err)
+	}
+	if !live {
+		return page[T]{}, errAccessInvalid
 	}
 	limit, offset, err := p.window(count)
 	if err != nil {
@@ -326,25 +332,30 @@ func (a *assignments) set(col string, v any) {
 	a.args = append(a.args, v)
 }
 
-// insertSQL is "INSERT INTO table (cols) VALUES ($1, …) RETURNING returning".
-func (a assignments) insertSQL(table, returning string) string {
+// insert returns "INSERT INTO table (cols) SELECT $1, … WHERE live_session(…)
+// RETURNING returning" and its arguments: the row is only written while the
+// caller's login is live, and otherwise the query returns no row.
+func (a assignments) insert(info *requestInfo, table, returning string) (string, []any) {
 	marks := make([]string, len(a.cols))
 	for i := range marks {
 		marks[i] = "$" + strconv.Itoa(i+1)
 	}
-	return fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s) RETURNING %s",
-		table, strings.Join(a.cols, ", "), strings.Join(marks, ", "), returning)
+	n := len(a.cols)
+	q := fmt.Sprintf("INSERT INTO %s (%s) SELECT %s WHERE live_session($%d, $%d) RETURNING %s",
+		table, strings.Join(a.cols, ", "), strings.Join(marks, ", "), n+1, n+2, returning)
+	return q, append(a.args, info.sessionID, info.userID)
 }
 
-// updateSQL is "UPDATE table SET updated_at = now(), col = $3, … WHERE
-// where RETURNING returning"; where uses $1 and $2, which the caller puts
-// in front of a.args.
-func (a assignments) updateSQL(table, where, returning string) string {
+// update returns "UPDATE table SET updated_at = now(), col = $4, … WHERE
+// where RETURNING returning" and its arguments. where may use $1 (the row's
+// id), $2 (the caller's user id) and $3 (the caller's session id).
+func (a assignments) update(info *requestInfo, id int64, table, where, returning string) (string, []any) {
 	sets := []string{"updated_at = now()"}
 	for i, c := range a.cols {
-		sets = append(sets, fmt.Sprintf("%s = $%d", c, i+3))
+		sets = append(sets, fmt.Sprintf("%s = $%d", c, i+4))
 	}
-	return fmt.Sprintf("UPDATE %s SET %s WHERE %s RETURNING %s", table, strings.Join(sets, ", "), where, returning)
+	q := fmt.Sprintf("UPDATE %s SET %s WHERE %s RETURNING %s", table, strings.Join(sets, ", "), where, returning)
+	return q, append([]any{id, info.userID, info.sessionID}, a.args...)
 }
 
 // stamp is a time as DRF writes it: RFC 3339 in UTC, microseconds, "Z".

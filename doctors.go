@@ -98,10 +98,12 @@ func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	a.set("created_by", infoFrom(r).userID)
-	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), a.insertSQL("doctors", doctorColumns), a.args...))
+	info := infoFrom(r)
+	a.set("created_by", info.userID)
+	q, args := a.insert(info, "doctors", doctorColumns)
+	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, args...))
 	if err != nil {
-		s.fail(w, r, doctorConflict(fmt.Errorf("insert doctor: %w", err)))
+		s.fail(w, r, doctorConflict(notFoundIfNoRows(fmt.Errorf("insert doctor: %w", err))))
 		return
 	}
 	writeJSON(w, http.StatusCreated, d)
@@ -113,8 +115,9 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, errNotFound)
 		return
 	}
-	const q = `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $1`
-	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, id))
+	info := infoFrom(r)
+	const q = `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $1 AND live_session($2, $3)`
+	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, id, info.sessionID, info.userID))
 	if err != nil {
 		s.fail(w, r, notFoundIfNoRows(err))
 		return
@@ -126,12 +129,14 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) {
 // caller did not create. The permission comes before the body is read, as
 // the contract's order of checks puts 403 before 415 and 400.
 func (s *server) mayChangeDoctor(r *http.Request, id int64) error {
+	info := infoFrom(r)
 	var creator sql.NullInt64
-	err := s.db.QueryRowContext(r.Context(), `SELECT created_by FROM doctors WHERE id = $1`, id).Scan(&creator)
+	const q = `SELECT created_by FROM doctors WHERE id = $1 AND live_session($2, $3)`
+	err := s.db.QueryRowContext(r.Context(), q, id, info.sessionID, info.userID).Scan(&creator)
 	if err != nil {
 		return notFoundIfNoRows(err)
 	}
-	if !creator.Valid || creator.Int64 != infoFrom(r).userID {
+	if !creator.Valid || creator.Int64 != info.userID {
 		return errForbidden
 	}
 	return nil
@@ -160,8 +165,8 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) {
 	}
 	// The creator is checked again in the UPDATE itself; a doctor deleted in
 	// between is a 404.
-	q := a.updateSQL("doctors", "id = $1 AND created_by = $2", doctorColumns)
-	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, append([]any{id, infoFrom(r).userID}, a.args...)...))
+	q, args := a.update(infoFrom(r), id, "doctors", "id = $1 AND created_by = $2 AND live_session($3, $2)", doctorColumns)
+	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, args...))
 	if err != nil {
 		s.fail(w, r, doctorConflict(notFoundIfNoRows(err)))
 		return
@@ -183,7 +188,9 @@ func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	res, err := s.db.ExecContext(ctx, `DELETE FROM doctors WHERE id = $1 AND created_by = $2`, id, infoFrom(r).userID)
+	info := infoFrom(r)
+	const q = `DELETE FROM doctors WHERE id = $1 AND created_by = $2 AND live_session($3, $2)`
+	res, err := s.db.ExecContext(ctx, q, id, info.userID, info.sessionID)
 	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
 		var n int
 		if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM mappings WHERE doctor_id = $1`, id).Scan(&n); err != nil {

@@ -415,6 +415,21 @@ func throttled(wait time.Duration) *apiError {
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var fe fieldErrors
 	var ae *apiError
+	if info := infoFrom(r); info.sessionID != 0 && (errors.As(err, &fe) ||
+		errors.As(err, &ae) && ae.status >= 400 && ae.status < 500 && ae.status != http.StatusUnauthorized && ae.status != http.StatusTooManyRequests) {
+		// A request that did not succeed may not have reached a query that
+		// checks the login, and an ended login must hear 401 before any later
+		// refusal (403, 404, 400, …), as the order of checks says. A 429 is
+		// not re-checked, so that throttled floods cost no query.
+		live, liveErr := s.sessionLive(r.Context(), info)
+		switch {
+		case liveErr != nil:
+			err = liveErr
+		case !live:
+			err = errAccessInvalid
+		}
+		fe, ae = nil, nil
+	}
 	switch {
 	case errors.As(err, &fe):
 		writeJSON(w, http.StatusBadRequest, fe)

@@ -154,10 +154,12 @@ func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	a.set("owner_id", infoFrom(r).userID)
-	p, err := scanPatient(s.db.QueryRowContext(r.Context(), a.insertSQL("patients", patientColumns), a.args...))
+	info := infoFrom(r)
+	a.set("owner_id", info.userID)
+	q, args := a.insert(info, "patients", patientColumns)
+	p, err := scanPatient(s.db.QueryRowContext(r.Context(), q, args...))
 	if err != nil {
-		s.fail(w, r, patientConflict(fmt.Errorf("insert patient: %w", err)))
+		s.fail(w, r, patientConflict(notFoundIfNoRows(fmt.Errorf("insert patient: %w", err))))
 		return
 	}
 	writeJSON(w, http.StatusCreated, p)
@@ -169,8 +171,9 @@ func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, errNotFound)
 		return
 	}
-	const q = `SELECT ` + patientColumns + ` FROM patients WHERE id = $1 AND owner_id = $2`
-	p, err := scanPatient(s.db.QueryRowContext(r.Context(), q, id, infoFrom(r).userID))
+	info := infoFrom(r)
+	const q = `SELECT ` + patientColumns + ` FROM patients WHERE id = $1 AND owner_id = $2 AND live_session($3, $2)`
+	p, err := scanPatient(s.db.QueryRowContext(r.Context(), q, id, info.userID, info.sessionID))
 	if err != nil {
 		s.fail(w, r, notFoundIfNoRows(err))
 		return
@@ -196,8 +199,8 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, errNotFound)
 		return
 	}
-	q := a.updateSQL("patients", "id = $1 AND owner_id = $2", patientColumns)
-	p, err := scanPatient(s.db.QueryRowContext(r.Context(), q, append([]any{id, infoFrom(r).userID}, a.args...)...))
+	q, args := a.update(infoFrom(r), id, "patients", "id = $1 AND owner_id = $2 AND live_session($3, $2)", patientColumns)
+	p, err := scanPatient(s.db.QueryRowContext(r.Context(), q, args...))
 	if err != nil {
 		s.fail(w, r, patientConflict(notFoundIfNoRows(err)))
 		return
@@ -212,7 +215,9 @@ func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// The mappings go with the patient (ON DELETE CASCADE).
-	res, err := s.db.ExecContext(r.Context(), `DELETE FROM patients WHERE id = $1 AND owner_id = $2`, id, infoFrom(r).userID)
+	info := infoFrom(r)
+	const q = `DELETE FROM patients WHERE id = $1 AND owner_id = $2 AND live_session($3, $2)`
+	res, err := s.db.ExecContext(r.Context(), q, id, info.userID, info.sessionID)
 	if err != nil {
 		s.fail(w, r, fmt.Errorf("delete patient: %w", err))
 		return
