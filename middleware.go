@@ -713,8 +713,6 @@ func (l *limiter) window(key rateKey) (*window, time.Duration) {
 }
 
 // len reports how many keys the limiter holds.
-//
-//lint:ignore U1000 kept for tests of the limiter's key cap (maxKeys).
 func (l *limiter) len() int {
 	if l == nil {
 		return 0

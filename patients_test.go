@@ -395,8 +395,8 @@ func jsonObject(t testing.TB, s string) map[string]any {
 func TestPatientUnknownIDs(t *testing.T) {
 	s := newTestServer(t, nil)
 	a := register(t, s)
-	id, before := mustCreate(t, s, a.access, patientsPath, adaBody("ada@example.com"))
-	before = mustGet(t, s, a.access, patientPath(id))
+	id, _ := mustCreate(t, s, a.access, patientsPath, adaBody("ada@example.com"))
+	before := mustGet(t, s, a.access, patientPath(id))
 	valid := map[string]any{"first_name": "Eve", "email": "eve@example.com"}
 	for _, p := range []string{
 		strconv.FormatInt(id+1_000_000, 10),
