@@ -475,7 +475,7 @@ func isAuthFailure(err error) bool {
 
 // authenticate finds who is asking from the access token. Whether the login
 // it descends from is still live is checked in the database by the query
-// that serves the request (live_session in schema.sql), and by fail for an
+// that serves the request (liveSQL), and by fail for an
 // answer that is not a success, so that a logout on any instance ends the
 // token at once without a round trip of its own.
 func (s *server) authenticate(r *http.Request, info *requestInfo) error {
@@ -497,7 +497,7 @@ func (s *server) authenticate(r *http.Request, info *requestInfo) error {
 // sessionLive reports whether the caller's login is still live.
 func (s *server) sessionLive(ctx context.Context, info *requestInfo) (bool, error) {
 	var live bool
-	err := s.db.QueryRowContext(ctx, `SELECT live_session($1, $2)`, info.sessionID, info.userID).Scan(&live)
+	err := s.db.QueryRowContext(ctx, "SELECT "+liveSQL(1, 2), info.sessionID, info.userID).Scan(&live)
 	if err != nil {
 		return false, fmt.Errorf("check session: %w", err)
 	}
@@ -599,7 +599,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		User   user      `json:"user"`
 		Tokens tokenPair `json:"tokens"`
 	}
-	err = withTx(ctx, s.db, func(tx *sql.Tx) error {
+	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		const q = `INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id`
 		if err := tx.QueryRowContext(ctx, q, u.Username, u.Email, u.Name, hashed).Scan(&u.ID); err != nil {
 			return fmt.Errorf("insert user: %w", err)
@@ -774,7 +774,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) {
 		s.rehash(ctx, id, password, stored)
 	}
 	var pair tokenPair
-	err = withTx(ctx, s.db, func(tx *sql.Tx) (err error) {
+	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) (err error) {
 		pair, err = s.startLogin(ctx, tx, id)
 		return err
 	})
@@ -842,7 +842,7 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	var pair tokenPair
-	err = withTx(ctx, s.db, func(tx *sql.Tx) error {
+	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		const spend = `
 			UPDATE refresh_tokens t SET rotated_at = now()
 			FROM sessions s
@@ -928,7 +928,7 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) {
 func (s *server) handleMe(w http.ResponseWriter, r *http.Request) {
 	info := infoFrom(r)
 	u := user{ID: info.userID}
-	const q = `SELECT username, email, name FROM users WHERE id = $1 AND live_session($2, $1)`
+	q := `SELECT username, email, name FROM users WHERE id = $1 AND ` + liveSQL(2, 1)
 	err := s.db.QueryRowContext(r.Context(), q, u.ID, info.sessionID).Scan(&u.Username, &u.Email, &u.Name)
 	if errors.Is(err, sql.ErrNoRows) {
 		err = errAccessInvalid

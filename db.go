@@ -8,12 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/lib/pq"
@@ -227,19 +227,6 @@ func (p listParams) searchSQL(columns []string, args *[]any) string {
 	return b.String()
 }
 
-// window resolves the page against count, returning LIMIT and OFFSET, or
-// errInvalidPage for a page past the end.
-func (p *listParams) window(count int) (limit, offset int, err error) {
-	pages := max(1, int(math.Ceil(float64(count)/float64(p.size))))
-	if p.page == 0 {
-		p.page = pages
-	}
-	if p.page > pages {
-		return 0, 0, errInvalidPage
-	}
-	return p.size, (p.page - 1) * p.size, nil
-}
-
 // page is a collection GET's body, as DRF's PageNumberPagination writes it.
 type page[T any] struct {
 	Count    int     `json:"count"`
@@ -278,46 +265,142 @@ func newPage[T any](r *http.Request, p listParams, count int, results []T) page[
 // rowScanner is what *sql.Row and *sql.Rows share.
 type rowScanner interface{ Scan(dest ...any) error }
 
-// listPage answers a collection GET: the count over countFrom, then the page
-// of rows from fromWhere ordered by p, each read by scan. countFrom selects
-// the same rows as fromWhere with only the joins the count needs. The count
-// query also checks that the caller's login is live.
-func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
+// listPage answers a collection GET: the page of rows from fromWhere
+// ordered by p, each read by scan, and the count over countFrom (the same
+// rows, with only the joins a count needs). A page that has rows costs one
+// round trip: each row carries the count, and the query checks the login.
+// Only an empty page, or page=last, asks for the count on its own.
+func listPage[T any](r *http.Request, db *database, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
 	ctx, info := r.Context(), infoFrom(r)
-	var count int
-	var live bool
-	q := fmt.Sprintf("SELECT count(*), live_session($%d, $%d) FROM %s", len(args)+1, len(args)+2, countFrom)
-	if err := db.QueryRowContext(ctx, q, append(args, info.sessionID, info.userID)...).Scan(&count, &live); err != nil {
-		return page[T]{}, fmt.Errorf("count: %w", err)
-	}
-	if !live {
-		return page[T]{}, errAccessInvalid
-	}
-	limit, offset, err := p.window(count)
-	if err != nil {
-		return page[T]{}, err
-	}
-	var results []T
-	if count > 0 {
-		n := len(args)
-		q := fmt.Sprintf("SELECT %s FROM %s ORDER BY %s LIMIT $%d OFFSET $%d", columns, fromWhere, p.orderBy, n+1, n+2)
-		rows, err := db.QueryContext(ctx, q, append(args, limit, offset)...)
+	n := len(args)
+	live := liveSQL(n+1, n+2)
+	args = append(args, info.sessionID, info.userID)
+	countAlone := func() (int, error) {
+		var count int
+		var ok bool
+		err := db.QueryRowContext(ctx, "SELECT count(*), "+live+" FROM "+countFrom, args...).Scan(&count, &ok)
 		if err != nil {
-			return page[T]{}, fmt.Errorf("list: %w", err)
+			return 0, fmt.Errorf("count: %w", err)
 		}
-		defer rows.Close()
-		for rows.Next() {
-			v, err := scan(rows)
-			if err != nil {
-				return page[T]{}, fmt.Errorf("scan: %w", err)
-			}
-			results = append(results, v)
+		if !ok {
+			return 0, errAccessInvalid
 		}
-		if err := rows.Err(); err != nil {
-			return page[T]{}, fmt.Errorf("list: %w", err)
+		return count, nil
+	}
+	if p.page == 0 { // "last"
+		count, err := countAlone()
+		if err != nil {
+			return page[T]{}, err
+		}
+		p.page = max(1, (count+p.size-1)/p.size)
+	}
+	q := fmt.Sprintf("SELECT (SELECT count(*) FROM %s), %s FROM %s AND %s ORDER BY %s LIMIT $%d OFFSET $%d",
+		countFrom, columns, fromWhere, live, p.orderBy, n+3, n+4)
+	rows, err := db.QueryContext(ctx, q, append(args, p.size, (p.page-1)*p.size)...)
+	if err != nil {
+		return page[T]{}, fmt.Errorf("list: %w", err)
+	}
+	defer rows.Close()
+	var count int
+	var results []T
+	for rows.Next() {
+		v, err := scan(withCount{rows, &count})
+		if err != nil {
+			return page[T]{}, fmt.Errorf("scan: %w", err)
+		}
+		results = append(results, v)
+	}
+	if err := rows.Err(); err != nil {
+		return page[T]{}, fmt.Errorf("list: %w", err)
+	}
+	if len(results) == 0 {
+		// No rows: an empty list, a page past the end, or an ended login.
+		if count, err = countAlone(); err != nil {
+			return page[T]{}, err
+		}
+		if count > 0 || p.page > 1 {
+			return page[T]{}, errInvalidPage
 		}
 	}
 	return newPage(r, p, count, results), nil
+}
+
+// withCount scans the count column in front of a row's own columns.
+type withCount struct {
+	rows  *sql.Rows
+	count *int
+}
+
+func (w withCount) Scan(dest ...any) error {
+	return w.rows.Scan(append([]any{w.count}, dest...)...)
+}
+
+// liveSQL is the condition "login $sid of user $uid has not ended". Every
+// query that serves an authenticated request carries it, so the check costs
+// no round trip of its own, and a logout on any instance sharing the
+// database ends the login's access tokens at once. (It is written out, not
+// a SQL function, because PostgreSQL would not inline a function with a
+// subquery, and calling one costs more than the whole query.)
+func liveSQL(sid, uid int) string {
+	return fmt.Sprintf("EXISTS (SELECT 1 FROM sessions WHERE id = $%d AND user_id = $%d AND ended_at IS NULL)", sid, uid)
+}
+
+// database is the pool, running each query as a prepared statement, so
+// that PostgreSQL plans it once per connection rather than at every call:
+// that more than doubles what one core serves. Query texts are built from
+// constants only, so there are few of them; the cache stops growing at
+// maxStatements all the same.
+type database struct {
+	*sql.DB
+	mu    sync.RWMutex
+	stmts map[string]*sql.Stmt
+}
+
+const maxStatements = 500
+
+// stmt returns query's prepared statement, or nil to run it unprepared (a
+// full cache, or a failed prepare, whose error the query itself will meet).
+func (d *database) stmt(ctx context.Context, query string) *sql.Stmt {
+	d.mu.RLock()
+	st, ok := d.stmts[query]
+	full := len(d.stmts) >= maxStatements
+	d.mu.RUnlock()
+	if ok || full {
+		return st
+	}
+	st, err := d.DB.PrepareContext(ctx, query)
+	if err != nil {
+		return nil
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if prev, ok := d.stmts[query]; ok {
+		st.Close() // another request prepared it first
+		return prev
+	}
+	d.stmts[query] = st
+	return st
+}
+
+func (d *database) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
+	if st := d.stmt(ctx, query); st != nil {
+		return st.QueryRowContext(ctx, args...)
+	}
+	return d.DB.QueryRowContext(ctx, query, args...)
+}
+
+func (d *database) QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+	if st := d.stmt(ctx, query); st != nil {
+		return st.QueryContext(ctx, args...)
+	}
+	return d.DB.QueryContext(ctx, query, args...)
+}
+
+func (d *database) ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	if st := d.stmt(ctx, query); st != nil {
+		return st.ExecContext(ctx, args...)
+	}
+	return d.DB.ExecContext(ctx, query, args...)
 }
 
 // assignments are validated column values for an INSERT or UPDATE, in the
@@ -332,7 +415,7 @@ func (a *assignments) set(col string, v any) {
 	a.args = append(a.args, v)
 }
 
-// insert returns "INSERT INTO table (cols) SELECT $1, … WHERE live_session(…)
+// insert returns "INSERT INTO table (cols) SELECT $1, … WHERE <login live>
 // RETURNING returning" and its arguments: the row is only written while the
 // caller's login is live, and otherwise the query returns no row.
 func (a assignments) insert(info *requestInfo, table, returning string) (string, []any) {
@@ -341,8 +424,8 @@ func (a assignments) insert(info *requestInfo, table, returning string) (string,
 		marks[i] = "$" + strconv.Itoa(i+1)
 	}
 	n := len(a.cols)
-	q := fmt.Sprintf("INSERT INTO %s (%s) SELECT %s WHERE live_session($%d, $%d) RETURNING %s",
-		table, strings.Join(a.cols, ", "), strings.Join(marks, ", "), n+1, n+2, returning)
+	q := fmt.Sprintf("INSERT INTO %s (%s) SELECT %s WHERE %s RETURNING %s",
+		table, strings.Join(a.cols, ", "), strings.Join(marks, ", "), liveSQL(n+1, n+2), returning)
 	return q, append(a.args, info.sessionID, info.userID)
 }
 

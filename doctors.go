@@ -116,7 +116,7 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	info := infoFrom(r)
-	const q = `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $1 AND live_session($2, $3)`
+	q := `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $1 AND ` + liveSQL(2, 3)
 	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, id, info.sessionID, info.userID))
 	if err != nil {
 		s.fail(w, r, notFoundIfNoRows(err))
@@ -131,7 +131,7 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) {
 func (s *server) mayChangeDoctor(r *http.Request, id int64) error {
 	info := infoFrom(r)
 	var creator sql.NullInt64
-	const q = `SELECT created_by FROM doctors WHERE id = $1 AND live_session($2, $3)`
+	q := `SELECT created_by FROM doctors WHERE id = $1 AND ` + liveSQL(2, 3)
 	err := s.db.QueryRowContext(r.Context(), q, id, info.sessionID, info.userID).Scan(&creator)
 	if err != nil {
 		return notFoundIfNoRows(err)
@@ -165,7 +165,7 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) {
 	}
 	// The creator is checked again in the UPDATE itself; a doctor deleted in
 	// between is a 404.
-	q, args := a.update(infoFrom(r), id, "doctors", "id = $1 AND created_by = $2 AND live_session($3, $2)", doctorColumns)
+	q, args := a.update(infoFrom(r), id, "doctors", "id = $1 AND created_by = $2 AND "+liveSQL(3, 2), doctorColumns)
 	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, args...))
 	if err != nil {
 		s.fail(w, r, doctorConflict(notFoundIfNoRows(err)))
@@ -189,7 +189,7 @@ func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	info := infoFrom(r)
-	const q = `DELETE FROM doctors WHERE id = $1 AND created_by = $2 AND live_session($3, $2)`
+	q := `DELETE FROM doctors WHERE id = $1 AND created_by = $2 AND ` + liveSQL(3, 2)
 	res, err := s.db.ExecContext(ctx, q, id, info.userID, info.sessionID)
 	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
 		var n int

@@ -123,7 +123,7 @@ func newLogger(w io.Writer, debug bool) *slog.Logger {
 // tests build as many independent servers as they like.
 type server struct {
 	cfg       config
-	db        *sql.DB
+	db        *database
 	log       *slog.Logger
 	mux       *http.ServeMux
 	signer    *signer
@@ -155,7 +155,7 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 	rand.Read(prefix[:])
 	s := &server{
 		cfg:             cfg,
-		db:              db,
+		db:              &database{DB: db, stmts: map[string]*sql.Stmt{}},
 		log:             logger,
 		mux:             http.NewServeMux(),
 		signer:          newSigner(cfg.secretKey, cfg.accessTTL, cfg.refreshTTL),

@@ -123,10 +123,10 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx, owner, sid := r.Context(), infoFrom(r).userID, infoFrom(r).sessionID
-	const q = `
+	q := `
 		WITH m AS (
 			INSERT INTO mappings (patient_id, doctor_id)
-			SELECT id, $2 FROM patients WHERE id = $1 AND owner_id = $3 AND live_session($4, $3)
+			SELECT id, $2 FROM patients WHERE id = $1 AND owner_id = $3 AND ` + liveSQL(4, 3) + `
 			RETURNING id, patient_id, doctor_id, created_at)
 		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
 	m, err := scanMapping(s.db.QueryRowContext(ctx, q, patientID, doctorID, owner, sid))
@@ -172,7 +172,7 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, owner, sid := r.Context(), infoFrom(r).userID, infoFrom(r).sessionID
 	q := `SELECT ` + mappingColumns + ` FROM ` + mappingJoins + `
-		WHERE p.id = $1 AND p.owner_id = $2 AND live_session($3, $2) ORDER BY m.created_at, m.id`
+		WHERE p.id = $1 AND p.owner_id = $2 AND ` + liveSQL(3, 2) + ` ORDER BY m.created_at, m.id`
 	rows, err := s.db.QueryContext(ctx, q, id, owner, sid)
 	if err != nil {
 		s.fail(w, r, fmt.Errorf("list patient mappings: %w", err))
@@ -195,7 +195,7 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) {
 	if len(out) == 0 {
 		// No mappings: an empty list for the caller's patient, 404 otherwise.
 		var one int
-		const q = `SELECT 1 FROM patients WHERE id = $1 AND owner_id = $2 AND live_session($3, $2)`
+		q := `SELECT 1 FROM patients WHERE id = $1 AND owner_id = $2 AND ` + liveSQL(3, 2)
 		err := s.db.QueryRowContext(ctx, q, id, owner, sid).Scan(&one)
 		if err != nil {
 			s.fail(w, r, notFoundIfNoRows(err))
@@ -211,8 +211,8 @@ func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, errNotFound)
 		return
 	}
-	const q = `DELETE FROM mappings m USING patients p
-		WHERE m.id = $1 AND p.id = m.patient_id AND p.owner_id = $2 AND live_session($3, $2)`
+	q := `DELETE FROM mappings m USING patients p
+		WHERE m.id = $1 AND p.id = m.patient_id AND p.owner_id = $2 AND ` + liveSQL(3, 2)
 	res, err := s.db.ExecContext(r.Context(), q, id, infoFrom(r).userID, infoFrom(r).sessionID)
 	if err != nil {
 		s.fail(w, r, fmt.Errorf("delete mapping: %w", err))

@@ -172,7 +172,7 @@ func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	info := infoFrom(r)
-	const q = `SELECT ` + patientColumns + ` FROM patients WHERE id = $1 AND owner_id = $2 AND live_session($3, $2)`
+	q := `SELECT ` + patientColumns + ` FROM patients WHERE id = $1 AND owner_id = $2 AND ` + liveSQL(3, 2)
 	p, err := scanPatient(s.db.QueryRowContext(r.Context(), q, id, info.userID, info.sessionID))
 	if err != nil {
 		s.fail(w, r, notFoundIfNoRows(err))
@@ -199,7 +199,7 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, errNotFound)
 		return
 	}
-	q, args := a.update(infoFrom(r), id, "patients", "id = $1 AND owner_id = $2 AND live_session($3, $2)", patientColumns)
+	q, args := a.update(infoFrom(r), id, "patients", "id = $1 AND owner_id = $2 AND "+liveSQL(3, 2), patientColumns)
 	p, err := scanPatient(s.db.QueryRowContext(r.Context(), q, args...))
 	if err != nil {
 		s.fail(w, r, patientConflict(notFoundIfNoRows(err)))
@@ -216,7 +216,7 @@ func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) {
 	}
 	// The mappings go with the patient (ON DELETE CASCADE).
 	info := infoFrom(r)
-	const q = `DELETE FROM patients WHERE id = $1 AND owner_id = $2 AND live_session($3, $2)`
+	q := `DELETE FROM patients WHERE id = $1 AND owner_id = $2 AND ` + liveSQL(3, 2)
 	res, err := s.db.ExecContext(r.Context(), q, id, info.userID, info.sessionID)
 	if err != nil {
 		s.fail(w, r, fmt.Errorf("delete patient: %w", err))

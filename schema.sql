@@ -78,10 +78,3 @@ CREATE TABLE IF NOT EXISTS mappings (
 );
 CREATE INDEX IF NOT EXISTS mappings_doctor_id ON mappings (doctor_id);
 
--- live_session is the "is this login still live" check. Every query an
--- authenticated request makes carries it (AND live_session($sid, $uid)), so
--- the check costs no round trip of its own, and a logout on any instance
--- ends the login's access tokens at once. The planner inlines it.
-CREATE OR REPLACE FUNCTION live_session(bigint, bigint) RETURNS boolean
-    LANGUAGE sql STABLE PARALLEL SAFE
-    AS $$ SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1 AND user_id = $2 AND ended_at IS NULL) $$;
