@@ -270,7 +270,12 @@ type rowScanner interface{ Scan(dest ...any) error }
 // rows, with only the joins a count needs). A page that has rows costs one
 // round trip: each row carries the count, and the query checks the login.
 // Only an empty page, or page=last, asks for the count on its own.
-func listPage[T any](r *http.Request, db *database, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
+//
+// Lists are not prepared statements: a plan made once for every owner would
+// be made for the average owner, and one owner with 100,000 patients makes
+// that a sequential scan for all. Planned per call, each owner gets the plan
+// that fits the number of rows it has.
+func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
 	ctx, info := r.Context(), infoFrom(r)
 	n := len(args)
 	live := liveSQL(n+1, n+2)
@@ -349,7 +354,8 @@ func liveSQL(sid, uid int) string {
 // that PostgreSQL plans it once per connection rather than at every call:
 // that more than doubles what one core serves. Query texts are built from
 // constants only, so there are few of them; the cache stops growing at
-// maxStatements all the same.
+// maxStatements all the same. Only queries whose best plan does not depend
+// on the values go through it (see listPage).
 type database struct {
 	*sql.DB
 	mu    sync.RWMutex

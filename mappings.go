@@ -49,7 +49,7 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	pg, err := listPage(r, s.db, p, mappingColumns, mappingJoins+" WHERE p.owner_id = $1",
+	pg, err := listPage(r, s.db.DB, p, mappingColumns, mappingJoins+" WHERE p.owner_id = $1",
 		"mappings m JOIN patients p ON p.id = m.patient_id WHERE p.owner_id = $1", []any{infoFrom(r).userID}, scanMapping)
 	if err != nil {
 		s.fail(w, r, err)

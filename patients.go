@@ -135,7 +135,7 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) {
 	}
 	args := []any{infoFrom(r).userID}
 	from := "patients WHERE owner_id = $1" + p.searchSQL([]string{"first_name", "last_name", "email"}, &args)
-	pg, err := listPage(r, s.db, p, patientColumns, from, from, args, scanPatient)
+	pg, err := listPage(r, s.db.DB, p, patientColumns, from, from, args, scanPatient)
 	if err != nil {
 		s.fail(w, r, err)
 		return
