@@ -20,7 +20,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -134,9 +133,6 @@ type server struct {
 	loginLimit      *limiter
 	anonLimit       *limiter
 	userLimit       *limiter
-
-	idPrefix string
-	requests atomic.Uint64
 }
 
 // newServer builds the handler for cfg on db.
@@ -151,8 +147,6 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	var prefix [4]byte
-	rand.Read(prefix[:])
 	s := &server{
 		cfg:             cfg,
 		db:              &database{DB: db, stmts: map[string]*sql.Stmt{}},
@@ -165,7 +159,6 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 		loginLimit:      newLimiter(cfg.rateLogin, cfg.rateMaxKeys),
 		anonLimit:       newLimiter(cfg.rateAnon, cfg.rateMaxKeys),
 		userLimit:       newLimiter(cfg.rateUser, cfg.rateMaxKeys),
-		idPrefix:        fmt.Sprintf("%x-", prefix),
 	}
 	s.addRoutes()
 	return s, nil

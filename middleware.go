@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"container/list"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -38,7 +40,7 @@ const maxBody = 64 << 10
 // garbage costs as little as possible.
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	info := &requestInfo{id: s.nextRequestID()}
+	info := &requestInfo{id: newRequestID()}
 	info.clientIP, info.https = s.clientIP(r)
 	r = r.WithContext(context.WithValue(r.Context(), infoKey{}, info))
 	sw := &statusWriter{ResponseWriter: w}
@@ -284,8 +286,12 @@ func requestScheme(r *http.Request) string {
 	return "http"
 }
 
-func (s *server) nextRequestID() string {
-	return s.idPrefix + strconv.FormatUint(s.requests.Add(1), 36)
+// newRequestID is random, not a counter, so that it tells a client nothing
+// about how busy the server is.
+func newRequestID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // statusWriter records the status and size of a response for the log.
