@@ -109,12 +109,23 @@ func withTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
 	}
 	defer tx.Rollback()
 	if err := fn(tx); err != nil {
-		return err
+		return txDeadline(ctx, err)
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit: %w", err)
+		return txDeadline(ctx, fmt.Errorf("commit: %w", err))
 	}
 	return nil
+}
+
+// txDeadline keeps the cause of an ErrTxDone: when the request's deadline
+// passes inside a transaction, database/sql rolls it back and the next
+// statement or the commit reports ErrTxDone. Nothing was written; that is
+// a 503 (unavailable, try again), not a 500.
+func txDeadline(ctx context.Context, err error) error {
+	if errors.Is(err, sql.ErrTxDone) && ctx.Err() != nil {
+		return fmt.Errorf("%w (%w)", err, ctx.Err())
+	}
+	return err
 }
 
 // violation reports the constraint err violated when it has the given code.
@@ -323,9 +334,13 @@ func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhe
 		if count, err = countAlone(); err != nil {
 			return page[T]{}, err
 		}
-		if count > 0 || p.page > 1 {
+		if p.page > 1 {
 			return page[T]{}, errInvalidPage
 		}
+		// Page 1 is never invalid. A count above zero here means rows were
+		// committed between the two queries; the answer is the empty list
+		// the page query saw, not a 404.
+		count = 0
 	}
 	return newPage(r, p, count, results), nil
 }
