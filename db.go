@@ -282,11 +282,12 @@ type rowScanner interface{ Scan(dest ...any) error }
 // round trip: each row carries the count, and the query checks the login.
 // Only an empty page, or page=last, asks for the count on its own.
 //
-// Lists are not prepared statements: a plan made once for every owner would
-// be made for the average owner, and one owner with 100,000 patients makes
-// that a sequential scan for all. Planned per call, each owner gets the plan
-// that fits the number of rows it has.
-func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
+// Lists of an owner's rows are not prepared statements (pass db.DB): a plan
+// made once for every owner would be made for the average owner, and one
+// owner with 100,000 patients makes that a sequential scan for all. Planned
+// per call, each owner gets the plan that fits the number of rows it has.
+// The doctor directory has no owner, so its list is prepared (pass db).
+func listPage[T any](r *http.Request, db querier, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
 	ctx, info := r.Context(), infoFrom(r)
 	n := len(args)
 	live := liveSQL(n+1, n+2)
@@ -343,6 +344,12 @@ func listPage[T any](r *http.Request, db *sql.DB, p listParams, columns, fromWhe
 		count = 0
 	}
 	return newPage(r, p, count, results), nil
+}
+
+// querier is what listPage needs of *sql.DB and *database.
+type querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
 }
 
 // withCount scans the count column in front of a row's own columns.
