@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -52,6 +54,16 @@ func openDB(ctx context.Context, cfg pq.Config, maxConns int) (*sql.DB, error) {
 
 // connect opens a pool without touching the network.
 func connect(cfg pq.Config, maxConns int) (*sql.DB, error) {
+	// Every statement gets a generic plan, made once per prepared statement
+	// and connection rather than for the values of each call: planning an
+	// owner's list costs more than running it, and PostgreSQL's own choice
+	// kept planning every call. schema.sql's n_distinct settings make those
+	// plans the right ones for owners of 50 rows and of 100,000 alike.
+	cfg.Runtime = maps.Clone(cfg.Runtime)
+	if cfg.Runtime == nil {
+		cfg.Runtime = map[string]string{}
+	}
+	cfg.Runtime["plan_cache_mode"] = "force_generic_plan"
 	connector, err := pq.NewConnectorConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("database config: %w", err)
@@ -155,10 +167,11 @@ func isUnavailable(err error) bool {
 
 // listParams are a collection GET's validated query parameters.
 type listParams struct {
-	page    int // 1-based; 0 means "last"
-	size    int
-	orderBy string   // SQL from a fixed whitelist, never from input
-	terms   []string // ILIKE patterns with %, _ and \ escaped
+	page      int // 1-based; 0 means "last"
+	size      int
+	orderBy   string   // SQL from a fixed whitelist, never from input
+	reverseBy string   // orderBy with every direction flipped
+	terms     []string // ILIKE patterns with %, _ and \ escaped
 }
 
 // maxSearchTerms bounds the work one search can ask of the database.
@@ -184,23 +197,29 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 	if n, err := strconv.Atoi(q.Get("page_size")); (err == nil || errors.Is(err, strconv.ErrRange)) && n > 0 {
 		p.size = min(n, 100)
 	}
-	var order []string
+	var order, reverse []string
+	seen := map[string]bool{}
 	for _, f := range strings.Split(q.Get("ordering"), ",") {
 		f = strings.TrimSpace(f)
-		if f == "" {
+		name := strings.TrimPrefix(f, "-")
+		col, ok := orderable[name]
+		switch {
+		case f == "" || seen[name]: // a repeated field changes nothing
 			continue
-		}
-		col, ok := orderable[strings.TrimPrefix(f, "-")]
-		if !ok {
+		case !ok:
 			return p, fieldErrors{"ordering": {fmt.Sprintf("Invalid ordering field %q.", f)}}
+		case name == f:
+			order, reverse = append(order, col), append(reverse, col+" DESC")
+		default:
+			order, reverse = append(order, col+" DESC"), append(reverse, col)
 		}
-		if strings.HasPrefix(f, "-") {
-			col += " DESC"
-		}
-		order = append(order, col)
+		seen[name] = true
 	}
 	// The id tie-breaker keeps pages stable when the ordered values repeat.
-	p.orderBy = strings.Join(append(order, orderable["id"]), ", ")
+	if !seen["id"] {
+		order, reverse = append(order, orderable["id"]), append(reverse, orderable["id"]+" DESC")
+	}
+	p.orderBy, p.reverseBy = strings.Join(order, ", "), strings.Join(reverse, ", ")
 	if searchable {
 		// PostgreSQL text holds neither NUL nor invalid UTF-8 (a 500 if sent):
 		// NULs are dropped, as DRF does, and invalid bytes become U+FFFD, as
@@ -278,24 +297,27 @@ type rowScanner interface{ Scan(dest ...any) error }
 
 // listPage answers a collection GET: the page of rows from fromWhere
 // ordered by p, each read by scan, and the count over countFrom (the same
-// rows, with only the joins a count needs). A page that has rows costs one
-// round trip: each row carries the count, and the query checks the login.
-// Only an empty page, or page=last, asks for the count on its own.
+// rows, with only the joins a count needs). Page 1 costs one round trip:
+// each row carries the count, and the query checks the login. Other pages
+// ask for the count first, so that a page past the middle can be read from
+// the end: OFFSET steps over every row it skips, and the last page of
+// 100,000 rows would otherwise cost as much as reading them all.
 //
-// Lists of an owner's rows are not prepared statements (pass db.DB): a plan
-// made once for every owner would be made for the average owner, and one
-// owner with 100,000 patients makes that a sequential scan for all. Planned
-// per call, each owner gets the plan that fits the number of rows it has.
-// The doctor directory has no owner, so its list is prepared (pass db).
-func listPage[T any](r *http.Request, db querier, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
+// A search is not a prepared statement: its text varies with the number of
+// terms, and would fill the statement cache.
+func listPage[T any](r *http.Request, db *database, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
 	ctx, info := r.Context(), infoFrom(r)
+	var q querier = db
+	if len(p.terms) > 0 {
+		q = db.DB
+	}
 	n := len(args)
 	live := liveSQL(n+1, n+2)
 	args = append(args, info.sessionID, info.userID)
 	countAlone := func() (int, error) {
 		var count int
 		var ok bool
-		err := db.QueryRowContext(ctx, "SELECT count(*), "+live+" FROM "+countFrom, args...).Scan(&count, &ok)
+		err := q.QueryRowContext(ctx, "SELECT count(*), "+live+" FROM "+countFrom, args...).Scan(&count, &ok)
 		if err != nil {
 			return 0, fmt.Errorf("count: %w", err)
 		}
@@ -304,24 +326,36 @@ func listPage[T any](r *http.Request, db querier, p listParams, columns, fromWhe
 		}
 		return count, nil
 	}
-	if p.page == 0 { // "last"
-		count, err := countAlone()
-		if err != nil {
+	count, countSQL := 0, "(SELECT count(*) FROM "+countFrom+")"
+	limit, offset, orderBy, reversed := p.size, (p.page-1)*p.size, p.orderBy, false
+	if p.page != 1 {
+		var err error
+		if count, err = countAlone(); err != nil {
 			return page[T]{}, err
 		}
-		p.page = max(1, (count+p.size-1)/p.size)
+		if p.page == 0 { // "last"
+			p.page = max(1, (count+p.size-1)/p.size)
+			offset = (p.page - 1) * p.size
+		}
+		if offset >= count && p.page > 1 {
+			return page[T]{}, errInvalidPage
+		}
+		if fromEnd := count - offset - p.size; offset > 0 && fromEnd < offset {
+			limit, offset, orderBy, reversed = p.size+min(fromEnd, 0), max(fromEnd, 0), p.reverseBy, true
+		}
+		countSQL = "0" // known; the column only keeps the scan the same
 	}
-	q := fmt.Sprintf("SELECT (SELECT count(*) FROM %s), %s FROM %s AND %s ORDER BY %s LIMIT $%d OFFSET $%d",
-		countFrom, columns, fromWhere, live, p.orderBy, n+3, n+4)
-	rows, err := db.QueryContext(ctx, q, append(args, p.size, (p.page-1)*p.size)...)
+	query := fmt.Sprintf("SELECT %s, %s FROM %s AND %s ORDER BY %s LIMIT $%d OFFSET $%d",
+		countSQL, columns, fromWhere, live, orderBy, n+3, n+4)
+	rows, err := q.QueryContext(ctx, query, append(args, limit, offset)...)
 	if err != nil {
 		return page[T]{}, fmt.Errorf("list: %w", err)
 	}
 	defer rows.Close()
-	var count int
-	var results []T
+	var rowCount int
+	results := make([]T, 0, limit)
 	for rows.Next() {
-		v, err := scan(withCount{rows, &count})
+		v, err := scan(withCount{rows, &rowCount})
 		if err != nil {
 			return page[T]{}, fmt.Errorf("scan: %w", err)
 		}
@@ -330,17 +364,23 @@ func listPage[T any](r *http.Request, db querier, p listParams, columns, fromWhe
 	if err := rows.Err(); err != nil {
 		return page[T]{}, fmt.Errorf("list: %w", err)
 	}
+	if reversed {
+		slices.Reverse(results)
+	}
+	if p.page == 1 {
+		count = rowCount
+	}
 	if len(results) == 0 {
-		// No rows: an empty list, a page past the end, or an ended login.
-		if count, err = countAlone(); err != nil {
+		// No rows: an empty list, a page emptied since the count, or an
+		// ended login.
+		if _, err := countAlone(); err != nil {
 			return page[T]{}, err
 		}
 		if p.page > 1 {
 			return page[T]{}, errInvalidPage
 		}
-		// Page 1 is never invalid. A count above zero here means rows were
-		// committed between the two queries; the answer is the empty list
-		// the page query saw, not a 404.
+		// Page 1 is never invalid, and shows what its query saw: rows
+		// committed since then are in the next request's answer.
 		count = 0
 	}
 	return newPage(r, p, count, results), nil
@@ -376,8 +416,7 @@ func liveSQL(sid, uid int) string {
 // that PostgreSQL plans it once per connection rather than at every call:
 // that more than doubles what one core serves. Query texts are built from
 // constants only, so there are few of them; the cache stops growing at
-// maxStatements all the same. Only queries whose best plan does not depend
-// on the values go through it (see listPage).
+// maxStatements all the same.
 type database struct {
 	*sql.DB
 	mu    sync.RWMutex

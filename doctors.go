@@ -26,14 +26,9 @@ const doctorColumns = `id, first_name, last_name, email, specialization, created
 // scanDoctor reads the columns of doctorColumns, in order.
 func scanDoctor(row rowScanner) (doctor, error) {
 	var d doctor
-	err := row.Scan(d.targets()...)
+	err := row.Scan(&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization,
+		(*time.Time)(&d.CreatedAt), (*time.Time)(&d.UpdatedAt))
 	return d, err
-}
-
-// targets are the Scan destinations for doctorColumns.
-func (d *doctor) targets() []any {
-	return []any{&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization,
-		(*time.Time)(&d.CreatedAt), (*time.Time)(&d.UpdatedAt)}
 }
 
 // readDoctor validates a doctor body; see readPatient for partial.

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -55,6 +56,16 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 	logger := newLogger(stdout, cfg.debug)
 	for _, w := range warnings {
 		logger.Warn(w)
+	}
+	// The live heap is a few MiB, so by default the collector would run
+	// after every few MiB of garbage: under load, a tenth of the CPU. Let
+	// garbage grow to four times the live heap, within a soft 64 MiB.
+	// GOGC and GOMEMLIMIT, when set, still decide.
+	if getenv("GOGC") == "" {
+		debug.SetGCPercent(400)
+	}
+	if getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(64 << 20)
 	}
 	db, err := openDB(ctx, cfg.db, cfg.dbMaxConns)
 	if err != nil {

@@ -13,8 +13,9 @@ import (
 	"github.com/lib/pq/pqerror"
 )
 
-// mapping assigns a doctor to a patient. It belongs to the patient's owner:
-// every query joins the patient and names the owner.
+// mapping assigns a doctor to a patient. It belongs to the patient's owner
+// (its owner_id, which a foreign key holds equal): every query names the
+// owner.
 type mapping struct {
 	ID            int64   `json:"id"`
 	Patient       int64   `json:"patient"`
@@ -34,8 +35,10 @@ const mappingJoins = `mappings m JOIN patients p ON p.id = m.patient_id JOIN doc
 func scanMapping(row rowScanner) (mapping, error) {
 	var m mapping
 	var dob sql.NullTime
-	dest := append([]any{&m.ID, (*time.Time)(&m.CreatedAt)}, m.PatientDetail.targets(&dob)...)
-	err := row.Scan(append(dest, m.DoctorDetail.targets()...)...)
+	p, d := &m.PatientDetail, &m.DoctorDetail
+	err := row.Scan(&m.ID, (*time.Time)(&m.CreatedAt),
+		&p.ID, &p.FirstName, &p.LastName, &p.Email, &dob, &p.Phone, (*time.Time)(&p.CreatedAt), (*time.Time)(&p.UpdatedAt),
+		&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization, (*time.Time)(&d.CreatedAt), (*time.Time)(&d.UpdatedAt))
 	m.PatientDetail.setBirthDate(dob)
 	m.Patient, m.Doctor = m.PatientDetail.ID, m.DoctorDetail.ID
 	return m, err
@@ -49,8 +52,8 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	pg, err := listPage(r, s.db.DB, p, mappingColumns, mappingJoins+" WHERE p.owner_id = $1",
-		"mappings m JOIN patients p ON p.id = m.patient_id WHERE p.owner_id = $1", []any{infoFrom(r).userID}, scanMapping)
+	pg, err := listPage(r, s.db, p, mappingColumns, mappingJoins+" WHERE m.owner_id = $1",
+		"mappings m WHERE m.owner_id = $1", []any{infoFrom(r).userID}, scanMapping)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -125,8 +128,8 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) {
 	ctx, owner, sid := r.Context(), infoFrom(r).userID, infoFrom(r).sessionID
 	q := `
 		WITH m AS (
-			INSERT INTO mappings (patient_id, doctor_id)
-			SELECT id, $2 FROM patients WHERE id = $1 AND owner_id = $3 AND ` + liveSQL(4, 3) + `
+			INSERT INTO mappings (owner_id, patient_id, doctor_id)
+			SELECT owner_id, id, $2 FROM patients WHERE id = $1 AND owner_id = $3 AND ` + liveSQL(4, 3) + `
 			RETURNING id, patient_id, doctor_id, created_at)
 		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
 	m, err := scanMapping(s.db.QueryRowContext(ctx, q, patientID, doctorID, owner, sid))
@@ -172,7 +175,7 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, owner, sid := r.Context(), infoFrom(r).userID, infoFrom(r).sessionID
 	q := `SELECT ` + mappingColumns + ` FROM ` + mappingJoins + `
-		WHERE p.id = $1 AND p.owner_id = $2 AND ` + liveSQL(3, 2) + ` ORDER BY m.created_at, m.id`
+		WHERE m.patient_id = $1 AND m.owner_id = $2 AND ` + liveSQL(3, 2) + ` ORDER BY m.created_at, m.id`
 	rows, err := s.db.QueryContext(ctx, q, id, owner, sid)
 	if err != nil {
 		s.fail(w, r, fmt.Errorf("list patient mappings: %w", err))
@@ -211,8 +214,7 @@ func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, errNotFound)
 		return
 	}
-	q := `DELETE FROM mappings m USING patients p
-		WHERE m.id = $1 AND p.id = m.patient_id AND p.owner_id = $2 AND ` + liveSQL(3, 2)
+	q := `DELETE FROM mappings WHERE id = $1 AND owner_id = $2 AND ` + liveSQL(3, 2)
 	res, err := s.db.ExecContext(r.Context(), q, id, infoFrom(r).userID, infoFrom(r).sessionID)
 	if err != nil {
 		s.fail(w, r, fmt.Errorf("delete mapping: %w", err))

@@ -31,18 +31,13 @@ const patientColumns = `id, first_name, last_name, email, date_of_birth, phone, 
 func scanPatient(row rowScanner) (patient, error) {
 	var p patient
 	var dob sql.NullTime
-	err := row.Scan(p.targets(&dob)...)
+	err := row.Scan(&p.ID, &p.FirstName, &p.LastName, &p.Email, &dob, &p.Phone,
+		(*time.Time)(&p.CreatedAt), (*time.Time)(&p.UpdatedAt))
 	p.setBirthDate(dob)
 	return p, err
 }
 
-// targets are the Scan destinations for patientColumns; the date of birth
-// goes through dob, and setBirthDate then formats it.
-func (p *patient) targets(dob *sql.NullTime) []any {
-	return []any{&p.ID, &p.FirstName, &p.LastName, &p.Email, dob, &p.Phone,
-		(*time.Time)(&p.CreatedAt), (*time.Time)(&p.UpdatedAt)}
-}
-
+// setBirthDate formats a scanned date of birth as the API writes it.
 func (p *patient) setBirthDate(dob sql.NullTime) {
 	if dob.Valid {
 		s := dob.Time.Format(time.DateOnly)
@@ -135,7 +130,7 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) {
 	}
 	args := []any{infoFrom(r).userID}
 	from := "patients WHERE owner_id = $1" + p.searchSQL([]string{"first_name", "last_name", "email"}, &args)
-	pg, err := listPage(r, s.db.DB, p, patientColumns, from, from, args, scanPatient)
+	pg, err := listPage(r, s.db, p, patientColumns, from, from, args, scanPatient)
 	if err != nil {
 		s.fail(w, r, err)
 		return

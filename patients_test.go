@@ -658,6 +658,31 @@ func TestPatientOrdering(t *testing.T) {
 			res := do(t, s, req{method: "GET", path: patientsPath + "?ordering=" + url.QueryEscape(tc.ordering), token: a.access})
 			wantPage(t, res, 4, "", "", tc.want)
 		})
+		// Pages past the middle are read from the end and turned round
+		// (listPage): every page must still hold its own rows, in order.
+		t.Run("ordering="+tc.ordering+" page by page", func(t *testing.T) {
+			for _, size := range []int{1, 3} {
+				link := func(n int) string {
+					if n < 1 || (n-1)*size >= 4 {
+						return ""
+					}
+					q := url.Values{"ordering": {tc.ordering}, "page_size": {strconv.Itoa(size)}}
+					if n > 1 {
+						q.Set("page", strconv.Itoa(n))
+					}
+					return "http://localhost" + patientsPath + "?" + q.Encode()
+				}
+				for n := 1; (n-1)*size < 4; n++ {
+					res := do(t, s, req{method: "GET", path: patientsPath + "?ordering=" + url.QueryEscape(tc.ordering) +
+						"&page_size=" + strconv.Itoa(size) + "&page=" + strconv.Itoa(n), token: a.access})
+					wantPage(t, res, 4, link(n+1), link(n-1), tc.want[(n-1)*size:min(n*size, 4)])
+				}
+				res := do(t, s, req{method: "GET", path: patientsPath + "?ordering=" + url.QueryEscape(tc.ordering) +
+					"&page_size=" + strconv.Itoa(size) + "&page=last", token: a.access})
+				last := (4 + size - 1) / size
+				wantPage(t, res, 4, "", link(last-1), tc.want[(last-1)*size:])
+			}
+		})
 	}
 	for _, tc := range []struct{ ordering, field string }{
 		{"nope", "nope"},

@@ -53,7 +53,10 @@ CREATE TABLE IF NOT EXISTS patients (
 -- Unique per owner, not globally: a global key would tell one user that
 -- another user has a patient with that email.
 CREATE UNIQUE INDEX IF NOT EXISTS patients_owner_email ON patients (owner_id, email);
-CREATE INDEX IF NOT EXISTS patients_owner_id ON patients (owner_id, id);
+-- An owner's list is one range of this index. It is unique so that mappings
+-- can name (owner, patient) in one foreign key.
+CREATE UNIQUE INDEX IF NOT EXISTS patients_owner_id_key ON patients (owner_id, id);
+DROP INDEX IF EXISTS patients_owner_id; -- its non-unique predecessor
 
 CREATE TABLE IF NOT EXISTS doctors (
     id             bigserial PRIMARY KEY,
@@ -69,12 +72,39 @@ CREATE UNIQUE INDEX IF NOT EXISTS doctors_email ON doctors (email);
 
 CREATE TABLE IF NOT EXISTS mappings (
     id         bigserial PRIMARY KEY,
-    patient_id bigint      NOT NULL REFERENCES patients (id) ON DELETE CASCADE,
+    -- The patient's owner, kept here so that an owner's list is one range of
+    -- an index; the foreign key mappings_patient holds it equal to the
+    -- patient's owner.
+    owner_id   bigint      NOT NULL,
+    patient_id bigint      NOT NULL,
     -- RESTRICT: deleting an assigned doctor must fail, not silently remove
     -- other users' assignments.
     doctor_id  bigint      NOT NULL REFERENCES doctors (id) ON DELETE RESTRICT,
     created_at timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT mappings_patient_doctor UNIQUE (patient_id, doctor_id)
+    CONSTRAINT mappings_patient_doctor UNIQUE (patient_id, doctor_id),
+    CONSTRAINT mappings_patient FOREIGN KEY (owner_id, patient_id)
+        REFERENCES patients (owner_id, id) ON DELETE CASCADE
 );
+-- A database made before mappings had owner_id gains it here, once.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'mappings' AND column_name = 'owner_id') THEN
+        ALTER TABLE mappings ADD COLUMN owner_id bigint;
+        UPDATE mappings m SET owner_id = p.owner_id FROM patients p WHERE p.id = m.patient_id;
+        ALTER TABLE mappings ALTER COLUMN owner_id SET NOT NULL,
+            DROP CONSTRAINT mappings_patient_id_fkey,
+            ADD CONSTRAINT mappings_patient FOREIGN KEY (owner_id, patient_id)
+                REFERENCES patients (owner_id, id) ON DELETE CASCADE;
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS mappings_doctor_id ON mappings (doctor_id);
+CREATE INDEX IF NOT EXISTS mappings_owner_id ON mappings (owner_id, id);
+
+-- Lists are prepared statements run with generic plans (see db.go), made
+-- without knowing which owner will ask. The planner would then assume
+-- every owner holds rows/n_distinct rows; in a young database with two
+-- users that is half the table, and the plan a sequential scan, for every
+-- owner. A list is one owner's by design, so say owners are many.
+ALTER TABLE patients ALTER COLUMN owner_id SET (n_distinct = -0.01);
+ALTER TABLE mappings ALTER COLUMN owner_id SET (n_distinct = -0.01);
 
