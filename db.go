@@ -296,8 +296,8 @@ func newPage[T any](r *http.Request, p listParams, count int, results []T) page[
 type rowScanner interface{ Scan(dest ...any) error }
 
 // listPage answers a collection GET: the page of rows from fromWhere
-// ordered by p, each read by scan, and the count over countFrom (the same
-// rows, with only the joins a count needs). Page 1 costs one round trip:
+// ordered by p, each read by scan, and their number from countSQL (a
+// SELECT of one number). Page 1 costs one round trip:
 // each row carries the count, and the query checks the login. Other pages
 // ask for the count first, so that a page past the middle can be read from
 // the end: OFFSET steps over every row it skips, and the last page of
@@ -305,7 +305,7 @@ type rowScanner interface{ Scan(dest ...any) error }
 //
 // A search is not a prepared statement: its text varies with the number of
 // terms, and would fill the statement cache.
-func listPage[T any](r *http.Request, db *database, p listParams, columns, fromWhere, countFrom string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
+func listPage[T any](r *http.Request, db *database, p listParams, columns, fromWhere, countSQL string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
 	ctx, info := r.Context(), infoFrom(r)
 	var q querier = db
 	if len(p.terms) > 0 {
@@ -317,7 +317,7 @@ func listPage[T any](r *http.Request, db *database, p listParams, columns, fromW
 	countAlone := func() (int, error) {
 		var count int
 		var ok bool
-		err := q.QueryRowContext(ctx, "SELECT count(*), "+live+" FROM "+countFrom, args...).Scan(&count, &ok)
+		err := q.QueryRowContext(ctx, "SELECT ("+countSQL+"), "+live, args...).Scan(&count, &ok)
 		if err != nil {
 			return 0, fmt.Errorf("count: %w", err)
 		}
@@ -326,7 +326,7 @@ func listPage[T any](r *http.Request, db *database, p listParams, columns, fromW
 		}
 		return count, nil
 	}
-	count, countSQL := 0, "(SELECT count(*) FROM "+countFrom+")"
+	count, countColumn := 0, "("+countSQL+")"
 	limit, offset, orderBy, reversed := p.size, (p.page-1)*p.size, p.orderBy, false
 	if p.page != 1 {
 		var err error
@@ -343,10 +343,10 @@ func listPage[T any](r *http.Request, db *database, p listParams, columns, fromW
 		if fromEnd := count - offset - p.size; offset > 0 && fromEnd < offset {
 			limit, offset, orderBy, reversed = p.size+min(fromEnd, 0), max(fromEnd, 0), p.reverseBy, true
 		}
-		countSQL = "0" // known; the column only keeps the scan the same
+		countColumn = "0" // known; the column only keeps the scan the same
 	}
 	query := fmt.Sprintf("SELECT %s, %s FROM %s AND %s ORDER BY %s LIMIT $%d OFFSET $%d",
-		countSQL, columns, fromWhere, live, orderBy, n+3, n+4)
+		countColumn, columns, fromWhere, live, orderBy, n+3, n+4)
 	rows, err := q.QueryContext(ctx, query, append(args, limit, offset)...)
 	if err != nil {
 		return page[T]{}, fmt.Errorf("list: %w", err)

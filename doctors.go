@@ -74,7 +74,7 @@ func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) {
 	}
 	var args []any
 	from := "doctors WHERE true" + p.searchSQL([]string{"first_name", "last_name", "email", "specialization"}, &args)
-	pg, err := listPage(r, s.db, p, doctorColumns, from, from, args, scanDoctor)
+	pg, err := listPage(r, s.db, p, doctorColumns, from, "SELECT count(*) FROM "+from, args, scanDoctor)
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -53,7 +53,7 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pg, err := listPage(r, s.db, p, mappingColumns, mappingJoins+" WHERE m.owner_id = $1",
-		"mappings m WHERE m.owner_id = $1", []any{infoFrom(r).userID}, scanMapping)
+		"SELECT count(*) FROM mappings WHERE owner_id = $1", []any{infoFrom(r).userID}, scanMapping)
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -130,7 +130,11 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) {
 	}
 	args := []any{infoFrom(r).userID}
 	from := "patients WHERE owner_id = $1" + p.searchSQL([]string{"first_name", "last_name", "email"}, &args)
-	pg, err := listPage(r, s.db, p, patientColumns, from, from, args, scanPatient)
+	count := "SELECT count(*) FROM " + from
+	if len(p.terms) == 0 {
+		count = "SELECT coalesce(sum(n), 0) FROM patient_counts WHERE owner_id = $1" // see schema.sql
+	}
+	pg, err := listPage(r, s.db, p, patientColumns, from, count, args, scanPatient)
 	if err != nil {
 		s.fail(w, r, err)
 		return

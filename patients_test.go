@@ -1185,3 +1185,55 @@ func TestPatientQueryNotText(t *testing.T) {
 		wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?page=%00", token: a.access}), 404, bodyInvalidPage)
 	})
 }
+
+// TestPatientCountRace creates and deletes one owner's patients from many
+// goroutines at once (so on many database connections, each with its own
+// count slot) and checks the list's count against the rows themselves.
+func TestPatientCountRace(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	const workers, each = 8, 25
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				id, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{
+					"first_name": "Count", "email": fmt.Sprintf("c%d-%d@example.com", w, i)})
+				if i%5 == 0 {
+					if res := do(t, s, req{method: "DELETE", path: patientPath(id), token: a.access}); res.status != http.StatusNoContent {
+						t.Errorf("delete: %d %s", res.status, res.body)
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	var rows int
+	if err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM patients WHERE owner_id = $1`, a.id).Scan(&rows); err != nil {
+		t.Fatal(err)
+	}
+	if want := workers * each * 4 / 5; rows != want {
+		t.Fatalf("%d rows, want %d", rows, want)
+	}
+	// Another owner's patients are not counted.
+	b := register(t, s)
+	other, _ := mustCreate(t, s, b.access, patientsPath, map[string]any{"first_name": "Other", "email": "other@example.com"})
+	for _, q := range []string{"", "?page=last", "?page=3"} {
+		page := do(t, s, req{method: "GET", path: patientsPath + q, token: a.access}).object(t)
+		if page["count"] != float64(rows) {
+			t.Errorf("GET %s: count %v, want %d", q, page["count"], rows)
+		}
+	}
+	// Deleting an owner deletes its patients and its counts.
+	if _, err := testDB.ExecContext(t.Context(), `DELETE FROM users WHERE id = $1`, a.id); err != nil {
+		t.Fatalf("delete owner: %v", err)
+	}
+	var left int
+	err := testDB.QueryRowContext(t.Context(), `SELECT (SELECT count(*) FROM patients WHERE owner_id = $1) + (SELECT count(*) FROM patient_counts WHERE owner_id = $1)`, a.id).Scan(&left)
+	if err != nil || left != 0 {
+		t.Fatalf("after deleting the owner: %d rows left, %v", left, err)
+	}
+	wantPage(t, do(t, s, req{method: "GET", path: patientsPath, token: b.access}), 1, "", "", []int64{other})
+}

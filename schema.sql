@@ -58,6 +58,45 @@ CREATE UNIQUE INDEX IF NOT EXISTS patients_owner_email ON patients (owner_id, em
 CREATE UNIQUE INDEX IF NOT EXISTS patients_owner_id_key ON patients (owner_id, id);
 DROP INDEX IF EXISTS patients_owner_id; -- its non-unique predecessor
 
+-- How many patients each owner has, kept by the trigger below, so that a
+-- list's count is a lookup rather than a pass over all of the owner's rows
+-- (4 ms for 100,000). An owner's count is the sum of its slots. Each
+-- database connection writes its own slot (pg_backend_pid() % 16): with one
+-- row per owner, one owner's concurrent inserts would queue on its lock.
+CREATE TABLE IF NOT EXISTS patient_counts (
+    owner_id bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    slot     int    NOT NULL,
+    n        bigint NOT NULL,
+    PRIMARY KEY (owner_id, slot)
+);
+
+CREATE OR REPLACE FUNCTION count_patients() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'DELETE' THEN -- an INSERT, or an UPDATE of owner_id
+        INSERT INTO patient_counts AS c (owner_id, slot, n) VALUES (NEW.owner_id, pg_backend_pid() % 16, 1)
+        ON CONFLICT (owner_id, slot) DO UPDATE SET n = c.n + 1;
+    END IF;
+    -- When the owner itself is being deleted, its counts go with it
+    -- (CASCADE), and a new slot row would name a user that is gone.
+    IF TG_OP <> 'INSERT' AND EXISTS (SELECT 1 FROM users WHERE id = OLD.owner_id) THEN
+        INSERT INTO patient_counts AS c (owner_id, slot, n) VALUES (OLD.owner_id, pg_backend_pid() % 16, -1)
+        ON CONFLICT (owner_id, slot) DO UPDATE SET n = c.n - 1;
+    END IF;
+    RETURN NULL;
+END $$;
+
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'patients_count' AND tgrelid = 'patients'::regclass) THEN
+        CREATE TRIGGER patients_count AFTER INSERT OR DELETE OR UPDATE OF owner_id ON patients
+            FOR EACH ROW EXECUTE FUNCTION count_patients();
+        -- Count the rows from before the trigger. Creating it locked out
+        -- writers until the schema commits, so no row is counted twice.
+        DELETE FROM patient_counts;
+        INSERT INTO patient_counts (owner_id, slot, n)
+        SELECT owner_id, 0, count(*) FROM patients GROUP BY owner_id;
+    END IF;
+END $$;
+
 CREATE TABLE IF NOT EXISTS doctors (
     id             bigserial PRIMARY KEY,
     created_by     bigint       REFERENCES users (id) ON DELETE SET NULL,
