@@ -18,6 +18,7 @@ import (
 	"testing"
 
 	"github.com/lib/pq"
+	"github.com/lib/pq/pqerror"
 )
 
 // testDB is the throw-away database TestMain creates for this run. Every
@@ -258,5 +259,74 @@ func TestHealthAndReady(t *testing.T) {
 			res := do(t, s, req{method: "GET", path: path, header: map[string]string{"Host": "10.0.0.7"}})
 			wantJSON(t, res, http.StatusOK, `{"status": "ok"}`)
 		})
+	}
+}
+
+// TestSchemaUpgrade applies schema.sql to a database shaped as before
+// mappings carried owner_id and before patient counts were kept: the
+// upgrade must fill both in, once, and the new constraint must hold.
+func TestSchemaUpgrade(t *testing.T) {
+	ctx := t.Context()
+	cfg := testDBConfig
+	cfg.Database += "_upgrade"
+	db, err := openDB(ctx, cfg, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		db.Close()
+		admin := cfg
+		admin.Database = "postgres"
+		if a, err := connect(admin, 1); err == nil {
+			a.ExecContext(context.Background(), "DROP DATABASE IF EXISTS "+pq.QuoteIdentifier(cfg.Database)+" WITH (FORCE)")
+			a.Close()
+		}
+	})
+	exec := func(q string) {
+		t.Helper()
+		if _, err := db.ExecContext(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	exec(`DROP TRIGGER patients_count ON patients;
+		ALTER TABLE mappings DROP COLUMN owner_id;
+		ALTER TABLE mappings ADD CONSTRAINT mappings_patient_id_fkey FOREIGN KEY (patient_id) REFERENCES patients (id) ON DELETE CASCADE;
+		INSERT INTO users (id, username, email, name, password) VALUES (1, 'a', 'a@example.com', 'A', '!'), (2, 'b', 'b@example.com', 'B', '!');
+		INSERT INTO patients (id, owner_id, first_name, email) VALUES
+			(1, 1, 'P', 'p1@example.com'), (2, 1, 'P', 'p2@example.com'), (3, 1, 'P', 'p3@example.com'),
+			(4, 2, 'P', 'p4@example.com'), (5, 2, 'P', 'p5@example.com');
+		INSERT INTO patient_counts (owner_id, slot, n) VALUES (1, 3, 99); -- stale: must not survive
+		INSERT INTO doctors (id, first_name, email, specialization) VALUES (1, 'D', 'd@example.com', 'Cardiology');
+		INSERT INTO mappings (patient_id, doctor_id) VALUES (2, 1), (4, 1);`)
+	check := func() {
+		t.Helper()
+		var got string
+		err := db.QueryRowContext(ctx, `SELECT
+			(SELECT string_agg(owner_id || ':' || total, ' ' ORDER BY owner_id) FROM
+				(SELECT owner_id, sum(n) AS total FROM patient_counts GROUP BY owner_id) c) || ' / ' ||
+			(SELECT string_agg(id || ':' || owner_id, ' ' ORDER BY id) FROM mappings) || ' / ' ||
+			(SELECT string_agg(conname, ' ' ORDER BY conname) FROM pg_constraint
+			 WHERE conrelid = 'mappings'::regclass AND contype = 'f')`).Scan(&got)
+		if want := "1:3 2:2 / 1:1 2:2 / mappings_doctor_id_fkey mappings_patient"; err != nil || got != want {
+			t.Fatalf("after upgrade: %q, %v; want %q", got, err, want)
+		}
+	}
+	for range 2 { // the second run must change nothing
+		if err := migrate(ctx, db); err != nil {
+			t.Fatalf("migrate: %v", err)
+		}
+		check()
+	}
+	// The database, not the handler, keeps a mapping's owner its patient's.
+	_, err = db.ExecContext(ctx, `INSERT INTO mappings (owner_id, patient_id, doctor_id) VALUES (2, 3, 1)`)
+	if _, ok := violation(err, pqerror.ForeignKeyViolation); !ok {
+		t.Fatalf("mapping of user 1's patient under owner 2: %v, want a foreign key violation", err)
+	}
+	exec(`INSERT INTO patients (id, owner_id, first_name, email) VALUES (6, 2, 'P', 'p6@example.com');
+		DELETE FROM patients WHERE id = 1`)
+	var counts string
+	if err := db.QueryRowContext(ctx, `SELECT string_agg(owner_id || ':' || total, ' ' ORDER BY owner_id) FROM
+		(SELECT owner_id, sum(n) AS total FROM patient_counts GROUP BY owner_id) c`).Scan(&counts); err != nil || counts != "1:2 2:3" {
+		t.Fatalf("counts after an insert and a delete: %q, %v; want \"1:2 2:3\"", counts, err)
 	}
 }
