@@ -508,9 +508,9 @@ func (a assignments) update(info *requestInfo, id int64, table, where, returning
 	return q, append([]any{id, info.userID, info.sessionID}, a.args...)
 }
 
-// stamp is a time as DRF writes it: RFC 3339 in UTC, microseconds, "Z".
-type stamp time.Time
-
-func (t stamp) MarshalJSON() ([]byte, error) {
-	return time.Time(t).UTC().AppendFormat([]byte(`"`), `2006-01-02T15:04:05.000000Z"`), nil
+// stampSQL selects a timestamp column as DRF writes a time: RFC 3339 in UTC
+// with microseconds and "Z". PostgreSQL formats it, so it reaches the JSON
+// as a string, without being parsed and formatted again in Go.
+func stampSQL(column string) string {
+	return "to_char(" + column + ` AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')`
 }

@@ -4,7 +4,6 @@ import (
 	"database/sql"
 	"fmt"
 	"net/http"
-	"time"
 
 	"github.com/lib/pq/pqerror"
 )
@@ -17,18 +16,27 @@ type doctor struct {
 	LastName       string `json:"last_name"`
 	Email          string `json:"email"`
 	Specialization string `json:"specialization"`
-	CreatedAt      stamp  `json:"created_at"`
-	UpdatedAt      stamp  `json:"updated_at"`
+	CreatedAt      string `json:"created_at"`
+	UpdatedAt      string `json:"updated_at"`
 }
 
-const doctorColumns = `id, first_name, last_name, email, specialization, created_at, updated_at`
+// doctorColumnsOf selects a doctor's fields, as the API writes them and in
+// scanDoctor's order, from the table alias t ("d." or "").
+func doctorColumnsOf(t string) string {
+	return t + "id, " + t + "first_name, " + t + "last_name, " + t + "email, " + t + "specialization, " +
+		stampSQL(t+"created_at") + ", " + stampSQL(t+"updated_at")
+}
 
-// scanDoctor reads the columns of doctorColumns, in order.
+var doctorColumns = doctorColumnsOf("")
+
 func scanDoctor(row rowScanner) (doctor, error) {
 	var d doctor
-	err := row.Scan(&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization,
-		(*time.Time)(&d.CreatedAt), (*time.Time)(&d.UpdatedAt))
+	err := row.Scan(d.targets()...)
 	return d, err
+}
+
+func (d *doctor) targets() []any {
+	return []any{&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization, &d.CreatedAt, &d.UpdatedAt}
 }
 
 // readDoctor validates a doctor body; see readPatient for partial.

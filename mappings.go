@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/lib/pq/pqerror"
 )
@@ -22,24 +21,19 @@ type mapping struct {
 	Doctor        int64   `json:"doctor"`
 	PatientDetail patient `json:"patient_detail"`
 	DoctorDetail  doctor  `json:"doctor_detail"`
-	CreatedAt     stamp   `json:"created_at"`
+	CreatedAt     string  `json:"created_at"`
 }
 
-// mappingColumns reads a mapping with its patient (p) and doctor (d).
-const mappingColumns = `m.id, m.created_at,
-	p.id, p.first_name, p.last_name, p.email, p.date_of_birth, p.phone, p.created_at, p.updated_at,
-	d.id, d.first_name, d.last_name, d.email, d.specialization, d.created_at, d.updated_at`
+// mappingColumns reads a mapping (m) with its patient (p) and doctor (d).
+var mappingColumns = "m.id, " + stampSQL("m.created_at") + ", " + patientColumnsOf("p.") + ", " + doctorColumnsOf("d.")
 
 const mappingJoins = `mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
 
 func scanMapping(row rowScanner) (mapping, error) {
 	var m mapping
-	var dob sql.NullTime
-	p, d := &m.PatientDetail, &m.DoctorDetail
-	err := row.Scan(&m.ID, (*time.Time)(&m.CreatedAt),
-		&p.ID, &p.FirstName, &p.LastName, &p.Email, &dob, &p.Phone, (*time.Time)(&p.CreatedAt), (*time.Time)(&p.UpdatedAt),
-		&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization, (*time.Time)(&d.CreatedAt), (*time.Time)(&d.UpdatedAt))
-	m.PatientDetail.setBirthDate(dob)
+	dest := append(make([]any, 0, 17), &m.ID, &m.CreatedAt)
+	dest = append(append(dest, m.PatientDetail.targets()...), m.DoctorDetail.targets()...)
+	err := row.Scan(dest...)
 	m.Patient, m.Doctor = m.PatientDetail.ID, m.DoctorDetail.ID
 	return m, err
 }

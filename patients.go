@@ -21,28 +21,27 @@ type patient struct {
 	Email       string  `json:"email"`
 	DateOfBirth *string `json:"date_of_birth"`
 	Phone       string  `json:"phone"`
-	CreatedAt   stamp   `json:"created_at"`
-	UpdatedAt   stamp   `json:"updated_at"`
+	CreatedAt   string  `json:"created_at"`
+	UpdatedAt   string  `json:"updated_at"`
 }
 
-const patientColumns = `id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at`
+// patientColumnsOf selects a patient's fields, as the API writes them and
+// in scanPatient's order, from the table alias t ("p." or "").
+func patientColumnsOf(t string) string {
+	return t + "id, " + t + "first_name, " + t + "last_name, " + t + "email, to_char(" + t + "date_of_birth, 'YYYY-MM-DD'), " +
+		t + "phone, " + stampSQL(t+"created_at") + ", " + stampSQL(t+"updated_at")
+}
 
-// scanPatient reads the columns of patientColumns, in order.
+var patientColumns = patientColumnsOf("")
+
 func scanPatient(row rowScanner) (patient, error) {
 	var p patient
-	var dob sql.NullTime
-	err := row.Scan(&p.ID, &p.FirstName, &p.LastName, &p.Email, &dob, &p.Phone,
-		(*time.Time)(&p.CreatedAt), (*time.Time)(&p.UpdatedAt))
-	p.setBirthDate(dob)
+	err := row.Scan(p.targets()...)
 	return p, err
 }
 
-// setBirthDate formats a scanned date of birth as the API writes it.
-func (p *patient) setBirthDate(dob sql.NullTime) {
-	if dob.Valid {
-		s := dob.Time.Format(time.DateOnly)
-		p.DateOfBirth = &s
-	}
+func (p *patient) targets() []any {
+	return []any{&p.ID, &p.FirstName, &p.LastName, &p.Email, &p.DateOfBirth, &p.Phone, &p.CreatedAt, &p.UpdatedAt}
 }
 
 var phoneRE = regexp.MustCompile(`^\+?[0-9 ().\-]+$`)

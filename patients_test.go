@@ -28,9 +28,10 @@ func uniqueLabel(prefix string) string {
 	return fmt.Sprintf("%s%dx%x", prefix, labelSeq.Add(1), b)
 }
 
-var stampRE = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$`)
+var stampRE = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$`)
 
-// isStamp reports whether s is an RFC 3339 time in UTC ending in Z.
+// isStamp reports whether s is a time as DRF writes it: RFC 3339 in UTC,
+// microseconds, Z.
 func isStamp(s string) bool {
 	_, err := time.Parse(time.RFC3339Nano, s)
 	return err == nil && stampRE.MatchString(s)
