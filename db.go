@@ -297,11 +297,12 @@ type rowScanner interface{ Scan(dest ...any) error }
 
 // listPage answers a collection GET: the page of rows from fromWhere
 // ordered by p, each read by scan, and their number from countSQL (a
-// SELECT of one number). Page 1 costs one round trip:
-// each row carries the count, and the query checks the login. Other pages
-// ask for the count first, so that a page past the middle can be read from
-// the end: OFFSET steps over every row it skips, and the last page of
-// 100,000 rows would otherwise cost as much as reading them all.
+// SELECT of one number). Each row carries the count, taken in the same
+// snapshot as the rows, and the query checks the login, so page 1 costs
+// one round trip. Other pages ask for the count first, to refuse a page
+// past the end and so that a page past the middle can be read from the
+// end: OFFSET steps over every row it skips, and the last page of 100,000
+// rows would otherwise cost as much as reading them all.
 //
 // A search is not a prepared statement: its text varies with the number of
 // terms, and would fill the statement cache.
@@ -326,36 +327,40 @@ func listPage[T any](r *http.Request, db *database, p listParams, columns, fromW
 		}
 		return count, nil
 	}
-	count, countColumn := 0, "("+countSQL+")"
-	limit, offset, orderBy, reversed := p.size, (p.page-1)*p.size, p.orderBy, false
+	limit, offset, orderBy, reversed := "$%[1]d", "$%[2]d", p.orderBy, false
 	if p.page != 1 {
-		var err error
-		if count, err = countAlone(); err != nil {
+		count, err := countAlone()
+		if err != nil {
 			return page[T]{}, err
 		}
+		// Compared before multiplying: a page number near the int limit
+		// must be a 404, not an overflowed offset.
+		pages := max(1, (count+p.size-1)/p.size)
 		if p.page == 0 { // "last"
-			p.page = max(1, (count+p.size-1)/p.size)
-			offset = (p.page - 1) * p.size
+			p.page = pages
 		}
-		if offset >= count && p.page > 1 {
+		if p.page > pages {
 			return page[T]{}, errInvalidPage
 		}
-		if fromEnd := count - offset - p.size; offset > 0 && fromEnd < offset {
-			limit, offset, orderBy, reversed = p.size+min(fromEnd, 0), max(fromEnd, 0), p.reverseBy, true
+		if o := (p.page - 1) * p.size; o > 0 && count-o-p.size < o {
+			// Read from the end. The position comes from the count the
+			// query itself sees, so that a row committed since the count
+			// above cannot shift the page.
+			orderBy, reversed = p.reverseBy, true
+			limit, offset = "greatest(least($%[1]d, (SELECT n FROM total) - $%[2]d), 0)", "greatest((SELECT n FROM total) - $%[2]d - $%[1]d, 0)"
 		}
-		countColumn = "0" // known; the column only keeps the scan the same
 	}
-	query := fmt.Sprintf("SELECT %s, %s FROM %s AND %s ORDER BY %s LIMIT $%d OFFSET $%d",
-		countColumn, columns, fromWhere, live, orderBy, n+3, n+4)
-	rows, err := q.QueryContext(ctx, query, append(args, limit, offset)...)
+	query := fmt.Sprintf("WITH total(n) AS (%s) SELECT (SELECT n FROM total), %s FROM %s AND %s ORDER BY %s LIMIT %s OFFSET %s",
+		countSQL, columns, fromWhere, live, orderBy, fmt.Sprintf(limit, n+3, n+4), fmt.Sprintf(offset, n+3, n+4))
+	rows, err := q.QueryContext(ctx, query, append(args, p.size, (p.page-1)*p.size)...)
 	if err != nil {
 		return page[T]{}, fmt.Errorf("list: %w", err)
 	}
 	defer rows.Close()
-	var rowCount int
-	results := make([]T, 0, limit)
+	var count int
+	results := make([]T, 0, p.size)
 	for rows.Next() {
-		v, err := scan(withCount{rows, &rowCount})
+		v, err := scan(withCount{rows, &count})
 		if err != nil {
 			return page[T]{}, fmt.Errorf("scan: %w", err)
 		}
@@ -366,9 +371,6 @@ func listPage[T any](r *http.Request, db *database, p listParams, columns, fromW
 	}
 	if reversed {
 		slices.Reverse(results)
-	}
-	if p.page == 1 {
-		count = rowCount
 	}
 	if len(results) == 0 {
 		// No rows: an empty list, a page emptied since the count, or an

@@ -523,7 +523,10 @@ func TestPatientPagination(t *testing.T) {
 		wantJSON(t, page, 200, fmt.Sprintf(`{"count": 25, "next": %q, "previous": null, "results": [%s]}`,
 			base+"?page=2&page_size=1", one))
 	})
-	for _, p := range []string{"4", "0", "-1", "abc", "1.5", "99999999999999999999", "%27%3B", "last1"} {
+	// Pages so large that (page-1)*page_size overflows an int must still
+	// be "Invalid page.", not a negative OFFSET (500) or page 1 again.
+	for _, p := range []string{"4", "0", "-1", "abc", "1.5", "99999999999999999999", "%27%3B", "last1",
+		"92233720368547760&page_size=100", "4611686018427387905&page_size=4", "9223372036854775807"} {
 		t.Run("invalid page "+p, func(t *testing.T) {
 			wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?page=" + p, token: a.access}), 404, bodyInvalidPage)
 		})
@@ -662,7 +665,7 @@ func TestPatientOrdering(t *testing.T) {
 		// Pages past the middle are read from the end and turned round
 		// (listPage): every page must still hold its own rows, in order.
 		t.Run("ordering="+tc.ordering+" page by page", func(t *testing.T) {
-			for _, size := range []int{1, 3} {
+			for _, size := range []int{1, 3, 10} {
 				link := func(n int) string {
 					if n < 1 || (n-1)*size >= 4 {
 						return ""
