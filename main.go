@@ -59,7 +59,9 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 	}
 	// The live heap is a few MiB, so by default the collector would run
 	// after every few MiB of garbage: under load, a tenth of the CPU. Let
-	// garbage grow to four times the live heap, within a soft 64 MiB.
+	// garbage grow to four times the live heap, within a soft 64 MiB. With
+	// every IP-keyed limiter full (3 × RATE_MAX_KEYS clients, ~50 MiB live)
+	// the collector runs more often instead, and memory stays bounded.
 	// GOGC and GOMEMLIMIT, when set, still decide.
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(400)
