@@ -262,14 +262,13 @@ func TestHealthAndReady(t *testing.T) {
 	}
 }
 
-// TestSchemaUpgrade applies schema.sql to a database shaped as before
-// mappings carried owner_id and before patient counts were kept: the
-// upgrade must fill both in, once, and the new constraint must hold.
-func TestSchemaUpgrade(t *testing.T) {
-	ctx := t.Context()
+// scratchDB is a database of its own for a test that changes the schema or
+// the statistics, created with schema.sql and dropped after the test.
+func scratchDB(t *testing.T, suffix string) *sql.DB {
+	t.Helper()
 	cfg := testDBConfig
-	cfg.Database += "_upgrade"
-	db, err := openDB(ctx, cfg, 2)
+	cfg.Database += suffix
+	db, err := openDB(t.Context(), cfg, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,6 +281,59 @@ func TestSchemaUpgrade(t *testing.T) {
 			a.Close()
 		}
 	})
+	return db
+}
+
+// TestGenericPlanUsesOwnerIndex checks the plan every connection keeps for
+// an owner's list (plan_cache_mode=force_generic_plan) when one owner has
+// nearly all the rows: without schema.sql's n_distinct, PostgreSQL assumes
+// every owner holds half the table and counts an owner's rows with a
+// sequential scan of everyone's, whichever owner asks.
+func TestGenericPlanUsesOwnerIndex(t *testing.T) {
+	ctx := t.Context()
+	db := scratchDB(t, "_plans")
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	for _, q := range []string{
+		`INSERT INTO users (id, username, email, name, password) VALUES (1, 'a', 'a@example.com', 'A', '!'), (2, 'b', 'b@example.com', 'B', '!')`,
+		`INSERT INTO patients (owner_id, first_name, email) SELECT CASE WHEN g <= 50 THEN 1 ELSE 2 END, 'P', 'p' || g || '@example.com' FROM generate_series(1, 20000) g`,
+		`ANALYZE patients`,
+		// A page as listPage sends it when it must count the rows (a search).
+		`PREPARE list(bigint) AS WITH total(n) AS (SELECT count(*) FROM patients WHERE owner_id = $1)
+			SELECT (SELECT n FROM total), ` + patientColumns + ` FROM patients WHERE owner_id = $1 ORDER BY id LIMIT 10`,
+	} {
+		if _, err := conn.ExecContext(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	rows, err := conn.QueryContext(ctx, `EXPLAIN EXECUTE list(1)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var plan strings.Builder
+	for rows.Next() {
+		var line string
+		if err := rows.Scan(&line); err != nil {
+			t.Fatal(err)
+		}
+		plan.WriteString(line + "\n")
+	}
+	if strings.Contains(plan.String(), "Seq Scan") || strings.Count(plan.String(), "using patients_owner_id_key") != 2 ||
+		!strings.Contains(plan.String(), "$1") {
+		t.Fatalf("generic plan for an owner's list:\n%s", plan.String())
+	}
+}
+
+// TestSchemaUpgrade applies schema.sql to a database shaped as before
+// mappings carried owner_id and before patient counts were kept: the
+// upgrade must fill both in, once, and the new constraint must hold.
+func TestSchemaUpgrade(t *testing.T) {
+	ctx := t.Context()
+	db := scratchDB(t, "_upgrade")
 	exec := func(q string) {
 		t.Helper()
 		if _, err := db.ExecContext(ctx, q); err != nil {
@@ -318,7 +370,7 @@ func TestSchemaUpgrade(t *testing.T) {
 		check()
 	}
 	// The database, not the handler, keeps a mapping's owner its patient's.
-	_, err = db.ExecContext(ctx, `INSERT INTO mappings (owner_id, patient_id, doctor_id) VALUES (2, 3, 1)`)
+	_, err := db.ExecContext(ctx, `INSERT INTO mappings (owner_id, patient_id, doctor_id) VALUES (2, 3, 1)`)
 	if _, ok := violation(err, pqerror.ForeignKeyViolation); !ok {
 		t.Fatalf("mapping of user 1's patient under owner 2: %v, want a foreign key violation", err)
 	}
