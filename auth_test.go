@@ -13,9 +13,9 @@ import (
 	"fmt"
 	"hash"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
@@ -859,20 +859,8 @@ func TestRegisterRace(t *testing.T) {
 	s := newTestServer(t, nil)
 	for _, n := range []int{2, 8} {
 		t.Run(fmt.Sprintf("%d at once", n), func(t *testing.T) {
-			body := mustJSON(t, registerBody(nil))
-			results := make([]response, n)
-			start := make(chan struct{})
-			var wg sync.WaitGroup
-			for i := range n {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					<-start
-					results[i] = do(t, s, req{method: "POST", path: "/api/auth/register/", body: body})
-				}()
-			}
-			close(start)
-			wg.Wait()
+			rq := req{method: "POST", path: "/api/auth/register/", body: mustJSON(t, registerBody(nil))}
+			results := concurrently(t, s, slices.Repeat([]req{rq}, n))
 			created := 0
 			for _, res := range results {
 				if res.status == http.StatusCreated {
@@ -899,7 +887,7 @@ func TestRegisterRace(t *testing.T) {
 			}
 			var users int
 			var b map[string]any
-			json.Unmarshal([]byte(body), &b)
+			json.Unmarshal([]byte(rq.body.(string)), &b)
 			if err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM users WHERE username = $1`, b["username"]).Scan(&users); err != nil || users != 1 {
 				t.Fatalf("%d users stored (err %v), want 1", users, err)
 			}
@@ -1260,20 +1248,8 @@ func TestTokenRefreshRace(t *testing.T) {
 	s := newTestServer(t, nil)
 	a := register(t, s)
 	const n = 10
-	body := mustJSON(t, map[string]string{"refresh": a.refresh})
-	results := make([]response, n)
-	start := make(chan struct{})
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-start
-			results[i] = do(t, s, req{method: "POST", path: "/api/auth/token/refresh/", body: body})
-		}()
-	}
-	close(start)
-	wg.Wait()
+	rq := req{method: "POST", path: "/api/auth/token/refresh/", body: mustJSON(t, map[string]string{"refresh": a.refresh})}
+	results := concurrently(t, s, slices.Repeat([]req{rq}, n))
 	var winner tokenPair
 	won := 0
 	for _, res := range results {
@@ -1406,20 +1382,12 @@ func TestAuthLoginRateLimit(t *testing.T) {
 		s := newTestServer(t, map[string]string{"RATE_LOGIN": "3/hour"})
 		a := register(t, s)
 		const n = 10
-		results := make([]response, n)
-		start := make(chan struct{})
-		var wg sync.WaitGroup
-		for i := range n {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				<-start
-				results[i] = do(t, s, req{method: "POST", path: "/api/auth/login/", remoteAddr: ip,
-					body: fmt.Sprintf(`{"username": %q, "password": "guess-%d"}`, a.username, i)})
-			}()
+		rqs := make([]req, n)
+		for i := range rqs {
+			rqs[i] = req{method: "POST", path: "/api/auth/login/", remoteAddr: ip,
+				body: fmt.Sprintf(`{"username": %q, "password": "guess-%d"}`, a.username, i)}
 		}
-		close(start)
-		wg.Wait()
+		results := concurrently(t, s, rqs)
 		answered := 0
 		for _, res := range results {
 			if res.status == http.StatusTooManyRequests {
