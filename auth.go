@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"compress/gzip"
 	"context"
 	"crypto/hmac"
@@ -17,12 +18,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"net/http"
-	"regexp"
+	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unicode"
@@ -52,8 +51,9 @@ type passwords struct {
 	iterations int
 	slots      chan struct{}
 	maxWait    time.Duration
-	dummy      string // verified for unknown users, so they cost what known ones do
-	runs       atomic.Int64
+	dummy      string       // verified for unknown users, so they cost what known ones do
+	failCost   atomic.Int64 // iterations every failed check costs: the most any stored hash asks for
+	runs       atomic.Int64 // hashes computed, for tests
 }
 
 func newPasswords(iterations, concurrency int) (*passwords, error) {
@@ -63,6 +63,7 @@ func newPasswords(iterations, concurrency int) (*passwords, error) {
 		return nil, err
 	}
 	p.dummy = dummy
+	p.failCost.Store(int64(iterations))
 	return p, nil
 }
 
@@ -101,7 +102,9 @@ func (p *passwords) encode(password, salt string) (string, error) {
 }
 
 // verify checks password against a stored Django hash, at the hash's own
-// iteration count, and reports whether it should be re-hashed at ours.
+// iteration count, and reports whether it should be re-hashed at ours. A
+// failed check is padded to failCost iterations, so that neither an unknown
+// name nor a migrated hash's count shows in the time a refusal takes.
 func (p *passwords) verify(ctx context.Context, password, encoded string) (ok, stale bool, err error) {
 	algo, rest, _ := strings.Cut(encoded, "$")
 	iterText, rest, _ := strings.Cut(rest, "$")
@@ -109,9 +112,8 @@ func (p *passwords) verify(ctx context.Context, password, encoded string) (ok, s
 	iter, iterErr := strconv.Atoi(iterText)
 	want, dkErr := base64.StdEncoding.DecodeString(dkText)
 	if algo != "pbkdf2_sha256" || iterErr != nil || iter < 1 || iter > maxIterations || dkErr != nil || len(want) != sha256.Size || salt == "" {
-		// An unusable hash (Django's "!…" for an account without a password,
-		// another hasher, a damaged row) matches no password. It costs the
-		// dummy's work, so such an account looks like any wrong password.
+		// An unusable hash (Django's "!…", another hasher, a damaged row)
+		// matches no password, at the cost of a wrong one.
 		if encoded == p.dummy {
 			return false, false, fmt.Errorf("unusable password hash")
 		}
@@ -123,12 +125,35 @@ func (p *passwords) verify(ctx context.Context, password, encoded string) (ok, s
 	}
 	defer func() { <-p.slots }()
 	p.runs.Add(1)
+	for cost := p.failCost.Load(); int64(iter) > cost && !p.failCost.CompareAndSwap(cost, int64(iter)); {
+		cost = p.failCost.Load()
+	}
 	got, err := pbkdf2.Key(sha256.New, password, []byte(salt), iter, sha256.Size)
 	if err != nil {
 		return false, false, fmt.Errorf("pbkdf2: %w", err)
 	}
 	// Constant time, so the comparison leaks nothing about how close a guess was.
-	return subtle.ConstantTimeCompare(got, want) == 1, iter < p.iterations, nil
+	if subtle.ConstantTimeCompare(got, want) == 1 && encoded != p.dummy {
+		return true, iter < p.iterations, nil
+	}
+	if pad := int(p.failCost.Load()) - iter; pad > 0 {
+		pbkdf2.Key(sha256.New, password, []byte(salt), pad, sha256.Size)
+	}
+	return false, false, nil
+}
+
+// raiseFailCost sets failCost to the largest iteration count stored in db,
+// so that the first failed login on a migrated account is padded too.
+func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
+	var most sql.NullInt64
+	const q = `SELECT max(split_part(password, '$', 2)::int) FROM users WHERE password ~ '^pbkdf2_sha256\$[0-9]{1,8}\$'`
+	if err := db.QueryRowContext(ctx, q).Scan(&most); err != nil {
+		return fmt.Errorf("stored password costs: %w", err)
+	}
+	if n := min(most.Int64, maxIterations); n > p.failCost.Load() {
+		p.failCost.Store(n)
+	}
+	return nil
 }
 
 // randomSalt makes a 22-character salt from Django's alphabet (~131 bits).
@@ -223,9 +248,9 @@ func tooSimilar(password, value string) bool {
 	return false
 }
 
-// claims are the payload of a token, SimpleJWT's claims plus sid, the login
-// (session) the token descends from. A claim of the wrong JSON type fails
-// decoding, so the token is invalid rather than read as a zero value.
+// claims are the payload of a token: SimpleJWT's claims, in its order, plus
+// sid, the login the token descends from. A claim of the wrong JSON type
+// fails decoding, so the token is invalid rather than read as a zero value.
 type claims struct {
 	TokenType string `json:"token_type"`
 	Exp       int64  `json:"exp"`
@@ -243,6 +268,7 @@ var (
 	b64            = base64.RawURLEncoding.Strict()
 	jwtHeaderB64   = b64.EncodeToString([]byte(jwtHeader))
 	errTokenFormat = errors.New("malformed token")
+	errExpired     = errors.New("token expired")
 )
 
 // maxTokenLen caps a token before any work is done on it.
@@ -253,13 +279,10 @@ type signer struct {
 	key        secret
 	accessTTL  time.Duration
 	refreshTTL time.Duration
-	macs       sync.Pool // of hash.Hash, keyed HMACs reused across requests
 }
 
 func newSigner(key []byte, accessTTL, refreshTTL time.Duration) *signer {
-	s := &signer{key: key, accessTTL: accessTTL, refreshTTL: refreshTTL}
-	s.macs.New = func() any { return hmac.New(sha256.New, key) }
-	return s
+	return &signer{key: key, accessTTL: accessTTL, refreshTTL: refreshTTL}
 }
 
 // newClaims fills the claims of a new token with a random jti.
@@ -274,46 +297,23 @@ func (s *signer) newClaims(tokenType string, userID, sid int64, now time.Time) c
 		JTI: hex.EncodeToString(id[:]), UserID: userID, SID: sid}
 }
 
-// sign encodes c as a token. The payload is written by hand, in SimpleJWT's
-// key order, to keep signing allocation-light.
+// sign encodes c as a token.
 func (s *signer) sign(c claims) string {
-	payload := make([]byte, 0, 160)
-	payload = append(payload, `{"token_type":"`...)
-	payload = append(payload, c.TokenType...)
-	payload = append(payload, `","exp":`...)
-	payload = strconv.AppendInt(payload, c.Exp, 10)
-	payload = append(payload, `,"iat":`...)
-	payload = strconv.AppendInt(payload, c.Iat, 10)
-	payload = append(payload, `,"jti":"`...)
-	payload = append(payload, c.JTI...)
-	payload = append(payload, `","user_id":`...)
-	payload = strconv.AppendInt(payload, c.UserID, 10)
-	payload = append(payload, `,"sid":`...)
-	payload = strconv.AppendInt(payload, c.SID, 10)
-	payload = append(payload, '}')
-
-	tok := make([]byte, 0, len(jwtHeaderB64)+1+b64.EncodedLen(len(payload))+1+43)
-	tok = append(tok, jwtHeaderB64...)
-	tok = append(tok, '.')
-	tok = b64.AppendEncode(tok, payload)
-	var sum [sha256.Size]byte
-	tok = append(tok, '.')
-	tok = b64.AppendEncode(tok, s.mac(sum[:0], tok[:len(tok)-1]))
-	return string(tok)
+	payload, _ := json.Marshal(c) // a struct of strings and integers cannot fail
+	signed := jwtHeaderB64 + "." + b64.EncodeToString(payload)
+	return signed + "." + b64.EncodeToString(s.mac(signed))
 }
 
-func (s *signer) mac(dst, msg []byte) []byte {
-	m := s.macs.Get().(hash.Hash)
-	m.Reset()
-	m.Write(msg)
-	dst = m.Sum(dst)
-	s.macs.Put(m)
-	return dst
+func (s *signer) mac(msg string) []byte {
+	m := hmac.New(sha256.New, s.key)
+	m.Write([]byte(msg))
+	return m.Sum(nil)
 }
 
 // verify checks a token's signature, then its header, then its claims, and
-// stops at the first failure. Nothing is decoded before the HMAC has been
-// verified, so an attacker's bytes never reach the JSON decoder.
+// stops at the first failure: no byte is decoded before the HMAC has been
+// verified. An expired token that passes every other check returns its
+// claims with errExpired, for logout and reuse detection.
 func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) {
 	var c claims
 	if len(token) > maxTokenLen {
@@ -321,16 +321,11 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 	}
 	head, rest, ok1 := strings.Cut(token, ".")
 	body, sig, ok2 := strings.Cut(rest, ".")
-	if !ok1 || !ok2 || strings.Contains(sig, ".") || len(sig) != b64.EncodedLen(sha256.Size) {
+	got, err := b64.DecodeString(sig)
+	if !ok1 || !ok2 || err != nil {
 		return c, errTokenFormat
 	}
-	var got [sha256.Size]byte
-	if _, err := b64.Decode(got[:], []byte(sig)); err != nil {
-		return c, errTokenFormat
-	}
-	var want [sha256.Size]byte
-	signed := token[:len(head)+1+len(body)]
-	if !hmac.Equal(got[:], s.mac(want[:0], []byte(signed))) {
+	if !hmac.Equal(got, s.mac(token[:len(head)+1+len(body)])) {
 		return c, errors.New("bad signature")
 	}
 	if head != jwtHeaderB64 {
@@ -341,105 +336,27 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 			return c, errors.New("bad header")
 		}
 	}
-	var buf [maxTokenLen]byte // on the stack: decoding costs no allocation
-	n, err := b64.Decode(buf[:], []byte(body))
+	payload, err := b64.DecodeString(body)
 	if err != nil {
 		return c, errTokenFormat
 	}
-	if !parseOwnClaims(buf[:n], &c) {
-		// Not this server's layout (a SimpleJWT service sharing the key, say):
-		// decode it strictly. The copy keeps buf from escaping to the heap.
-		c = claims{}
-		if err := json.Unmarshal(bytes.Clone(buf[:n]), &c); err != nil {
-			return c, fmt.Errorf("claims: %w", err)
-		}
+	if err := json.Unmarshal(payload, &c); err != nil {
+		return claims{}, fmt.Errorf("claims: %w", err)
 	}
 	switch {
 	case c.TokenType != tokenType:
-		return c, errors.New("wrong token type")
-	case c.Exp <= now.Unix():
-		return c, errors.New("expired")
+		return claims{}, errors.New("wrong token type")
 	case c.UserID <= 0 || c.SID <= 0 || !isJTI(c.JTI):
-		return c, errors.New("missing claims")
+		return claims{}, errors.New("missing claims")
+	case c.Exp <= now.Unix():
+		return c, errExpired
 	}
 	return c, nil
 }
 
-// parseOwnClaims reads a payload in exactly the layout sign writes, without
-// reflection, and reports false for anything else (which the caller then
-// decodes with encoding/json). Only HMAC-verified bytes reach it.
-func parseOwnClaims(p []byte, c *claims) bool {
-	fields := [...]struct {
-		key string
-		str *string
-		num *int64
-	}{
-		{`{"token_type":"`, &c.TokenType, nil}, {`","exp":`, nil, &c.Exp}, {`,"iat":`, nil, &c.Iat},
-		{`,"jti":"`, &c.JTI, nil}, {`","user_id":`, nil, &c.UserID}, {`,"sid":`, nil, &c.SID},
-	}
-	for _, f := range fields {
-		rest, ok := bytes.CutPrefix(p, []byte(f.key))
-		if !ok {
-			return false
-		}
-		if f.str != nil {
-			// Our strings are lower-case letters and hex digits; anything
-			// else (escapes, control bytes, other UTF-8) is encoding/json's.
-			end := 0
-			for end < len(rest) && (rest[end] >= 'a' && rest[end] <= 'z' || rest[end] >= '0' && rest[end] <= '9') {
-				end++
-			}
-			if end == len(rest) || rest[end] != '"' {
-				return false
-			}
-			switch v := rest[:end]; string(v) { // the common values cost no allocation
-			case "access":
-				*f.str = "access"
-			case "refresh":
-				*f.str = "refresh"
-			default:
-				*f.str = string(v)
-			}
-			p = rest[end:]
-			continue
-		}
-		end := bytes.IndexAny(rest, ",}")
-		n, ok := parseDigits(rest[:max(end, 0)])
-		if !ok {
-			return false
-		}
-		*f.num = n
-		p = rest[end:]
-	}
-	return string(p) == "}"
-}
-
-// parseDigits reads a non-negative JSON integer of at most 18 digits, so
-// that it cannot overflow; anything else reports false.
-func parseDigits(b []byte) (int64, bool) {
-	if len(b) == 0 || len(b) > 18 || b[0] == '0' && len(b) > 1 {
-		return 0, false
-	}
-	var n int64
-	for _, d := range b {
-		if d < '0' || d > '9' {
-			return 0, false
-		}
-		n = n*10 + int64(d-'0')
-	}
-	return n, true
-}
-
 func isJTI(s string) bool {
-	if len(s) != 32 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if !(s[i] >= '0' && s[i] <= '9' || s[i] >= 'a' && s[i] <= 'f') {
-			return false
-		}
-	}
-	return true
+	_, err := hex.DecodeString(s)
+	return len(s) == 32 && err == nil && strings.ToLower(s) == s
 }
 
 var (
@@ -468,16 +385,8 @@ type tokenMessage struct {
 	Message    string `json:"message"`
 }
 
-func isAuthFailure(err error) bool {
-	var ae *apiError
-	return errors.As(err, &ae) && ae.status == http.StatusUnauthorized
-}
-
-// authenticate finds who is asking from the access token. Whether the login
-// it descends from is still live is checked in the database by the query
-// that serves the request (liveSQL), and by fail for an
-// answer that is not a success, so that a logout on any instance ends the
-// token at once without a round trip of its own.
+// authenticate finds who is asking from the access token. Whether its login
+// is still live is for the request's statement to say (login_live).
 func (s *server) authenticate(r *http.Request, info *requestInfo) error {
 	parts := strings.Fields(r.Header.Get("Authorization"))
 	if len(parts) == 0 || parts[0] != "Bearer" {
@@ -494,16 +403,6 @@ func (s *server) authenticate(r *http.Request, info *requestInfo) error {
 	return nil
 }
 
-// sessionLive reports whether the caller's login is still live.
-func (s *server) sessionLive(ctx context.Context, info *requestInfo) (bool, error) {
-	var live bool
-	err := s.db.QueryRowContext(ctx, "SELECT "+liveSQL(1, 2), info.sessionID, info.userID).Scan(&live)
-	if err != nil {
-		return false, fmt.Errorf("check session: %w", err)
-	}
-	return live, nil
-}
-
 // user is an account as the API shows it.
 type user struct {
 	ID       int64  `json:"id"`
@@ -518,17 +417,17 @@ type tokenPair struct {
 	Access  string `json:"access"`
 }
 
-// startLogin opens a session for userID and issues its first pair.
+// startLogin opens a login for userID and issues its first pair.
 func (s *server) startLogin(ctx context.Context, tx *sql.Tx, userID int64) (tokenPair, error) {
 	var sid int64
-	err := tx.QueryRowContext(ctx, `INSERT INTO sessions (user_id) VALUES ($1) RETURNING id`, userID).Scan(&sid)
-	if err != nil {
-		return tokenPair{}, fmt.Errorf("start session: %w", err)
+	const q = `INSERT INTO sessions (user_id, expires_at) VALUES ($1, now() + make_interval(days => $2)) RETURNING id`
+	if err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays).Scan(&sid); err != nil {
+		return tokenPair{}, fmt.Errorf("start login: %w", err)
 	}
 	return s.issuePair(ctx, tx, userID, sid)
 }
 
-// issuePair records a new refresh token of session sid and signs it with a
+// issuePair records a new refresh token of login sid and signs it with a
 // new access token.
 func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (tokenPair, error) {
 	now := time.Now()
@@ -541,59 +440,62 @@ func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (
 	return tokenPair{Refresh: s.signer.sign(refresh), Access: s.signer.sign(access)}, nil
 }
 
+// newPassword reads a new password and checks it with Django's validators
+// against the account's names.
+func (s *server) newPassword(f fields, key string, u user, errs fieldErrors) string {
+	password, ok := f.present(key, true, errs)
+	switch {
+	case !ok:
+	case strings.TrimSpace(password) == "":
+		// Blank as login judges it (DRF's), or the account could never log in.
+		errs.add(key, "This field may not be blank.")
+	case utf8.RuneCountInString(password) > 1024:
+		errs.add(key, "Ensure this field has no more than 1024 characters.")
+	default:
+		for _, msg := range s.passwordProblems(password, [3]string{u.Username, u.Email, u.Name}) {
+			errs.add(key, msg)
+		}
+	}
+	return password
+}
+
+// confirmPassword checks the optional confirmation field key against
+// password, once the body has no other problem.
+func confirmPassword(f fields, key, password string, errs fieldErrors) {
+	if confirm, given := f.str(key, errs); given && len(errs) == 0 && confirm != password {
+		errs.add(key, "Passwords don't match.")
+	}
+}
+
 var (
 	usernameTaken = "A user with that username already exists."
 	emailTaken    = "A user with that email already exists."
 )
 
 // handleRegister creates an account and its first login.
-func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if wait, ok := s.registerLimit.allow(ipKey(infoFrom(r).clientIP)); !ok {
-		s.fail(w, r, throttled(wait))
-		return
+		return throttled(wait)
 	}
 	f, err := decodeBody(r)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	ctx := r.Context()
-	errs := fieldErrors{}
-	u := user{}
-	u.Username, _ = f.username("username", errs)
-	u.Email, _ = f.email("email", true, errs)
-	u.Name, _ = f.text("name", true, 1, 150, errs)
-	password, havePassword := f.str("password", errs)
-	switch {
-	case !havePassword && errs["password"] == nil:
-		errs.add("password", "This field is required.")
-	case havePassword && strings.TrimSpace(password) == "":
-		// Blank as login judges it (DRF's), or the account could never log in.
-		errs.add("password", "This field may not be blank.")
-	case utf8.RuneCountInString(password) > 1024:
-		errs.add("password", "Ensure this field has no more than 1024 characters.")
-	case havePassword:
-		for _, msg := range s.passwordProblems(password, [3]string{u.Username, u.Email, u.Name}) {
-			errs.add("password", msg)
-		}
-	}
-	confirm, haveConfirm := f.str("password_confirm", errs)
+	ctx, errs := r.Context(), fieldErrors{}
+	u := user{Username: f.username("username", errs), Name: deref(f.text("name", true, 1, 150, errs))}
+	u.Email = deref(f.email("email", true, errs))
+	password := s.newPassword(f, "password", u, errs)
 	names := loginNames(u)
 	if err := s.checkNamesFree(ctx, names, errs); err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	if len(errs) == 0 && haveConfirm && confirm != password {
-		errs.add("password_confirm", "Passwords don't match.")
-	}
+	confirmPassword(f, "password_confirm", password, errs)
 	if len(errs) > 0 {
-		s.fail(w, r, errs)
-		return
+		return errs
 	}
 	hashed, err := s.passwords.hash(ctx, password)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
 	var out struct {
 		User   user      `json:"user"`
@@ -619,10 +521,16 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		return err
 	})
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	writeJSON(w, http.StatusCreated, out)
+	return writeJSON(w, http.StatusCreated, out)
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }
 
 // loginName is one lower-cased name an account can log in with, and the
@@ -662,9 +570,8 @@ func loginNames(u user) []loginName {
 
 // checkNamesFree reports names already in use as field errors, so that a
 // registration hears about every problem at once. One statement reads them
-// all from one snapshot: a query per name could straddle the commit of a
-// racing registration and report only some of its names. It is only a
-// courtesy: the unique key still decides when two registrations race.
+// all from one snapshot; it is only a courtesy, as the unique key still
+// decides when two registrations race.
 func (s *server) checkNamesFree(ctx context.Context, names []loginName, errs fieldErrors) error {
 	list := make([]string, len(names))
 	for i, n := range names {
@@ -674,20 +581,14 @@ func (s *server) checkNamesFree(ctx context.Context, names []loginName, errs fie
 	if err != nil {
 		return fmt.Errorf("check login names: %w", err)
 	}
-	defer rows.Close()
-	taken := map[string]bool{}
-	for rows.Next() {
-		var name string
-		if err := rows.Scan(&name); err != nil {
-			return fmt.Errorf("check login names: %w", err)
-		}
-		taken[name] = true
-	}
-	if err := rows.Err(); err != nil {
+	taken, err := scanAll(rows, func(row rowScanner) (name string, err error) {
+		return name, row.Scan(&name)
+	})
+	if err != nil {
 		return fmt.Errorf("check login names: %w", err)
 	}
 	for _, n := range names {
-		if taken[n.name] {
+		if slices.Contains(taken, n.name) {
 			for f, msgs := range n.taken() {
 				errs[f] = append(errs[f], msgs...)
 			}
@@ -696,58 +597,34 @@ func (s *server) checkNamesFree(ctx context.Context, names []loginName, errs fie
 	return nil
 }
 
-var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
-
-// username reads Django's username: 1–150 letters, digits and @.+-_.
-func (f fields) username(key string, errs fieldErrors) (string, bool) {
-	v, ok := f.str(key, errs)
-	if !ok {
-		if _, present := f[key]; !present {
-			errs.add(key, "This field is required.")
+// countFailures wraps a handler that checks a password: the attempt counts
+// against the login limit before the password is checked, so that
+// concurrent guesses cannot overshoot it, and is given back unless the
+// answer is wrong, the handler's error for a wrong password.
+func (s *server) countFailures(wrong error, h handler) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		key := ipKey(infoFrom(r).clientIP)
+		if wait, ok := s.loginLimit.allow(key); !ok {
+			return throttled(wait)
 		}
-		return "", false
+		err := h(w, r)
+		if err != wrong {
+			s.loginLimit.undo(key)
+		}
+		return err
 	}
-	v = strings.TrimSpace(v)
-	switch {
-	case v == "":
-		errs.add(key, "This field may not be blank.")
-	case utf8.RuneCountInString(v) > 150:
-		errs.add(key, "Ensure this field has no more than 150 characters.")
-	case !usernameRE.MatchString(v):
-		errs.add(key, "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters.")
-	default:
-		return v, true
-	}
-	return "", false
 }
 
 // handleLogin exchanges a username or email and a password for a new login.
-// The login limit counts the attempt before the password is checked and
-// gives it back only on success, so concurrent guesses cannot overshoot it.
-func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) {
-	key := ipKey(infoFrom(r).clientIP)
-	wait, ok := s.loginLimit.allow(key)
-	if !ok {
-		s.fail(w, r, throttled(wait))
-		return
-	}
-	failed := false
-	defer func() {
-		if !failed {
-			s.loginLimit.undo(key)
-		}
-	}()
+func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	f, err := decodeBody(r)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
 	errs := fieldErrors{}
-	name, _ := f.required("username", errs)
-	password, _ := f.required("password", errs)
+	name, password := f.required("username", errs), f.required("password", errs)
 	if len(errs) > 0 {
-		s.fail(w, r, errs)
-		return
+		return errs
 	}
 	ctx := r.Context()
 	var id int64
@@ -755,20 +632,16 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) {
 	const q = `SELECT u.id, u.password FROM login_names n JOIN users u ON u.id = n.user_id WHERE n.name = $1`
 	err = s.db.QueryRowContext(ctx, q, strings.ToLower(strings.TrimSpace(name))).Scan(&id, &stored)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		s.fail(w, r, fmt.Errorf("find user: %w", err))
-		return
+		return fmt.Errorf("find user: %w", err)
 	}
 	// Unknown users are checked against the dummy hash: the same work and
 	// the same answer, so timing does not reveal which accounts exist.
 	match, stale, err := s.passwords.verify(ctx, password, stored)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
 	if !match || id == 0 {
-		failed = true
-		s.fail(w, r, errBadCredentials)
-		return
+		return errBadCredentials
 	}
 	if stale {
 		s.rehash(ctx, id, password, stored)
@@ -779,10 +652,9 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) {
 		return err
 	})
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	writeJSON(w, http.StatusOK, pair)
+	return writeJSON(w, http.StatusOK, pair)
 }
 
 // rehash upgrades a hash made with fewer iterations than ours. It is best
@@ -798,47 +670,36 @@ func (s *server) rehash(ctx context.Context, id int64, password, old string) {
 	}
 }
 
-// required reads a string that must be present and not blank.
-func (f fields) required(key string, errs fieldErrors) (string, bool) {
-	v, ok := f.str(key, errs)
-	switch {
-	case !ok && errs[key] == nil:
-		errs.add(key, "This field is required.")
-	case ok && strings.TrimSpace(v) == "":
-		errs.add(key, "This field may not be blank.")
-	default:
-		return v, ok
-	}
-	return "", false
-}
-
-// refreshClaims reads and verifies the body's refresh token.
+// refreshClaims reads and verifies the body's refresh token. An expired
+// token comes back with its claims and errExpired.
 func (s *server) refreshClaims(r *http.Request) (claims, error) {
 	f, err := decodeBody(r)
 	if err != nil {
 		return claims{}, err
 	}
 	errs := fieldErrors{}
-	token, ok := f.required("refresh", errs)
-	if !ok {
+	token := f.required("refresh", errs)
+	if len(errs) > 0 {
 		return claims{}, errs
 	}
 	c, err := s.signer.verify(token, "refresh", time.Now())
-	if err != nil {
+	if err != nil && err != errExpired {
 		return claims{}, errRefreshInvalid
 	}
-	return c, nil
+	return c, err
 }
 
 // handleRefresh rotates a refresh token: the presented one is spent and a
 // new pair of the same login issued, in one transaction. The conditional
 // UPDATE is the lock: of concurrent refreshes with one token exactly one
 // finds it unspent.
-func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 	c, err := s.refreshClaims(r)
+	if err == errExpired {
+		return s.refusedRefresh(r.Context(), c)
+	}
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
 	ctx := r.Context()
 	var pair tokenPair
@@ -847,7 +708,7 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) {
 			UPDATE refresh_tokens t SET rotated_at = now()
 			FROM sessions s
 			WHERE t.jti = $1 AND t.session_id = $2 AND t.rotated_at IS NULL AND t.expires_at > now()
-			  AND s.id = t.session_id AND s.user_id = $3 AND s.ended_at IS NULL`
+			  AND s.id = t.session_id AND s.user_id = $3 AND s.ended_at IS NULL AND s.expires_at > now()`
 		res, err := tx.ExecContext(ctx, spend, c.JTI, c.SID, c.UserID)
 		if err != nil {
 			return fmt.Errorf("spend refresh token: %w", err)
@@ -859,13 +720,12 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) {
 		return err
 	})
 	if errors.Is(err, errSpent) {
-		err = s.refusedRefresh(ctx, c)
+		return s.refusedRefresh(ctx, c)
 	}
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	writeJSON(w, http.StatusOK, pair)
+	return writeJSON(w, http.StatusOK, pair)
 }
 
 var errSpent = errors.New("refresh token not spendable")
@@ -873,40 +733,39 @@ var errSpent = errors.New("refresh token not spendable")
 // refusedRefresh explains why a validly signed refresh token could not be
 // spent. One already rotated is reuse: past the grace window it means the
 // token was probably stolen, so the whole login ends (RFC 9700 §4.14.2);
-// inside it, it is more likely two tabs refreshing at once.
+// inside it, it is more likely two tabs refreshing at once. This holds for
+// an expired token too.
 func (s *server) refusedRefresh(ctx context.Context, c claims) error {
-	// coalesce: an unrotated token (one the database already counts as
-	// expired) makes the comparison NULL, which must read as "no reuse".
+	// Reuse ends the login in the same statement that detects it.
 	const q = `
-		SELECT t.rotated_at IS NOT NULL OR s.ended_at IS NOT NULL,
-		       coalesce(s.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $2), false)
-		FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
-		WHERE t.jti = $1 AND t.session_id = $3`
-	var spent, reuse bool
-	err := s.db.QueryRowContext(ctx, q, c.JTI, s.cfg.reuseGrace.Seconds(), c.SID).Scan(&spent, &reuse)
+		WITH t AS (
+			SELECT t.rotated_at IS NOT NULL OR s.ended_at IS NOT NULL AS spent,
+			       s.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $3) AS reused
+			FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+			WHERE t.jti = $1 AND t.session_id = $2 AND s.user_id = $4),
+		ended AS (UPDATE sessions SET ended_at = now() WHERE id = $2 AND (SELECT reused FROM t) RETURNING id)
+		SELECT spent, EXISTS (SELECT 1 FROM ended) FROM t`
+	var spent, reused bool
+	err := s.db.QueryRowContext(ctx, q, c.JTI, c.SID, s.cfg.reuseGrace.Seconds(), c.UserID).Scan(&spent, &reused)
 	if errors.Is(err, sql.ErrNoRows) || err == nil && !spent {
 		return errRefreshInvalid
 	}
 	if err != nil {
 		return fmt.Errorf("look up refresh token: %w", err)
 	}
-	if reuse {
-		if _, err := s.db.ExecContext(ctx, `UPDATE sessions SET ended_at = now() WHERE id = $1 AND ended_at IS NULL`, c.SID); err != nil {
-			return fmt.Errorf("end reused login: %w", err)
-		}
-		s.log.Warn("refresh token reused; login ended", "user_id", c.UserID, "session_id", c.SID)
+	if reused {
+		s.log.Warn("refresh token reused; login ended", "user_id", c.UserID, "login_id", c.SID)
 	}
 	return errBlacklisted
 }
 
-// handleLogout ends the login a refresh token (current or rotated) belongs
-// to: its refresh tokens can no longer be spent and authenticate refuses its
-// access tokens from now on.
-func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) {
+// handleLogout ends the login a refresh token (current, rotated or expired)
+// belongs to: its refresh tokens can no longer be spent and login_live
+// refuses its access tokens from now on.
+func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 	c, err := s.refreshClaims(r)
-	if err != nil {
-		s.fail(w, r, err)
-		return
+	if err != nil && err != errExpired {
+		return err
 	}
 	const q = `
 		UPDATE sessions SET ended_at = coalesce(ended_at, now())
@@ -914,28 +773,80 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) {
 		  AND EXISTS (SELECT 1 FROM refresh_tokens WHERE jti = $3 AND session_id = $1)`
 	res, err := s.db.ExecContext(r.Context(), q, c.SID, c.UserID, c.JTI)
 	if err != nil {
-		s.fail(w, r, fmt.Errorf("end login: %w", err))
-		return
+		return fmt.Errorf("end login: %w", err)
 	}
 	if n, _ := res.RowsAffected(); n != 1 {
-		s.fail(w, r, errRefreshInvalid)
-		return
+		return errRefreshInvalid
 	}
-	w.WriteHeader(http.StatusNoContent)
+	return noContent(w)
+}
+
+// handleLogoutAll ends every login of the caller, the asking one included.
+func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
+	info := infoFrom(r)
+	const q = `UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND login_live($1, $2)`
+	if _, err := s.db.ExecContext(r.Context(), q, info.userID, info.sessionID); err != nil {
+		return fmt.Errorf("end logins: %w", err)
+	}
+	return noContent(w)
 }
 
 // handleMe returns the caller's account.
-func (s *server) handleMe(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleMe(w http.ResponseWriter, r *http.Request) error {
 	info := infoFrom(r)
-	u := user{ID: info.userID}
-	q := `SELECT username, email, name FROM users WHERE id = $1 AND ` + liveSQL(2, 1)
-	err := s.db.QueryRowContext(r.Context(), q, u.ID, info.sessionID).Scan(&u.Username, &u.Email, &u.Name)
-	if errors.Is(err, sql.ErrNoRows) {
-		err = errAccessInvalid
-	}
+	const q = `SELECT id, username, email, name FROM users WHERE id = $1 AND login_live($1, $2)`
+	return writeRow(w, r, s.db, http.StatusOK, scanUser, q, info.userID, info.sessionID)
+}
+
+func scanUser(row rowScanner) (user, error) {
+	var u user
+	err := row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
+	return u, err
+}
+
+var errWrongOldPassword = fieldErrors{"old_password": {"Your old password was entered incorrectly. Please enter it again."}}
+
+// handleChangePassword sets a new password and ends every login of the
+// caller, the asking one included; the answer is the pair of a new login.
+func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) error {
+	f, err := decodeBody(r)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	writeJSON(w, http.StatusOK, u)
+	errs := fieldErrors{}
+	old := f.required("old_password", errs)
+	ctx, info := r.Context(), infoFrom(r)
+	var u user
+	var stored string
+	const q = `SELECT id, username, email, name, password FROM users WHERE id = $1 AND login_live($1, $2)`
+	err = s.db.QueryRowContext(ctx, q, info.userID, info.sessionID).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored)
+	if err != nil {
+		return fmt.Errorf("find user: %w", err)
+	}
+	password := s.newPassword(f, "new_password", u, errs)
+	confirmPassword(f, "new_password_confirm", password, errs)
+	if len(errs) > 0 {
+		return errs
+	}
+	if match, _, err := s.passwords.verify(ctx, old, stored); err != nil || !match {
+		return cmp.Or(err, error(errWrongOldPassword))
+	}
+	hashed, err := s.passwords.hash(ctx, password)
+	if err != nil {
+		return err
+	}
+	var pair tokenPair
+	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
+		const q = `WITH pw AS (UPDATE users SET password = $3 WHERE id = $1 AND login_live($1, $2))
+			UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL`
+		if _, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed); err != nil {
+			return fmt.Errorf("change password: %w", err)
+		}
+		pair, err = s.startLogin(ctx, tx, info.userID)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, http.StatusOK, pair)
 }

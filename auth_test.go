@@ -1311,7 +1311,6 @@ func TestLogout(t *testing.T) {
 			{"access token", a.access},
 			{"wrong key", forge(hs256Header, payloadWith(t, rc, nil), otherKey)},
 			{"alg none", forge(`{"alg":"none","typ":"JWT"}`, payloadWith(t, rc, nil), testSecret)},
-			{"expired", forge(hs256Header, payloadWith(t, rc, map[string]any{"exp": time.Now().Unix() - 1}), testSecret)},
 			{"validly signed, never issued", forge(hs256Header, payloadWith(t, rc, map[string]any{"jti": hex.EncodeToString(unknownJTI[:])}), testSecret)},
 			{"validly signed, another user's login", forge(hs256Header, payloadWith(t, rc, map[string]any{"sid": tokenClaims(t, register(t, s).refresh)["sid"]}), testSecret)},
 			{"user_id of another user", forge(hs256Header, payloadWith(t, rc, map[string]any{"user_id": register(t, s).id}), testSecret)},
@@ -1324,6 +1323,16 @@ func TestLogout(t *testing.T) {
 			`{"refresh": ["This field is required."]}`)
 		// None of that ended the login.
 		wantMe(t, s, a.access, a)
+	})
+	t.Run("with an expired refresh token", func(t *testing.T) {
+		// The victim's own token has expired; it still ends the login a
+		// thief keeps alive with a stolen, rotated copy.
+		a := register(t, s)
+		stolen := pairOf(t, refresh(t, s, a.refresh))
+		expired := forge(hs256Header, payloadWith(t, tokenClaims(t, a.refresh), map[string]any{"exp": time.Now().Unix() - 1}), testSecret)
+		noContent(t, logout(t, s, expired))
+		wantUnauthorized(t, me(t, s, stolen.Access), invalidAccessBody)
+		wantUnauthorized(t, refresh(t, s, stolen.Refresh), blacklistedBody)
 	})
 	t.Run("on another instance", func(t *testing.T) {
 		other := newTestServer(t, nil)

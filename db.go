@@ -1,22 +1,28 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"database/sql/driver"
 	_ "embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
+	"math"
+	"mime"
 	"net"
 	"net/http"
 	"net/url"
-	"slices"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
@@ -54,11 +60,8 @@ func openDB(ctx context.Context, cfg pq.Config, maxConns int) (*sql.DB, error) {
 
 // connect opens a pool without touching the network.
 func connect(cfg pq.Config, maxConns int) (*sql.DB, error) {
-	// Every statement gets a generic plan, made once per prepared statement
-	// and connection rather than for the values of each call: planning an
-	// owner's list costs more than running it, and PostgreSQL's own choice
-	// kept planning every call. schema.sql's n_distinct settings make those
-	// plans the right ones for owners of 50 rows and of 100,000 alike.
+	// Prepared statements keep one generic plan per connection rather than
+	// planning every call (README, Performance).
 	cfg.Runtime = maps.Clone(cfg.Runtime)
 	if cfg.Runtime == nil {
 		cfg.Runtime = map[string]string{}
@@ -140,6 +143,17 @@ func txDeadline(ctx context.Context, err error) error {
 	return err
 }
 
+// loginEnded reports whether err is login_live's refusal (schema.sql).
+func loginEnded(err error) bool {
+	return pq.As(err, "HC401") != nil
+}
+
+// checkLogin fails with login_live's refusal when the caller's login has ended.
+func (s *server) checkLogin(ctx context.Context, info *requestInfo) error {
+	_, err := s.db.ExecContext(ctx, `SELECT login_live($1, $2)`, info.userID, info.sessionID)
+	return err
+}
+
 // violation reports the constraint err violated when it has the given code.
 func violation(err error, code pqerror.Code) (constraint string, ok bool) {
 	if e := pq.As(err, code); e != nil {
@@ -165,260 +179,10 @@ func isUnavailable(err error) bool {
 		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &netErr)
 }
 
-// listParams are a collection GET's validated query parameters.
-type listParams struct {
-	page      int // 1-based; 0 means "last"
-	size      int
-	orderBy   string   // SQL from a fixed whitelist, never from input
-	reverseBy string   // orderBy with every direction flipped
-	terms     []string // ILIKE patterns with %, _ and \ escaped
-}
-
-// maxSearchTerms bounds the work one search can ask of the database.
-const maxSearchTerms = 20
-
-// parseList reads page, page_size, ordering and (when searchable) search.
-// orderable maps each public field name to its SQL column.
-func parseList(q url.Values, orderable map[string]string, searchable bool) (listParams, error) {
-	p := listParams{page: 1, size: 10}
-	switch v := q.Get("page"); v {
-	case "":
-	case "last":
-		p.page = 0
-	default:
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			return p, errInvalidPage
-		}
-		p.page = n
-	}
-	// A size too large for an int is still "larger", so it is capped too
-	// (Atoi then returns the largest int with ErrRange), not the default.
-	if n, err := strconv.Atoi(q.Get("page_size")); (err == nil || errors.Is(err, strconv.ErrRange)) && n > 0 {
-		p.size = min(n, 100)
-	}
-	var order, reverse []string
-	seen := map[string]bool{}
-	for _, f := range strings.Split(q.Get("ordering"), ",") {
-		f = strings.TrimSpace(f)
-		name := strings.TrimPrefix(f, "-")
-		col, ok := orderable[name]
-		switch {
-		case f == "" || seen[name]: // a repeated field changes nothing
-			continue
-		case !ok:
-			return p, fieldErrors{"ordering": {fmt.Sprintf("Invalid ordering field %q.", f)}}
-		case name == f:
-			order, reverse = append(order, col), append(reverse, col+" DESC")
-		default:
-			order, reverse = append(order, col+" DESC"), append(reverse, col)
-		}
-		seen[name] = true
-	}
-	// The id tie-breaker keeps pages stable when the ordered values repeat.
-	if !seen["id"] {
-		order, reverse = append(order, orderable["id"]), append(reverse, orderable["id"]+" DESC")
-	}
-	p.orderBy, p.reverseBy = strings.Join(order, ", "), strings.Join(reverse, ", ")
-	if searchable {
-		// PostgreSQL text holds neither NUL nor invalid UTF-8 (a 500 if sent):
-		// NULs are dropped, as DRF does, and invalid bytes become U+FFFD, as
-		// Django decodes a query string.
-		search := strings.ToValidUTF8(strings.ReplaceAll(q.Get("search"), "\x00", ""), "\uFFFD")
-		terms := strings.FieldsFunc(search, func(r rune) bool { return r == ' ' || r == ',' })
-		if len(terms) > maxSearchTerms {
-			return p, fieldErrors{"search": {fmt.Sprintf("Ensure there are no more than %d search terms.", maxSearchTerms)}}
-		}
-		escape := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`)
-		for _, t := range terms {
-			p.terms = append(p.terms, "%"+escape.Replace(t)+"%")
-		}
-	}
-	return p, nil
-}
-
-// searchSQL returns " AND (...)" clauses requiring every term to match at
-// least one of columns, with placeholders numbered from after args; args
-// gains one value per term.
-func (p listParams) searchSQL(columns []string, args *[]any) string {
-	var b strings.Builder
-	for _, t := range p.terms {
-		*args = append(*args, t)
-		n := "$" + strconv.Itoa(len(*args))
-		b.WriteString(" AND (")
-		for i, c := range columns {
-			if i > 0 {
-				b.WriteString(" OR ")
-			}
-			b.WriteString(c + " ILIKE " + n)
-		}
-		b.WriteString(")")
-	}
-	return b.String()
-}
-
-// page is a collection GET's body, as DRF's PageNumberPagination writes it.
-type page[T any] struct {
-	Count    int     `json:"count"`
-	Next     *string `json:"next"`
-	Previous *string `json:"previous"`
-	Results  []T     `json:"results"`
-}
-
-// newPage builds the page with absolute links that keep the request's other
-// query parameters; the link to page 1 carries no page parameter, as in DRF.
-func newPage[T any](r *http.Request, p listParams, count int, results []T) page[T] {
-	if results == nil {
-		results = []T{}
-	}
-	link := func(n int) *string {
-		q := r.URL.Query()
-		if n == 1 {
-			q.Del("page")
-		} else {
-			q.Set("page", strconv.Itoa(n))
-		}
-		u := url.URL{Scheme: requestScheme(r), Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}
-		s := u.String()
-		return &s
-	}
-	pg := page[T]{Count: count, Results: results}
-	if p.page*p.size < count {
-		pg.Next = link(p.page + 1)
-	}
-	if p.page > 1 {
-		pg.Previous = link(p.page - 1)
-	}
-	return pg
-}
-
-// rowScanner is what *sql.Row and *sql.Rows share.
-type rowScanner interface{ Scan(dest ...any) error }
-
-// listPage answers a collection GET: the page of rows from fromWhere
-// ordered by p, each read by scan, and their number from countSQL (a
-// SELECT of one number). Each row carries the count, taken in the same
-// snapshot as the rows, and the query checks the login, so page 1 costs
-// one round trip. Other pages ask for the count first, to refuse a page
-// past the end and so that a page past the middle can be read from the
-// end: OFFSET steps over every row it skips, and the last page of 100,000
-// rows would otherwise cost as much as reading them all.
-//
-// A search is not a prepared statement: its text varies with the number of
-// terms, and would fill the statement cache.
-func listPage[T any](r *http.Request, db *database, p listParams, columns, fromWhere, countSQL string, args []any, scan func(rowScanner) (T, error)) (page[T], error) {
-	ctx, info := r.Context(), infoFrom(r)
-	var q querier = db
-	if len(p.terms) > 0 {
-		q = db.DB
-	}
-	n := len(args)
-	live := liveSQL(n+1, n+2)
-	args = append(args, info.sessionID, info.userID)
-	countAlone := func() (int, error) {
-		var count int
-		var ok bool
-		err := q.QueryRowContext(ctx, "SELECT ("+countSQL+"), "+live, args...).Scan(&count, &ok)
-		if err != nil {
-			return 0, fmt.Errorf("count: %w", err)
-		}
-		if !ok {
-			return 0, errAccessInvalid
-		}
-		return count, nil
-	}
-	limit, offset, orderBy, reversed := "$%[1]d", "$%[2]d", p.orderBy, false
-	if p.page != 1 {
-		count, err := countAlone()
-		if err != nil {
-			return page[T]{}, err
-		}
-		// Compared before multiplying: a page number near the int limit
-		// must be a 404, not an overflowed offset.
-		pages := max(1, (count+p.size-1)/p.size)
-		if p.page == 0 { // "last"
-			p.page = pages
-		}
-		if p.page > pages {
-			return page[T]{}, errInvalidPage
-		}
-		if o := (p.page - 1) * p.size; o > 0 && count-o-p.size < o {
-			// Read from the end. The position comes from the count the
-			// query itself sees, so that a row committed since the count
-			// above cannot shift the page.
-			orderBy, reversed = p.reverseBy, true
-			limit, offset = "greatest(least($%[1]d, (SELECT n FROM total) - $%[2]d), 0)", "greatest((SELECT n FROM total) - $%[2]d - $%[1]d, 0)"
-		}
-	}
-	query := fmt.Sprintf("WITH total(n) AS (%s) SELECT (SELECT n FROM total), %s FROM %s AND %s ORDER BY %s LIMIT %s OFFSET %s",
-		countSQL, columns, fromWhere, live, orderBy, fmt.Sprintf(limit, n+3, n+4), fmt.Sprintf(offset, n+3, n+4))
-	rows, err := q.QueryContext(ctx, query, append(args, p.size, (p.page-1)*p.size)...)
-	if err != nil {
-		return page[T]{}, fmt.Errorf("list: %w", err)
-	}
-	defer rows.Close()
-	var count int
-	results := make([]T, 0, p.size)
-	for rows.Next() {
-		v, err := scan(withCount{rows, &count})
-		if err != nil {
-			return page[T]{}, fmt.Errorf("scan: %w", err)
-		}
-		results = append(results, v)
-	}
-	if err := rows.Err(); err != nil {
-		return page[T]{}, fmt.Errorf("list: %w", err)
-	}
-	if reversed {
-		slices.Reverse(results)
-	}
-	if len(results) == 0 {
-		// No rows: an empty list, a page emptied since the count, or an
-		// ended login.
-		if _, err := countAlone(); err != nil {
-			return page[T]{}, err
-		}
-		if p.page > 1 {
-			return page[T]{}, errInvalidPage
-		}
-		// Page 1 is never invalid, and shows what its query saw: rows
-		// committed since then are in the next request's answer.
-		count = 0
-	}
-	return newPage(r, p, count, results), nil
-}
-
-// querier is what listPage needs of *sql.DB and *database.
-type querier interface {
-	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
-	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
-}
-
-// withCount scans the count column in front of a row's own columns.
-type withCount struct {
-	rows  *sql.Rows
-	count *int
-}
-
-func (w withCount) Scan(dest ...any) error {
-	return w.rows.Scan(append([]any{w.count}, dest...)...)
-}
-
-// liveSQL is the condition "login $sid of user $uid has not ended". Every
-// query that serves an authenticated request carries it, so the check costs
-// no round trip of its own, and a logout on any instance sharing the
-// database ends the login's access tokens at once. (It is written out, not
-// a SQL function, because PostgreSQL would not inline a function with a
-// subquery, and calling one costs more than the whole query.)
-func liveSQL(sid, uid int) string {
-	return fmt.Sprintf("EXISTS (SELECT 1 FROM sessions WHERE id = $%d AND user_id = $%d AND ended_at IS NULL)", sid, uid)
-}
-
 // database is the pool, running each query as a prepared statement, so
-// that PostgreSQL plans it once per connection rather than at every call:
-// that more than doubles what one core serves. Query texts are built from
-// constants only, so there are few of them; the cache stops growing at
-// maxStatements all the same.
+// that PostgreSQL plans it once per connection rather than at every call
+// (README, Performance). Query texts are few, built from constants; the
+// cache stops growing at maxStatements all the same.
 type database struct {
 	*sql.DB
 	mu    sync.RWMutex
@@ -472,47 +236,488 @@ func (d *database) ExecContext(ctx context.Context, query string, args ...any) (
 	return d.DB.ExecContext(ctx, query, args...)
 }
 
-// assignments are validated column values for an INSERT or UPDATE, in the
-// order the fields were read. Column names come from Go constants only.
-type assignments struct {
-	cols []string
-	args []any
-}
+// rowScanner is what *sql.Row and *sql.Rows share.
+type rowScanner interface{ Scan(dest ...any) error }
 
-func (a *assignments) set(col string, v any) {
-	a.cols = append(a.cols, col)
-	a.args = append(a.args, v)
-}
-
-// insert returns "INSERT INTO table (cols) SELECT $1, … WHERE <login live>
-// RETURNING returning" and its arguments: the row is only written while the
-// caller's login is live, and otherwise the query returns no row.
-func (a assignments) insert(info *requestInfo, table, returning string) (string, []any) {
-	marks := make([]string, len(a.cols))
-	for i := range marks {
-		marks[i] = "$" + strconv.Itoa(i+1)
+// writeRow runs a statement that returns one row and writes that row with
+// status; no row is a 404.
+func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, status int, scan func(rowScanner) (T, error), q string, args ...any) error {
+	v, err := scan(db.QueryRowContext(r.Context(), q, args...))
+	if errors.Is(err, sql.ErrNoRows) {
+		return errNotFound
 	}
-	n := len(a.cols)
-	q := fmt.Sprintf("INSERT INTO %s (%s) SELECT %s WHERE %s RETURNING %s",
-		table, strings.Join(a.cols, ", "), strings.Join(marks, ", "), liveSQL(n+1, n+2), returning)
-	return q, append(a.args, info.sessionID, info.userID)
-}
-
-// update returns "UPDATE table SET updated_at = now(), col = $4, … WHERE
-// where RETURNING returning" and its arguments. where may use $1 (the row's
-// id), $2 (the caller's user id) and $3 (the caller's session id).
-func (a assignments) update(info *requestInfo, id int64, table, where, returning string) (string, []any) {
-	sets := []string{"updated_at = now()"}
-	for i, c := range a.cols {
-		sets = append(sets, fmt.Sprintf("%s = $%d", c, i+4))
+	if err != nil {
+		return fmt.Errorf("query row: %w", err)
 	}
-	q := fmt.Sprintf("UPDATE %s SET %s WHERE %s RETURNING %s", table, strings.Join(sets, ", "), where, returning)
-	return q, append([]any{id, info.userID, info.sessionID}, a.args...)
+	return writeJSON(w, status, v)
 }
 
-// stampSQL selects a timestamp column as DRF writes a time: RFC 3339 in UTC
-// with microseconds and "Z". PostgreSQL formats it, so it reaches the JSON
-// as a string, without being parsed and formatted again in Go.
-func stampSQL(column string) string {
-	return "to_char(" + column + ` AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')`
+// deleteRow runs a DELETE of one row and answers 204, or 404 when nothing
+// was deleted.
+func deleteRow(w http.ResponseWriter, r *http.Request, db *database, q string, args ...any) error {
+	res, err := db.ExecContext(r.Context(), q, args...)
+	if err != nil {
+		return fmt.Errorf("delete: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return errNotFound
+	}
+	return noContent(w)
+}
+
+// scanAll reads every row of rows with scan.
+func scanAll[T any](rows *sql.Rows, scan func(rowScanner) (T, error)) ([]T, error) {
+	defer rows.Close()
+	out := []T{}
+	for rows.Next() {
+		v, err := scan(rows)
+		if err != nil {
+			return nil, fmt.Errorf("scan: %w", err)
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+// listParams are a collection GET's validated query parameters.
+type listParams struct {
+	page    int // 1-based; 0 means "last"
+	size    int
+	orderBy string   // SQL from a fixed whitelist, never from input
+	terms   []string // ILIKE patterns with %, _ and \ escaped
+}
+
+// maxSearchTerms bounds the work one search can ask of the database.
+const maxSearchTerms = 20
+
+// parseList reads page, page_size, ordering and (when searchable) search.
+// orderable maps each public field name to its SQL column.
+func parseList(q url.Values, orderable map[string]string, searchable bool) (listParams, error) {
+	p := listParams{page: 1, size: 10}
+	if v := q.Get("page"); v == "last" {
+		p.page = 0
+	} else if v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > math.MaxInt32 { // no list has that many pages
+			return p, errInvalidPage
+		}
+		p.page = n
+	}
+	// A size too large for an int is still "larger": capped, not the default.
+	if n, err := strconv.Atoi(q.Get("page_size")); (err == nil || errors.Is(err, strconv.ErrRange)) && n > 0 {
+		p.size = min(n, 100)
+	}
+	var order []string
+	seen := map[string]bool{}
+	for _, f := range strings.Split(q.Get("ordering"), ",") {
+		f = strings.TrimSpace(f)
+		name := strings.TrimPrefix(f, "-")
+		col, ok := orderable[name]
+		switch {
+		case f == "" || seen[name]: // a repeated field changes nothing
+			continue
+		case !ok:
+			return p, fieldErrors{"ordering": {fmt.Sprintf("Invalid ordering field %q.", f)}}
+		case name == f:
+			order = append(order, col)
+		default:
+			order = append(order, col+" DESC")
+		}
+		seen[name] = true
+	}
+	// The id tie-breaker keeps pages stable when the ordered values repeat.
+	if !seen["id"] {
+		order = append(order, orderable["id"])
+	}
+	p.orderBy = strings.Join(order, ", ")
+	if searchable {
+		// PostgreSQL text holds neither NUL nor invalid UTF-8: NULs are
+		// dropped, as DRF does, and invalid bytes become U+FFFD.
+		search := strings.ToValidUTF8(strings.ReplaceAll(q.Get("search"), "\x00", ""), "\uFFFD")
+		terms := strings.FieldsFunc(search, func(r rune) bool { return r == ' ' || r == ',' })
+		if len(terms) > maxSearchTerms {
+			return p, fieldErrors{"search": {fmt.Sprintf("Ensure there are no more than %d search terms.", maxSearchTerms)}}
+		}
+		escape := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`)
+		for _, t := range terms {
+			p.terms = append(p.terms, "%"+escape.Replace(t)+"%")
+		}
+	}
+	return p, nil
+}
+
+// search returns " AND (c1 ILIKE $5 OR c2 ILIKE $5) AND (… $6 …)": every
+// term must match one of columns. The terms are listPage's arguments from $5.
+func (p listParams) search(columns ...string) string {
+	var b strings.Builder
+	for i := range p.terms {
+		b.WriteString(" AND (")
+		for j, c := range columns {
+			if j > 0 {
+				b.WriteString(" OR ")
+			}
+			fmt.Fprintf(&b, "%s ILIKE $%d", c, 5+i)
+		}
+		b.WriteString(")")
+	}
+	return b.String()
+}
+
+// page is a collection GET's body, as DRF's PageNumberPagination writes it.
+type page[T any] struct {
+	Count    int     `json:"count"`
+	Next     *string `json:"next"`
+	Previous *string `json:"previous"`
+	Results  []T     `json:"results"`
+}
+
+// listPage answers a collection GET with the page p asks for. q selects the
+// rows with their total count in front, and takes $1 user id, $2 login id,
+// $3 limit, $4 offset and the search terms from $5.
+func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, q string, scan func(rowScanner) (T, error)) error {
+	if p.page == 0 { // "last": learn the count from a page of one
+		count, _, err := queryPage(r, db, p, q, 1, 0, scan)
+		if err != nil {
+			return err
+		}
+		p.page = max(1, (count+p.size-1)/p.size)
+	}
+	count, results, err := queryPage(r, db, p, q, p.size, (p.page-1)*p.size, scan)
+	if err != nil {
+		return err
+	}
+	if len(results) == 0 && p.page > 1 {
+		return errInvalidPage
+	}
+	link := func(n int) *string {
+		q := r.URL.Query()
+		if n == 1 {
+			q.Del("page") // as DRF does
+		} else {
+			q.Set("page", strconv.Itoa(n))
+		}
+		scheme := "http"
+		if infoFrom(r).https {
+			scheme = "https"
+		}
+		u := (&url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}).String()
+		return &u
+	}
+	pg := page[T]{Count: count, Results: results}
+	if p.page*p.size < count {
+		pg.Next = link(p.page + 1)
+	}
+	if p.page > 1 {
+		pg.Previous = link(p.page - 1)
+	}
+	return writeJSON(w, http.StatusOK, pg)
+}
+
+// queryPage runs a list statement: the count and the rows it returns.
+func queryPage[T any](r *http.Request, db *database, p listParams, q string, limit, offset int, scan func(rowScanner) (T, error)) (int, []T, error) {
+	info := infoFrom(r)
+	args := []any{info.userID, info.sessionID, limit, offset}
+	for _, t := range p.terms {
+		args = append(args, t)
+	}
+	var rows *sql.Rows
+	var err error
+	if len(p.terms) > 0 {
+		// Not prepared: a search's text varies with its number of terms.
+		rows, err = db.DB.QueryContext(r.Context(), q, args...)
+	} else {
+		rows, err = db.QueryContext(r.Context(), q, args...)
+	}
+	if err != nil {
+		return 0, nil, fmt.Errorf("list: %w", err)
+	}
+	var count int
+	results, err := scanAll(rows, func(row rowScanner) (T, error) {
+		return scan(withCount{row, &count})
+	})
+	return count, results, err
+}
+
+// withCount scans the count column in front of a row's own columns.
+type withCount struct {
+	row   rowScanner
+	count *int
+}
+
+func (w withCount) Scan(dest ...any) error {
+	return w.row.Scan(append([]any{w.count}, dest...)...)
+}
+
+// fields are a JSON object body's members, read one by one with their
+// types checked (encoding/json into a struct would match keys
+// case-insensitively and report only the first error).
+type fields map[string]json.RawMessage
+
+// decodeBody reads a request body as a JSON object. An empty body is {}.
+func decodeBody(r *http.Request) (fields, error) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return nil, fmt.Errorf("read body: %w", err)
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return fields{}, nil
+	}
+	ct := r.Header.Get("Content-Type")
+	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+		msg := fmt.Sprintf("Unsupported media type %q in request.", ct)
+		return nil, &apiError{status: http.StatusUnsupportedMediaType, body: detail(msg)}
+	}
+	// encoding/json would silently replace invalid UTF-8.
+	if !utf8.Valid(body) {
+		return nil, parseError("invalid UTF-8")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	var f fields
+	if err := dec.Decode(&f); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return nil, parseError("the body must be a JSON object")
+		}
+		return nil, parseError(err.Error())
+	}
+	if f == nil {
+		return nil, parseError("the body must be a JSON object")
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, parseError("trailing data after the JSON object")
+	}
+	return f, nil
+}
+
+func parseError(why string) error {
+	return &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
+}
+
+// pathID reads the {id} path value; anything but a positive integer that
+// fits int64 is not an id, so the answer is 404.
+func pathID(r *http.Request) (int64, error) {
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil || id < 1 {
+		return 0, errNotFound
+	}
+	return id, nil
+}
+
+// str reads a string member. ok is false when the member is absent or
+// unusable, in which case any problem is already in errs.
+func (f fields) str(key string, errs fieldErrors) (v string, ok bool) {
+	raw, present := f[key]
+	if !present {
+		return "", false
+	}
+	if string(raw) == "null" {
+		errs.add(key, "This field may not be null.")
+		return "", false
+	}
+	if err := json.Unmarshal(raw, &v); err != nil {
+		errs.add(key, "Not a valid string.")
+		return "", false
+	}
+	// PostgreSQL cannot store NUL in text; refuse it here as DRF does.
+	if strings.ContainsRune(v, 0) {
+		errs.add(key, "Null characters are not allowed.")
+		return "", false
+	}
+	return v, true
+}
+
+// present reads a string member, adding "required" when it is absent.
+func (f fields) present(key string, required bool, errs fieldErrors) (string, bool) {
+	v, ok := f.str(key, errs)
+	if _, there := f[key]; !there && required {
+		errs.add(key, "This field is required.")
+	}
+	return v, ok
+}
+
+// required reads a string that must be present and not blank; it is used
+// as sent (passwords and tokens are not trimmed).
+func (f fields) required(key string, errs fieldErrors) string {
+	v, ok := f.present(key, true, errs)
+	if ok && strings.TrimSpace(v) == "" {
+		errs.add(key, "This field may not be blank.")
+	}
+	return v
+}
+
+// text reads a free-text member: tags stripped, ends trimmed, then checked
+// for length in characters. nil means absent or invalid.
+func (f fields) text(key string, required bool, minLen, maxLen int, errs fieldErrors) *string {
+	v, ok := f.present(key, required, errs)
+	if !ok {
+		return nil
+	}
+	v = strings.TrimSpace(stripTags(v))
+	switch n := utf8.RuneCountInString(v); {
+	case n == 0 && (required || minLen > 0):
+		errs.add(key, "This field may not be blank.")
+	case n > maxLen:
+		errs.add(key, fmt.Sprintf("Ensure this field has no more than %d characters.", maxLen))
+	case n < minLen:
+		errs.add(key, fmt.Sprintf("Ensure this field has at least %d characters.", minLen))
+	default:
+		return &v
+	}
+	return nil
+}
+
+// stripTags removes every tag: '<' followed by a letter, '/', '!' or '?', up
+// to the next '>'. Other '<' stay ("Tom <3 Jerry"). It works as if removal
+// were repeated until nothing changes, in one pass: after a tag goes, a '<'
+// before it may start a new one with what follows. A tag left open takes
+// the rest of the text with it.
+func stripTags(s string) string {
+	out := make([]byte, 0, len(s))
+	open := -1 // where the tag being read starts in out
+	for _, c := range s {
+		if c == '>' && open >= 0 {
+			out, open = out[:open], -1
+			continue
+		}
+		if open < 0 && len(out) > 0 && out[len(out)-1] == '<' && (unicode.IsLetter(c) || c == '/' || c == '!' || c == '?') {
+			open = len(out) - 1
+		}
+		out = utf8.AppendRune(out, c)
+	}
+	if open >= 0 {
+		out = out[:open]
+	}
+	return string(out)
+}
+
+// emailRE is Django's EmailValidator without its IDN and IP-literal cases:
+// a dot-atom local part, dot-separated host labels, a TLD of 2–63 characters.
+var emailRE = regexp.MustCompile(`^[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+(\.[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+)*` +
+	`@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{1,62}[a-z0-9]$`)
+
+// email reads an address, trimmed and lower-cased, at most 254 characters.
+func (f fields) email(key string, required bool, errs fieldErrors) *string {
+	v, ok := f.present(key, required, errs)
+	if !ok {
+		return nil
+	}
+	v = strings.ToLower(strings.TrimSpace(v))
+	switch {
+	case v == "":
+		errs.add(key, "This field may not be blank.")
+	case utf8.RuneCountInString(v) > 254:
+		errs.add(key, "Ensure this field has no more than 254 characters.")
+	case !emailRE.MatchString(v):
+		errs.add(key, "Enter a valid email address.")
+	default:
+		return &v
+	}
+	return nil
+}
+
+var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
+
+// username reads Django's username: 1–150 letters, digits and @.+-_.
+func (f fields) username(key string, errs fieldErrors) string {
+	v, ok := f.present(key, true, errs)
+	if !ok {
+		return ""
+	}
+	switch v = strings.TrimSpace(v); {
+	case v == "":
+		errs.add(key, "This field may not be blank.")
+	case utf8.RuneCountInString(v) > 150:
+		errs.add(key, "Ensure this field has no more than 150 characters.")
+	case !usernameRE.MatchString(v):
+		errs.add(key, "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters.")
+	default:
+		return v
+	}
+	return ""
+}
+
+// pk reads a primary key given as a JSON integer or a string of digits.
+// ok is false when it is unusable; text is the value as the client wrote it,
+// for the "does not exist" message.
+func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {
+	raw, present := f[key]
+	if !present {
+		errs.add(key, "This field is required.")
+		return 0, "", false
+	}
+	var v any
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	dec.Decode(&v) // raw is one valid JSON value: decodeBody checked it
+	got := "dict"
+	switch v := v.(type) {
+	case nil:
+		errs.add(key, "This field may not be null.")
+		return 0, "", false
+	case json.Number:
+		text, got = v.String(), "float"
+	case string:
+		text, got = v, "str"
+	case bool:
+		got = "bool"
+	case []any:
+		got = "list"
+	}
+	if text == "" || strings.Trim(strings.TrimPrefix(text, "-"), "0123456789") != "" {
+		errs.add(key, "Incorrect type. Expected pk value, received "+got+".")
+		return 0, "", false
+	}
+	id, err := strconv.ParseInt(text, 10, 64)
+	if err != nil { // beyond int64: a well-formed id no row can have
+		id = 0
+	}
+	return id, text, true
+}
+
+// date reads date_of_birth: YYYY-MM-DD, not in the future, not before
+// 1900, or null. given is false when the member is absent.
+func (f fields) date(key string, errs fieldErrors) (v *string, given bool) {
+	if raw, present := f[key]; !present || string(raw) == "null" {
+		return nil, present
+	}
+	s, ok := f.str(key, errs)
+	if !ok {
+		return nil, false
+	}
+	d, err := time.Parse(time.DateOnly, strings.TrimSpace(s))
+	switch {
+	case err != nil:
+		errs.add(key, "Date has wrong format. Use one of these formats instead: YYYY-MM-DD.")
+	case d.After(time.Now().UTC()):
+		errs.add(key, "Date of birth cannot be in the future.")
+	case d.Year() < 1900:
+		errs.add(key, "Date of birth cannot be before 1900-01-01.")
+	default:
+		s = d.Format(time.DateOnly)
+		return &s, true
+	}
+	return nil, false
+}
+
+var phoneRE = regexp.MustCompile(`^\+?[0-9 ().\-]+$`)
+
+// phone reads a phone number as sent, trimmed: empty, or 10–15 digits with
+// an optional leading + and spaces, dashes, dots or parentheses.
+func (f fields) phone(key string, errs fieldErrors) *string {
+	v, ok := f.str(key, errs)
+	if !ok {
+		return nil
+	}
+	v = strings.TrimSpace(v)
+	digits := len(v) - len(strings.Map(func(r rune) rune {
+		if r >= '0' && r <= '9' {
+			return -1
+		}
+		return r
+	}, v))
+	if v != "" && (!phoneRE.MatchString(v) || digits < 10 || digits > 15 || len(v) > 32) {
+		errs.add(key, "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.")
+		return nil
+	}
+	return &v
 }

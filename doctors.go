@@ -2,6 +2,7 @@ package main
 
 import (
 	"database/sql"
+	"errors"
 	"fmt"
 	"net/http"
 
@@ -20,45 +21,30 @@ type doctor struct {
 	UpdatedAt      string `json:"updated_at"`
 }
 
-// doctorColumnsOf selects a doctor's fields, as the API writes them and in
-// scanDoctor's order, from the table alias t ("d." or "").
-func doctorColumnsOf(t string) string {
-	return t + "id, " + t + "first_name, " + t + "last_name, " + t + "email, " + t + "specialization, " +
-		stampSQL(t+"created_at") + ", " + stampSQL(t+"updated_at")
-}
-
-var doctorColumns = doctorColumnsOf("")
+// doctorColumns select a doctor in scanDoctor's order.
+const doctorColumns = `id, first_name, last_name, email, specialization, api_time(created_at), api_time(updated_at)`
 
 func scanDoctor(row rowScanner) (doctor, error) {
 	var d doctor
-	err := row.Scan(d.targets()...)
+	err := row.Scan(&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization, &d.CreatedAt, &d.UpdatedAt)
 	return d, err
 }
 
-func (d *doctor) targets() []any {
-	return []any{&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization, &d.CreatedAt, &d.UpdatedAt}
-}
-
-// readDoctor validates a doctor body; see readPatient for partial.
-func readDoctor(f fields, partial bool) (assignments, error) {
-	var a assignments
+// readDoctor validates a doctor body into first_name, last_name, email and
+// specialization (nil: not given); see readPatient for partial.
+func readDoctor(r *http.Request, partial bool) ([]any, error) {
+	f, err := decodeBody(r)
+	if err != nil {
+		return nil, err
+	}
 	errs := fieldErrors{}
-	if v, ok := f.text("first_name", !partial, 1, 100, errs); ok {
-		a.set("first_name", v)
+	values := []any{
+		f.text("first_name", !partial, 1, 100, errs),
+		f.text("last_name", false, 0, 100, errs),
+		f.email("email", !partial, errs),
+		f.text("specialization", !partial, 3, 120, errs),
 	}
-	if v, ok := f.text("last_name", false, 0, 100, errs); ok {
-		a.set("last_name", v)
-	}
-	if v, ok := f.email("email", !partial, errs); ok {
-		a.set("email", v)
-	}
-	if v, ok := f.text("specialization", !partial, 3, 120, errs); ok {
-		a.set("specialization", v)
-	}
-	if len(errs) > 0 {
-		return a, errs
-	}
-	return a, nil
+	return values, errs.orNil()
 }
 
 // doctorConflict maps the directory-wide unique email to its field error.
@@ -74,143 +60,100 @@ var doctorOrdering = map[string]string{
 	"created_at": "created_at", "specialization": "specialization",
 }
 
-func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) error {
 	p, err := parseList(r.URL.Query(), doctorOrdering, true)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	var args []any
-	from := "doctors WHERE true" + p.searchSQL([]string{"first_name", "last_name", "email", "specialization"}, &args)
-	pg, err := listPage(r, s.db, p, doctorColumns, from, "SELECT count(*) FROM "+from, args, scanDoctor)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, pg)
+	where := `true` + p.search("first_name", "last_name", "email", "specialization")
+	q := `SELECT (SELECT count(*) FROM doctors WHERE ` + where + `), ` + doctorColumns + `
+		FROM doctors WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
+	return listPage(w, r, s.db, p, q, scanDoctor)
 }
 
-func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) {
-	f, err := decodeBody(r)
+func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) error {
+	values, err := readDoctor(r, false)
 	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	a, err := readDoctor(f, false)
-	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
 	info := infoFrom(r)
-	a.set("created_by", info.userID)
-	q, args := a.insert(info, "doctors", doctorColumns)
-	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, args...))
-	if err != nil {
-		s.fail(w, r, doctorConflict(notFoundIfNoRows(fmt.Errorf("insert doctor: %w", err))))
-		return
-	}
-	writeJSON(w, http.StatusCreated, d)
+	const q = `INSERT INTO doctors (created_by, first_name, last_name, email, specialization)
+		SELECT $1, $3, coalesce($4, ''), $5, $6 WHERE login_live($1, $2)
+		RETURNING ` + doctorColumns
+	args := append([]any{info.userID, info.sessionID}, values...)
+	return doctorConflict(writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, args...))
 }
 
-func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) {
-	id, ok := pathID(r)
-	if !ok {
-		s.fail(w, r, errNotFound)
-		return
+func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
+	id, err := pathID(r)
+	if err != nil {
+		return err
 	}
 	info := infoFrom(r)
-	q := `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $1 AND ` + liveSQL(2, 3)
-	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, id, info.sessionID, info.userID))
-	if err != nil {
-		s.fail(w, r, notFoundIfNoRows(err))
-		return
-	}
-	writeJSON(w, http.StatusOK, d)
+	const q = `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $3 AND login_live($1, $2)`
+	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, id)
 }
 
 // mayChangeDoctor answers 404 for a missing doctor and 403 for one the
-// caller did not create. The permission comes before the body is read, as
-// the contract's order of checks puts 403 before 415 and 400.
-func (s *server) mayChangeDoctor(r *http.Request, id int64) error {
+// caller did not create. It runs before the body is read: the order of
+// checks puts 403 before 415 and 400.
+func (s *server) mayChangeDoctor(r *http.Request) (int64, error) {
+	id, err := pathID(r)
+	if err != nil {
+		return 0, err
+	}
 	info := infoFrom(r)
 	var creator sql.NullInt64
-	q := `SELECT created_by FROM doctors WHERE id = $1 AND ` + liveSQL(2, 3)
-	err := s.db.QueryRowContext(r.Context(), q, id, info.sessionID, info.userID).Scan(&creator)
+	const q = `SELECT created_by FROM doctors WHERE id = $3 AND login_live($1, $2)`
+	err = s.db.QueryRowContext(r.Context(), q, info.userID, info.sessionID, id).Scan(&creator)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, errNotFound
+	}
 	if err != nil {
-		return notFoundIfNoRows(err)
+		return 0, fmt.Errorf("find doctor: %w", err)
 	}
-	if !creator.Valid || creator.Int64 != info.userID {
-		return errForbidden
+	if creator.Int64 != info.userID {
+		return 0, errForbidden
 	}
-	return nil
+	return id, nil
 }
 
-// handleUpdateDoctor serves PUT and PATCH for the doctor's creator.
-func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) {
-	id, ok := pathID(r)
-	if !ok {
-		s.fail(w, r, errNotFound)
-		return
-	}
-	if err := s.mayChangeDoctor(r, id); err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	f, err := decodeBody(r)
+// handleUpdateDoctor serves PUT and PATCH for the doctor's creator, whom the
+// UPDATE checks again; a doctor deleted in between is a 404.
+func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) error {
+	id, err := s.mayChangeDoctor(r)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	a, err := readDoctor(f, r.Method == http.MethodPatch)
+	values, err := readDoctor(r, r.Method == http.MethodPatch)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return err
 	}
-	// The creator is checked again in the UPDATE itself; a doctor deleted in
-	// between is a 404.
-	q, args := a.update(infoFrom(r), id, "doctors", "id = $1 AND created_by = $2 AND "+liveSQL(3, 2), doctorColumns)
-	d, err := scanDoctor(s.db.QueryRowContext(r.Context(), q, args...))
-	if err != nil {
-		s.fail(w, r, doctorConflict(notFoundIfNoRows(err)))
-		return
-	}
-	writeJSON(w, http.StatusOK, d)
+	info := infoFrom(r)
+	const q = `UPDATE doctors SET first_name = coalesce($4, first_name), last_name = coalesce($5, last_name),
+			email = coalesce($6, email), specialization = coalesce($7, specialization), updated_at = now()
+		WHERE id = $3 AND created_by = $1 AND login_live($1, $2)
+		RETURNING ` + doctorColumns
+	args := append([]any{info.userID, info.sessionID, id}, values...)
+	return doctorConflict(writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, args...))
 }
+
+var errDoctorAssigned = &apiError{status: http.StatusConflict,
+	body: detail("This doctor is assigned to patients and cannot be deleted.")}
 
 // handleDeleteDoctor removes a doctor no patient is assigned to. The
 // foreign key (ON DELETE RESTRICT) refuses the delete otherwise, so a
 // mapping created at the same moment cannot be lost.
-func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) {
-	id, ok := pathID(r)
-	if !ok {
-		s.fail(w, r, errNotFound)
-		return
-	}
-	if err := s.mayChangeDoctor(r, id); err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	ctx := r.Context()
-	info := infoFrom(r)
-	q := `DELETE FROM doctors WHERE id = $1 AND created_by = $2 AND ` + liveSQL(3, 2)
-	res, err := s.db.ExecContext(ctx, q, id, info.userID, info.sessionID)
-	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
-		var n int
-		if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM mappings WHERE doctor_id = $1`, id).Scan(&n); err != nil {
-			s.fail(w, r, fmt.Errorf("count assignments: %w", err))
-			return
-		}
-		msg := fmt.Sprintf("Cannot delete this doctor: %d patient assignment(s) still refer to it. Remove them first.", n)
-		s.fail(w, r, &apiError{status: http.StatusConflict, body: detail(msg)})
-		return
-	}
+func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) error {
+	id, err := s.mayChangeDoctor(r)
 	if err != nil {
-		s.fail(w, r, fmt.Errorf("delete doctor: %w", err))
-		return
+		return err
 	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		s.fail(w, r, errNotFound)
-		return
+	info := infoFrom(r)
+	const q = `DELETE FROM doctors WHERE id = $3 AND created_by = $1 AND login_live($1, $2)`
+	err = deleteRow(w, r, s.db, q, info.userID, info.sessionID, id)
+	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
+		return errDoctorAssigned
 	}
-	w.WriteHeader(http.StatusNoContent)
+	return err
 }

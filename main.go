@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/rand"
 	"database/sql"
+	_ "embed"
 	"errors"
 	"fmt"
 	"io"
@@ -124,6 +125,11 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 	return nil
 }
 
+// secret keeps a key out of the log even if it is logged by mistake.
+type secret []byte
+
+func (secret) LogValue() slog.Value { return slog.StringValue("[redacted]") }
+
 func newLogger(w io.Writer, debug bool) *slog.Logger {
 	if debug {
 		return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -138,6 +144,7 @@ type server struct {
 	db        *database
 	log       *slog.Logger
 	mux       *http.ServeMux
+	routes    []string // the patterns of addRoutes
 	signer    *signer
 	passwords *passwords
 
@@ -155,6 +162,11 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 	pw, err := newPasswords(cfg.passwordIterations, max(1, runtime.NumCPU()/2))
 	if err != nil {
 		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := pw.raiseFailCost(ctx, db); err != nil {
+		logger.Warn("failed logins are padded from the first one that meets a costlier hash", "err", err)
 	}
 	common, err := loadCommonPasswords()
 	if err != nil {
@@ -180,16 +192,20 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 // addRoutes lists the whole API. Each pattern ends in {$} so that it
 // matches its path exactly, not the subtree below it.
 func (s *server) addRoutes() {
-	handle := func(pattern string, a access, h http.HandlerFunc) {
+	handle := func(pattern string, a access, h handler) {
+		s.routes = append(s.routes, pattern)
 		s.mux.Handle(pattern, route{s: s, access: a, h: h})
 	}
 	handle("GET /healthz", probe, s.handleHealthz)
 	handle("GET /readyz", probe, s.handleReadyz)
+	handle("GET /api/schema/{$}", public, handleSchema)
 
 	handle("POST /api/auth/register/{$}", public, s.handleRegister)
-	handle("POST /api/auth/login/{$}", public, s.handleLogin)
+	handle("POST /api/auth/login/{$}", public, s.countFailures(errBadCredentials, s.handleLogin))
 	handle("POST /api/auth/token/refresh/{$}", public, s.handleRefresh)
 	handle("POST /api/auth/logout/{$}", public, s.handleLogout)
+	handle("POST /api/auth/logout/all/{$}", private, s.handleLogoutAll)
+	handle("POST /api/auth/password/{$}", private, s.countFailures(errWrongOldPassword, s.handleChangePassword))
 	handle("GET /api/auth/me/{$}", private, s.handleMe)
 
 	handle("GET /api/patients/{$}", private, s.handleListPatients)
@@ -212,20 +228,30 @@ func (s *server) addRoutes() {
 	handle("DELETE /api/mappings/{id}/{$}", private, s.handleDeleteMapping)
 }
 
-func (s *server) handleHealthz(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+func (s *server) handleHealthz(w http.ResponseWriter, r *http.Request) error {
+	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) error {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := s.db.PingContext(ctx); err != nil {
 		s.log.Warn("not ready", "err", err)
 		w.Header().Set("Retry-After", "5")
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable"})
-		return
+		return writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable"})
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+// openapiJSON describes the API (OpenAPI 3.1); tests hold it to addRoutes.
+//
+//go:embed openapi.json
+var openapiJSON []byte
+
+func handleSchema(w http.ResponseWriter, r *http.Request) error {
+	w.Header().Set("Content-Type", "application/vnd.oai.openapi+json")
+	w.Write(openapiJSON)
+	return nil
 }
 
 // config is the server's configuration, read from the environment.
@@ -247,6 +273,7 @@ type config struct {
 	rateMaxKeys        int
 	passwordIterations int
 	reuseGrace         time.Duration
+	loginMaxAgeDays    int
 	requestTimeout     time.Duration
 	tlsCert, tlsKey    string
 }
@@ -300,6 +327,7 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		rateMaxKeys:        num("RATE_MAX_KEYS", 100_000, 1),
 		passwordIterations: num("PASSWORD_ITERATIONS", minIterations, minIterations),
 		reuseGrace:         time.Duration(num("REFRESH_REUSE_GRACE_S", 10, 0)) * time.Second,
+		loginMaxAgeDays:    num("LOGIN_MAX_AGE_DAYS", 30, 1),
 		requestTimeout:     4 * time.Second,
 		tlsCert:            get("TLS_CERT_FILE", ""),
 		tlsKey:             get("TLS_KEY_FILE", ""),

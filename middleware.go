@@ -2,7 +2,7 @@ package main
 
 import (
 	"bytes"
-	"container/list"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -10,18 +10,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math"
-	"mime"
 	"net/http"
 	"net/netip"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
-	"unicode"
-	"unicode/utf8"
 )
 
 // maxBody caps every request body; larger ones are answered 413.
@@ -35,9 +30,8 @@ const maxBody = 64 << 10
 //	→ the handler: permission (403), content type (415), parsing (400), work.
 //
 // Recovery, the access log and the response headers wrap all of it, so that
-// every answer, even a panic's, is JSON, logged and hardened. The checks
-// before routing need no database; the cheap rejections come first so that
-// garbage costs as little as possible.
+// every answer, even a panic's, is JSON, logged and hardened. The cheap
+// rejections come first, so that garbage costs as little as possible.
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	info := &requestInfo{id: newRequestID()}
@@ -56,7 +50,8 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		s.log.Info("request", "method", r.Method, "route", info.route, "status", sw.status,
 			"bytes", sw.bytes, "duration_ms", float64(time.Since(start).Microseconds())/1000,
-			"user_id", info.userID, "request_id", info.id)
+			"user_id", info.userID, "login_id", info.sessionID, "client_ip", info.clientIP.String(),
+			"request_id", info.id)
 	}()
 	s.setHeaders(sw, r, info)
 	s.dispatch(sw, r)
@@ -82,13 +77,9 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 		s.unrouted(w, r, h)
 		return
 	}
-	if r.ContentLength > maxBody {
-		writeJSON(w, http.StatusRequestEntityTooLarge, detail("Request body is too large."))
-		return
-	}
 	if r.ContentLength != 0 {
-		// Read the body now, within its cap, so that an oversized chunked body
-		// is refused here rather than after authentication.
+		// Read the body now, within its cap, so that an oversized body is
+		// refused here rather than after authentication.
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
@@ -180,11 +171,8 @@ func (s *server) setHeaders(w http.ResponseWriter, r *http.Request, info *reques
 }
 
 func (s *server) originAllowed(origin string) bool {
-	if origin == "" {
-		return false
-	}
 	for _, o := range s.cfg.corsOrigins {
-		if o == origin {
+		if origin != "" && o == origin {
 			return true
 		}
 	}
@@ -265,7 +253,7 @@ type requestInfo struct {
 	clientIP  netip.Addr
 	https     bool
 	userID    int64
-	sessionID int64
+	sessionID int64 // the login (the tokens' sid)
 }
 
 type infoKey struct{}
@@ -276,14 +264,6 @@ func infoFrom(r *http.Request) *requestInfo {
 		info = &requestInfo{}
 	}
 	return info
-}
-
-// requestScheme is the scheme the client used, for absolute links.
-func requestScheme(r *http.Request) string {
-	if infoFrom(r).https {
-		return "https"
-	}
-	return "http"
 }
 
 // newRequestID is random, not a counter, so that it tells a client nothing
@@ -329,12 +309,16 @@ const (
 	probe                 // health checks: no token, no limit
 )
 
+// handler is a route's work: it writes only success, and returns any other
+// answer as an error for fail to write.
+type handler func(w http.ResponseWriter, r *http.Request) error
+
 // route is a handler registered in addRoutes, wrapped with the checks that
 // follow routing: who is asking, the rate limit, and authentication.
 type route struct {
 	s      *server
 	access access
-	h      http.Handler
+	h      handler
 }
 
 func isRoute(h http.Handler) bool {
@@ -345,33 +329,160 @@ func isRoute(h http.Handler) bool {
 func (rt route) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s, info := rt.s, infoFrom(r)
 	info.route = r.Pattern
+	if err := rt.serve(w, r, info); err != nil {
+		s.fail(w, r, err)
+	}
+}
+
+func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo) error {
 	if rt.access == probe {
-		rt.h.ServeHTTP(w, r)
-		return
+		return rt.h(w, r)
 	}
 	var authErr error
 	if rt.access == private {
 		// Public routes ignore Authorization: an expired token that a client
 		// library sends along must not break login.
-		authErr = s.authenticate(r, info)
-		if authErr != nil && !isAuthFailure(authErr) {
-			s.fail(w, r, authErr)
-			return
-		}
+		authErr = rt.s.authenticate(r, info)
 	}
-	lim, key := s.anonLimit, ipKey(info.clientIP)
+	lim, key := rt.s.anonLimit, ipKey(info.clientIP)
 	if info.userID != 0 {
-		lim, key = s.userLimit, rateKey{user: info.userID}
+		lim, key = rt.s.userLimit, rateKey{user: info.userID}
 	}
 	if wait, ok := lim.allow(key); !ok {
-		s.fail(w, r, throttled(wait))
-		return
+		return throttled(wait)
 	}
 	if authErr != nil {
-		s.fail(w, r, authErr)
+		return authErr
+	}
+	return rt.h(w, r)
+}
+
+// rate is a limit of n requests per period; n == 0 switches the limit off.
+type rate struct {
+	n      int
+	period time.Duration
+}
+
+// rateKey identifies a client to a limiter: an address or a user. It holds
+// no pointer, so a full limiter gives the garbage collector nothing to scan.
+type rateKey struct {
+	ip   [16]byte
+	user int64
+}
+
+// ipKey keys IPv6 clients by their /64, which one subscriber usually holds
+// whole: keying single addresses would give each of them 2^64 budgets.
+func ipKey(ip netip.Addr) rateKey {
+	if ip.Is6() {
+		p, _ := ip.Prefix(64)
+		ip = p.Addr()
+	}
+	return rateKey{ip: ip.As16()}
+}
+
+// limiter is a sliding-window rate limiter: the count over the last period
+// is estimated from the current fixed window plus the previous one weighted
+// by how much of it the period still covers. Keys live in two generations:
+// a key is looked up in both and kept in the young one; when the young one
+// holds maxKeys/2 keys, the old generation is dropped whole. So at most
+// maxKeys keys are kept, and those untouched longest go first.
+type limiter struct {
+	rate    rate
+	maxKeys int
+	now     func() time.Time
+
+	mu         sync.Mutex
+	young, old map[rateKey]window
+}
+
+// window counts one key's requests in the current and previous fixed windows.
+type window struct {
+	index     int64 // which fixed window cur counts
+	cur, prev int32
+}
+
+func newLimiter(r rate, maxKeys int) *limiter {
+	if r.n == 0 {
+		return nil
+	}
+	return &limiter{rate: r, maxKeys: maxKeys, now: time.Now, young: map[rateKey]window{}, old: map[rateKey]window{}}
+}
+
+// allow counts a request for key when the limit lets it through, and
+// otherwise says how long until it would. A nil limiter allows everything.
+func (l *limiter) allow(key rateKey) (wait time.Duration, ok bool) {
+	if l == nil {
+		return 0, true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w, elapsed := l.window(key)
+	period, limit := float64(l.rate.period), float64(l.rate.n)
+	weight := 1 - float64(elapsed)/period
+	if float64(w.prev)*weight+float64(w.cur) < limit {
+		w.cur++
+		l.young[key] = w
+		return 0, true
+	}
+	// How long until the estimate drops below the limit: within this window
+	// if the previous one's share can fade enough, else into the next. Round
+	// up, or Retry-After can come out a whole second short.
+	if int(w.cur) < l.rate.n {
+		need := 1 - (limit-float64(w.cur))/float64(w.prev)
+		return time.Duration(math.Ceil(need*period)) - elapsed + 1, false
+	}
+	need := 1 - limit/float64(w.cur)
+	return l.rate.period - elapsed + time.Duration(math.Ceil(need*period)) + 1, false
+}
+
+// undo takes back one counted request, as a successful login does.
+func (l *limiter) undo(key rateKey) {
+	if l == nil {
 		return
 	}
-	rt.h.ServeHTTP(w, r)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w, _ := l.window(key)
+	if w.cur > 0 {
+		w.cur--
+	} else if w.prev > 0 {
+		w.prev--
+	}
+	l.young[key] = w
+}
+
+// window returns key's counters rolled forward to now, stored in the young
+// generation, and how far into the current fixed window now is. The caller
+// holds l.mu.
+func (l *limiter) window(key rateKey) (window, time.Duration) {
+	now := l.now().UnixNano()
+	index := now / int64(l.rate.period)
+	w, ok := l.young[key]
+	if !ok {
+		w, ok = l.old[key]
+		delete(l.old, key)
+		if len(l.young) >= max(1, l.maxKeys/2) {
+			l.old, l.young = l.young, make(map[rateKey]window, len(l.young))
+		}
+	}
+	switch {
+	case !ok || w.index < index-1:
+		w = window{index: index}
+	case w.index == index-1:
+		w = window{index: index, prev: w.cur}
+	}
+	l.young[key] = w
+	return w, time.Duration(now % int64(l.rate.period))
+}
+
+// len reports how many keys the limiter holds.
+func (l *limiter) len() int {
+	if l == nil {
+		return 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.young) + len(l.old)
 }
 
 // apiError is an answer other than success: a status and its JSON body.
@@ -389,6 +500,14 @@ type fieldErrors map[string][]string
 func (e fieldErrors) Error() string { return fmt.Sprint(map[string][]string(e)) }
 
 func (e fieldErrors) add(field, msg string) { e[field] = append(e[field], msg) }
+
+// orNil returns e as an error, or nil when it holds no message.
+func (e fieldErrors) orNil() error {
+	if len(e) == 0 {
+		return nil
+	}
+	return e
+}
 
 // detailBody is the {"detail": …} shape of every non-field error.
 type detailBody struct {
@@ -419,33 +538,27 @@ func throttled(wait time.Duration) *apiError {
 // fail writes err as the contract's answer. Causes the client must not see
 // (driver text, SQL) go to the log only.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	info := infoFrom(r)
+	if info.sessionID != 0 && isRefusal(err) {
+		// A refusal made before the request's statement ran (its path, body
+		// or parameters) has not met login_live: an ended login must still
+		// hear 401 first, as the order of checks says.
+		err = cmp.Or(s.checkLogin(r.Context(), info), err)
+	}
 	var fe fieldErrors
 	var ae *apiError
-	if info := infoFrom(r); info.sessionID != 0 && (errors.As(err, &fe) ||
-		errors.As(err, &ae) && ae.status >= 400 && ae.status < 500 && ae.status != http.StatusUnauthorized && ae.status != http.StatusTooManyRequests) {
-		// A request that did not succeed may not have reached a query that
-		// checks the login, and an ended login must hear 401 before any later
-		// refusal (403, 404, 400, …), as the order of checks says. A 429 is
-		// not re-checked, so that throttled floods cost no query.
-		live, liveErr := s.sessionLive(r.Context(), info)
-		switch {
-		case liveErr != nil:
-			err = liveErr
-		case !live:
-			err = errAccessInvalid
-		}
-		fe, ae = nil, nil
-	}
 	switch {
 	case errors.As(err, &fe):
 		writeJSON(w, http.StatusBadRequest, fe)
 		return
 	case errors.As(err, &ae):
+	case loginEnded(err):
+		ae = errAccessInvalid
 	case isUnavailable(err):
-		s.log.Warn("database unavailable", "request_id", infoFrom(r).id, "err", err)
+		s.log.Warn("database unavailable", "request_id", info.id, "err", err)
 		ae = errUnavailable
 	default:
-		s.log.Error("request failed", "request_id", infoFrom(r).id, "err", err)
+		s.log.Error("request failed", "request_id", info.id, "err", err)
 		ae = errServerFailed
 	}
 	if ae.retryAfter > 0 {
@@ -457,9 +570,18 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	writeJSON(w, ae.status, ae.body)
 }
 
+// isRefusal reports a client error other than 401 and 429 (a throttled
+// flood must cost no query).
+func isRefusal(err error) bool {
+	var fe fieldErrors
+	var ae *apiError
+	return errors.As(err, &fe) || errors.As(err, &ae) && ae.status >= 400 && ae.status < 500 &&
+		ae.status != http.StatusUnauthorized && ae.status != http.StatusTooManyRequests
+}
+
 // writeJSON marshals v before touching the headers, so an encoding failure
 // can still become a clean 500.
-func writeJSON(w http.ResponseWriter, status int, v any) {
+func writeJSON(w http.ResponseWriter, status int, v any) error {
 	body, err := json.Marshal(v)
 	if err != nil {
 		status, body = http.StatusInternalServerError, []byte(`{"detail":"A server error occurred."}`)
@@ -468,302 +590,11 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(status)
 	w.Write(body)
+	return nil
 }
 
-// fields are a JSON object body's members, read one by one with their
-// types checked (encoding/json into a struct would match keys
-// case-insensitively and coerce nothing, but report only the first error).
-type fields map[string]json.RawMessage
-
-// decodeBody reads a request body as a JSON object. An empty body is {}.
-func decodeBody(r *http.Request) (fields, error) {
-	body, err := io.ReadAll(r.Body)
-	if err != nil {
-		return nil, fmt.Errorf("read body: %w", err)
-	}
-	if len(bytes.TrimSpace(body)) == 0 {
-		return fields{}, nil
-	}
-	ct := r.Header.Get("Content-Type")
-	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
-		msg := fmt.Sprintf("Unsupported media type %q in request.", ct)
-		return nil, &apiError{status: http.StatusUnsupportedMediaType, body: detail(msg)}
-	}
-	// encoding/json would silently replace invalid UTF-8.
-	if !utf8.Valid(body) {
-		return nil, parseError("invalid UTF-8")
-	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	var f fields
-	if err := dec.Decode(&f); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		if errors.As(err, &typeErr) {
-			return nil, parseError("the body must be a JSON object")
-		}
-		return nil, parseError(err.Error())
-	}
-	if f == nil {
-		return nil, parseError("the body must be a JSON object")
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, parseError("trailing data after the JSON object")
-	}
-	return f, nil
-}
-
-func parseError(why string) error {
-	return &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
-}
-
-// str reads a string member. ok is false when the member is absent or
-// unusable, in which case any problem is already in errs.
-func (f fields) str(key string, errs fieldErrors) (v string, ok bool) {
-	raw, present := f[key]
-	if !present {
-		return "", false
-	}
-	if string(raw) == "null" {
-		errs.add(key, "This field may not be null.")
-		return "", false
-	}
-	if err := json.Unmarshal(raw, &v); err != nil {
-		errs.add(key, "Not a valid string.")
-		return "", false
-	}
-	// PostgreSQL cannot store NUL in text; refuse it here as DRF does.
-	if strings.ContainsRune(v, 0) {
-		errs.add(key, "Null characters are not allowed.")
-		return "", false
-	}
-	return v, true
-}
-
-// text reads a free-text member: tags stripped, ends trimmed, then required
-// (when asked) and length-checked in characters.
-func (f fields) text(key string, required bool, minLen, maxLen int, errs fieldErrors) (string, bool) {
-	v, ok := f.str(key, errs)
-	if !ok {
-		if _, present := f[key]; !present && required {
-			errs.add(key, "This field is required.")
-		}
-		return "", false
-	}
-	v = strings.TrimSpace(stripTags(v))
-	n := utf8.RuneCountInString(v)
-	switch {
-	case n == 0 && (required || minLen > 0):
-		errs.add(key, "This field may not be blank.")
-	case n > maxLen:
-		errs.add(key, fmt.Sprintf("Ensure this field has no more than %d characters.", maxLen))
-	case n < minLen:
-		errs.add(key, fmt.Sprintf("Ensure this field has at least %d characters.", minLen))
-	default:
-		return v, true
-	}
-	return "", false
-}
-
-// stripTags removes every tag: '<' followed by a letter, '/', '!' or '?', up
-// to the next '>'. Other '<' stay ("Tom <3 Jerry").
-func stripTags(s string) string {
-	if !strings.Contains(s, "<") {
-		return s
-	}
-	var b strings.Builder
-	for {
-		i := strings.IndexByte(s, '<')
-		if i < 0 || i+1 >= len(s) {
-			b.WriteString(s)
-			return b.String()
-		}
-		c := s[i+1]
-		end := strings.IndexByte(s[i+1:], '>')
-		if !(c == '/' || c == '!' || c == '?' || isLetterAt(s[i+1:])) || end < 0 {
-			b.WriteString(s[:i+1])
-			s = s[i+1:]
-			continue
-		}
-		b.WriteString(s[:i])
-		s = s[i+1+end+1:]
-	}
-}
-
-func isLetterAt(s string) bool {
-	r, _ := utf8.DecodeRuneInString(s)
-	return unicode.IsLetter(r)
-}
-
-// rate is a limit of n requests per period; n == 0 switches the limit off.
-type rate struct {
-	n      int
-	period time.Duration
-}
-
-// rateKey identifies a client to a limiter: an address or a user.
-type rateKey struct {
-	ip   netip.Addr
-	user int64
-}
-
-// ipKey keys IPv6 clients by their /64, which one subscriber usually holds
-// whole: keying single addresses would give each of them 2^64 budgets.
-func ipKey(ip netip.Addr) rateKey {
-	if ip.Is6() {
-		p, _ := ip.Prefix(64)
-		ip = p.Addr()
-	}
-	return rateKey{ip: ip}
-}
-
-// limiter is a sliding-window rate limiter: the count over the last period
-// is estimated from the current fixed window plus the previous one weighted
-// by how much of it the period still covers. Each key costs two counters,
-// and at most maxKeys are kept, the least recently used going first, so no
-// number of clients can grow memory without bound.
-type limiter struct {
-	rate    rate
-	maxKeys int
-	now     func() time.Time
-
-	mu   sync.Mutex
-	keys map[rateKey]*list.Element
-	lru  list.List // of *window, most recently used first
-}
-
-type window struct {
-	key       rateKey
-	index     int64 // which fixed window cur counts
-	cur, prev int
-}
-
-func newLimiter(r rate, maxKeys int) *limiter {
-	if r.n == 0 {
-		return nil
-	}
-	return &limiter{rate: r, maxKeys: maxKeys, now: time.Now, keys: make(map[rateKey]*list.Element)}
-}
-
-// allow counts a request for key when the limit lets it through, and
-// otherwise says how long until it would. A nil limiter allows everything.
-func (l *limiter) allow(key rateKey) (wait time.Duration, ok bool) {
-	if l == nil {
-		return 0, true
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	w, elapsed := l.window(key)
-	period := float64(l.rate.period)
-	limit := float64(l.rate.n)
-	weight := 1 - float64(elapsed)/period
-	if float64(w.prev)*weight+float64(w.cur) < limit {
-		w.cur++
-		return 0, true
-	}
-	// How long until the estimate drops below the limit: within this window
-	// if the previous one's share can fade enough, else into the next. The
-	// float product is rounded up, not truncated: a wait one nanosecond
-	// short can make Retry-After a whole second short.
-	if w.cur < l.rate.n {
-		need := 1 - (limit-float64(w.cur))/float64(w.prev)
-		return time.Duration(math.Ceil(need*period)) - elapsed + 1, false
-	}
-	need := 1 - limit/float64(w.cur)
-	return l.rate.period - elapsed + time.Duration(math.Ceil(need*period)) + 1, false
-}
-
-// undo takes back one counted request, as a successful login does.
-func (l *limiter) undo(key rateKey) {
-	if l == nil {
-		return
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	w, _ := l.window(key)
-	if w.cur > 0 {
-		w.cur--
-	} else if w.prev > 0 {
-		w.prev--
-	}
-}
-
-// window returns key's counters rolled forward to now, and how far into the
-// current fixed window now is. The caller holds l.mu.
-func (l *limiter) window(key rateKey) (*window, time.Duration) {
-	now := l.now().UnixNano()
-	index := now / int64(l.rate.period)
-	elapsed := time.Duration(now % int64(l.rate.period))
-	var w *window
-	if e, ok := l.keys[key]; ok {
-		l.lru.MoveToFront(e)
-		w = e.Value.(*window)
-	} else if l.lru.Len() >= l.maxKeys {
-		// Full: reuse the least recently used entry for the new key.
-		e := l.lru.Back()
-		w = e.Value.(*window)
-		delete(l.keys, w.key)
-		*w = window{key: key, index: index}
-		l.keys[key] = e
-		l.lru.MoveToFront(e)
-	} else {
-		w = &window{key: key, index: index}
-		l.keys[key] = l.lru.PushFront(w)
-	}
-	switch {
-	case w.index == index:
-	case w.index == index-1:
-		w.prev, w.cur, w.index = w.cur, 0, index
-	default:
-		w.prev, w.cur, w.index = 0, 0, index
-	}
-	return w, elapsed
-}
-
-// len reports how many keys the limiter holds.
-func (l *limiter) len() int {
-	if l == nil {
-		return 0
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.keys)
-}
-
-// logValue keeps secrets out of the log even if one is logged by mistake.
-type secret []byte
-
-func (secret) LogValue() slog.Value { return slog.StringValue("[redacted]") }
-
-// emailRE is Django's EmailValidator without its IDN and IP-literal cases:
-// a dot-atom local part, dot-separated host labels, a TLD of 2–63 characters.
-var emailRE = regexp.MustCompile(`^[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+(\.[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+)*` +
-	`@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{1,62}[a-z0-9]$`)
-
-// email reads an address, trimmed and lower-cased, at most 254 characters.
-func (f fields) email(key string, required bool, errs fieldErrors) (string, bool) {
-	v, ok := f.str(key, errs)
-	if !ok {
-		if _, present := f[key]; !present && required {
-			errs.add(key, "This field is required.")
-		}
-		return "", false
-	}
-	v = strings.ToLower(strings.TrimSpace(v))
-	switch {
-	case v == "":
-		errs.add(key, "This field may not be blank.")
-	case utf8.RuneCountInString(v) > 254:
-		errs.add(key, "Ensure this field has no more than 254 characters.")
-	case !emailRE.MatchString(v):
-		errs.add(key, "Enter a valid email address.")
-	default:
-		return v, true
-	}
-	return "", false
-}
-
-// pathID reads the {id} path value; anything but a positive integer that
-// fits int64 is not an id, so the caller answers 404.
-func pathID(r *http.Request) (int64, bool) {
-	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
-	return id, err == nil && id > 0
+// noContent writes 204.
+func noContent(w http.ResponseWriter) error {
+	w.WriteHeader(http.StatusNoContent)
+	return nil
 }

@@ -26,9 +26,32 @@ CREATE TABLE IF NOT EXISTS sessions (
     id         bigserial PRIMARY KEY,
     user_id    bigint      NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL, -- LOGIN_MAX_AGE_DAYS after created_at
     ended_at   timestamptz
 );
 CREATE INDEX IF NOT EXISTS sessions_user_id ON sessions (user_id);
+-- Logins made before logins had an end get the default age from now on.
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS expires_at timestamptz NOT NULL DEFAULT now() + interval '30 days';
+ALTER TABLE sessions ALTER COLUMN expires_at DROP DEFAULT;
+
+-- login_live is the one "login is live" rule: every statement that serves
+-- an authenticated request calls it with the caller's user id and login id
+-- ($1, $2), so an ended login fails the statement itself with HC401, which
+-- the server answers 401. PostgreSQL runs it once per statement (a
+-- one-time filter), before any row is read or written.
+CREATE OR REPLACE FUNCTION login_live(uid bigint, sid bigint) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM sessions WHERE id = sid AND user_id = uid AND ended_at IS NULL AND expires_at > now()) THEN
+        RAISE EXCEPTION 'login % has ended', sid USING ERRCODE = 'HC401';
+    END IF;
+    RETURN true;
+END $$;
+
+-- api_time writes a time as DRF does: RFC 3339 in UTC, microseconds, "Z".
+-- A one-line SQL function, so PostgreSQL inlines it.
+CREATE OR REPLACE FUNCTION api_time(t timestamptz) RETURNS text
+LANGUAGE sql STABLE AS $$ SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') $$;
 
 -- Every refresh token issued, so that each can be used once.
 CREATE TABLE IF NOT EXISTS refresh_tokens (
@@ -58,44 +81,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS patients_owner_email ON patients (owner_id, em
 CREATE UNIQUE INDEX IF NOT EXISTS patients_owner_id_key ON patients (owner_id, id);
 DROP INDEX IF EXISTS patients_owner_id; -- its non-unique predecessor
 
--- How many patients each owner has, kept by the trigger below, so that a
--- list's count is a lookup rather than a pass over all of the owner's rows
--- (4 ms for 100,000). An owner's count is the sum of its slots. Each
--- database connection writes its own slot (pg_backend_pid() % 16): with one
--- row per owner, one owner's concurrent inserts would queue on its lock.
-CREATE TABLE IF NOT EXISTS patient_counts (
-    owner_id bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    slot     int    NOT NULL,
-    n        bigint NOT NULL,
-    PRIMARY KEY (owner_id, slot)
-);
-
-CREATE OR REPLACE FUNCTION count_patients() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP <> 'DELETE' THEN -- an INSERT, or an UPDATE of owner_id
-        INSERT INTO patient_counts AS c (owner_id, slot, n) VALUES (NEW.owner_id, pg_backend_pid() % 16, 1)
-        ON CONFLICT (owner_id, slot) DO UPDATE SET n = c.n + 1;
-    END IF;
-    -- When the owner itself is being deleted, its counts go with it
-    -- (CASCADE), and a new slot row would name a user that is gone.
-    IF TG_OP <> 'INSERT' AND EXISTS (SELECT 1 FROM users WHERE id = OLD.owner_id) THEN
-        INSERT INTO patient_counts AS c (owner_id, slot, n) VALUES (OLD.owner_id, pg_backend_pid() % 16, -1)
-        ON CONFLICT (owner_id, slot) DO UPDATE SET n = c.n - 1;
-    END IF;
-    RETURN NULL;
-END $$;
-
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'patients_count' AND tgrelid = 'patients'::regclass) THEN
-        CREATE TRIGGER patients_count AFTER INSERT OR DELETE OR UPDATE OF owner_id ON patients
-            FOR EACH ROW EXECUTE FUNCTION count_patients();
-        -- Count the rows from before the trigger. Creating it locked out
-        -- writers until the schema commits, so no row is counted twice.
-        DELETE FROM patient_counts;
-        INSERT INTO patient_counts (owner_id, slot, n)
-        SELECT owner_id, 0, count(*) FROM patients GROUP BY owner_id;
-    END IF;
-END $$;
+-- Patient counts were once kept by a trigger; lists count as DRF does now.
+DROP TRIGGER IF EXISTS patients_count ON patients;
+DROP FUNCTION IF EXISTS count_patients();
+DROP TABLE IF EXISTS patient_counts;
 
 CREATE TABLE IF NOT EXISTS doctors (
     id             bigserial PRIMARY KEY,
@@ -139,11 +128,9 @@ END $$;
 CREATE INDEX IF NOT EXISTS mappings_doctor_id ON mappings (doctor_id);
 CREATE INDEX IF NOT EXISTS mappings_owner_id ON mappings (owner_id, id);
 
--- Lists are prepared statements run with generic plans (see db.go), made
--- without knowing which owner will ask. The planner would then assume
--- every owner holds rows/n_distinct rows; in a young database with two
--- users that is half the table, and the plan a sequential scan, for every
--- owner. A list is one owner's by design, so say owners are many.
+-- Statements run with generic plans (README, Performance), made without
+-- knowing which owner asks; say owners are many, so that the plan is the
+-- owner index even while two users hold every row.
 ALTER TABLE patients ALTER COLUMN owner_id SET (n_distinct = -0.01);
 ALTER TABLE mappings ALTER COLUMN owner_id SET (n_distinct = -0.01);
 
