@@ -19,7 +19,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -27,7 +26,6 @@ import (
 	"unicode"
 	"unicode/utf8"
 
-	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -467,11 +465,6 @@ func confirmPassword(f fields, key, password string, errs fieldErrors) {
 	}
 }
 
-var (
-	usernameTaken = "A user with that username already exists."
-	emailTaken    = "A user with that email already exists."
-)
-
 // handleRegister creates an account and its first login.
 func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if wait, ok := s.registerLimit.allow(ipKey(infoFrom(r).clientIP)); !ok {
@@ -485,8 +478,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	u := user{Username: f.username("username", errs), Name: deref(f.text("name", true, 1, 150, errs))}
 	u.Email = deref(f.email("email", true, errs))
 	password := s.newPassword(f, "password", u, errs)
-	names := loginNames(u)
-	if err := s.checkNamesFree(ctx, names, errs); err != nil {
+	if err := s.takenNames(ctx, u, errs); err != nil {
 		return err
 	}
 	confirmPassword(f, "password_confirm", password, errs)
@@ -506,20 +498,18 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		if err := tx.QueryRowContext(ctx, q, u.Username, u.Email, u.Name, hashed).Scan(&u.ID); err != nil {
 			return fmt.Errorf("insert user: %w", err)
 		}
-		for _, n := range names {
-			// The primary key decides a race between two registrations.
-			_, err := tx.ExecContext(ctx, `INSERT INTO login_names (name, user_id) VALUES ($1, $2)`, n.name, u.ID)
-			if _, taken := violation(err, pqerror.UniqueViolation); taken {
-				return n.taken()
-			}
-			if err != nil {
-				return fmt.Errorf("insert login name: %w", err)
-			}
+		// The primary key of login_names decides a race between two registrations.
+		const names = `INSERT INTO login_names (name, user_id) SELECT DISTINCT n, $3::bigint FROM unnest(ARRAY[lower($1), $2]) n`
+		if _, err := tx.ExecContext(ctx, names, u.Username, u.Email, u.ID); err != nil {
+			return fmt.Errorf("insert login names: %w", err)
 		}
 		out.User = u
 		out.Tokens, err = s.startLogin(ctx, tx, u.ID)
 		return err
 	})
+	if _, lost := violation(err, pqerror.UniqueViolation); lost {
+		return cmp.Or(s.takenNames(ctx, u, errs), error(errs))
+	}
 	if err != nil {
 		return err
 	}
@@ -533,66 +523,21 @@ func deref(s *string) string {
 	return *s
 }
 
-// loginName is one lower-cased name an account can log in with, and the
-// fields of the registration it came from.
-type loginName struct {
-	name   string
-	fields []string
-}
-
-func (n loginName) taken() fieldErrors {
-	errs := fieldErrors{}
-	for _, f := range n.fields {
-		if f == "username" {
-			errs.add(f, usernameTaken)
-		} else {
-			errs.add(f, emailTaken)
-		}
-	}
-	return errs
-}
-
-// loginNames lists the valid names of u, once each.
-func loginNames(u user) []loginName {
-	var names []loginName
-	if u.Username != "" {
-		names = append(names, loginName{strings.ToLower(u.Username), []string{"username"}})
-	}
-	if u.Email != "" {
-		if len(names) == 1 && names[0].name == u.Email {
-			names[0].fields = append(names[0].fields, "email")
-		} else {
-			names = append(names, loginName{u.Email, []string{"email"}})
-		}
-	}
-	return names
-}
-
-// checkNamesFree reports names already in use as field errors, so that a
-// registration hears about every problem at once. One statement reads them
-// all from one snapshot; it is only a courtesy, as the unique key still
-// decides when two registrations race.
-func (s *server) checkNamesFree(ctx context.Context, names []loginName, errs fieldErrors) error {
-	list := make([]string, len(names))
-	for i, n := range names {
-		list[i] = n.name
-	}
-	rows, err := s.db.QueryContext(ctx, `SELECT name FROM login_names WHERE name = ANY($1)`, pq.Array(list))
-	if err != nil {
+// takenNames adds an error for the username and the email if either already
+// names an account: login_names holds every account's names, lower-cased, so
+// that a login name always means one account.
+func (s *server) takenNames(ctx context.Context, u user, errs fieldErrors) error {
+	const q = `SELECT EXISTS (SELECT 1 FROM login_names WHERE name = lower($1)),
+		EXISTS (SELECT 1 FROM login_names WHERE name = $2)`
+	var username, email bool
+	if err := s.db.QueryRowContext(ctx, q, u.Username, u.Email).Scan(&username, &email); err != nil {
 		return fmt.Errorf("check login names: %w", err)
 	}
-	taken, err := scanAll(rows, func(row rowScanner) (name string, err error) {
-		return name, row.Scan(&name)
-	})
-	if err != nil {
-		return fmt.Errorf("check login names: %w", err)
+	if username {
+		errs.add("username", "A user with that username already exists.")
 	}
-	for _, n := range names {
-		if slices.Contains(taken, n.name) {
-			for f, msgs := range n.taken() {
-				errs[f] = append(errs[f], msgs...)
-			}
-		}
+	if email {
+		errs.add("email", "A user with that email already exists.")
 	}
 	return nil
 }

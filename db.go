@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"math"
 	"mime"
@@ -114,6 +115,30 @@ func migrate(ctx context.Context, db *sql.DB) error {
 		return fmt.Errorf("apply schema: %w", err)
 	}
 	return nil
+}
+
+// prune deletes ended and expired logins, with their refresh tokens, in
+// batches that hold no lock for long, every period until ctx ends. A live
+// login keeps all its refresh tokens, expired ones included: reuse
+// detection needs them, and they go with the login at its end.
+func prune(ctx context.Context, db *sql.DB, log *slog.Logger, period time.Duration) {
+	for {
+		const q = `DELETE FROM sessions WHERE id IN (
+			SELECT id FROM sessions WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`
+		for n := int64(1000); n == 1000; {
+			res, err := db.ExecContext(ctx, q)
+			if err != nil {
+				log.Warn("prune logins", "err", err)
+				break
+			}
+			n, _ = res.RowsAffected()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(period):
+		}
+	}
 }
 
 // withTx runs fn in a transaction, committing only when fn succeeds.

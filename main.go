@@ -5,6 +5,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"database/sql"
@@ -20,10 +21,12 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
 
 	"github.com/lib/pq"
 )
@@ -40,16 +43,12 @@ func main() {
 func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-
 	dotenv, err := readDotenv(".env")
 	if err != nil {
 		return err
 	}
 	cfg, warnings, err := loadConfig(func(k string) string {
-		if v := getenv(k); v != "" {
-			return v // real environment variables win over .env
-		}
-		return dotenv[k]
+		return cmp.Or(getenv(k), dotenv[k]) // real environment variables win over .env
 	})
 	if err != nil {
 		return err
@@ -58,12 +57,8 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 	for _, w := range warnings {
 		logger.Warn(w)
 	}
-	// The live heap is a few MiB, so by default the collector would run
-	// after every few MiB of garbage: under load, a tenth of the CPU. Let
-	// garbage grow to four times the live heap, within a soft 64 MiB. With
-	// every IP-keyed limiter full (3 × RATE_MAX_KEYS clients, ~50 MiB live)
-	// the collector runs more often instead, and memory stays bounded.
-	// GOGC and GOMEMLIMIT, when set, still decide.
+	// Garbage may grow to four times the live heap, within a soft 64 MiB
+	// (README, Performance), unless GOGC or GOMEMLIMIT say otherwise.
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(400)
 	}
@@ -79,8 +74,15 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 	if err != nil {
 		return err
 	}
+	go prune(ctx, db, logger, time.Hour)
+	return serve(ctx, cfg, srv, logger)
+}
+
+// serve answers HTTP on cfg.addr until ctx ends, then lets in-flight
+// requests finish.
+func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger) error {
 	httpServer := &http.Server{
-		Handler: srv,
+		Handler: h,
 		// Slow clients are cut off: a trickled header or body cannot hold a
 		// connection (and its goroutine) open for long.
 		ReadHeaderTimeout: 5 * time.Second,
@@ -99,7 +101,6 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 		scheme = "https"
 	}
 	logger.Info("serving", "url", scheme+"://"+ln.Addr().String()+"/")
-
 	serveErr := make(chan error, 1)
 	go func() {
 		if cfg.tlsCert != "" {
@@ -278,22 +279,24 @@ type config struct {
 	tlsCert, tlsKey    string
 }
 
-// loadConfig reads the configuration API.md names, with its defaults. It
-// refuses invalid values, naming the variable, and returns warnings to log.
+// publishedKeys are SECRET_KEY values that have been shown in this
+// repository: anyone could sign tokens with them.
+var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes"}
+
+// loadConfig reads the configuration API.md names, with its defaults and
+// bounds (README lists them). It refuses invalid values, naming the
+// variable, and returns warnings to log.
 func loadConfig(getenv func(string) string) (config, []string, error) {
 	var warnings []string
 	var errs []error
 	get := func(key, def string) string {
-		if v := strings.TrimSpace(getenv(key)); v != "" {
-			return v
-		}
-		return def
+		return cmp.Or(strings.TrimSpace(getenv(key)), def)
 	}
-	num := func(key string, def, lowest int) int {
+	num := func(key string, def, lo, hi int) int {
 		v := get(key, strconv.Itoa(def))
 		n, err := strconv.Atoi(v)
-		if err != nil || n < lowest {
-			errs = append(errs, fmt.Errorf("%s: want an integer of at least %d, got %q", key, lowest, v))
+		if err != nil || n < lo || n > hi {
+			errs = append(errs, fmt.Errorf("%s: want an integer from %d to %d, got %q", key, lo, hi, v))
 		}
 		return n
 	}
@@ -305,55 +308,44 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		return r
 	}
 	list := func(key, def string) []string {
-		var out []string
-		for _, item := range strings.Split(get(key, def), ",") {
-			if item = strings.TrimSpace(item); item != "" {
-				out = append(out, item)
-			}
-		}
-		return out
+		return strings.FieldsFunc(get(key, def), func(r rune) bool { return r == ',' || unicode.IsSpace(r) })
 	}
-
 	cfg := config{
 		addr:               get("ADDR", "127.0.0.1:8000"),
 		dbMaxConns:         4 * runtime.NumCPU(),
-		accessTTL:          time.Duration(num("ACCESS_TOKEN_LIFETIME_MIN", 15, 1)) * time.Minute,
-		refreshTTL:         time.Duration(num("REFRESH_TOKEN_LIFETIME_DAYS", 1, 1)) * 24 * time.Hour,
+		accessTTL:          time.Duration(num("ACCESS_TOKEN_LIFETIME_MIN", 15, 1, 24*60)) * time.Minute,
+		refreshTTL:         time.Duration(num("REFRESH_TOKEN_LIFETIME_DAYS", 1, 1, 365)) * 24 * time.Hour,
+		loginMaxAgeDays:    num("LOGIN_MAX_AGE_DAYS", 30, 1, 3650),
+		allowedHosts:       list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"),
 		corsOrigins:        list("CORS_ALLOWED_ORIGINS", "http://localhost:3000,http://127.0.0.1:3000,http://localhost:8080,http://127.0.0.1:8080"),
 		rateRegister:       rateOf("RATE_REGISTER", "5/hour"),
 		rateLogin:          rateOf("RATE_LOGIN", "10/hour"),
 		rateAnon:           rateOf("RATE_ANON", "100/hour"),
 		rateUser:           rateOf("RATE_USER", "1000/hour"),
-		rateMaxKeys:        num("RATE_MAX_KEYS", 100_000, 1),
-		passwordIterations: num("PASSWORD_ITERATIONS", minIterations, minIterations),
-		reuseGrace:         time.Duration(num("REFRESH_REUSE_GRACE_S", 10, 0)) * time.Second,
-		loginMaxAgeDays:    num("LOGIN_MAX_AGE_DAYS", 30, 1),
+		rateMaxKeys:        num("RATE_MAX_KEYS", 100_000, 100, 10_000_000),
+		passwordIterations: num("PASSWORD_ITERATIONS", minIterations, minIterations, maxIterations),
+		reuseGrace:         time.Duration(num("REFRESH_REUSE_GRACE_S", 10, 0, 300)) * time.Second,
 		requestTimeout:     4 * time.Second,
 		tlsCert:            get("TLS_CERT_FILE", ""),
 		tlsKey:             get("TLS_KEY_FILE", ""),
 	}
-	for _, h := range list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]") {
-		cfg.allowedHosts = append(cfg.allowedHosts, strings.ToLower(h))
+	for i, h := range cfg.allowedHosts {
+		cfg.allowedHosts[i] = strings.ToLower(h)
 	}
 	for _, p := range list("TRUSTED_PROXIES", "") {
 		prefix, err := netip.ParsePrefix(p)
+		if addr, addrErr := netip.ParseAddr(p); err != nil && addrErr == nil {
+			prefix, err = addr.Prefix(addr.BitLen())
+		}
 		if err != nil {
-			addr, addrErr := netip.ParseAddr(p)
-			if addrErr != nil {
-				errs = append(errs, fmt.Errorf("TRUSTED_PROXIES: %q is not a CIDR or an address", p))
-				continue
-			}
-			prefix = netip.PrefixFrom(addr, addr.BitLen())
+			errs = append(errs, fmt.Errorf("TRUSTED_PROXIES: %q is not a CIDR or an address", p))
 		}
 		cfg.trustedProxies = append(cfg.trustedProxies, prefix.Masked())
 	}
-
-	debug, err := parseBool(get("DEBUG", "False"))
-	if err != nil {
+	var err error
+	if cfg.debug, err = parseBool(get("DEBUG", "False")); err != nil {
 		errs = append(errs, fmt.Errorf("DEBUG: %w", err))
 	}
-	cfg.debug = debug
-
 	switch key := getenv("SECRET_KEY"); {
 	case key == "":
 		cfg.secretKey = make([]byte, 64)
@@ -361,49 +353,49 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		warnings = append(warnings, "SECRET_KEY is not set: using a random key, so tokens will not survive a restart")
 	case len(key) < 32:
 		errs = append(errs, fmt.Errorf("SECRET_KEY: must be at least 32 bytes, got %d", len(key)))
+	case len(slices.Compact(slices.Sorted(slices.Values([]byte(key))))) < 10:
+		errs = append(errs, errors.New("SECRET_KEY: must have at least 10 distinct characters"))
+	case slices.Contains(publishedKeys, key):
+		errs = append(errs, errors.New("SECRET_KEY: this key is published in the repository; make your own (README)"))
 	default:
 		cfg.secretKey = []byte(key)
 	}
 	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
 		errs = append(errs, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both or neither"))
 	}
-
-	db, err := dbConfig(get)
-	if err != nil {
-		errs = append(errs, err)
-	}
-	cfg.db = db
-	return cfg, warnings, errors.Join(errs...)
+	cfg.db, err = dbConfig(get)
+	return cfg, warnings, errors.Join(append(errs, err)...)
 }
 
 // dbConfig builds the connection settings from DATABASE_URL, or else DB_*.
+// TLS is off by default only for a loopback host or a Unix socket, and
+// verified everywhere else; an sslmode in DATABASE_URL wins.
 func dbConfig(get func(key, def string) string) (pq.Config, error) {
-	if url := get("DATABASE_URL", ""); url != "" {
-		cfg, err := pq.NewConfig(url)
-		if err != nil {
-			return cfg, fmt.Errorf("DATABASE_URL: %w", err)
-		}
-		// A local server needs no TLS; elsewhere lib/pq's default stands.
-		if !strings.Contains(url, "sslmode") && (cfg.Host == "localhost" || strings.HasPrefix(cfg.Host, "127.") || cfg.Host == "::1") {
-			cfg.SSLMode = pq.SSLModeDisable
-		}
-		cfg.BinaryParameters = true
-		return cfg, nil
-	}
-	cfg, err := pq.NewConfig("")
+	url := get("DATABASE_URL", "")
+	cfg, err := pq.NewConfig(url)
 	if err != nil {
-		return cfg, fmt.Errorf("database config: %w", err)
+		// The URL holds the password: say nothing of it.
+		return cfg, errors.New("DATABASE_URL: not a valid connection URL")
 	}
-	port, err := strconv.ParseUint(get("DB_PORT", "5432"), 10, 16)
-	if err != nil {
-		return cfg, fmt.Errorf("DB_PORT: want a port number, got %q", get("DB_PORT", ""))
+	if url == "" {
+		port, err := strconv.ParseUint(get("DB_PORT", "5432"), 10, 16)
+		if err != nil || port == 0 {
+			return cfg, fmt.Errorf("DB_PORT: want a port number, got %q", get("DB_PORT", ""))
+		}
+		cfg.Host, cfg.Port = get("DB_HOST", "localhost"), uint16(port)
+		cfg.Database, cfg.User = get("DB_NAME", "healthcare_db"), get("DB_USER", "postgres")
+		cfg.Password = get("DB_PASSWORD", "")
 	}
-	cfg.Host = get("DB_HOST", "localhost")
-	cfg.Port = uint16(port)
-	cfg.Database = get("DB_NAME", "healthcare_db")
-	cfg.User = get("DB_USER", "postgres")
-	cfg.Password = get("DB_PASSWORD", "")
-	cfg.SSLMode = pq.SSLModeDisable
+	if url == "" || !strings.Contains(url, "sslmode") {
+		mode := "verify-full"
+		if ip, err := netip.ParseAddr(cfg.Host); cfg.Host == "localhost" || strings.HasPrefix(cfg.Host, "/") || err == nil && ip.IsLoopback() {
+			mode = "disable"
+		}
+		cfg.SSLMode = pq.SSLMode(get("DB_SSLMODE", mode))
+		if !slices.Contains([]string{"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}, string(cfg.SSLMode)) {
+			return cfg, fmt.Errorf("DB_SSLMODE: want disable, require, verify-ca or verify-full, got %q", cfg.SSLMode)
+		}
+	}
 	// One round trip per query instead of two (no separate prepare step).
 	cfg.BinaryParameters = true
 	cfg.ConnectTimeout = 3 * time.Second

@@ -1273,7 +1273,18 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"DEBUG True", map[string]string{"DEBUG": "True"}, ""},
 		{"TLS cert without key", map[string]string{"TLS_CERT_FILE": "cert.pem"}, "TLS_KEY_FILE"},
 		{"SECRET_KEY of 31 bytes", map[string]string{"SECRET_KEY": strings.Repeat("k", 31)}, "SECRET_KEY"},
-		{"SECRET_KEY of 32 bytes", map[string]string{"SECRET_KEY": strings.Repeat("k", 32)}, ""},
+		{"SECRET_KEY of 32 bytes", map[string]string{"SECRET_KEY": strings.Repeat("0123456789", 3) + "ab"}, ""},
+		{"SECRET_KEY of 9 distinct characters", map[string]string{"SECRET_KEY": strings.Repeat("123456789", 8)}, "SECRET_KEY"},
+		{"SECRET_KEY once shown in .env.example", map[string]string{"SECRET_KEY": "change-me-to-a-long-random-string-of-48-bytes"}, "SECRET_KEY"},
+		{"PASSWORD_ITERATIONS above the ceiling", map[string]string{"PASSWORD_ITERATIONS": "10000001"}, "PASSWORD_ITERATIONS"},
+		{"PASSWORD_ITERATIONS at the ceiling", map[string]string{"PASSWORD_ITERATIONS": "10000000"}, ""},
+		{"REFRESH_REUSE_GRACE_S above 300", map[string]string{"REFRESH_REUSE_GRACE_S": "301"}, "REFRESH_REUSE_GRACE_S"},
+		{"ACCESS_TOKEN_LIFETIME_MIN that would overflow", map[string]string{"ACCESS_TOKEN_LIFETIME_MIN": "9999999999999"}, "ACCESS_TOKEN_LIFETIME_MIN"},
+		{"REFRESH_TOKEN_LIFETIME_DAYS above a year", map[string]string{"REFRESH_TOKEN_LIFETIME_DAYS": "366"}, "REFRESH_TOKEN_LIFETIME_DAYS"},
+		{"LOGIN_MAX_AGE_DAYS zero", map[string]string{"LOGIN_MAX_AGE_DAYS": "0"}, "LOGIN_MAX_AGE_DAYS"},
+		{"LOGIN_MAX_AGE_DAYS above ten years", map[string]string{"LOGIN_MAX_AGE_DAYS": "3651"}, "LOGIN_MAX_AGE_DAYS"},
+		{"RATE_MAX_KEYS above the ceiling", map[string]string{"RATE_MAX_KEYS": "10000001"}, "RATE_MAX_KEYS"},
+		{"DB_SSLMODE unknown", map[string]string{"DB_SSLMODE": "sometimes"}, "DB_SSLMODE"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
