@@ -20,16 +20,11 @@ import (
 	"time"
 )
 
-// The contract's 401 bodies.
+// The contract's 401 bodies that only this file checks (main_test.go has
+// the others).
 const (
-	invalidAccessBody = `{"detail": "Given token not valid for any token type", "code": "token_not_valid",
-		"messages": [{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}]}`
-	noCredentialsBody  = `{"detail": "Authentication credentials were not provided."}`
-	badAuthHeaderBody  = `{"detail": "Authorization header must contain two space-delimited values", "code": "bad_authorization_header"}`
-	refreshInvalidBody = `{"detail": "Token is invalid or expired", "code": "token_not_valid"}`
-	blacklistedBody    = `{"detail": "Token is blacklisted", "code": "token_not_valid"}`
-	badCredentialsBody = `{"detail": "No active account found with the given credentials"}`
-	unavailableBody    = `{"detail": "Service temporarily unavailable."}`
+	badAuthHeaderBody = `{"detail": "Authorization header must contain two space-delimited values", "code": "bad_authorization_header"}`
+	blacklistedBody   = `{"detail": "Token is blacklisted", "code": "token_not_valid"}`
 )
 
 // hs256Header is the only JWT header the server issues and accepts.
@@ -184,27 +179,10 @@ func claimInt(t testing.TB, c map[string]any, key string) int64 {
 	return v
 }
 
-// uniqueName makes a name no other test uses: prefix, a counter and random
-// hex.
-func uniqueName(prefix string) string {
-	var b [3]byte
-	rand.Read(b[:])
-	return fmt.Sprintf("%s%d%x", prefix, userSeq.Add(1), b)
-}
-
-// mustJSON marshals v for a wanted body.
-func mustJSON(t testing.TB, v any) string {
-	t.Helper()
-	data, err := json.Marshal(v)
-	if err != nil {
-		t.Fatalf("marshal: %v", err)
-	}
-	return string(data)
-}
-
 // storedHash reads a user's password column.
 func storedHash(t testing.TB, id int64) string {
 	t.Helper()
+	needDB(t)
 	var h string
 	if err := testDB.QueryRowContext(t.Context(), `SELECT password FROM users WHERE id = $1`, id).Scan(&h); err != nil {
 		t.Fatalf("read password of user %d: %v", id, err)
@@ -216,6 +194,7 @@ func storedHash(t testing.TB, id int64) string {
 // database would, with the given password hash and both login names.
 func insertUser(t testing.TB, username, email, passwordHash string) int64 {
 	t.Helper()
+	needDB(t)
 	ctx := t.Context()
 	var id int64
 	err := testDB.QueryRowContext(ctx, `INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id`,
@@ -277,7 +256,7 @@ func TestTokenIssuedClaims(t *testing.T) {
 				t.Fatalf("token %q: want three segments", tc.token)
 			}
 			head, err := base64.RawURLEncoding.DecodeString(parts[0])
-			if err != nil || !jsonEqual(mustDecode(t, head), mustDecode(t, []byte(hs256Header))) {
+			if err != nil || !jsonEqual(response{body: head}.json(t), response{body: []byte(hs256Header)}.json(t)) {
 				t.Fatalf("header %s, want %s", head, hs256Header)
 			}
 			c := tokenClaims(t, tc.token)
@@ -319,16 +298,6 @@ func TestTokenIssuedClaims(t *testing.T) {
 func isHex(s string) bool {
 	_, err := hex.DecodeString(s)
 	return err == nil
-}
-
-// mustDecode decodes JSON for comparison.
-func mustDecode(t testing.TB, data []byte) any {
-	t.Helper()
-	var v any
-	if err := json.Unmarshal(data, &v); err != nil {
-		t.Fatalf("decode %q: %v", data, err)
-	}
-	return v
 }
 
 func TestTokenForgedAccess(t *testing.T) {
@@ -552,14 +521,14 @@ func TestAuthHeaderVariants(t *testing.T) {
 		wantStatus   int
 		wantBody     string
 	}{
-		{"no header", "", http.StatusUnauthorized, noCredentialsBody},
-		{"only spaces", "   ", http.StatusUnauthorized, noCredentialsBody},
-		{"lower-case bearer", "bearer " + a.access, http.StatusUnauthorized, noCredentialsBody},
-		{"upper-case BEARER", "BEARER " + a.access, http.StatusUnauthorized, noCredentialsBody},
-		{"Basic x", "Basic x", http.StatusUnauthorized, noCredentialsBody},
-		{"Basic credentials", "Basic " + base64.StdEncoding.EncodeToString([]byte(a.username+":"+a.password)), http.StatusUnauthorized, noCredentialsBody},
-		{"JWT scheme", "JWT " + a.access, http.StatusUnauthorized, noCredentialsBody},
-		{"token without scheme", a.access, http.StatusUnauthorized, noCredentialsBody},
+		{"no header", "", http.StatusUnauthorized, bodyUnauthenticated},
+		{"only spaces", "   ", http.StatusUnauthorized, bodyUnauthenticated},
+		{"lower-case bearer", "bearer " + a.access, http.StatusUnauthorized, bodyUnauthenticated},
+		{"upper-case BEARER", "BEARER " + a.access, http.StatusUnauthorized, bodyUnauthenticated},
+		{"Basic x", "Basic x", http.StatusUnauthorized, bodyUnauthenticated},
+		{"Basic credentials", "Basic " + base64.StdEncoding.EncodeToString([]byte(a.username+":"+a.password)), http.StatusUnauthorized, bodyUnauthenticated},
+		{"JWT scheme", "JWT " + a.access, http.StatusUnauthorized, bodyUnauthenticated},
+		{"token without scheme", a.access, http.StatusUnauthorized, bodyUnauthenticated},
 		{"Bearer alone", "Bearer", http.StatusUnauthorized, badAuthHeaderBody},
 		{"Bearer and a space", "Bearer ", http.StatusUnauthorized, badAuthHeaderBody},
 		{"Bearer a b", "Bearer a b", http.StatusUnauthorized, badAuthHeaderBody},
@@ -574,7 +543,7 @@ func TestAuthHeaderVariants(t *testing.T) {
 	}
 	t.Run("Bearer and the token", func(t *testing.T) {
 		res := do(t, s, req{method: "GET", path: "/api/auth/me/", header: map[string]string{"Authorization": "Bearer " + a.access}})
-		wantJSON(t, res, http.StatusOK, mustJSON(t, user{ID: a.id, Username: a.username, Email: a.email, Name: "Test User"}))
+		wantJSON(t, res, http.StatusOK, jsonText(user{ID: a.id, Username: a.username, Email: a.email, Name: "Test User"}))
 	})
 }
 
@@ -604,9 +573,7 @@ func TestAuthPublicEndpointsIgnoreAuthorization(t *testing.T) {
 			res = do(t, s, req{method: "POST", path: "/api/auth/token/refresh/", header: h, body: map[string]string{"refresh": pair.Refresh}})
 			pair = pairOf(t, res)
 			res = do(t, s, req{method: "POST", path: "/api/auth/logout/", header: h, body: map[string]string{"refresh": pair.Refresh}})
-			if res.status != http.StatusNoContent || len(res.body) != 0 {
-				t.Fatalf("logout: status %d, body %q; want 204 and no body", res.status, res.body)
-			}
+			wantNoContent(t, res)
 		})
 	}
 }
@@ -625,19 +592,19 @@ func TestAuthMe(t *testing.T) {
 	u, _ := out["user"].(map[string]any)
 	id, _ := u["id"].(float64)
 	want := user{ID: int64(id), Username: username, Email: strings.ToLower(username) + "@example.org", Name: "Ada Lovelace"}
-	if !jsonEqual(u, mustDecode(t, []byte(mustJSON(t, want)))) || len(out) != 2 {
-		t.Fatalf("register body %s, want user %s and tokens", res.body, mustJSON(t, want))
+	if !jsonEqual(u, response{body: []byte(jsonText(want))}.json(t)) || len(out) != 2 {
+		t.Fatalf("register body %s, want user %s and tokens", res.body, jsonText(want))
 	}
 	tokens, _ := out["tokens"].(map[string]any)
 	access, _ := tokens["access"].(string)
 	if len(tokens) != 2 || access == "" || tokens["refresh"] == "" {
 		t.Fatalf("tokens %v, want refresh and access", tokens)
 	}
-	wantJSON(t, me(t, s, access), http.StatusOK, mustJSON(t, want))
+	wantJSON(t, me(t, s, access), http.StatusOK, jsonText(want))
 
 	other := register(t, s)
 	wantJSON(t, me(t, s, other.access), http.StatusOK,
-		mustJSON(t, user{ID: other.id, Username: other.username, Email: other.email, Name: "Test User"}))
+		jsonText(user{ID: other.id, Username: other.username, Email: other.email, Name: "Test User"}))
 }
 
 // registerBody is a valid registration with unique names, with changes
@@ -673,7 +640,7 @@ func TestRegisterValidation(t *testing.T) {
 		similarToName = "The password is too similar to the name."
 	)
 	fe := func(field string, msgs ...string) string {
-		return mustJSON(t, map[string][]string{field: msgs})
+		return jsonText(map[string][]string{field: msgs})
 	}
 	// For the password cases: names that no password below resembles.
 	pw := func(password, username, email, name string) map[string]any {
@@ -859,7 +826,7 @@ func TestRegisterRace(t *testing.T) {
 	s := newTestServer(t, nil)
 	for _, n := range []int{2, 8} {
 		t.Run(fmt.Sprintf("%d at once", n), func(t *testing.T) {
-			rq := req{method: "POST", path: "/api/auth/register/", body: mustJSON(t, registerBody(nil))}
+			rq := req{method: "POST", path: "/api/auth/register/", body: jsonText(registerBody(nil))}
 			results := concurrently(t, s, slices.Repeat([]req{rq}, n))
 			created := 0
 			for _, res := range results {
@@ -1120,6 +1087,7 @@ func TestPasswordUnusableHash(t *testing.T) {
 // moveRotation pretends a refresh token was rotated long ago.
 func moveRotation(t testing.TB, token string, ago time.Duration) {
 	t.Helper()
+	needDB(t)
 	const q = `UPDATE refresh_tokens SET rotated_at = rotated_at - make_interval(secs => $2) WHERE jti = $1 AND rotated_at IS NOT NULL`
 	res, err := testDB.ExecContext(t.Context(), q, tokenClaims(t, token)["jti"], ago.Seconds())
 	if err != nil {
@@ -1248,7 +1216,7 @@ func TestTokenRefreshRace(t *testing.T) {
 	s := newTestServer(t, nil)
 	a := register(t, s)
 	const n = 10
-	rq := req{method: "POST", path: "/api/auth/token/refresh/", body: mustJSON(t, map[string]string{"refresh": a.refresh})}
+	rq := req{method: "POST", path: "/api/auth/token/refresh/", body: jsonText(map[string]string{"refresh": a.refresh})}
 	results := concurrently(t, s, slices.Repeat([]req{rq}, n))
 	var winner tokenPair
 	won := 0
@@ -1275,31 +1243,25 @@ func TestTokenRefreshRace(t *testing.T) {
 
 func TestLogout(t *testing.T) {
 	s := newTestServer(t, nil)
-	noContent := func(t *testing.T, res response) {
-		t.Helper()
-		if res.status != http.StatusNoContent || len(res.body) != 0 {
-			t.Fatalf("status %d, body %q; want 204 and no body", res.status, res.body)
-		}
-	}
 	t.Run("ends the login", func(t *testing.T) {
 		a := register(t, s)
 		other := loginPair(t, s, a.username, a.password)
-		noContent(t, logout(t, s, a.refresh))
+		wantNoContent(t, logout(t, s, a.refresh))
 		wantUnauthorized(t, me(t, s, a.access), invalidAccessBody)
 		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
 		// Only that login: another one of the same user goes on.
 		wantMe(t, s, other.Access, a)
 		wantMe(t, s, pairOf(t, refresh(t, s, other.Refresh)).Access, a)
 		// Logging out an ended login is fine.
-		noContent(t, logout(t, s, a.refresh))
+		wantNoContent(t, logout(t, s, a.refresh))
 	})
 	t.Run("with a rotated refresh token", func(t *testing.T) {
 		a := register(t, s)
 		pair := pairOf(t, refresh(t, s, a.refresh))
-		noContent(t, logout(t, s, a.refresh))
+		wantNoContent(t, logout(t, s, a.refresh))
 		wantUnauthorized(t, me(t, s, pair.Access), invalidAccessBody)
 		wantUnauthorized(t, refresh(t, s, pair.Refresh), blacklistedBody)
-		noContent(t, logout(t, s, pair.Refresh))
+		wantNoContent(t, logout(t, s, pair.Refresh))
 	})
 	t.Run("refused tokens", func(t *testing.T) {
 		a := register(t, s)
@@ -1330,7 +1292,7 @@ func TestLogout(t *testing.T) {
 		a := register(t, s)
 		stolen := pairOf(t, refresh(t, s, a.refresh))
 		expired := forge(hs256Header, payloadWith(t, tokenClaims(t, a.refresh), map[string]any{"exp": time.Now().Unix() - 1}), testSecret)
-		noContent(t, logout(t, s, expired))
+		wantNoContent(t, logout(t, s, expired))
 		wantUnauthorized(t, me(t, s, stolen.Access), invalidAccessBody)
 		wantUnauthorized(t, refresh(t, s, stolen.Refresh), blacklistedBody)
 	})
@@ -1338,26 +1300,10 @@ func TestLogout(t *testing.T) {
 		other := newTestServer(t, nil)
 		a := register(t, s)
 		wantMe(t, other, a.access, a)
-		noContent(t, logout(t, other, a.refresh))
+		wantNoContent(t, logout(t, other, a.refresh))
 		wantUnauthorized(t, me(t, s, a.access), invalidAccessBody)
 		wantUnauthorized(t, refresh(t, s, a.refresh), blacklistedBody)
 	})
-}
-
-// wantThrottled checks a 429: Retry-After N ≥ 1 and the body naming N.
-func wantThrottled(t testing.TB, res response) {
-	t.Helper()
-	n, err := strconv.Atoi(res.header.Get("Retry-After"))
-	if err != nil || n < 1 {
-		t.Fatalf("Retry-After %q, want whole seconds ≥ 1; status %d, body %s", res.header.Get("Retry-After"), res.status, res.body)
-	}
-	unit := "seconds"
-	if n == 1 {
-		unit = "second"
-	}
-	wantJSON(t, res, http.StatusTooManyRequests, mustJSON(t, map[string]string{
-		"detail": fmt.Sprintf("Request was throttled. Expected available in %d %s.", n, unit),
-	}))
 }
 
 func TestAuthLoginRateLimit(t *testing.T) {
@@ -1378,8 +1324,8 @@ func TestAuthLoginRateLimit(t *testing.T) {
 		wantUnauthorized(t, loginFrom(t, s, ip, a.username, "wrong-3"), badCredentialsBody)
 		// Over the limit: even the right password is refused, without a hash.
 		runs := s.passwords.runs.Load()
-		wantThrottled(t, loginFrom(t, s, ip, a.username, a.password))
-		wantThrottled(t, loginFrom(t, s, ip, a.username, "wrong-4"))
+		wantThrottled(t, loginFrom(t, s, ip, a.username, a.password), anyWait)
+		wantThrottled(t, loginFrom(t, s, ip, a.username, "wrong-4"), anyWait)
 		if got := s.passwords.runs.Load() - runs; got != 0 {
 			t.Errorf("%d hashes for throttled logins, want 0", got)
 		}
@@ -1400,7 +1346,7 @@ func TestAuthLoginRateLimit(t *testing.T) {
 		answered := 0
 		for _, res := range results {
 			if res.status == http.StatusTooManyRequests {
-				wantThrottled(t, res)
+				wantThrottled(t, res, anyWait)
 				continue
 			}
 			answered++
@@ -1409,7 +1355,7 @@ func TestAuthLoginRateLimit(t *testing.T) {
 		if answered > 3 {
 			t.Fatalf("%d guesses answered, want at most 3", answered)
 		}
-		wantThrottled(t, loginFrom(t, s, ip, a.username, a.password))
+		wantThrottled(t, loginFrom(t, s, ip, a.username, a.password), anyWait)
 	})
 }
 
@@ -1425,8 +1371,8 @@ func TestAuthRegisterRateLimit(t *testing.T) {
 	wantJSON(t, registerFrom(ip, map[string]any{"username": "x"}), http.StatusBadRequest,
 		`{"email": ["This field is required."], "name": ["This field is required."], "password": ["This field is required."]}`)
 	// Every POST counts, valid or not.
-	wantThrottled(t, registerFrom(ip, "not even JSON"))
-	wantThrottled(t, registerFrom(ip, registerBody(nil)))
+	wantThrottled(t, registerFrom(ip, "not even JSON"), anyWait)
+	wantThrottled(t, registerFrom(ip, registerBody(nil)), anyWait)
 	if res := registerFrom(otherIP, registerBody(nil)); res.status != http.StatusCreated {
 		t.Fatalf("another address: status %d; body %s", res.status, res.body)
 	}
@@ -1443,18 +1389,11 @@ func TestAuthHashingBound(t *testing.T) {
 		s.passwords.slots <- struct{}{}
 	}
 	s.passwords.maxWait = 10 * time.Millisecond
-	busy := func(t *testing.T, res response) {
-		t.Helper()
-		wantJSON(t, res, http.StatusServiceUnavailable, unavailableBody)
-		if n, err := strconv.Atoi(res.header.Get("Retry-After")); err != nil || n < 1 {
-			t.Fatalf("Retry-After %q, want whole seconds ≥ 1", res.header.Get("Retry-After"))
-		}
-	}
-	t.Run("login", func(t *testing.T) { busy(t, login(t, s, a.username, a.password)) })
-	t.Run("unknown user", func(t *testing.T) { busy(t, login(t, s, uniqueName("ghost"), a.password)) })
+	t.Run("login", func(t *testing.T) { wantUnavailable(t, login(t, s, a.username, a.password)) })
+	t.Run("unknown user", func(t *testing.T) { wantUnavailable(t, login(t, s, uniqueName("ghost"), a.password)) })
 	t.Run("register", func(t *testing.T) {
 		body := registerBody(nil)
-		busy(t, do(t, s, req{method: "POST", path: "/api/auth/register/", body: body}))
+		wantUnavailable(t, do(t, s, req{method: "POST", path: "/api/auth/register/", body: body}))
 		// Nothing was stored: the same registration works once a slot is free.
 		<-s.passwords.slots
 		if res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: body}); res.status != http.StatusCreated {

@@ -94,7 +94,7 @@ func TestDoctorAccess(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			a, b := register(t, s), register(t, s)
-			tag := uniqueLabel("dr")
+			tag := uniqueName("dr")
 			email := tag + "@example.com"
 			id, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(email, tag, "Diagnostics"))
 			before := mustGet(t, s, a.access, doctorPath(id))
@@ -122,7 +122,7 @@ func TestDoctorAccess(t *testing.T) {
 				wantSame(t, s, b.access, doctorsPath+"?search="+tag, listBefore)
 			case "changed":
 				wantSame(t, s, b.access, doctorPath(id), string(res.body))
-				if got := res.object(t)["created_at"]; got != jsonObject(t, before)["created_at"] {
+				if got := res.object(t)["created_at"]; got != (response{body: []byte(before)}).object(t)["created_at"] {
 					t.Errorf("created_at changed: %v, was %s", got, before)
 				}
 			case "created":
@@ -153,8 +153,8 @@ func TestDoctorAccess(t *testing.T) {
 func TestDoctorUnknownIDs(t *testing.T) {
 	s := newTestServer(t, nil)
 	a := register(t, s)
-	id, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueLabel("dr")+"@example.com", "Known", "Diagnostics"))
-	valid := map[string]any{"first_name": "Eve", "email": uniqueLabel("dr") + "@example.com", "specialization": "Hacking"}
+	id, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueName("dr")+"@example.com", "Known", "Diagnostics"))
+	valid := map[string]any{"first_name": "Eve", "email": uniqueName("dr") + "@example.com", "specialization": "Hacking"}
 	for _, p := range []string{strconv.FormatInt(id+1_000_000, 10), "0", "-1", "abc", "1.5", "99999999999999999999", "1%20OR%201=1", "%27"} {
 		for _, method := range []string{"GET", "PUT", "PATCH", "DELETE"} {
 			t.Run(method+" "+p, func(t *testing.T) {
@@ -172,7 +172,7 @@ func TestDoctorUnknownIDs(t *testing.T) {
 func TestDoctorSearch(t *testing.T) {
 	s := newTestServer(t, nil)
 	a, b := register(t, s), register(t, s)
-	tag := uniqueLabel("dr")
+	tag := uniqueName("dr")
 	rows := [][4]string{
 		{"Gregory", "House", "gh." + tag + "@ppth.org", "Diagnostic Medicine"},
 		{"Lisa", "Cuddy", "lc." + tag + "@ppth.org", "Endocrinology"},
@@ -188,13 +188,7 @@ func TestDoctorSearch(t *testing.T) {
 		ids[i], _ = mustCreate(t, s, creator.access, doctorsPath,
 			map[string]any{"first_name": r[0], "last_name": r[1], "email": r[2], "specialization": r[3]})
 	}
-	pick := func(n ...int) []int64 {
-		out := []int64{}
-		for _, i := range n {
-			out = append(out, ids[i])
-		}
-		return out
-	}
+	pick := picker(ids)
 	cases := []struct {
 		search string
 		want   []int64
@@ -241,20 +235,14 @@ func TestDoctorSearch(t *testing.T) {
 func TestDoctorOrdering(t *testing.T) {
 	s := newTestServer(t, nil)
 	a := register(t, s)
-	tag := uniqueLabel("dr")
+	tag := uniqueName("dr")
 	rows := [][3]string{{"carl", "young", "bbbb"}, {"anna", "young", "cccc"}, {"bert", "adams", "aaaa"}, {"anna", "adams", "bbbb"}}
 	ids := make([]int64, len(rows))
 	for i, r := range rows {
 		ids[i], _ = mustCreate(t, s, a.access, doctorsPath, map[string]any{
 			"first_name": r[0], "last_name": r[1], "email": fmt.Sprintf("o%d.%s@example.com", i, tag), "specialization": r[2]})
 	}
-	pick := func(n ...int) []int64 {
-		out := []int64{}
-		for _, i := range n {
-			out = append(out, ids[i])
-		}
-		return out
-	}
+	pick := picker(ids)
 	for _, tc := range []struct {
 		ordering string
 		want     []int64
@@ -325,22 +313,12 @@ func TestDoctorValidation(t *testing.T) {
 		{"everything wrong", map[string]any{"first_name": true, "last_name": nil, "email": "x", "specialization": "x"},
 			errs("first_name", msgNotString, "email", msgEmail, "specialization", msgMin3)},
 	}
-	tag := uniqueLabel("dr")
+	tag := uniqueName("dr")
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			body := tc.body
 			if m, ok := tc.body.(map[string]any); ok {
-				full := map[string]any{"first_name": "Greg", "last_name": tag, "email": uniqueLabel("dr") + "@example.com", "specialization": "Diagnostics"}
-				for k, v := range m {
-					if k == "-" {
-						delete(full, v.(string))
-						continue
-					}
-					if v != nil {
-						full[k] = v
-					}
-				}
-				body = full
+				body = withChanges(map[string]any{"first_name": "Greg", "last_name": tag, "email": uniqueName("dr") + "@example.com", "specialization": "Diagnostics"}, m)
 			}
 			wantJSON(t, do(t, s, req{method: "POST", path: doctorsPath, token: a.access, body: body}), 400, tc.want)
 		})
@@ -351,7 +329,7 @@ func TestDoctorValidation(t *testing.T) {
 func TestDoctorStoredValues(t *testing.T) {
 	s := newTestServer(t, nil)
 	a, b := register(t, s), register(t, s)
-	tag := uniqueLabel("dr")
+	tag := uniqueName("dr")
 	long := strN("c", 242-len(tag)) + tag + "@example.com" // 254 characters
 	cases := []struct {
 		name string
@@ -420,7 +398,7 @@ func TestDoctorUpdate(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			email := uniqueLabel("dr") + "@example.com"
+			email := uniqueName("dr") + "@example.com"
 			id, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(email, "House", "Diagnostics"))
 			before := mustGet(t, s, a.access, doctorPath(id))
 			r := strings.NewReplacer("{email}", email, "{EMAIL}", strings.ToUpper(email), strconv.Itoa(thisID), strconv.FormatInt(id, 10))
@@ -436,7 +414,7 @@ func TestDoctorUpdate(t *testing.T) {
 			}
 			got := wantShape(t, res, 200, r.Replace(tc.want)).(map[string]any)
 			wantSame(t, s, a.access, doctorPath(id), string(res.body))
-			if got["created_at"] != jsonObject(t, before)["created_at"] {
+			if got["created_at"] != (response{body: []byte(before)}).object(t)["created_at"] {
 				t.Errorf("created_at changed: %s, was %s", res.body, before)
 			}
 			// Still the caller's to change.
@@ -449,9 +427,9 @@ func TestDoctorEmailUnique(t *testing.T) {
 	s := newTestServer(t, nil)
 	a, b := register(t, s), register(t, s)
 	dup := errs("email", "A doctor with this email already exists.")
-	email := uniqueLabel("dr") + "@example.com"
+	email := uniqueName("dr") + "@example.com"
 	first, firstBody := mustCreate(t, s, a.access, doctorsPath, doctorBody(email, "One", "Diagnostics"))
-	second, secondBody := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueLabel("dr")+"@example.com", "Two", "Diagnostics"))
+	second, secondBody := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueName("dr")+"@example.com", "Two", "Diagnostics"))
 	firstBody, secondBody = mustGet(t, s, a.access, doctorPath(first)), mustGet(t, s, b.access, doctorPath(second))
 	for _, tc := range []struct {
 		name, method, path string
@@ -481,7 +459,7 @@ func TestDoctorRaceSameEmail(t *testing.T) {
 	a, b := register(t, s), register(t, s)
 	for round := range 5 {
 		t.Run(fmt.Sprint("round ", round), func(t *testing.T) {
-			email := uniqueLabel("race") + "@example.com"
+			email := uniqueName("race") + "@example.com"
 			variants := []string{email, strings.ToUpper(email), " " + email, strings.ToUpper(email[:1]) + email[1:]}
 			var rqs []req
 			for i, e := range variants {
@@ -511,7 +489,7 @@ func TestDoctorRaceSameEmail(t *testing.T) {
 func TestDoctorSQLMetacharacters(t *testing.T) {
 	s := newTestServer(t, nil)
 	a := register(t, s)
-	tag := uniqueLabel("dr")
+	tag := uniqueName("dr")
 	type row struct{ first, last, email, spec string }
 	var stored []row
 	for i, inj := range injections {

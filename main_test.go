@@ -10,21 +10,35 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"regexp"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
+// This file is the home of the helpers the test files share, one of each; a
+// helper that only one file uses lives in that file, and so do a resource's
+// own paths, bodies and wantShape patterns (patientPath, doctorBody, …),
+// whichever files use them.
+
 // testDB is the throw-away database TestMain creates for this run. Every
 // test server shares it; tests keep apart by registering their own users.
+// When PostgreSQL cannot be reached, testDB is nil and testDBErr says why:
+// the tests that need no database still run, and every test that needs it
+// fails through needDB.
 var (
 	testDB       *sql.DB
+	testDBErr    error
 	testDBConfig pq.Config
 )
 
@@ -36,7 +50,8 @@ func TestMain(m *testing.M) {
 }
 
 // runTests creates a database named for this run, runs the tests against
-// it and drops it, whatever the outcome.
+// it and drops it, whatever the outcome. Without a database it runs the
+// tests all the same: those that need one fail.
 func runTests(m *testing.M) int {
 	var suffix [6]byte
 	rand.Read(suffix[:])
@@ -48,10 +63,11 @@ func runTests(m *testing.M) int {
 	}
 	ctx := context.Background()
 	testDBConfig = cfg.db
-	testDB, err = openDB(ctx, cfg.db, 16)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "test database (is PostgreSQL running on localhost:5432?):", err)
-		return 1
+	testDB, testDBErr = openDB(ctx, cfg.db, 16)
+	if testDBErr != nil {
+		fmt.Fprintln(os.Stderr, "test database (is PostgreSQL running on localhost:5432?):", testDBErr)
+		fmt.Fprintln(os.Stderr, "running the tests without it: every test that needs it fails")
+		return m.Run()
 	}
 	code := m.Run()
 	testDB.Close()
@@ -64,6 +80,16 @@ func runTests(m *testing.M) int {
 		db.Close()
 	}
 	return code
+}
+
+// needDB fails the test, with the reason TestMain recorded, when there is no
+// test database. A test that needs PostgreSQL must fail without it, never
+// skip: a skipped test would pass for one that ran.
+func needDB(t testing.TB) {
+	t.Helper()
+	if testDB == nil {
+		t.Fatalf("this test needs the test database, which could not be opened: %v", testDBErr)
+	}
 }
 
 // testEnv is an environment for loadConfig: the test defaults (a fixed
@@ -94,6 +120,14 @@ const testIterations = 1_000
 // vars override testEnv's defaults; edit may change the config further.
 func newTestServer(t testing.TB, vars map[string]string, edit ...func(*config)) *server {
 	t.Helper()
+	needDB(t)
+	return newTestServerOn(t, testDB, slog.New(slog.NewTextHandler(io.Discard, nil)), vars, edit...)
+}
+
+// newTestServerOn is newTestServer on db (which it does not check), logging
+// to logger.
+func newTestServerOn(t testing.TB, db *sql.DB, logger *slog.Logger, vars map[string]string, edit ...func(*config)) *server {
+	t.Helper()
 	cfg, _, err := loadConfig(testEnv(vars))
 	if err != nil {
 		t.Fatalf("loadConfig: %v", err)
@@ -102,7 +136,7 @@ func newTestServer(t testing.TB, vars map[string]string, edit ...func(*config)) 
 	for _, e := range edit {
 		e(&cfg)
 	}
-	srv, err := newServer(cfg, testDB, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	srv, err := newServer(cfg, db, logger)
 	if err != nil {
 		t.Fatalf("newServer: %v", err)
 	}
@@ -117,7 +151,7 @@ type response struct {
 }
 
 // json decodes the body into a generic value, failing the test when it is
-// not JSON.
+// not JSON. (For JSON text of one's own: response{body: data}.json(t).)
 func (r response) json(t testing.TB) any {
 	t.Helper()
 	var v any
@@ -185,6 +219,13 @@ func do(t testing.TB, s http.Handler, rq req) response {
 	if rq.remoteAddr != "" {
 		r.RemoteAddr = rq.remoteAddr
 	}
+	return doRequest(t, s, r)
+}
+
+// doRequest serves a request the test built itself (TLS, chunked bodies),
+// through the whole handler, as do does for the ordinary ones.
+func doRequest(t testing.TB, s http.Handler, r *http.Request) response {
+	t.Helper()
 	w := httptest.NewRecorder()
 	s.ServeHTTP(w, r)
 	return response{status: w.Code, header: w.Result().Header, body: w.Body.Bytes()}
@@ -213,7 +254,94 @@ func jsonEqual(a, b any) bool {
 	return bytes.Equal(x, y)
 }
 
-var userSeq atomic.Int64
+// jsonText is v as JSON, for building want strings and request bodies.
+func jsonText(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
+}
+
+// wantObject fails unless got has the status and a JSON object body, which
+// it returns.
+func wantObject(t testing.TB, got response, status int) map[string]any {
+	t.Helper()
+	if got.status != status {
+		t.Fatalf("status %d, want %d; body %s", got.status, status, got.body)
+	}
+	return got.object(t)
+}
+
+// wantNoContent fails unless got is a 204 with an empty body.
+func wantNoContent(t testing.TB, got response) {
+	t.Helper()
+	if got.status != http.StatusNoContent || len(got.body) != 0 {
+		t.Fatalf("status %d body %q, want 204 and no body", got.status, got.body)
+	}
+}
+
+// anyWait, as wantThrottled's n, accepts any whole number of seconds ≥ 1.
+const anyWait = 0
+
+// wantThrottled fails unless res is the contract's 429: a Retry-After of N
+// whole seconds ≥ 1 and a body naming N. n other than anyWait is the N
+// wanted, exactly as Retry-After must spell it.
+func wantThrottled(t testing.TB, res response, n int) {
+	t.Helper()
+	wait := n
+	if n == anyWait {
+		var err error
+		if wait, err = strconv.Atoi(res.header.Get("Retry-After")); err != nil || wait < 1 {
+			t.Fatalf("Retry-After %q, want whole seconds ≥ 1; status %d, body %s", res.header.Get("Retry-After"), res.status, res.body)
+		}
+	}
+	unit := "seconds"
+	if wait == 1 {
+		unit = "second"
+	}
+	wantJSON(t, res, http.StatusTooManyRequests,
+		fmt.Sprintf(`{"detail": "Request was throttled. Expected available in %d %s."}`, wait, unit))
+	if got := res.header.Get("Retry-After"); n != anyWait && got != strconv.Itoa(n) {
+		t.Fatalf("Retry-After %q, want %d", got, n)
+	}
+}
+
+// wantUnavailable fails unless res is the contract's 503 with a Retry-After
+// of whole seconds ≥ 1.
+func wantUnavailable(t testing.TB, res response) {
+	t.Helper()
+	wantJSON(t, res, http.StatusServiceUnavailable, unavailableBody)
+	if n, err := strconv.Atoi(res.header.Get("Retry-After")); err != nil || n < 1 {
+		t.Fatalf("Retry-After %q, want whole seconds ≥ 1", res.header.Get("Retry-After"))
+	}
+}
+
+// wantParseError fails unless res is a 400 whose only member is a detail
+// starting "JSON parse error - " and containing want.
+func wantParseError(t testing.TB, res response, want string) {
+	t.Helper()
+	if res.status != http.StatusBadRequest {
+		t.Fatalf("status %d, want 400; body %s", res.status, res.body)
+	}
+	m := res.object(t)
+	d, ok := m["detail"].(string)
+	if len(m) != 1 || !ok || !strings.HasPrefix(d, "JSON parse error - ") || !strings.Contains(d, want) {
+		t.Fatalf("body %s, want {\"detail\": \"JSON parse error - …%s…\"}", res.body, want)
+	}
+}
+
+var nameSeq atomic.Int64
+
+// uniqueName makes a name no other test uses: prefix, a counter, an x and
+// random hex. With a lower-case prefix it is a lower-case token that no
+// other such name contains, for emails and for search terms in the shared
+// doctor directory.
+func uniqueName(prefix string) string {
+	var b [3]byte
+	rand.Read(b[:])
+	return fmt.Sprintf("%s%dx%x", prefix, nameSeq.Add(1), b)
+}
 
 // account is a registered test user with its first token pair.
 type account struct {
@@ -228,12 +356,10 @@ type account struct {
 // register creates a fresh user through the API and returns it.
 func register(t testing.TB, s http.Handler) account {
 	t.Helper()
-	var suffix [4]byte
-	rand.Read(suffix[:])
-	n := fmt.Sprintf("%d%x", userSeq.Add(1), suffix)
+	n := uniqueName("user")
 	// The password shares few characters with the username, or Django's
 	// similarity validator would refuse it.
-	a := account{username: "user" + n, email: "user" + n + "@example.com", password: "Harbor-Lantern-Quiet-Moss"}
+	a := account{username: n, email: n + "@example.com", password: "Harbor-Lantern-Quiet-Moss"}
 	res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: map[string]string{
 		"username": a.username, "email": a.email, "name": "Test User", "password": a.password, "password_confirm": a.password,
 	}})
@@ -251,6 +377,285 @@ func register(t testing.TB, s http.Handler) account {
 	return a
 }
 
+// concurrently runs n requests at once (released together) and returns the
+// answers in order. The requests' bodies must already be strings.
+func concurrently(t testing.TB, s http.Handler, rqs []req) []response {
+	t.Helper()
+	out := make([]response, len(rqs))
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, rq := range rqs {
+		if _, ok := rq.body.(string); !ok && rq.body != nil {
+			t.Fatalf("concurrently: request %d body must be a string", i)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			out[i] = do(t, s, rq)
+		}()
+	}
+	close(start)
+	wg.Wait()
+	return out
+}
+
+// The contract's bodies that more than one file checks.
+const (
+	bodyUnauthenticated = `{"detail": "Authentication credentials were not provided."}`
+	bodyNotFound        = `{"detail": "Not found."}`
+	bodyInvalidPage     = `{"detail": "Invalid page."}`
+	bodyForbidden       = `{"detail": "You do not have permission to perform this action."}`
+	invalidAccessBody   = `{"detail": "Given token not valid for any token type", "code": "token_not_valid",
+		"messages": [{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}]}`
+	refreshInvalidBody = `{"detail": "Token is invalid or expired", "code": "token_not_valid"}`
+	badCredentialsBody = `{"detail": "No active account found with the given credentials"}`
+	unavailableBody    = `{"detail": "Service temporarily unavailable."}`
+)
+
+// emptyPage is the body of page 1 of an empty list.
+const emptyPage = `{"count": 0, "next": null, "previous": null, "results": []}`
+
+// Field errors.
+const (
+	msgRequired  = "This field is required."
+	msgBlank     = "This field may not be blank."
+	msgNull      = "This field may not be null."
+	msgNotString = "Not a valid string."
+	msgNUL       = "Null characters are not allowed."
+	msgEmail     = "Enter a valid email address."
+	msgMax100    = "Ensure this field has no more than 100 characters."
+	msgMax254    = "Ensure this field has no more than 254 characters."
+	msgPhone     = "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses."
+	msgDate      = "Date has wrong format. Use one of these formats instead: YYYY-MM-DD."
+	msgFuture    = "Date of birth cannot be in the future."
+	msgBefore    = "Date of birth cannot be before 1900-01-01."
+)
+
+// errs builds a field-error body: field, message, field, message…
+func errs(kv ...string) string {
+	m := map[string][]string{}
+	for i := 0; i < len(kv); i += 2 {
+		m[kv[i]] = append(m[kv[i]], kv[i+1])
+	}
+	return jsonText(m)
+}
+
+// strN repeats s n times.
+func strN(s string, n int) string { return strings.Repeat(s, n) }
+
+// thisID stands for the id of the record a table case works on; tests
+// replace its digits with the real id.
+const thisID = 424242424242
+
+// injections are SQL metacharacter strings every string input must store
+// verbatim or refuse, never execute.
+var injections = []string{
+	`'; DROP TABLE patients; --`,
+	`" OR 1=1 --`,
+	`\`,
+	`%`,
+	`_`,
+	`$1`,
+	`Robert'); DROP TABLE doctors;--`,
+	`1' OR '1'='1`,
+}
+
+var stampRE = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$`)
+
+// isStamp reports whether s is a time as DRF writes it: RFC 3339 in UTC,
+// microseconds, Z.
+func isStamp(s string) bool {
+	_, err := time.Parse(time.RFC3339Nano, s)
+	return err == nil && stampRE.MatchString(s)
+}
+
+// wantShape is wantJSON for bodies with generated values: in want, the
+// string "<id>" matches any positive integer and "<stamp>" any RFC 3339 UTC
+// time ending in Z; everything else must be equal, objects key for key. It
+// returns the decoded body.
+func wantShape(t testing.TB, got response, status int, want string) any {
+	t.Helper()
+	if got.status != status {
+		t.Fatalf("status %d, want %d; body %s", got.status, status, got.body)
+	}
+	var w any
+	if err := json.Unmarshal([]byte(want), &w); err != nil {
+		t.Fatalf("bad want JSON %q: %v", want, err)
+	}
+	g := got.json(t)
+	if at, ok := shapeMatch(g, w, "body"); !ok {
+		t.Fatalf("mismatch at %s\nbody %s\nwant %s", at, got.body, want)
+	}
+	return g
+}
+
+// shapeMatch compares got with want as wantShape describes, returning where
+// they first differ.
+func shapeMatch(got, want any, at string) (string, bool) {
+	switch w := want.(type) {
+	case string:
+		switch w {
+		case "<id>":
+			n, ok := got.(float64)
+			return at, ok && n >= 1 && n == math.Trunc(n)
+		case "<stamp>":
+			s, ok := got.(string)
+			return at, ok && isStamp(s)
+		}
+	case map[string]any:
+		g, ok := got.(map[string]any)
+		if !ok || len(g) != len(w) {
+			return at, false
+		}
+		for k, wv := range w {
+			gv, ok := g[k]
+			if !ok {
+				return at + "." + k, false
+			}
+			if where, ok := shapeMatch(gv, wv, at+"."+k); !ok {
+				return where, false
+			}
+		}
+		return "", true
+	case []any:
+		g, ok := got.([]any)
+		if !ok || len(g) != len(w) {
+			return at, false
+		}
+		for i := range w {
+			if where, ok := shapeMatch(g[i], w[i], fmt.Sprintf("%s[%d]", at, i)); !ok {
+				return where, false
+			}
+		}
+		return "", true
+	}
+	return at, jsonEqual(got, want)
+}
+
+// mustGet GETs path as token and returns the body of its 200.
+func mustGet(t testing.TB, s http.Handler, token, path string) string {
+	t.Helper()
+	res := do(t, s, req{method: "GET", path: path, token: token})
+	if res.status != http.StatusOK {
+		t.Fatalf("GET %s: status %d: %s", path, res.status, res.body)
+	}
+	return string(res.body)
+}
+
+// wantSame fails unless GET path as token still answers exactly before.
+func wantSame(t testing.TB, s http.Handler, token, path, before string) {
+	t.Helper()
+	if after := mustGet(t, s, token, path); after != before {
+		t.Fatalf("GET %s changed:\nbefore %s\nafter  %s", path, before, after)
+	}
+}
+
+// mustCreate POSTs body to path as token, requires a 201 and returns the id
+// and the body.
+func mustCreate(t testing.TB, s http.Handler, token, path string, body any) (int64, string) {
+	t.Helper()
+	res := do(t, s, req{method: "POST", path: path, token: token, body: body})
+	if res.status != http.StatusCreated {
+		t.Fatalf("POST %s: status %d: %s", path, res.status, res.body)
+	}
+	id, ok := res.object(t)["id"].(float64)
+	if !ok || id < 1 {
+		t.Fatalf("POST %s: no id in %s", path, res.body)
+	}
+	return int64(id), string(res.body)
+}
+
+// withChanges is base with changes applied over it: the key "-" names a
+// key to drop, a nil value changes nothing, any other value replaces.
+func withChanges(base, changes map[string]any) map[string]any {
+	for k, v := range changes {
+		if k == "-" {
+			delete(base, v.(string))
+			continue
+		}
+		if v != nil {
+			base[k] = v
+		}
+	}
+	return base
+}
+
+// picker returns pick, which picks ids by index, in the order given.
+func picker(ids []int64) func(n ...int) []int64 {
+	return func(n ...int) []int64 {
+		out := []int64{}
+		for _, i := range n {
+			out = append(out, ids[i])
+		}
+		return out
+	}
+}
+
+// resultIDs reads the ids of a list page's results, in order.
+func resultIDs(t testing.TB, page map[string]any) []int64 {
+	t.Helper()
+	results, ok := page["results"].([]any)
+	if !ok {
+		t.Fatalf("no results array in %v", page)
+	}
+	ids := []int64{}
+	for _, r := range results {
+		ids = append(ids, int64(r.(map[string]any)["id"].(float64)))
+	}
+	return ids
+}
+
+// wantPage checks a whole list page: count, both links ("" for null) and the
+// result ids in order.
+func wantPage(t testing.TB, res response, count int, next, previous string, ids []int64) {
+	t.Helper()
+	if res.status != http.StatusOK {
+		t.Fatalf("status %d, want 200; body %s", res.status, res.body)
+	}
+	page := res.object(t)
+	if len(page) != 4 {
+		t.Fatalf("page has keys other than count, next, previous, results: %s", res.body)
+	}
+	link := func(s string) any {
+		if s == "" {
+			return nil
+		}
+		return s
+	}
+	if page["count"] != float64(count) || page["next"] != link(next) || page["previous"] != link(previous) {
+		t.Fatalf("page %s\nwant count %d, next %q, previous %q", res.body, count, next, previous)
+	}
+	if got := resultIDs(t, page); fmt.Sprint(got) != fmt.Sprint(ids) {
+		t.Fatalf("result ids %v, want %v", got, ids)
+	}
+}
+
+// wantOrderingRefused checks the 400 for an unknown ordering field f. The
+// contract's template is `Invalid ordering field "…".`; the field may be
+// quoted Go-style (escaping " and \) or written raw.
+func wantOrderingRefused(t testing.TB, res response, f string) {
+	t.Helper()
+	raw := `Invalid ordering field "` + f + `".`
+	quoted := fmt.Sprintf("Invalid ordering field %q.", f)
+	body := res.object(t)
+	if res.status != 400 || len(body) != 1 || !(jsonEqual(body["ordering"], []any{raw}) || jsonEqual(body["ordering"], []any{quoted})) {
+		t.Fatalf("ordering %q: status %d, body %s", f, res.status, res.body)
+	}
+}
+
+// wantTablesIntact fails unless every table the API uses still exists.
+func wantTablesIntact(t testing.TB) {
+	t.Helper()
+	needDB(t)
+	for _, table := range []string{"users", "patients", "doctors", "mappings", "sessions", "refresh_tokens"} {
+		var exists bool
+		if err := testDB.QueryRow(`SELECT to_regclass($1) IS NOT NULL`, "public."+table).Scan(&exists); err != nil || !exists {
+			t.Fatalf("table %s: exists %v, err %v", table, exists, err)
+		}
+	}
+}
+
 func TestHealthAndReady(t *testing.T) {
 	s := newTestServer(t, nil)
 	for _, path := range []string{"/healthz", "/readyz"} {
@@ -266,6 +671,7 @@ func TestHealthAndReady(t *testing.T) {
 // the statistics, created with schema.sql and dropped after the test.
 func scratchDB(t *testing.T, suffix string) *sql.DB {
 	t.Helper()
+	needDB(t)
 	cfg := testDBConfig
 	cfg.Database += suffix
 	db, err := openDB(t.Context(), cfg, 2)

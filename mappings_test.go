@@ -51,7 +51,7 @@ func newMappingWorld(t *testing.T, s http.Handler) mappingWorld {
 	var w mappingWorld
 	w.owner, w.other = register(t, s), register(t, s)
 	w.patient, _ = mustCreate(t, s, w.owner.access, patientsPath, adaBody("ada@example.com"))
-	w.doctor, _ = mustCreate(t, s, w.other.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", "House", "Diagnostics"))
+	w.doctor, _ = mustCreate(t, s, w.other.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", "House", "Diagnostics"))
 	w.patientBody = mustGet(t, s, w.owner.access, patientPath(w.patient))
 	w.docBody = mustGet(t, s, w.owner.access, doctorPath(w.doctor))
 	res := do(t, s, req{method: "POST", path: mappingsPath, token: w.owner.access, body: map[string]any{"patient": w.patient, "doctor": w.doctor}})
@@ -106,7 +106,7 @@ func TestMappingAccess(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			w := newMappingWorld(t, s)
-			d2, _ := mustCreate(t, s, w.owner.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", "Wilson", "Oncology"))
+			d2, _ := mustCreate(t, s, w.owner.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", "Wilson", "Oncology"))
 			listBefore := mustGet(t, s, w.owner.access, mappingsPath)
 			r := strings.NewReplacer("{p}", strconv.FormatInt(w.patient, 10), "{m}", strconv.FormatInt(w.mapping, 10),
 				"{d}", strconv.FormatInt(w.doctor, 10), "{d2}", strconv.FormatInt(d2, 10), "{before}", w.byPatient,
@@ -154,7 +154,7 @@ func TestMappingCreate(t *testing.T) {
 	var docs []int64
 	var docBodies []string
 	for i := range 4 {
-		d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", fmt.Sprint("Doc", i), "Diagnostics"))
+		d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", fmt.Sprint("Doc", i), "Diagnostics"))
 		docs = append(docs, d)
 		docBodies = append(docBodies, mustGet(t, s, a.access, doctorPath(d)))
 	}
@@ -193,16 +193,10 @@ func TestMappingCreate(t *testing.T) {
 		list := do(t, s, req{method: "GET", path: mappingPath(p), token: a.access})
 		first := list.json(t).([]any)[0]
 		want := mappingWant(0, p, docs[0], newP, newD)
-		if at, ok := shapeMatch(first, jsonAny(t, want), "first"); !ok {
+		if at, ok := shapeMatch(first, response{body: []byte(want)}.json(t), "first"); !ok {
 			t.Fatalf("mismatch at %s: %s\nwant %s", at, list.body, want)
 		}
 	})
-}
-
-// jsonAny decodes JSON text.
-func jsonAny(t testing.TB, s string) any {
-	t.Helper()
-	return response{body: []byte(s)}.json(t)
 }
 
 func TestMappingBadReferences(t *testing.T) {
@@ -210,10 +204,10 @@ func TestMappingBadReferences(t *testing.T) {
 	a, b := register(t, s), register(t, s)
 	p, _ := mustCreate(t, s, a.access, patientsPath, adaBody("ada@example.com"))
 	bp, _ := mustCreate(t, s, b.access, patientsPath, adaBody("ada@example.com"))
-	d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", "House", "Diagnostics"))
+	d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", "House", "Diagnostics"))
 	gone, _ := mustCreate(t, s, a.access, patientsPath, adaBody("gone@example.com"))
 	wantNoContent(t, do(t, s, req{method: "DELETE", path: patientPath(gone), token: a.access}))
-	goneDoc, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", "Gone", "Diagnostics"))
+	goneDoc, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", "Gone", "Diagnostics"))
 	wantNoContent(t, do(t, s, req{method: "DELETE", path: doctorPath(goneDoc), token: b.access}))
 	incorrect := func(field, got string) string {
 		return errs(field, "Incorrect type. Expected pk value, received "+got+".")
@@ -275,8 +269,8 @@ func TestMappingBadReferences(t *testing.T) {
 			want := r.Replace(tc.want)
 			if left, right, two := strings.Cut(want, "|"); two {
 				// Two field errors: merge the two objects.
-				m := jsonObject(t, left)
-				for k, v := range jsonObject(t, right) {
+				m := response{body: []byte(left)}.object(t)
+				for k, v := range (response{body: []byte(right)}).object(t) {
 					m[k] = v
 				}
 				want = jsonText(m)
@@ -320,11 +314,11 @@ func TestMappingDuplicate(t *testing.T) {
 func TestMappingRaceSamePair(t *testing.T) {
 	s := newTestServer(t, nil)
 	a, b := register(t, s), register(t, s)
-	d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", "Race", "Diagnostics"))
+	d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", "Race", "Diagnostics"))
 	dBody := mustGet(t, s, a.access, doctorPath(d))
 	for round := range 5 {
 		t.Run(fmt.Sprint("round ", round), func(t *testing.T) {
-			p, _ := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueLabel("p")+"@example.com"))
+			p, _ := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueName("p")+"@example.com"))
 			pBody := mustGet(t, s, a.access, patientPath(p))
 			var rqs []req
 			for i := range 8 {
@@ -363,7 +357,7 @@ func TestMappingRaceDoctorDelete(t *testing.T) {
 	p, _ := mustCreate(t, s, a.access, patientsPath, adaBody("ada@example.com"))
 	for round := range 8 {
 		t.Run(fmt.Sprint("round ", round), func(t *testing.T) {
-			d, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", "Race", "Diagnostics"))
+			d, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", "Race", "Diagnostics"))
 			res := concurrently(t, s, []req{
 				{method: "POST", path: mappingsPath, token: a.access, body: fmt.Sprintf(`{"patient": %d, "doctor": %d}`, p, d)},
 				{method: "DELETE", path: doctorPath(d), token: a.access},
@@ -396,7 +390,7 @@ func TestMappingsOfPatient(t *testing.T) {
 	bp, _ := mustCreate(t, s, b.access, patientsPath, adaBody("ada@example.com"))
 	var docs []int64
 	for i := range 3 {
-		d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", fmt.Sprint("Doc", i), "Diagnostics"))
+		d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", fmt.Sprint("Doc", i), "Diagnostics"))
 		docs = append(docs, d)
 	}
 	// Assigned out of id order: the array is oldest first.
@@ -465,7 +459,7 @@ func TestMappingDelete(t *testing.T) {
 func TestMappingPatientDeleteCascades(t *testing.T) {
 	s := newTestServer(t, nil)
 	w := newMappingWorld(t, s)
-	d2, _ := mustCreate(t, s, w.other.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", "Wilson", "Oncology"))
+	d2, _ := mustCreate(t, s, w.other.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", "Wilson", "Oncology"))
 	mustCreate(t, s, w.owner.access, mappingsPath, map[string]any{"patient": w.patient, "doctor": d2})
 	keep, _ := mustCreate(t, s, w.owner.access, patientsPath, adaBody("keep@example.com"))
 	_, kept := mustCreate(t, s, w.owner.access, mappingsPath, map[string]any{"patient": keep, "doctor": w.doctor})
@@ -486,7 +480,7 @@ func TestMappingPatientDeleteCascades(t *testing.T) {
 func TestMappingDoctorDeleteConflict(t *testing.T) {
 	s := newTestServer(t, nil)
 	creator, a, b := register(t, s), register(t, s), register(t, s)
-	d, _ := mustCreate(t, s, creator.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", "House", "Diagnostics"))
+	d, _ := mustCreate(t, s, creator.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", "House", "Diagnostics"))
 	dBody := mustGet(t, s, creator.access, doctorPath(d))
 	pa, _ := mustCreate(t, s, a.access, patientsPath, adaBody("ada@example.com"))
 	pb, _ := mustCreate(t, s, b.access, patientsPath, adaBody("ada@example.com"))
@@ -533,7 +527,7 @@ func TestMappingList(t *testing.T) {
 	var ids []int64
 	var first int64
 	for i := range 3 {
-		d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueLabel("map")+"@example.com", fmt.Sprint("Doc", i), "Diagnostics"))
+		d, _ := mustCreate(t, s, b.access, doctorsPath, doctorBody(uniqueName("map")+"@example.com", fmt.Sprint("Doc", i), "Diagnostics"))
 		m, _ := mustCreate(t, s, a.access, mappingsPath, map[string]any{"patient": p, "doctor": d})
 		ids = append(ids, m)
 		if i == 0 {

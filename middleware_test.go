@@ -21,36 +21,24 @@ import (
 	"time"
 )
 
-// Bodies the middleware writes, as the contract words them.
+// Bodies the middleware writes, as the contract words them (main_test.go
+// has those that other files check too).
 const (
-	mwBodyNotFound     = `{"detail": "Not found."}`
-	mwBodyNoCreds      = `{"detail": "Authentication credentials were not provided."}`
-	mwBodyBadHost      = `{"detail": "Invalid host header."}`
-	mwBodyTooLarge     = `{"detail": "Request body is too large."}`
-	mwBodyUseSlash     = `{"detail": "Use the path that ends in a slash."}`
-	mwBodyServerFailed = `{"detail": "A server error occurred."}`
-	mwBodyUnavailable  = `{"detail": "Service temporarily unavailable."}`
-	mwBodyBadLogin     = `{"detail": "No active account found with the given credentials"}`
-	mwBodyLoginFields  = `{"username": ["This field is required."], "password": ["This field is required."]}`
+	bodyBadHost      = `{"detail": "Invalid host header."}`
+	bodyTooLarge     = `{"detail": "Request body is too large."}`
+	bodyUseSlash     = `{"detail": "Use the path that ends in a slash."}`
+	bodyServerFailed = `{"detail": "A server error occurred."}`
+	bodyLoginFields  = `{"username": ["This field is required."], "password": ["This field is required."]}`
 )
 
-// mwBodyNotAllowed is the 405 body for method.
-func mwBodyNotAllowed(method string) string {
+// bodyNotAllowed is the 405 body for method.
+func bodyNotAllowed(method string) string {
 	return fmt.Sprintf(`{"detail": "Method \"%s\" not allowed."}`, method)
 }
 
-// mwServe serves a request the test built itself (TLS, chunked bodies),
-// through the whole handler, as do does for the ordinary ones.
-func mwServe(t testing.TB, s http.Handler, r *http.Request) response {
-	t.Helper()
-	w := httptest.NewRecorder()
-	s.ServeHTTP(w, r)
-	return response{status: w.Code, header: w.Result().Header, body: w.Body.Bytes()}
-}
-
-// mwFreeze stops the clocks of s's rate limiters at `at`, so that waits and
-// Retry-After values are exact and no window rolls over mid-test.
-func mwFreeze(s *server, at time.Time) {
+// freezeLimiters stops the clocks of s's rate limiters at `at`, so that
+// waits and Retry-After values are exact and no window rolls over mid-test.
+func freezeLimiters(s *server, at time.Time) {
 	for _, l := range []*limiter{s.registerLimit, s.loginLimit, s.anonLimit, s.userLimit} {
 		if l != nil {
 			l.now = func() time.Time { return at }
@@ -58,46 +46,23 @@ func mwFreeze(s *server, at time.Time) {
 	}
 }
 
-// mwTenPast is ten minutes into an hour (and so into an hourly window): a
+// tenPast is ten minutes into an hour (and so into an hourly window): a
 // request throttled by an hourly limit whose current window is full waits
 // the remaining 50 minutes and a nanosecond, which rounds up to 3001 s.
-var mwTenPast = time.Unix(500_000*3600+600, 0)
+var tenPast = time.Unix(500_000*3600+600, 0)
 
-const mwTenPastWait = 3001
+const tenPastWait = 3001
 
-// mwWantThrottled fails unless res is the contract's 429 with a wait of n
-// seconds in both the body and Retry-After.
-func mwWantThrottled(t testing.TB, res response, n int) {
-	t.Helper()
-	unit := "seconds"
-	if n == 1 {
-		unit = "second"
-	}
-	wantJSON(t, res, http.StatusTooManyRequests,
-		fmt.Sprintf(`{"detail": "Request was throttled. Expected available in %d %s."}`, n, unit))
-	if got := res.header.Get("Retry-After"); got != strconv.Itoa(n) {
-		t.Fatalf("Retry-After %q, want %d", got, n)
-	}
-}
-
-// mwWantNoBody fails unless res has status and an empty body.
-func mwWantNoBody(t testing.TB, res response, status int) {
-	t.Helper()
-	if res.status != status || len(res.body) != 0 {
-		t.Fatalf("got %d %q, want %d with no body", res.status, res.body, status)
-	}
-}
-
-// mwWantHeader fails unless res carries header key with value want.
-func mwWantHeader(t testing.TB, res response, key, want string) {
+// wantHeader fails unless res carries header key with value want.
+func wantHeader(t testing.TB, res response, key, want string) {
 	t.Helper()
 	if got := res.header.Values(key); len(got) != 1 || got[0] != want {
 		t.Fatalf("%s %q, want %q", key, got, want)
 	}
 }
 
-// mwWantVaryOrigin fails unless Vary names Origin.
-func mwWantVaryOrigin(t testing.TB, res response) {
+// wantVaryOrigin fails unless Vary names Origin.
+func wantVaryOrigin(t testing.TB, res response) {
 	t.Helper()
 	for _, v := range res.header.Values("Vary") {
 		for _, f := range strings.Split(v, ",") {
@@ -109,8 +74,8 @@ func mwWantVaryOrigin(t testing.TB, res response) {
 	t.Fatalf("Vary %q does not name Origin", res.header.Values("Vary"))
 }
 
-// mwWantNoCORS fails when res carries any CORS response header.
-func mwWantNoCORS(t testing.TB, res response) {
+// wantNoCORS fails when res carries any CORS response header.
+func wantNoCORS(t testing.TB, res response) {
 	t.Helper()
 	for k := range res.header {
 		if strings.HasPrefix(strings.ToLower(k), "access-control-") {
@@ -119,9 +84,9 @@ func mwWantNoCORS(t testing.TB, res response) {
 	}
 }
 
-// mwWantSecurityHeaders fails unless res carries the headers API.md puts on
+// wantSecurityHeaders fails unless res carries the headers API.md puts on
 // every response, sets no cookie, and (over plain HTTP) has no HSTS.
-func mwWantSecurityHeaders(t testing.TB, res response) {
+func wantSecurityHeaders(t testing.TB, res response) {
 	t.Helper()
 	for key, want := range map[string]string{
 		"X-Content-Type-Options":     "nosniff",
@@ -131,7 +96,7 @@ func mwWantSecurityHeaders(t testing.TB, res response) {
 		"Content-Security-Policy":    "default-src 'none'; frame-ancestors 'none'",
 		"Cache-Control":              "no-store",
 	} {
-		mwWantHeader(t, res, key, want)
+		wantHeader(t, res, key, want)
 	}
 	if c := res.header.Values("Set-Cookie"); len(c) > 0 {
 		t.Fatalf("Set-Cookie %q: no cookies are set", c)
@@ -141,22 +106,8 @@ func mwWantSecurityHeaders(t testing.TB, res response) {
 	}
 }
 
-// mwWantParseError fails unless res is a 400 whose only member is a detail
-// starting "JSON parse error - ".
-func mwWantParseError(t testing.TB, res response) {
-	t.Helper()
-	if res.status != http.StatusBadRequest {
-		t.Fatalf("status %d, want 400; body %s", res.status, res.body)
-	}
-	m := res.object(t)
-	d, ok := m["detail"].(string)
-	if len(m) != 1 || !ok || !strings.HasPrefix(d, "JSON parse error - ") {
-		t.Fatalf("body %s, want {\"detail\": \"JSON parse error - …\"}", res.body)
-	}
-}
-
-// mwBoom registers a route that panics, as a bug in a handler would.
-func mwBoom(s *server) {
+// addBoomRoute registers a route that panics, as a bug in a handler would.
+func addBoomRoute(s *server) {
 	s.mux.Handle("GET /api/boom/{$}", route{s: s, access: probe, h: func(http.ResponseWriter, *http.Request) error {
 		panic("boom: secret internals")
 	}})
@@ -179,58 +130,58 @@ func TestRouting(t *testing.T) {
 	}{
 		{"healthz", "GET", "/healthz", false, 200, `{"status": "ok"}`, "", ""},
 		{"readyz", "GET", "/readyz", false, 200, `{"status": "ok"}`, "", ""},
-		{"healthz with a slash", "GET", "/healthz/", false, 404, mwBodyNotFound, "", ""},
-		{"readyz with a slash", "GET", "/readyz/", false, 404, mwBodyNotFound, "", ""},
-		{"healthz by POST", "POST", "/healthz", false, 405, mwBodyNotAllowed("POST"), "GET, HEAD, OPTIONS", ""},
-		{"readyz by DELETE", "DELETE", "/readyz", false, 405, mwBodyNotAllowed("DELETE"), "GET, HEAD, OPTIONS", ""},
+		{"healthz with a slash", "GET", "/healthz/", false, 404, bodyNotFound, "", ""},
+		{"readyz with a slash", "GET", "/readyz/", false, 404, bodyNotFound, "", ""},
+		{"healthz by POST", "POST", "/healthz", false, 405, bodyNotAllowed("POST"), "GET, HEAD, OPTIONS", ""},
+		{"readyz by DELETE", "DELETE", "/readyz", false, 405, bodyNotAllowed("DELETE"), "GET, HEAD, OPTIONS", ""},
 
-		{"root", "GET", "/", false, 404, mwBodyNotFound, "", ""},
-		{"api without slash", "GET", "/api", false, 404, mwBodyNotFound, "", ""},
-		{"api root", "GET", "/api/", false, 404, mwBodyNotFound, "", ""},
-		{"api root with token", "GET", "/api/", true, 404, mwBodyNotFound, "", ""},
-		{"unknown api path", "GET", "/api/nurses/", false, 404, mwBodyNotFound, "", ""},
-		{"unknown api path without slash", "POST", "/api/nurses", false, 404, mwBodyNotFound, "", ""},
-		{"unknown auth path", "POST", "/api/auth/", false, 404, mwBodyNotFound, "", ""},
-		{"unknown path", "GET", "/admin/", false, 404, mwBodyNotFound, "", ""},
-		{"upper-case path", "GET", "/API/patients/", false, 404, mwBodyNotFound, "", ""},
-		{"extra segment", "GET", "/api/patients/5/x/", false, 404, mwBodyNotFound, "", ""},
-		{"extra segment with token", "GET", "/api/patients/5/x/", true, 404, mwBodyNotFound, "", ""},
-		{"extra segment without slash", "DELETE", "/api/patients/5/x", true, 404, mwBodyNotFound, "", ""},
-		{"extra segment after login", "POST", "/api/auth/login/x/", false, 404, mwBodyNotFound, "", ""},
-		{"extra segment on mappings", "GET", "/api/mappings/1/2/", true, 404, mwBodyNotFound, "", ""},
-		{"non-numeric patient id", "GET", "/api/patients/abc/", true, 404, mwBodyNotFound, "", ""},
-		{"zero patient id", "GET", "/api/patients/0/", true, 404, mwBodyNotFound, "", ""},
-		{"negative doctor id", "GET", "/api/doctors/-1/", true, 404, mwBodyNotFound, "", ""},
-		{"doctor id beyond int64", "GET", "/api/doctors/99999999999999999999/", true, 404, mwBodyNotFound, "", ""},
-		{"non-numeric mapping id", "DELETE", "/api/mappings/abc/", true, 404, mwBodyNotFound, "", ""},
-		{"unknown patient id", "GET", "/api/patients/999999999/", true, 404, mwBodyNotFound, "", ""},
-		{"known route needs a token", "GET", "/api/patients/", false, 401, mwBodyNoCreds, "", ""},
+		{"root", "GET", "/", false, 404, bodyNotFound, "", ""},
+		{"api without slash", "GET", "/api", false, 404, bodyNotFound, "", ""},
+		{"api root", "GET", "/api/", false, 404, bodyNotFound, "", ""},
+		{"api root with token", "GET", "/api/", true, 404, bodyNotFound, "", ""},
+		{"unknown api path", "GET", "/api/nurses/", false, 404, bodyNotFound, "", ""},
+		{"unknown api path without slash", "POST", "/api/nurses", false, 404, bodyNotFound, "", ""},
+		{"unknown auth path", "POST", "/api/auth/", false, 404, bodyNotFound, "", ""},
+		{"unknown path", "GET", "/admin/", false, 404, bodyNotFound, "", ""},
+		{"upper-case path", "GET", "/API/patients/", false, 404, bodyNotFound, "", ""},
+		{"extra segment", "GET", "/api/patients/5/x/", false, 404, bodyNotFound, "", ""},
+		{"extra segment with token", "GET", "/api/patients/5/x/", true, 404, bodyNotFound, "", ""},
+		{"extra segment without slash", "DELETE", "/api/patients/5/x", true, 404, bodyNotFound, "", ""},
+		{"extra segment after login", "POST", "/api/auth/login/x/", false, 404, bodyNotFound, "", ""},
+		{"extra segment on mappings", "GET", "/api/mappings/1/2/", true, 404, bodyNotFound, "", ""},
+		{"non-numeric patient id", "GET", "/api/patients/abc/", true, 404, bodyNotFound, "", ""},
+		{"zero patient id", "GET", "/api/patients/0/", true, 404, bodyNotFound, "", ""},
+		{"negative doctor id", "GET", "/api/doctors/-1/", true, 404, bodyNotFound, "", ""},
+		{"doctor id beyond int64", "GET", "/api/doctors/99999999999999999999/", true, 404, bodyNotFound, "", ""},
+		{"non-numeric mapping id", "DELETE", "/api/mappings/abc/", true, 404, bodyNotFound, "", ""},
+		{"unknown patient id", "GET", "/api/patients/999999999/", true, 404, bodyNotFound, "", ""},
+		{"known route needs a token", "GET", "/api/patients/", false, 401, bodyUnauthenticated, "", ""},
 
-		{"PATCH on patients", "PATCH", "/api/patients/", false, 405, mwBodyNotAllowed("PATCH"), "GET, HEAD, POST, OPTIONS", ""},
-		{"PATCH on patients with token", "PATCH", "/api/patients/", true, 405, mwBodyNotAllowed("PATCH"), "GET, HEAD, POST, OPTIONS", ""},
-		{"DELETE on doctors", "DELETE", "/api/doctors/", false, 405, mwBodyNotAllowed("DELETE"), "GET, HEAD, POST, OPTIONS", ""},
-		{"PUT on mappings", "PUT", "/api/mappings/", false, 405, mwBodyNotAllowed("PUT"), "GET, HEAD, POST, OPTIONS", ""},
-		{"POST on a patient", "POST", "/api/patients/5/", false, 405, mwBodyNotAllowed("POST"), "DELETE, GET, HEAD, PATCH, PUT, OPTIONS", ""},
-		{"POST on a doctor", "POST", "/api/doctors/5/", false, 405, mwBodyNotAllowed("POST"), "DELETE, GET, HEAD, PATCH, PUT, OPTIONS", ""},
-		{"PATCH on a mapping", "PATCH", "/api/mappings/5/", false, 405, mwBodyNotAllowed("PATCH"), "DELETE, GET, HEAD, OPTIONS", ""},
-		{"GET on register", "GET", "/api/auth/register/", false, 405, mwBodyNotAllowed("GET"), "POST, OPTIONS", ""},
-		{"PATCH on login", "PATCH", "/api/auth/login/", false, 405, mwBodyNotAllowed("PATCH"), "POST, OPTIONS", ""},
-		{"PUT on refresh", "PUT", "/api/auth/token/refresh/", false, 405, mwBodyNotAllowed("PUT"), "POST, OPTIONS", ""},
-		{"GET on logout", "GET", "/api/auth/logout/", false, 405, mwBodyNotAllowed("GET"), "POST, OPTIONS", ""},
-		{"POST on me", "POST", "/api/auth/me/", false, 405, mwBodyNotAllowed("POST"), "GET, HEAD, OPTIONS", ""},
-		{"unknown method", "BREW", "/api/patients/", false, 405, mwBodyNotAllowed("BREW"), "GET, HEAD, POST, OPTIONS", ""},
+		{"PATCH on patients", "PATCH", "/api/patients/", false, 405, bodyNotAllowed("PATCH"), "GET, HEAD, POST, OPTIONS", ""},
+		{"PATCH on patients with token", "PATCH", "/api/patients/", true, 405, bodyNotAllowed("PATCH"), "GET, HEAD, POST, OPTIONS", ""},
+		{"DELETE on doctors", "DELETE", "/api/doctors/", false, 405, bodyNotAllowed("DELETE"), "GET, HEAD, POST, OPTIONS", ""},
+		{"PUT on mappings", "PUT", "/api/mappings/", false, 405, bodyNotAllowed("PUT"), "GET, HEAD, POST, OPTIONS", ""},
+		{"POST on a patient", "POST", "/api/patients/5/", false, 405, bodyNotAllowed("POST"), "DELETE, GET, HEAD, PATCH, PUT, OPTIONS", ""},
+		{"POST on a doctor", "POST", "/api/doctors/5/", false, 405, bodyNotAllowed("POST"), "DELETE, GET, HEAD, PATCH, PUT, OPTIONS", ""},
+		{"PATCH on a mapping", "PATCH", "/api/mappings/5/", false, 405, bodyNotAllowed("PATCH"), "DELETE, GET, HEAD, OPTIONS", ""},
+		{"GET on register", "GET", "/api/auth/register/", false, 405, bodyNotAllowed("GET"), "POST, OPTIONS", ""},
+		{"PATCH on login", "PATCH", "/api/auth/login/", false, 405, bodyNotAllowed("PATCH"), "POST, OPTIONS", ""},
+		{"PUT on refresh", "PUT", "/api/auth/token/refresh/", false, 405, bodyNotAllowed("PUT"), "POST, OPTIONS", ""},
+		{"GET on logout", "GET", "/api/auth/logout/", false, 405, bodyNotAllowed("GET"), "POST, OPTIONS", ""},
+		{"POST on me", "POST", "/api/auth/me/", false, 405, bodyNotAllowed("POST"), "GET, HEAD, OPTIONS", ""},
+		{"unknown method", "BREW", "/api/patients/", false, 405, bodyNotAllowed("BREW"), "GET, HEAD, POST, OPTIONS", ""},
 
-		{"GET patients without slash", "GET", "/api/patients", false, redirect, mwBodyUseSlash, "", "/api/patients/"},
-		{"POST patients without slash", "POST", "/api/patients", false, redirect, mwBodyUseSlash, "", "/api/patients/"},
-		{"PATCH patients without slash", "PATCH", "/api/patients", false, redirect, mwBodyUseSlash, "", "/api/patients/"},
-		{"DELETE patient without slash", "DELETE", "/api/patients/5", false, redirect, mwBodyUseSlash, "", "/api/patients/5/"},
-		{"PUT doctor without slash keeps the query", "PUT", "/api/doctors/7?x=1", true, redirect, mwBodyUseSlash, "", "/api/doctors/7/?x=1"},
-		{"list without slash keeps the query", "GET", "/api/patients?page=2&search=a%20b", true, redirect, mwBodyUseSlash, "", "/api/patients/?page=2&search=a%20b"},
-		{"mappings of a patient without slash", "GET", "/api/mappings/3", false, redirect, mwBodyUseSlash, "", "/api/mappings/3/"},
-		{"DELETE mapping without slash", "DELETE", "/api/mappings/3", false, redirect, mwBodyUseSlash, "", "/api/mappings/3/"},
-		{"POST login without slash", "POST", "/api/auth/login", false, redirect, mwBodyUseSlash, "", "/api/auth/login/"},
-		{"POST refresh without slash", "POST", "/api/auth/token/refresh", false, redirect, mwBodyUseSlash, "", "/api/auth/token/refresh/"},
-		{"GET me without slash", "GET", "/api/auth/me", false, redirect, mwBodyUseSlash, "", "/api/auth/me/"},
+		{"GET patients without slash", "GET", "/api/patients", false, redirect, bodyUseSlash, "", "/api/patients/"},
+		{"POST patients without slash", "POST", "/api/patients", false, redirect, bodyUseSlash, "", "/api/patients/"},
+		{"PATCH patients without slash", "PATCH", "/api/patients", false, redirect, bodyUseSlash, "", "/api/patients/"},
+		{"DELETE patient without slash", "DELETE", "/api/patients/5", false, redirect, bodyUseSlash, "", "/api/patients/5/"},
+		{"PUT doctor without slash keeps the query", "PUT", "/api/doctors/7?x=1", true, redirect, bodyUseSlash, "", "/api/doctors/7/?x=1"},
+		{"list without slash keeps the query", "GET", "/api/patients?page=2&search=a%20b", true, redirect, bodyUseSlash, "", "/api/patients/?page=2&search=a%20b"},
+		{"mappings of a patient without slash", "GET", "/api/mappings/3", false, redirect, bodyUseSlash, "", "/api/mappings/3/"},
+		{"DELETE mapping without slash", "DELETE", "/api/mappings/3", false, redirect, bodyUseSlash, "", "/api/mappings/3/"},
+		{"POST login without slash", "POST", "/api/auth/login", false, redirect, bodyUseSlash, "", "/api/auth/login/"},
+		{"POST refresh without slash", "POST", "/api/auth/token/refresh", false, redirect, bodyUseSlash, "", "/api/auth/token/refresh/"},
+		{"GET me without slash", "GET", "/api/auth/me", false, redirect, bodyUseSlash, "", "/api/auth/me/"},
 		{"doubled slash", "POST", "/api//patients/", false, redirect, `{"detail": "Use the canonical path."}`, "", "/api/patients/"},
 		{"dot segments", "DELETE", "/api/patients/../doctors/5/", false, redirect, `{"detail": "Use the canonical path."}`, "", "/api/doctors/5/"},
 	}
@@ -279,14 +230,14 @@ func TestOptions(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			res := do(t, s, req{method: "OPTIONS", path: tc.path})
-			mwWantNoBody(t, res, http.StatusNoContent)
-			mwWantHeader(t, res, "Allow", tc.wantAllow)
-			mwWantNoCORS(t, res)
+			wantNoContent(t, res)
+			wantHeader(t, res, "Allow", tc.wantAllow)
+			wantNoCORS(t, res)
 		})
 	}
 	t.Run("unknown path", func(t *testing.T) {
 		res := do(t, s, req{method: "OPTIONS", path: "/api/nurses/"})
-		wantJSON(t, res, http.StatusNotFound, mwBodyNotFound)
+		wantJSON(t, res, http.StatusNotFound, bodyNotFound)
 	})
 	t.Run("only OPTIONS is a preflight", func(t *testing.T) {
 		for _, method := range []string{"GET", "POST", "DELETE"} {
@@ -294,11 +245,11 @@ func TestOptions(t *testing.T) {
 				"Origin": "http://localhost:3000", "Access-Control-Request-Method": method,
 			}})
 			if method == "GET" {
-				wantJSON(t, res, http.StatusUnauthorized, mwBodyNoCreds)
+				wantJSON(t, res, http.StatusUnauthorized, bodyUnauthenticated)
 			} else {
-				wantJSON(t, res, http.StatusMethodNotAllowed, mwBodyNotAllowed(method))
+				wantJSON(t, res, http.StatusMethodNotAllowed, bodyNotAllowed(method))
 			}
-			mwWantHeader(t, res, "Access-Control-Allow-Origin", "http://localhost:3000")
+			wantHeader(t, res, "Access-Control-Allow-Origin", "http://localhost:3000")
 			if m := res.header.Get("Access-Control-Allow-Methods"); m != "" {
 				t.Fatalf("%s answered as a preflight: Access-Control-Allow-Methods %q", method, m)
 			}
@@ -306,8 +257,8 @@ func TestOptions(t *testing.T) {
 	})
 	t.Run("invalid token is ignored", func(t *testing.T) {
 		res := do(t, s, req{method: "OPTIONS", path: "/api/patients/", token: "not.a.token"})
-		mwWantNoBody(t, res, http.StatusNoContent)
-		mwWantHeader(t, res, "Allow", "GET, HEAD, POST, OPTIONS")
+		wantNoContent(t, res)
+		wantHeader(t, res, "Allow", "GET, HEAD, POST, OPTIONS")
 	})
 	for _, path := range []string{"/api/patients/", "/api/patients/5/", "/api/auth/login/", "/api/auth/me/"} {
 		t.Run("preflight "+path, func(t *testing.T) {
@@ -316,18 +267,18 @@ func TestOptions(t *testing.T) {
 				"Access-Control-Request-Method":  "POST",
 				"Access-Control-Request-Headers": "authorization, content-type",
 			}})
-			mwWantNoBody(t, res, http.StatusNoContent)
-			mwWantHeader(t, res, "Access-Control-Allow-Origin", "http://localhost:3000")
-			mwWantHeader(t, res, "Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
-			mwWantHeader(t, res, "Access-Control-Allow-Headers", "Authorization, Content-Type")
+			wantNoContent(t, res)
+			wantHeader(t, res, "Access-Control-Allow-Origin", "http://localhost:3000")
+			wantHeader(t, res, "Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
+			wantHeader(t, res, "Access-Control-Allow-Headers", "Authorization, Content-Type")
 			if age, err := strconv.Atoi(res.header.Get("Access-Control-Max-Age")); err != nil || age <= 0 {
 				t.Fatalf("Access-Control-Max-Age %q, want a positive number of seconds", res.header.Get("Access-Control-Max-Age"))
 			}
 			if c := res.header.Get("Access-Control-Allow-Credentials"); c != "" {
 				t.Fatalf("Access-Control-Allow-Credentials %q: no credentials header is sent", c)
 			}
-			mwWantVaryOrigin(t, res)
-			mwWantSecurityHeaders(t, res)
+			wantVaryOrigin(t, res)
+			wantSecurityHeaders(t, res)
 		})
 	}
 }
@@ -335,25 +286,25 @@ func TestOptions(t *testing.T) {
 // TestOptionsNotLimited: preflights and plain OPTIONS count against no limit.
 func TestOptionsNotLimited(t *testing.T) {
 	s := newTestServer(t, map[string]string{"RATE_ANON": "1/hour"})
-	mwFreeze(s, mwTenPast)
+	freezeLimiters(s, tenPast)
 	const peer = "198.51.100.7:4000"
 	preflight := map[string]string{"Origin": "http://127.0.0.1:8080", "Access-Control-Request-Method": "GET"}
 	for i := range 3 {
 		res := do(t, s, req{method: "OPTIONS", path: "/api/auth/me/", header: preflight, remoteAddr: peer})
-		mwWantNoBody(t, res, http.StatusNoContent)
-		mwWantHeader(t, res, "Access-Control-Allow-Origin", "http://127.0.0.1:8080")
+		wantNoContent(t, res)
+		wantHeader(t, res, "Access-Control-Allow-Origin", "http://127.0.0.1:8080")
 		res = do(t, s, req{method: "OPTIONS", path: "/api/auth/me/", remoteAddr: peer})
-		mwWantNoBody(t, res, http.StatusNoContent)
+		wantNoContent(t, res)
 		if t.Failed() {
 			t.Fatalf("OPTIONS round %d", i)
 		}
 	}
 	// The anonymous budget of one is still whole, and then spent.
-	wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: peer}), http.StatusUnauthorized, mwBodyNoCreds)
-	mwWantThrottled(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: peer}), mwTenPastWait)
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: peer}), http.StatusUnauthorized, bodyUnauthenticated)
+	wantThrottled(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: peer}), tenPastWait)
 	// Even over the limit, preflights still pass.
 	res := do(t, s, req{method: "OPTIONS", path: "/api/auth/me/", header: preflight, remoteAddr: peer})
-	mwWantNoBody(t, res, http.StatusNoContent)
+	wantNoContent(t, res)
 }
 
 // TestCORS: a listed origin is echoed with Vary: Origin on every response,
@@ -369,10 +320,10 @@ func TestCORS(t *testing.T) {
 	}{
 		{"200", req{method: "GET", path: "/api/auth/me/", token: a.access}, 200, ""},
 		{"healthz", req{method: "GET", path: "/healthz"}, 200, `{"status": "ok"}`},
-		{"401", req{method: "GET", path: "/api/patients/"}, 401, mwBodyNoCreds},
-		{"404", req{method: "GET", path: "/api/nurses/"}, 404, mwBodyNotFound},
-		{"405", req{method: "PATCH", path: "/api/patients/"}, 405, mwBodyNotAllowed("PATCH")},
-		{"400 bad host", req{method: "GET", path: "/api/patients/", header: map[string]string{"Host": "evil.com"}}, 400, mwBodyBadHost},
+		{"401", req{method: "GET", path: "/api/patients/"}, 401, bodyUnauthenticated},
+		{"404", req{method: "GET", path: "/api/nurses/"}, 404, bodyNotFound},
+		{"405", req{method: "PATCH", path: "/api/patients/"}, 405, bodyNotAllowed("PATCH")},
+		{"400 bad host", req{method: "GET", path: "/api/patients/", header: map[string]string{"Host": "evil.com"}}, 400, bodyBadHost},
 		{"plain OPTIONS", req{method: "OPTIONS", path: "/api/patients/"}, 204, ""},
 		{"preflight", req{method: "OPTIONS", path: "/api/patients/", header: map[string]string{"Access-Control-Request-Method": "DELETE"}}, 204, ""},
 	}
@@ -380,12 +331,9 @@ func TestCORS(t *testing.T) {
 		t.Helper()
 		switch {
 		case status == 200 && body == "":
-			if res.status != 200 {
-				t.Fatalf("status %d, want 200; body %s", res.status, res.body)
-			}
-			res.object(t)
+			wantObject(t, res, 200)
 		case body == "":
-			mwWantNoBody(t, res, status)
+			wantNoContent(t, res)
 		default:
 			wantJSON(t, res, status, body)
 		}
@@ -400,8 +348,8 @@ func TestCORS(t *testing.T) {
 				}
 				res := do(t, s, rq)
 				check(t, res, tc.wantStatus, tc.wantBody)
-				mwWantHeader(t, res, "Access-Control-Allow-Origin", origin)
-				mwWantVaryOrigin(t, res)
+				wantHeader(t, res, "Access-Control-Allow-Origin", origin)
+				wantVaryOrigin(t, res)
 				if c := res.header.Get("Access-Control-Allow-Credentials"); c != "" {
 					t.Fatalf("Access-Control-Allow-Credentials %q: no credentials header is sent", c)
 				}
@@ -429,12 +377,12 @@ func TestCORS(t *testing.T) {
 				res := do(t, s, rq)
 				if tc.name == "preflight" {
 					// Not a preflight the server honours: an ordinary OPTIONS.
-					mwWantNoBody(t, res, http.StatusNoContent)
-					mwWantHeader(t, res, "Allow", "GET, HEAD, POST, OPTIONS")
+					wantNoContent(t, res)
+					wantHeader(t, res, "Allow", "GET, HEAD, POST, OPTIONS")
 				} else {
 					check(t, res, tc.wantStatus, tc.wantBody)
 				}
-				mwWantNoCORS(t, res)
+				wantNoCORS(t, res)
 			})
 		}
 	}
@@ -442,10 +390,10 @@ func TestCORS(t *testing.T) {
 		s := newTestServer(t, map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com, https://admin.example.com"})
 		res := do(t, s, req{method: "GET", path: "/healthz", header: map[string]string{"Origin": "https://admin.example.com"}})
 		wantJSON(t, res, 200, `{"status": "ok"}`)
-		mwWantHeader(t, res, "Access-Control-Allow-Origin", "https://admin.example.com")
+		wantHeader(t, res, "Access-Control-Allow-Origin", "https://admin.example.com")
 		res = do(t, s, req{method: "GET", path: "/healthz", header: map[string]string{"Origin": "http://localhost:3000"}})
 		wantJSON(t, res, 200, `{"status": "ok"}`)
-		mwWantNoCORS(t, res)
+		wantNoCORS(t, res)
 	})
 }
 
@@ -453,8 +401,8 @@ func TestCORS(t *testing.T) {
 // hardening headers and sets no cookie.
 func TestSecurityHeaders(t *testing.T) {
 	s := newTestServer(t, map[string]string{"RATE_ANON": "1/hour"})
-	mwFreeze(s, mwTenPast)
-	mwBoom(s)
+	freezeLimiters(s, tenPast)
+	addBoomRoute(s)
 	// Registering spends the default address's anonymous budget of one; the
 	// cases below that the anonymous limit counts use addresses of their own.
 	a := register(t, s)
@@ -471,16 +419,16 @@ func TestSecurityHeaders(t *testing.T) {
 		{"201", req{method: "POST", path: "/api/patients/", token: a.access, body: map[string]string{"first_name": "Ada", "email": "ada@example.com"}}, 0, 201, "*"},
 		{"204 OPTIONS", req{method: "OPTIONS", path: "/api/patients/"}, 0, 204, ""},
 		{"204 preflight", req{method: "OPTIONS", path: "/api/patients/", header: map[string]string{"Origin": "http://localhost:3000", "Access-Control-Request-Method": "GET"}}, 0, 204, ""},
-		{"400 host", req{method: "GET", path: "/api/patients/", header: map[string]string{"Host": "evil.com"}}, 0, 400, mwBodyBadHost},
-		{"400 fields", req{method: "POST", path: "/api/auth/login/", body: map[string]string{}, remoteAddr: "192.0.2.32:1"}, 0, 400, mwBodyLoginFields},
-		{"401", req{method: "GET", path: "/api/auth/me/", remoteAddr: "192.0.2.33:1"}, 0, 401, mwBodyNoCreds},
-		{"404", req{method: "GET", path: "/api/nurses/"}, 0, 404, mwBodyNotFound},
-		{"405", req{method: "PATCH", path: "/api/patients/"}, 0, 405, mwBodyNotAllowed("PATCH")},
-		{"413", req{method: "POST", path: "/api/auth/login/", body: big}, 0, 413, mwBodyTooLarge},
+		{"400 host", req{method: "GET", path: "/api/patients/", header: map[string]string{"Host": "evil.com"}}, 0, 400, bodyBadHost},
+		{"400 fields", req{method: "POST", path: "/api/auth/login/", body: map[string]string{}, remoteAddr: "192.0.2.32:1"}, 0, 400, bodyLoginFields},
+		{"401", req{method: "GET", path: "/api/auth/me/", remoteAddr: "192.0.2.33:1"}, 0, 401, bodyUnauthenticated},
+		{"404", req{method: "GET", path: "/api/nurses/"}, 0, 404, bodyNotFound},
+		{"405", req{method: "PATCH", path: "/api/patients/"}, 0, 405, bodyNotAllowed("PATCH")},
+		{"413", req{method: "POST", path: "/api/auth/login/", body: big}, 0, 413, bodyTooLarge},
 		{"415", req{method: "POST", path: "/api/auth/login/", body: `{}`, header: map[string]string{"Content-Type": "text/plain"}, remoteAddr: "192.0.2.34:1"}, 0,
 			415, `{"detail": "Unsupported media type \"text/plain\" in request."}`},
 		{"429", req{method: "GET", path: "/api/auth/me/", remoteAddr: "192.0.2.35:1"}, 1, 429, ""},
-		{"500 panic", req{method: "GET", path: "/api/boom/"}, 0, 500, mwBodyServerFailed},
+		{"500 panic", req{method: "GET", path: "/api/boom/"}, 0, 500, bodyServerFailed},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -490,18 +438,15 @@ func TestSecurityHeaders(t *testing.T) {
 			res := do(t, s, tc.rq)
 			switch {
 			case tc.wantStatus == 429:
-				mwWantThrottled(t, res, mwTenPastWait)
+				wantThrottled(t, res, tenPastWait)
 			case tc.wantBody == "":
-				mwWantNoBody(t, res, tc.wantStatus)
+				wantNoContent(t, res)
 			case tc.wantBody == "*":
-				if res.status != tc.wantStatus {
-					t.Fatalf("status %d, want %d; body %s", res.status, tc.wantStatus, res.body)
-				}
-				res.object(t)
+				wantObject(t, res, tc.wantStatus)
 			default:
 				wantJSON(t, res, tc.wantStatus, tc.wantBody)
 			}
-			mwWantSecurityHeaders(t, res)
+			wantSecurityHeaders(t, res)
 		})
 	}
 }
@@ -535,11 +480,11 @@ func TestStrictTransportSecurity(t *testing.T) {
 			if tc.proto != "" {
 				r.Header.Set("X-Forwarded-Proto", tc.proto)
 			}
-			res := mwServe(t, s, r)
+			res := doRequest(t, s, r)
 			if tc.path == "/healthz" {
 				wantJSON(t, res, http.StatusOK, `{"status": "ok"}`)
 			} else {
-				wantJSON(t, res, http.StatusNotFound, mwBodyNotFound)
+				wantJSON(t, res, http.StatusNotFound, bodyNotFound)
 			}
 			got := res.header.Get("Strict-Transport-Security")
 			if tc.wantHSTS && got != hsts {
@@ -607,22 +552,22 @@ func TestHostAllowList(t *testing.T) {
 			}
 			r := httptest.NewRequest("GET", "http://localhost"+tc.path, nil)
 			r.Host = tc.host
-			res := mwServe(t, s, r)
+			res := doRequest(t, s, r)
 			switch tc.wantStatus {
 			case 200:
 				wantJSON(t, res, 200, `{"status": "ok"}`)
 			case 400:
-				wantJSON(t, res, 400, mwBodyBadHost)
+				wantJSON(t, res, 400, bodyBadHost)
 			default:
-				wantJSON(t, res, 404, mwBodyNotFound)
+				wantJSON(t, res, 404, bodyNotFound)
 			}
 		})
 	}
 }
 
-// mwBodyRequest builds a POST with body; chunked makes its length unknown
+// bodyRequest builds a POST with body; chunked makes its length unknown
 // (ContentLength -1), as a chunked upload arrives.
-func mwBodyRequest(path, token, body, contentType string, chunked bool) *http.Request {
+func bodyRequest(path, token, body, contentType string, chunked bool) *http.Request {
 	r := httptest.NewRequest("POST", "http://localhost"+path, strings.NewReader(body))
 	if contentType != "" {
 		r.Header.Set("Content-Type", contentType)
@@ -637,8 +582,8 @@ func mwBodyRequest(path, token, body, contentType string, chunked bool) *http.Re
 	return r
 }
 
-// mwLoginBody is a login body of exactly size bytes.
-func mwLoginBody(size int) string {
+// loginBody is a login body of exactly size bytes.
+func loginBody(size int) string {
 	const head, tail = `{"username": "nobody-here", "password": "`, `"}`
 	return head + strings.Repeat("p", size-len(head)-len(tail)) + tail
 }
@@ -657,28 +602,28 @@ func TestBodySize(t *testing.T) {
 		wantStatus int
 		wantBody   string
 	}{
-		{"exactly 64 KiB", "/api/auth/login/", "", mwLoginBody(maxBody), false, 401, mwBodyBadLogin},
-		{"exactly 64 KiB chunked", "/api/auth/login/", "", mwLoginBody(maxBody), true, 401, mwBodyBadLogin},
-		{"one byte over", "/api/auth/login/", "", mwLoginBody(maxBody + 1), false, 413, mwBodyTooLarge},
-		{"one byte over chunked", "/api/auth/login/", "", mwLoginBody(maxBody + 1), true, 413, mwBodyTooLarge},
-		{"a megabyte chunked", "/api/auth/login/", "", mwLoginBody(1 << 20), true, 413, mwBodyTooLarge},
-		{"small chunked", "/api/auth/login/", "", `{}`, true, 400, mwBodyLoginFields},
-		{"over, before the token is asked for", "/api/patients/", "", mwLoginBody(maxBody + 1), false, 413, mwBodyTooLarge},
-		{"over, chunked, before the token is asked for", "/api/patients/", "", mwLoginBody(maxBody + 1), true, 413, mwBodyTooLarge},
-		{"over, with a token", "/api/patients/", a.access, mwLoginBody(maxBody + 1), true, 413, mwBodyTooLarge},
-		{"over, to an unknown path", "/api/nurses/", "", mwLoginBody(maxBody + 1), false, 404, mwBodyNotFound},
-		{"over, to a wrong method", "/api/auth/me/", "", mwLoginBody(maxBody + 1), true, 405, mwBodyNotAllowed("POST")},
+		{"exactly 64 KiB", "/api/auth/login/", "", loginBody(maxBody), false, 401, badCredentialsBody},
+		{"exactly 64 KiB chunked", "/api/auth/login/", "", loginBody(maxBody), true, 401, badCredentialsBody},
+		{"one byte over", "/api/auth/login/", "", loginBody(maxBody + 1), false, 413, bodyTooLarge},
+		{"one byte over chunked", "/api/auth/login/", "", loginBody(maxBody + 1), true, 413, bodyTooLarge},
+		{"a megabyte chunked", "/api/auth/login/", "", loginBody(1 << 20), true, 413, bodyTooLarge},
+		{"small chunked", "/api/auth/login/", "", `{}`, true, 400, bodyLoginFields},
+		{"over, before the token is asked for", "/api/patients/", "", loginBody(maxBody + 1), false, 413, bodyTooLarge},
+		{"over, chunked, before the token is asked for", "/api/patients/", "", loginBody(maxBody + 1), true, 413, bodyTooLarge},
+		{"over, with a token", "/api/patients/", a.access, loginBody(maxBody + 1), true, 413, bodyTooLarge},
+		{"over, to an unknown path", "/api/nurses/", "", loginBody(maxBody + 1), false, 404, bodyNotFound},
+		{"over, to a wrong method", "/api/auth/me/", "", loginBody(maxBody + 1), true, 405, bodyNotAllowed("POST")},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			res := mwServe(t, s, mwBodyRequest(tc.path, tc.token, tc.body, "application/json", tc.chunked))
+			res := doRequest(t, s, bodyRequest(tc.path, tc.token, tc.body, "application/json", tc.chunked))
 			wantJSON(t, res, tc.wantStatus, tc.wantBody)
 		})
 	}
 }
 
-// mwNested is {"username": …} holding depth nested arrays.
-func mwNested(depth int) string {
+// nestedBody is {"username": …} holding depth nested arrays.
+func nestedBody(depth int) string {
 	return `{"username": ` + strings.Repeat("[", depth) + strings.Repeat("]", depth) + `, "password": "x"}`
 }
 
@@ -711,11 +656,11 @@ func TestBodyDecoding(t *testing.T) {
 		{"form", "/api/auth/login/", false, "username=a&password=b", "application/x-www-form-urlencoded", 415, `{"detail": "Unsupported media type \"application/x-www-form-urlencoded\" in request."}`},
 		{"no content type", "/api/auth/login/", false, login(a.username, a.password), "", 415, `{"detail": "Unsupported media type \"\" in request."}`},
 		{"text/plain with a token", "/api/patients/", true, `{"first_name": "Ada", "email": "ada@example.com"}`, "text/plain", 415, `{"detail": "Unsupported media type \"text/plain\" in request."}`},
-		{"text/plain without a token is 401 first", "/api/patients/", false, `{"first_name": "Ada", "email": "ada@example.com"}`, "text/plain", 401, mwBodyNoCreds},
+		{"text/plain without a token is 401 first", "/api/patients/", false, `{"first_name": "Ada", "email": "ada@example.com"}`, "text/plain", 401, bodyUnauthenticated},
 
-		{"empty body without content type", "/api/auth/login/", false, "", "", 400, mwBodyLoginFields},
-		{"empty body with text/plain", "/api/auth/login/", false, "", "text/plain", 400, mwBodyLoginFields},
-		{"blank body", "/api/auth/login/", false, " \n", "", 400, mwBodyLoginFields},
+		{"empty body without content type", "/api/auth/login/", false, "", "", 400, bodyLoginFields},
+		{"empty body with text/plain", "/api/auth/login/", false, "", "text/plain", 400, bodyLoginFields},
+		{"blank body", "/api/auth/login/", false, " \n", "", 400, bodyLoginFields},
 		{"empty patient", "/api/patients/", true, "", "", 400, `{"first_name": ["This field is required."], "email": ["This field is required."]}`},
 		{"empty logout", "/api/auth/logout/", false, "", "", 400, `{"refresh": ["This field is required."]}`},
 
@@ -732,13 +677,13 @@ func TestBodyDecoding(t *testing.T) {
 		{"null", "/api/auth/login/", false, `null`, "application/json", 400, parseErr},
 		{"truncated", "/api/auth/login/", false, `{"username": "a", "password": `, "application/json", 400, parseErr},
 		{"single quotes", "/api/auth/login/", false, `{'username': 'a'}`, "application/json", 400, parseErr},
-		{"10,000-deep nesting", "/api/auth/login/", false, mwNested(10_000), "application/json", 400, parseErr},
-		{"30,000-deep nesting", "/api/auth/login/", false, mwNested(30_000), "application/json", 400, parseErr},
+		{"10,000-deep nesting", "/api/auth/login/", false, nestedBody(10_000), "application/json", 400, parseErr},
+		{"30,000-deep nesting", "/api/auth/login/", false, nestedBody(30_000), "application/json", 400, parseErr},
 
 		{"duplicate key: the last wins", "/api/auth/login/", false, `{"username": "nobody", "password": "wrong", "username": "` + a.username + `", "password": "` + a.password + `"}`, "application/json", 200, ok},
-		{"duplicate key: the last loses", "/api/auth/login/", false, `{"username": "` + a.username + `", "password": "` + a.password + `", "password": "wrong"}`, "application/json", 401, mwBodyBadLogin},
+		{"duplicate key: the last loses", "/api/auth/login/", false, `{"username": "` + a.username + `", "password": "` + a.password + `", "password": "wrong"}`, "application/json", 401, badCredentialsBody},
 		{"keys are case-sensitive", "/api/auth/login/", false, `{"Username": "` + a.username + `", "password": "` + a.password + `"}`, "application/json", 400, `{"username": ["This field is required."]}`},
-		{"keys are case-sensitive in capitals", "/api/auth/login/", false, `{"USERNAME": "` + a.username + `", "PASSWORD": "` + a.password + `"}`, "application/json", 400, mwBodyLoginFields},
+		{"keys are case-sensitive in capitals", "/api/auth/login/", false, `{"USERNAME": "` + a.username + `", "PASSWORD": "` + a.password + `"}`, "application/json", 400, bodyLoginFields},
 		{"patient keys are case-sensitive", "/api/patients/", true, `{"First_Name": "Ada", "EMAIL": "ada@example.com"}`, "application/json", 400, `{"first_name": ["This field is required."], "email": ["This field is required."]}`},
 	}
 	for _, tc := range tests {
@@ -747,25 +692,15 @@ func TestBodyDecoding(t *testing.T) {
 			if tc.token {
 				token = a.access
 			}
-			r := httptest.NewRequest("POST", "http://localhost"+tc.path, strings.NewReader(tc.body))
-			if tc.contentType != "" {
-				r.Header.Set("Content-Type", tc.contentType)
-			}
-			if token != "" {
-				r.Header.Set("Authorization", "Bearer "+token)
-			}
-			res := mwServe(t, s, r)
+			res := doRequest(t, s, bodyRequest(tc.path, token, tc.body, tc.contentType, false))
 			switch tc.wantBody {
 			case ok:
-				if res.status != tc.wantStatus {
-					t.Fatalf("status %d, want %d; body %s", res.status, tc.wantStatus, res.body)
-				}
-				m := res.object(t)
+				m := wantObject(t, res, tc.wantStatus)
 				if _, has := m["access"].(string); !has {
 					t.Fatalf("body %s has no access token", res.body)
 				}
 			case parseErr:
-				mwWantParseError(t, res)
+				wantParseError(t, res, "")
 			default:
 				wantJSON(t, res, tc.wantStatus, tc.wantBody)
 			}
@@ -789,16 +724,16 @@ func TestBodyDecoding(t *testing.T) {
 func TestAnonAndUserLimits(t *testing.T) {
 	t.Run("anonymous", func(t *testing.T) {
 		s := newTestServer(t, map[string]string{"RATE_ANON": "2/hour"})
-		mwFreeze(s, mwTenPast)
+		freezeLimiters(s, tenPast)
 		const peer = "198.51.100.20:5000"
-		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: peer}), 401, mwBodyNoCreds)
-		wantJSON(t, do(t, s, req{method: "POST", path: "/api/auth/login/", body: map[string]string{}, remoteAddr: peer}), 400, mwBodyLoginFields)
-		mwWantThrottled(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: peer}), mwTenPastWait)
+		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: peer}), 401, bodyUnauthenticated)
+		wantJSON(t, do(t, s, req{method: "POST", path: "/api/auth/login/", body: map[string]string{}, remoteAddr: peer}), 400, bodyLoginFields)
+		wantThrottled(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: peer}), tenPastWait)
 		// An invalid token makes an anonymous caller: the same budget.
-		mwWantThrottled(t, do(t, s, req{method: "GET", path: "/api/patients/", token: "a.b.c", remoteAddr: peer}), mwTenPastWait)
-		mwWantThrottled(t, do(t, s, req{method: "POST", path: "/api/auth/login/", body: map[string]string{}, remoteAddr: peer}), mwTenPastWait)
+		wantThrottled(t, do(t, s, req{method: "GET", path: "/api/patients/", token: "a.b.c", remoteAddr: peer}), tenPastWait)
+		wantThrottled(t, do(t, s, req{method: "POST", path: "/api/auth/login/", body: map[string]string{}, remoteAddr: peer}), tenPastWait)
 		// Another address has its own budget.
-		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: "198.51.100.21:5000"}), 401, mwBodyNoCreds)
+		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/", remoteAddr: "198.51.100.21:5000"}), 401, bodyUnauthenticated)
 		// Probes are never limited.
 		for range 5 {
 			wantJSON(t, do(t, s, req{method: "GET", path: "/healthz", remoteAddr: peer}), 200, `{"status": "ok"}`)
@@ -808,30 +743,30 @@ func TestAnonAndUserLimits(t *testing.T) {
 	t.Run("wait in the next window", func(t *testing.T) {
 		s := newTestServer(t, map[string]string{"RATE_ANON": "2/minute"})
 		// 45 s into a minute: the full window ends in 15 s.
-		mwFreeze(s, time.Unix(1_000_000*60+45, 0))
+		freezeLimiters(s, time.Unix(1_000_000*60+45, 0))
 		for range 2 {
-			wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 401, mwBodyNoCreds)
+			wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 401, bodyUnauthenticated)
 		}
-		mwWantThrottled(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 16)
+		wantThrottled(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 16)
 	})
 	t.Run("user", func(t *testing.T) {
 		s := newTestServer(t, map[string]string{"RATE_USER": "2/hour"})
 		a, b := register(t, s), register(t, s)
 		// An anonymous budget of one, from after the registrations.
 		s.anonLimit = newLimiter(rate{n: 1, period: time.Hour}, 100)
-		mwFreeze(s, mwTenPast)
+		freezeLimiters(s, tenPast)
 		for range 2 {
 			res := do(t, s, req{method: "GET", path: "/api/auth/me/", token: a.access})
 			wantJSON(t, res, 200, fmt.Sprintf(`{"id": %d, "username": %q, "email": %q, "name": "Test User"}`, a.id, a.username, a.email))
 		}
-		mwWantThrottled(t, do(t, s, req{method: "GET", path: "/api/patients/", token: a.access}), mwTenPastWait)
+		wantThrottled(t, do(t, s, req{method: "GET", path: "/api/patients/", token: a.access}), tenPastWait)
 		// The user's budget is not the address's: another user from the same
 		// address, and an anonymous request from it, still pass.
 		res := do(t, s, req{method: "GET", path: "/api/auth/me/", token: b.access})
 		wantJSON(t, res, 200, fmt.Sprintf(`{"id": %d, "username": %q, "email": %q, "name": "Test User"}`, b.id, b.username, b.email))
-		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 401, mwBodyNoCreds)
+		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 401, bodyUnauthenticated)
 		// A user over the limit from a new address is still over it.
-		mwWantThrottled(t, do(t, s, req{method: "GET", path: "/api/auth/me/", token: a.access, remoteAddr: "203.0.113.200:1"}), mwTenPastWait)
+		wantThrottled(t, do(t, s, req{method: "GET", path: "/api/auth/me/", token: a.access, remoteAddr: "203.0.113.200:1"}), tenPastWait)
 	})
 }
 
@@ -921,7 +856,7 @@ func TestClientIPKeys(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newTestServer(t, map[string]string{"RATE_ANON": "2/hour", "TRUSTED_PROXIES": tc.proxies})
-			mwFreeze(s, mwTenPast)
+			freezeLimiters(s, tenPast)
 			for i, st := range tc.steps {
 				rq := req{method: "GET", path: "/api/auth/me/", remoteAddr: st.peer}
 				if st.xff != "" {
@@ -929,9 +864,9 @@ func TestClientIPKeys(t *testing.T) {
 				}
 				res := do(t, s, rq)
 				if st.wantLimit {
-					mwWantThrottled(t, res, mwTenPastWait)
+					wantThrottled(t, res, tenPastWait)
 				} else {
-					wantJSON(t, res, http.StatusUnauthorized, mwBodyNoCreds)
+					wantJSON(t, res, http.StatusUnauthorized, bodyUnauthenticated)
 				}
 				if t.Failed() {
 					t.Fatalf("step %d: %+v", i, st)
@@ -945,7 +880,7 @@ func TestClientIPKeys(t *testing.T) {
 			wantJSON(t, do(t, s, req{method: "GET", path: "/healthz"}), 200, `{"status": "ok"}`)
 			wantJSON(t, do(t, s, req{method: "GET", path: "/readyz"}), 200, `{"status": "ok"}`)
 		}
-		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 401, mwBodyNoCreds)
+		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 401, bodyUnauthenticated)
 	})
 }
 
@@ -1404,15 +1339,15 @@ func TestReadDotenv(t *testing.T) {
 	})
 }
 
-// mwStartWriter collects a server's log and cancels its run once the
+// startWriter collects a server's log and cancels its run once the
 // "serving" line shows that it listens.
-type mwStartWriter struct {
+type startWriter struct {
 	mu     sync.Mutex
 	buf    bytes.Buffer
 	cancel context.CancelFunc
 }
 
-func (w *mwStartWriter) Write(p []byte) (int, error) {
+func (w *startWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if bytes.Contains(p, []byte("serving")) {
@@ -1421,7 +1356,7 @@ func (w *mwStartWriter) Write(p []byte) (int, error) {
 	return w.buf.Write(p)
 }
 
-func (w *mwStartWriter) String() string {
+func (w *startWriter) String() string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.buf.String()
@@ -1442,7 +1377,7 @@ func TestRun(t *testing.T) {
 		t.Helper()
 		ctx, cancel := context.WithCancel(t.Context())
 		defer cancel()
-		out := &mwStartWriter{cancel: cancel}
+		out := &startWriter{cancel: cancel}
 		done := make(chan error, 1)
 		go func() { done <- run(ctx, getenv, out, io.Discard) }()
 		select {
@@ -1472,6 +1407,7 @@ func TestRun(t *testing.T) {
 		}
 	})
 	t.Run("serves and shuts down gracefully", func(t *testing.T) {
+		needDB(t)
 		t.Chdir(t.TempDir())
 		log, err := start(t, testEnv(dbVars(nil)))
 		if err != nil {
@@ -1485,6 +1421,7 @@ func TestRun(t *testing.T) {
 		}
 	})
 	t.Run("unset SECRET_KEY warns and serves", func(t *testing.T) {
+		needDB(t)
 		t.Chdir(t.TempDir())
 		log, err := start(t, testEnv(dbVars(map[string]string{"SECRET_KEY": ""})))
 		if err != nil {
@@ -1495,6 +1432,7 @@ func TestRun(t *testing.T) {
 		}
 	})
 	t.Run(".env fills in, the environment wins", func(t *testing.T) {
+		needDB(t)
 		dir := t.TempDir()
 		dotenv := "# local settings\nexport DEBUG=True\nSECRET_KEY='too-short'\nRATE_ANON=\"abc\"\n"
 		if err := os.WriteFile(filepath.Join(dir, ".env"), []byte(dotenv), 0o600); err != nil {
@@ -1534,6 +1472,7 @@ func TestRun(t *testing.T) {
 		}
 	})
 	t.Run("address in use", func(t *testing.T) {
+		needDB(t)
 		t.Chdir(t.TempDir())
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -1567,16 +1506,8 @@ func TestDatabaseDown(t *testing.T) {
 		t.Fatalf("connect: %v", err)
 	}
 	defer db.Close()
-	cfg, _, err := loadConfig(testEnv(nil))
-	if err != nil {
-		t.Fatalf("loadConfig: %v", err)
-	}
-	cfg.passwordIterations = testIterations
 	var logBuf bytes.Buffer
-	s, err := newServer(cfg, db, slog.New(slog.NewJSONHandler(&logBuf, nil)))
-	if err != nil {
-		t.Fatalf("newServer: %v", err)
-	}
+	s := newTestServerOn(t, db, slog.New(slog.NewJSONHandler(&logBuf, nil)), nil)
 	tests := []struct {
 		name string
 		rq   req
@@ -1590,11 +1521,8 @@ func TestDatabaseDown(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			res := do(t, s, tc.rq)
-			wantJSON(t, res, http.StatusServiceUnavailable, mwBodyUnavailable)
-			if n, err := strconv.Atoi(res.header.Get("Retry-After")); err != nil || n < 1 {
-				t.Fatalf("Retry-After %q, want whole seconds", res.header.Get("Retry-After"))
-			}
-			mwWantSecurityHeaders(t, res)
+			wantUnavailable(t, res)
+			wantSecurityHeaders(t, res)
 		})
 	}
 	t.Run("readyz", func(t *testing.T) {
@@ -1608,9 +1536,8 @@ func TestDatabaseDown(t *testing.T) {
 		wantJSON(t, do(t, s, req{method: "GET", path: "/healthz"}), http.StatusOK, `{"status": "ok"}`)
 	})
 	t.Run("checks before the database still answer", func(t *testing.T) {
-		wantJSON(t, do(t, s, req{method: "GET", path: "/api/patients/"}), http.StatusUnauthorized, mwBodyNoCreds)
-		wantJSON(t, do(t, s, req{method: "GET", path: "/api/patients/", token: "a.b.c"}), http.StatusUnauthorized,
-			`{"detail": "Given token not valid for any token type", "code": "token_not_valid", "messages": [{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}]}`)
+		wantJSON(t, do(t, s, req{method: "GET", path: "/api/patients/"}), http.StatusUnauthorized, bodyUnauthenticated)
+		wantJSON(t, do(t, s, req{method: "GET", path: "/api/patients/", token: "a.b.c"}), http.StatusUnauthorized, invalidAccessBody)
 	})
 	t.Run("the cause goes to the log only", func(t *testing.T) {
 		if !strings.Contains(logBuf.String(), "database unavailable") {
@@ -1622,26 +1549,20 @@ func TestDatabaseDown(t *testing.T) {
 // TestPanicRecovery: a panicking handler becomes a JSON 500 without the
 // panic's text, and the panic is logged.
 func TestPanicRecovery(t *testing.T) {
-	cfg, _, err := loadConfig(testEnv(nil))
-	if err != nil {
-		t.Fatalf("loadConfig: %v", err)
-	}
-	cfg.passwordIterations = testIterations
+	// Neither route it calls touches the database: without PostgreSQL it
+	// runs on a nil testDB, and passes.
 	var logBuf bytes.Buffer
-	s, err := newServer(cfg, testDB, slog.New(slog.NewJSONHandler(&logBuf, nil)))
-	if err != nil {
-		t.Fatalf("newServer: %v", err)
-	}
-	mwBoom(s)
+	s := newTestServerOn(t, testDB, slog.New(slog.NewJSONHandler(&logBuf, nil)), nil)
+	addBoomRoute(s)
 	res := do(t, s, req{method: "GET", path: "/api/boom/", header: map[string]string{"Origin": "http://localhost:3000"}})
-	wantJSON(t, res, http.StatusInternalServerError, mwBodyServerFailed)
+	wantJSON(t, res, http.StatusInternalServerError, bodyServerFailed)
 	for _, leak := range []string{"boom", "secret", "goroutine", ".go:"} {
 		if bytes.Contains(res.body, []byte(leak)) {
 			t.Fatalf("body %s shows %q", res.body, leak)
 		}
 	}
-	mwWantSecurityHeaders(t, res)
-	mwWantHeader(t, res, "Access-Control-Allow-Origin", "http://localhost:3000")
+	wantSecurityHeaders(t, res)
+	wantHeader(t, res, "Access-Control-Allow-Origin", "http://localhost:3000")
 	log := logBuf.String()
 	if !strings.Contains(log, `"msg":"panic"`) || !strings.Contains(log, "boom") || !strings.Contains(log, `"status":500`) {
 		t.Fatalf("log does not record the panic and its 500:\n%s", log)
@@ -1650,8 +1571,8 @@ func TestPanicRecovery(t *testing.T) {
 	wantJSON(t, do(t, s, req{method: "GET", path: "/healthz"}), http.StatusOK, `{"status": "ok"}`)
 }
 
-// mwLogLines decodes a JSON log, one object a line.
-func mwLogLines(t testing.TB, log string) []map[string]any {
+// logLines decodes a JSON log, one object a line.
+func logLines(t testing.TB, log string) []map[string]any {
 	t.Helper()
 	var lines []map[string]any
 	for _, line := range strings.Split(strings.TrimSpace(log), "\n") {
@@ -1670,24 +1591,17 @@ func mwLogLines(t testing.TB, log string) []map[string]any {
 // TestAccessLog: one structured line per request with what an operator
 // needs, and never a token, a password or a query string.
 func TestAccessLog(t *testing.T) {
-	cfg, _, err := loadConfig(testEnv(nil))
-	if err != nil {
-		t.Fatalf("loadConfig: %v", err)
-	}
-	cfg.passwordIterations = testIterations
+	needDB(t)
 	var logBuf bytes.Buffer
-	s, err := newServer(cfg, testDB, slog.New(slog.NewJSONHandler(&logBuf, nil)))
-	if err != nil {
-		t.Fatalf("newServer: %v", err)
-	}
+	s := newTestServerOn(t, testDB, slog.New(slog.NewJSONHandler(&logBuf, nil)), nil)
 	a := register(t, s)
 
 	t.Run("an authenticated list", func(t *testing.T) {
 		logBuf.Reset()
 		res := do(t, s, req{method: "GET", path: "/api/patients/?search=secret", token: a.access})
-		wantJSON(t, res, http.StatusOK, `{"count": 0, "next": null, "previous": null, "results": []}`)
+		wantJSON(t, res, http.StatusOK, emptyPage)
 		log := logBuf.String()
-		lines := mwLogLines(t, log)
+		lines := logLines(t, log)
 		if len(lines) != 1 || lines[0]["msg"] != "request" {
 			t.Fatalf("want exactly one request line, got:\n%s", log)
 		}
@@ -1727,11 +1641,11 @@ func TestAccessLog(t *testing.T) {
 		json.Unmarshal(res.body, &pair)
 		wrong := "Wrong-Horse-Battery-Staple-77"
 		wantJSON(t, do(t, s, req{method: "POST", path: "/api/auth/login/", body: map[string]string{"username": a.username, "password": wrong}}),
-			http.StatusUnauthorized, mwBodyBadLogin)
+			http.StatusUnauthorized, badCredentialsBody)
 		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/", token: "eyJhbGciOiJIUzI1NiJ9.eyJzZWNyZXQiOjF9.forged-signature"}),
-			http.StatusUnauthorized, `{"detail": "Given token not valid for any token type", "code": "token_not_valid", "messages": [{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}]}`)
+			http.StatusUnauthorized, invalidAccessBody)
 		log := logBuf.String()
-		lines := mwLogLines(t, log)
+		lines := logLines(t, log)
 		if len(lines) != 3 {
 			t.Fatalf("want three lines, got:\n%s", log)
 		}
@@ -1751,9 +1665,9 @@ func TestAccessLog(t *testing.T) {
 	})
 	t.Run("unrouted requests are logged too", func(t *testing.T) {
 		logBuf.Reset()
-		wantJSON(t, do(t, s, req{method: "GET", path: "/api/nurses/?token=abc"}), http.StatusNotFound, mwBodyNotFound)
+		wantJSON(t, do(t, s, req{method: "GET", path: "/api/nurses/?token=abc"}), http.StatusNotFound, bodyNotFound)
 		log := logBuf.String()
-		lines := mwLogLines(t, log)
+		lines := logLines(t, log)
 		if len(lines) != 1 || lines[0]["msg"] != "request" || lines[0]["status"] != float64(404) || strings.Contains(log, "token=abc") {
 			t.Fatalf("want one request line with status 404 and no query, got:\n%s", log)
 		}

@@ -1,207 +1,26 @@
 package main
 
 import (
-	"crypto/rand"
 	"encoding/json"
 	"fmt"
-	"math"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
 
-// Helpers shared by patients_test.go, doctors_test.go and mappings_test.go.
+const patientsPath = "/api/patients/"
 
-var labelSeq atomic.Int64
+func patientPath(id int64) string { return patientsPath + strconv.FormatInt(id, 10) + "/" }
 
-// uniqueLabel is a lower-case token no other test uses, for emails and for
-// search terms in the shared doctor directory.
-func uniqueLabel(prefix string) string {
-	var b [3]byte
-	rand.Read(b[:])
-	return fmt.Sprintf("%s%dx%x", prefix, labelSeq.Add(1), b)
+// adaBody is the full patient most tests start from.
+func adaBody(email string) map[string]any {
+	return map[string]any{"first_name": "Ada", "last_name": "Byron", "email": email,
+		"date_of_birth": "1990-05-17", "phone": "+44 20 7946 0958"}
 }
-
-var stampRE = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$`)
-
-// isStamp reports whether s is a time as DRF writes it: RFC 3339 in UTC,
-// microseconds, Z.
-func isStamp(s string) bool {
-	_, err := time.Parse(time.RFC3339Nano, s)
-	return err == nil && stampRE.MatchString(s)
-}
-
-// wantShape is wantJSON for bodies with generated values: in want, the
-// string "<id>" matches any positive integer and "<stamp>" any RFC 3339 UTC
-// time ending in Z; everything else must be equal, objects key for key. It
-// returns the decoded body.
-func wantShape(t testing.TB, got response, status int, want string) any {
-	t.Helper()
-	if got.status != status {
-		t.Fatalf("status %d, want %d; body %s", got.status, status, got.body)
-	}
-	var w any
-	if err := json.Unmarshal([]byte(want), &w); err != nil {
-		t.Fatalf("bad want JSON %q: %v", want, err)
-	}
-	g := got.json(t)
-	if at, ok := shapeMatch(g, w, "body"); !ok {
-		t.Fatalf("mismatch at %s\nbody %s\nwant %s", at, got.body, want)
-	}
-	return g
-}
-
-// shapeMatch compares got with want as wantShape describes, returning where
-// they first differ.
-func shapeMatch(got, want any, at string) (string, bool) {
-	switch w := want.(type) {
-	case string:
-		switch w {
-		case "<id>":
-			n, ok := got.(float64)
-			return at, ok && n >= 1 && n == math.Trunc(n)
-		case "<stamp>":
-			s, ok := got.(string)
-			return at, ok && isStamp(s)
-		}
-	case map[string]any:
-		g, ok := got.(map[string]any)
-		if !ok || len(g) != len(w) {
-			return at, false
-		}
-		for k, wv := range w {
-			gv, ok := g[k]
-			if !ok {
-				return at + "." + k, false
-			}
-			if where, ok := shapeMatch(gv, wv, at+"."+k); !ok {
-				return where, false
-			}
-		}
-		return "", true
-	case []any:
-		g, ok := got.([]any)
-		if !ok || len(g) != len(w) {
-			return at, false
-		}
-		for i := range w {
-			if where, ok := shapeMatch(g[i], w[i], fmt.Sprintf("%s[%d]", at, i)); !ok {
-				return where, false
-			}
-		}
-		return "", true
-	}
-	return at, jsonEqual(got, want)
-}
-
-// wantNoContent fails unless got is a 204 with an empty body.
-func wantNoContent(t testing.TB, got response) {
-	t.Helper()
-	if got.status != http.StatusNoContent || len(got.body) != 0 {
-		t.Fatalf("status %d body %q, want 204 and no body", got.status, got.body)
-	}
-}
-
-// mustGet GETs path as token and returns the body of its 200.
-func mustGet(t testing.TB, s http.Handler, token, path string) string {
-	t.Helper()
-	res := do(t, s, req{method: "GET", path: path, token: token})
-	if res.status != http.StatusOK {
-		t.Fatalf("GET %s: status %d: %s", path, res.status, res.body)
-	}
-	return string(res.body)
-}
-
-// wantSame fails unless GET path as token still answers exactly before.
-func wantSame(t testing.TB, s http.Handler, token, path, before string) {
-	t.Helper()
-	if after := mustGet(t, s, token, path); after != before {
-		t.Fatalf("GET %s changed:\nbefore %s\nafter  %s", path, before, after)
-	}
-}
-
-// mustCreate POSTs body to path as token, requires a 201 and returns the id
-// and the body.
-func mustCreate(t testing.TB, s http.Handler, token, path string, body any) (int64, string) {
-	t.Helper()
-	res := do(t, s, req{method: "POST", path: path, token: token, body: body})
-	if res.status != http.StatusCreated {
-		t.Fatalf("POST %s: status %d: %s", path, res.status, res.body)
-	}
-	id, ok := res.object(t)["id"].(float64)
-	if !ok || id < 1 {
-		t.Fatalf("POST %s: no id in %s", path, res.body)
-	}
-	return int64(id), string(res.body)
-}
-
-// resultIDs reads the ids of a list page's results, in order.
-func resultIDs(t testing.TB, page map[string]any) []int64 {
-	t.Helper()
-	results, ok := page["results"].([]any)
-	if !ok {
-		t.Fatalf("no results array in %v", page)
-	}
-	ids := []int64{}
-	for _, r := range results {
-		ids = append(ids, int64(r.(map[string]any)["id"].(float64)))
-	}
-	return ids
-}
-
-// wantPage checks a whole list page: count, both links ("" for null) and the
-// result ids in order.
-func wantPage(t testing.TB, res response, count int, next, previous string, ids []int64) {
-	t.Helper()
-	if res.status != http.StatusOK {
-		t.Fatalf("status %d, want 200; body %s", res.status, res.body)
-	}
-	page := res.object(t)
-	if len(page) != 4 {
-		t.Fatalf("page has keys other than count, next, previous, results: %s", res.body)
-	}
-	link := func(s string) any {
-		if s == "" {
-			return nil
-		}
-		return s
-	}
-	if page["count"] != float64(count) || page["next"] != link(next) || page["previous"] != link(previous) {
-		t.Fatalf("page %s\nwant count %d, next %q, previous %q", res.body, count, next, previous)
-	}
-	if got := resultIDs(t, page); fmt.Sprint(got) != fmt.Sprint(ids) {
-		t.Fatalf("result ids %v, want %v", got, ids)
-	}
-}
-
-// emptyPage is the body of page 1 of an empty list.
-const emptyPage = `{"count": 0, "next": null, "previous": null, "results": []}`
-
-const (
-	bodyUnauthenticated = `{"detail": "Authentication credentials were not provided."}`
-	bodyNotFound        = `{"detail": "Not found."}`
-	bodyInvalidPage     = `{"detail": "Invalid page."}`
-	bodyForbidden       = `{"detail": "You do not have permission to perform this action."}`
-)
-
-// jsonText is v as JSON, for building want strings.
-func jsonText(v any) string {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
-	}
-	return string(b)
-}
-
-// thisID stands for the id of the record a table case works on; tests
-// replace its digits with the real id.
-const thisID = 424242424242
 
 // patientWant is the wantShape pattern of a patient; id 0 means any id; dob
 // nil means null.
@@ -212,65 +31,6 @@ func patientWant(id int64, first, last, email string, dob any, phone string) str
 	}
 	return jsonText(map[string]any{"id": idv, "first_name": first, "last_name": last, "email": email,
 		"date_of_birth": dob, "phone": phone, "created_at": "<stamp>", "updated_at": "<stamp>"})
-}
-
-// injections are SQL metacharacter strings every string input must store
-// verbatim or refuse, never execute.
-var injections = []string{
-	`'; DROP TABLE patients; --`,
-	`" OR 1=1 --`,
-	`\`,
-	`%`,
-	`_`,
-	`$1`,
-	`Robert'); DROP TABLE doctors;--`,
-	`1' OR '1'='1`,
-}
-
-// wantTablesIntact fails unless every table the API uses still exists.
-func wantTablesIntact(t testing.TB) {
-	t.Helper()
-	for _, table := range []string{"users", "patients", "doctors", "mappings", "sessions", "refresh_tokens"} {
-		var exists bool
-		if err := testDB.QueryRow(`SELECT to_regclass($1) IS NOT NULL`, "public."+table).Scan(&exists); err != nil || !exists {
-			t.Fatalf("table %s: exists %v, err %v", table, exists, err)
-		}
-	}
-}
-
-// concurrently runs n requests at once (released together) and returns the
-// answers in order. The requests' bodies must already be strings.
-func concurrently(t testing.TB, s http.Handler, rqs []req) []response {
-	t.Helper()
-	out := make([]response, len(rqs))
-	start := make(chan struct{})
-	var wg sync.WaitGroup
-	for i, rq := range rqs {
-		if _, ok := rq.body.(string); !ok && rq.body != nil {
-			t.Fatalf("concurrently: request %d body must be a string", i)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-start
-			out[i] = do(t, s, rq)
-		}()
-	}
-	close(start)
-	wg.Wait()
-	return out
-}
-
-// The patient tests.
-
-const patientsPath = "/api/patients/"
-
-func patientPath(id int64) string { return patientsPath + strconv.FormatInt(id, 10) + "/" }
-
-// adaBody is the full patient most tests start from.
-func adaBody(email string) map[string]any {
-	return map[string]any{"first_name": "Ada", "last_name": "Byron", "email": email,
-		"date_of_birth": "1990-05-17", "phone": "+44 20 7946 0958"}
 }
 
 func TestPatientAccess(t *testing.T) {
@@ -361,7 +121,7 @@ func TestPatientAccess(t *testing.T) {
 				wantSame(t, s, a.access, patientsPath, listBefore)
 			case "changed":
 				wantSame(t, s, a.access, patientPath(id), string(res.body))
-				if got := res.object(t)["created_at"]; got != jsonObject(t, before)["created_at"] {
+				if got := res.object(t)["created_at"]; got != (response{body: []byte(before)}).object(t)["created_at"] {
 					t.Errorf("created_at changed: %v, was %s", got, before)
 				}
 			case "created":
@@ -381,16 +141,6 @@ func TestPatientAccess(t *testing.T) {
 			}
 		})
 	}
-}
-
-// jsonObject decodes a JSON object given as text.
-func jsonObject(t testing.TB, s string) map[string]any {
-	t.Helper()
-	var m map[string]any
-	if err := json.Unmarshal([]byte(s), &m); err != nil {
-		t.Fatalf("not a JSON object (%v): %s", err, s)
-	}
-	return m
 }
 
 func TestPatientUnknownIDs(t *testing.T) {
@@ -574,13 +324,7 @@ func TestPatientSearch(t *testing.T) {
 	for i, r := range rows {
 		ids[i], _ = mustCreate(t, s, a.access, patientsPath, r)
 	}
-	pick := func(n ...int) []int64 {
-		out := []int64{}
-		for _, i := range n {
-			out = append(out, ids[i])
-		}
-		return out
-	}
+	pick := picker(ids)
 	cases := []struct {
 		search string
 		want   []int64
@@ -632,13 +376,7 @@ func TestPatientOrdering(t *testing.T) {
 		ids[i], _ = mustCreate(t, s, a.access, patientsPath, map[string]any{
 			"first_name": r[0], "last_name": r[1], "email": fmt.Sprintf("o%d@example.com", i)})
 	}
-	pick := func(n ...int) []int64 {
-		out := []int64{}
-		for _, i := range n {
-			out = append(out, ids[i])
-		}
-		return out
-	}
+	pick := picker(ids)
 	cases := []struct {
 		ordering string
 		want     []int64
@@ -704,33 +442,6 @@ func TestPatientOrdering(t *testing.T) {
 		})
 	}
 	wantTablesIntact(t)
-}
-
-// strN repeats s n times.
-func strN(s string, n int) string { return strings.Repeat(s, n) }
-
-const (
-	msgRequired  = "This field is required."
-	msgBlank     = "This field may not be blank."
-	msgNull      = "This field may not be null."
-	msgNotString = "Not a valid string."
-	msgNUL       = "Null characters are not allowed."
-	msgEmail     = "Enter a valid email address."
-	msgMax100    = "Ensure this field has no more than 100 characters."
-	msgMax254    = "Ensure this field has no more than 254 characters."
-	msgPhone     = "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses."
-	msgDate      = "Date has wrong format. Use one of these formats instead: YYYY-MM-DD."
-	msgFuture    = "Date of birth cannot be in the future."
-	msgBefore    = "Date of birth cannot be before 1900-01-01."
-)
-
-// errs builds a field-error body: field, message, field, message…
-func errs(kv ...string) string {
-	m := map[string][]string{}
-	for i := 0; i < len(kv); i += 2 {
-		m[kv[i]] = append(m[kv[i]], kv[i+1])
-	}
-	return jsonText(m)
 }
 
 func TestPatientValidation(t *testing.T) {
@@ -811,17 +522,7 @@ func TestPatientValidation(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			body := tc.body
 			if m, ok := tc.body.(map[string]any); ok {
-				full := map[string]any{"first_name": "Ann", "email": uniqueLabel("v") + "@example.com"}
-				for k, v := range m {
-					if k == "-" {
-						delete(full, v.(string))
-						continue
-					}
-					if v != nil {
-						full[k] = v
-					}
-				}
-				body = full
+				body = withChanges(map[string]any{"first_name": "Ann", "email": uniqueName("v") + "@example.com"}, m)
 			}
 			res := do(t, s, req{method: "POST", path: patientsPath, token: a.access, body: body})
 			wantJSON(t, res, 400, tc.want)
@@ -958,7 +659,7 @@ func TestPatientUpdate(t *testing.T) {
 			want := strings.ReplaceAll(tc.want, strconv.Itoa(thisID), strconv.FormatInt(id, 10))
 			got := wantShape(t, res, 200, want).(map[string]any)
 			wantSame(t, s, a.access, patientPath(id), string(res.body))
-			prev := jsonObject(t, before)
+			prev := response{body: []byte(before)}.object(t)
 			if got["created_at"] != prev["created_at"] {
 				t.Errorf("created_at changed from %v to %v", prev["created_at"], got["created_at"])
 			}
@@ -1042,10 +743,10 @@ func TestPatientRaceSameEmail(t *testing.T) {
 func TestPatientRaceDeleteAndPatch(t *testing.T) {
 	s := newTestServer(t, nil)
 	a := register(t, s)
-	docID, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueLabel("race")+"@example.com", "Race", "Cardiology"))
+	docID, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueName("race")+"@example.com", "Race", "Cardiology"))
 	for round := range 5 {
 		t.Run(fmt.Sprint("round ", round), func(t *testing.T) {
-			id, _ := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueLabel("p")+"@example.com"))
+			id, _ := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueName("p")+"@example.com"))
 			mustCreate(t, s, a.access, mappingsPath, map[string]any{"patient": id, "doctor": docID})
 			rqs := []req{{method: "DELETE", path: patientPath(id), token: a.access}}
 			for i := range 8 {
@@ -1145,19 +846,6 @@ func TestPatientSQLMetacharacters(t *testing.T) {
 	var n int
 	if err := testDB.QueryRow(`SELECT count(*) FROM patients WHERE owner_id = $1`, a.id).Scan(&n); err != nil || n != len(stored) {
 		t.Fatalf("patients in the database: %d (err %v), want %d", n, err, len(stored))
-	}
-}
-
-// wantOrderingRefused checks the 400 for an unknown ordering field f. The
-// contract's template is `Invalid ordering field "…".`; the field may be
-// quoted Go-style (escaping " and \) or written raw.
-func wantOrderingRefused(t testing.TB, res response, f string) {
-	t.Helper()
-	raw := `Invalid ordering field "` + f + `".`
-	quoted := fmt.Sprintf("Invalid ordering field %q.", f)
-	body := res.object(t)
-	if res.status != 400 || len(body) != 1 || !(jsonEqual(body["ordering"], []any{raw}) || jsonEqual(body["ordering"], []any{quoted})) {
-		t.Fatalf("ordering %q: status %d, body %s", f, res.status, res.body)
 	}
 }
 
