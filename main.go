@@ -307,8 +307,8 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		}
 		return r
 	}
-	list := func(key, def string) []string {
-		return strings.FieldsFunc(get(key, def), func(r rune) bool { return r == ',' || unicode.IsSpace(r) })
+	list := func(v string) []string {
+		return strings.FieldsFunc(v, func(r rune) bool { return r == ',' || unicode.IsSpace(r) })
 	}
 	cfg := config{
 		addr:               get("ADDR", "127.0.0.1:8000"),
@@ -316,8 +316,8 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		accessTTL:          time.Duration(num("ACCESS_TOKEN_LIFETIME_MIN", 15, 1, 24*60)) * time.Minute,
 		refreshTTL:         time.Duration(num("REFRESH_TOKEN_LIFETIME_DAYS", 1, 1, 365)) * 24 * time.Hour,
 		loginMaxAgeDays:    num("LOGIN_MAX_AGE_DAYS", 30, 1, 3650),
-		allowedHosts:       list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"),
-		corsOrigins:        list("CORS_ALLOWED_ORIGINS", "http://localhost:3000,http://127.0.0.1:3000,http://localhost:8080,http://127.0.0.1:8080"),
+		allowedHosts:       list(strings.ToLower(get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"))),
+		corsOrigins:        list(get("CORS_ALLOWED_ORIGINS", "http://localhost:3000,http://127.0.0.1:3000,http://localhost:8080,http://127.0.0.1:8080")),
 		rateRegister:       rateOf("RATE_REGISTER", "5/hour"),
 		rateLogin:          rateOf("RATE_LOGIN", "10/hour"),
 		rateAnon:           rateOf("RATE_ANON", "100/hour"),
@@ -329,10 +329,28 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		tlsCert:            get("TLS_CERT_FILE", ""),
 		tlsKey:             get("TLS_KEY_FILE", ""),
 	}
-	for i, h := range cfg.allowedHosts {
-		cfg.allowedHosts[i] = strings.ToLower(h)
+	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
+	var err error
+	if cfg.debug, err = parseBool(get("DEBUG", "False")); err != nil {
+		errs = append(errs, fmt.Errorf("DEBUG: %w", err))
 	}
-	for _, p := range list("TRUSTED_PROXIES", "") {
+	if cfg.secretKey, err = secretKey(getenv("SECRET_KEY")); cfg.secretKey == nil {
+		errs = append(errs, err)
+	} else if err != nil {
+		warnings = append(warnings, err.Error())
+	}
+	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
+		errs = append(errs, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both or neither"))
+	}
+	cfg.db, err = dbConfig(get)
+	return cfg, warnings, errors.Join(append(errs, err)...)
+}
+
+// parseProxies reads TRUSTED_PROXIES: CIDRs, or addresses that stand for
+// themselves.
+func parseProxies(items []string, errs []error) ([]netip.Prefix, []error) {
+	var out []netip.Prefix
+	for _, p := range items {
 		prefix, err := netip.ParsePrefix(p)
 		if addr, addrErr := netip.ParseAddr(p); err != nil && addrErr == nil {
 			prefix, err = addr.Prefix(addr.BitLen())
@@ -340,31 +358,27 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("TRUSTED_PROXIES: %q is not a CIDR or an address", p))
 		}
-		cfg.trustedProxies = append(cfg.trustedProxies, prefix.Masked())
+		out = append(out, prefix.Masked())
 	}
-	var err error
-	if cfg.debug, err = parseBool(get("DEBUG", "False")); err != nil {
-		errs = append(errs, fmt.Errorf("DEBUG: %w", err))
-	}
-	switch key := getenv("SECRET_KEY"); {
+	return out, errs
+}
+
+// secretKey checks SECRET_KEY. Without one it makes a random key and says
+// so in err; a short, repetitive or published key is refused (nil).
+func secretKey(key string) (secret, error) {
+	switch {
 	case key == "":
-		cfg.secretKey = make([]byte, 64)
-		rand.Read(cfg.secretKey)
-		warnings = append(warnings, "SECRET_KEY is not set: using a random key, so tokens will not survive a restart")
+		random := make(secret, 64)
+		rand.Read(random)
+		return random, errors.New("SECRET_KEY is not set: using a random key, so tokens will not survive a restart")
 	case len(key) < 32:
-		errs = append(errs, fmt.Errorf("SECRET_KEY: must be at least 32 bytes, got %d", len(key)))
+		return nil, fmt.Errorf("SECRET_KEY: must be at least 32 bytes, got %d", len(key))
 	case len(slices.Compact(slices.Sorted(slices.Values([]byte(key))))) < 10:
-		errs = append(errs, errors.New("SECRET_KEY: must have at least 10 distinct characters"))
+		return nil, errors.New("SECRET_KEY: must have at least 10 distinct characters")
 	case slices.Contains(publishedKeys, key):
-		errs = append(errs, errors.New("SECRET_KEY: this key is published in the repository; make your own (README)"))
-	default:
-		cfg.secretKey = []byte(key)
+		return nil, errors.New("SECRET_KEY: this key is published in the repository; make your own (README)")
 	}
-	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
-		errs = append(errs, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both or neither"))
-	}
-	cfg.db, err = dbConfig(get)
-	return cfg, warnings, errors.Join(append(errs, err)...)
+	return secret(key), nil
 }
 
 // dbConfig builds the connection settings from DATABASE_URL, or else DB_*.

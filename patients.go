@@ -1,7 +1,19 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
 	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/lib/pq/pqerror"
 )
@@ -128,4 +140,281 @@ func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) err
 	info := infoFrom(r)
 	const q = `DELETE FROM patients WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)`
 	return deleteRow(w, r, s.db, q, info.userID, info.sessionID, id)
+}
+
+// The field readers below serve every resource's body: each reads one
+// member, checks it as DRF would, and adds any problem to errs.
+
+// fields are a JSON object body's members, read one by one with their
+// types checked (encoding/json into a struct would match keys
+// case-insensitively and report only the first error).
+type fields map[string]json.RawMessage
+
+// decodeBody reads a request body as a JSON object. An empty body is {}.
+func decodeBody(r *http.Request) (fields, error) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return nil, fmt.Errorf("read body: %w", err)
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return fields{}, nil
+	}
+	ct := r.Header.Get("Content-Type")
+	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+		msg := fmt.Sprintf("Unsupported media type %q in request.", ct)
+		return nil, &apiError{status: http.StatusUnsupportedMediaType, body: detail(msg)}
+	}
+	// encoding/json would silently replace invalid UTF-8.
+	if !utf8.Valid(body) {
+		return nil, parseError("invalid UTF-8")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	var f fields
+	if err := dec.Decode(&f); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return nil, parseError("the body must be a JSON object")
+		}
+		return nil, parseError(err.Error())
+	}
+	if f == nil {
+		return nil, parseError("the body must be a JSON object")
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, parseError("trailing data after the JSON object")
+	}
+	return f, nil
+}
+
+func parseError(why string) error {
+	return &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
+}
+
+// pathID reads the {id} path value; anything but a positive integer that
+// fits int64 is not an id, so the answer is 404.
+func pathID(r *http.Request) (int64, error) {
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil || id < 1 {
+		return 0, errNotFound
+	}
+	return id, nil
+}
+
+// str reads a string member. ok is false when the member is absent or
+// unusable, in which case any problem is already in errs.
+func (f fields) str(key string, errs fieldErrors) (v string, ok bool) {
+	raw, present := f[key]
+	if !present {
+		return "", false
+	}
+	if string(raw) == "null" {
+		errs.add(key, "This field may not be null.")
+		return "", false
+	}
+	if err := json.Unmarshal(raw, &v); err != nil {
+		errs.add(key, "Not a valid string.")
+		return "", false
+	}
+	// PostgreSQL cannot store NUL in text; refuse it here as DRF does.
+	if strings.ContainsRune(v, 0) {
+		errs.add(key, "Null characters are not allowed.")
+		return "", false
+	}
+	return v, true
+}
+
+// present reads a string member, adding "required" when it is absent.
+func (f fields) present(key string, required bool, errs fieldErrors) (string, bool) {
+	v, ok := f.str(key, errs)
+	if _, there := f[key]; !there && required {
+		errs.add(key, "This field is required.")
+	}
+	return v, ok
+}
+
+// required reads a string that must be present and not blank; it is used
+// as sent (passwords and tokens are not trimmed).
+func (f fields) required(key string, errs fieldErrors) string {
+	v, ok := f.present(key, true, errs)
+	if ok && strings.TrimSpace(v) == "" {
+		errs.add(key, "This field may not be blank.")
+	}
+	return v
+}
+
+// text reads a free-text member: tags stripped, ends trimmed, then checked
+// for length in characters. nil means absent or invalid.
+func (f fields) text(key string, required bool, minLen, maxLen int, errs fieldErrors) *string {
+	v, ok := f.present(key, required, errs)
+	if !ok {
+		return nil
+	}
+	v = strings.TrimSpace(stripTags(v))
+	switch n := utf8.RuneCountInString(v); {
+	case n == 0 && (required || minLen > 0):
+		errs.add(key, "This field may not be blank.")
+	case n > maxLen:
+		errs.add(key, fmt.Sprintf("Ensure this field has no more than %d characters.", maxLen))
+	case n < minLen:
+		errs.add(key, fmt.Sprintf("Ensure this field has at least %d characters.", minLen))
+	default:
+		return &v
+	}
+	return nil
+}
+
+// stripTags removes every tag: '<' followed by a letter, '/', '!' or '?', up
+// to the next '>'. Other '<' stay ("Tom <3 Jerry"). It works as if removal
+// were repeated until nothing changes, in one pass: after a tag goes, a '<'
+// before it may start a new one with what follows. A tag left open takes
+// the rest of the text with it.
+func stripTags(s string) string {
+	out := make([]byte, 0, len(s))
+	open := -1 // where the tag being read starts in out
+	for _, c := range s {
+		if c == '>' && open >= 0 {
+			out, open = out[:open], -1
+			continue
+		}
+		if open < 0 && len(out) > 0 && out[len(out)-1] == '<' && (unicode.IsLetter(c) || c == '/' || c == '!' || c == '?') {
+			open = len(out) - 1
+		}
+		out = utf8.AppendRune(out, c)
+	}
+	if open >= 0 {
+		out = out[:open]
+	}
+	return string(out)
+}
+
+// emailRE is Django's EmailValidator without its IDN and IP-literal cases:
+// a dot-atom local part, dot-separated host labels, a TLD of 2–63 characters.
+var emailRE = regexp.MustCompile(`^[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+(\.[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+)*` +
+	`@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{1,62}[a-z0-9]$`)
+
+// email reads an address, trimmed and lower-cased, at most 254 characters.
+func (f fields) email(key string, required bool, errs fieldErrors) *string {
+	v, ok := f.present(key, required, errs)
+	if !ok {
+		return nil
+	}
+	v = strings.ToLower(strings.TrimSpace(v))
+	switch {
+	case v == "":
+		errs.add(key, "This field may not be blank.")
+	case utf8.RuneCountInString(v) > 254:
+		errs.add(key, "Ensure this field has no more than 254 characters.")
+	case !emailRE.MatchString(v):
+		errs.add(key, "Enter a valid email address.")
+	default:
+		return &v
+	}
+	return nil
+}
+
+var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
+
+// username reads Django's username: 1–150 letters, digits and @.+-_.
+func (f fields) username(key string, errs fieldErrors) string {
+	v, ok := f.present(key, true, errs)
+	if !ok {
+		return ""
+	}
+	switch v = strings.TrimSpace(v); {
+	case v == "":
+		errs.add(key, "This field may not be blank.")
+	case utf8.RuneCountInString(v) > 150:
+		errs.add(key, "Ensure this field has no more than 150 characters.")
+	case !usernameRE.MatchString(v):
+		errs.add(key, "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters.")
+	default:
+		return v
+	}
+	return ""
+}
+
+// pk reads a primary key given as a JSON integer or a string of digits.
+// ok is false when it is unusable; text is the value as the client wrote it,
+// for the "does not exist" message.
+func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {
+	raw, present := f[key]
+	if !present {
+		errs.add(key, "This field is required.")
+		return 0, "", false
+	}
+	var v any
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	dec.Decode(&v) // raw is one valid JSON value: decodeBody checked it
+	got := "dict"
+	switch v := v.(type) {
+	case nil:
+		errs.add(key, "This field may not be null.")
+		return 0, "", false
+	case json.Number:
+		text, got = v.String(), "float"
+	case string:
+		text, got = v, "str"
+	case bool:
+		got = "bool"
+	case []any:
+		got = "list"
+	}
+	if text == "" || strings.Trim(strings.TrimPrefix(text, "-"), "0123456789") != "" {
+		errs.add(key, "Incorrect type. Expected pk value, received "+got+".")
+		return 0, "", false
+	}
+	id, err := strconv.ParseInt(text, 10, 64)
+	if err != nil { // beyond int64: a well-formed id no row can have
+		id = 0
+	}
+	return id, text, true
+}
+
+// date reads date_of_birth: YYYY-MM-DD, not in the future, not before
+// 1900, or null. given is false when the member is absent.
+func (f fields) date(key string, errs fieldErrors) (v *string, given bool) {
+	if raw, present := f[key]; !present || string(raw) == "null" {
+		return nil, present
+	}
+	s, ok := f.str(key, errs)
+	if !ok {
+		return nil, false
+	}
+	d, err := time.Parse(time.DateOnly, strings.TrimSpace(s))
+	switch {
+	case err != nil:
+		errs.add(key, "Date has wrong format. Use one of these formats instead: YYYY-MM-DD.")
+	case d.After(time.Now().UTC()):
+		errs.add(key, "Date of birth cannot be in the future.")
+	case d.Year() < 1900:
+		errs.add(key, "Date of birth cannot be before 1900-01-01.")
+	default:
+		s = d.Format(time.DateOnly)
+		return &s, true
+	}
+	return nil, false
+}
+
+var phoneRE = regexp.MustCompile(`^\+?[0-9 ().\-]+$`)
+
+// phone reads a phone number as sent, trimmed: empty, or 10–15 digits with
+// an optional leading + and spaces, dashes, dots or parentheses.
+func (f fields) phone(key string, errs fieldErrors) *string {
+	v, ok := f.str(key, errs)
+	if !ok {
+		return nil
+	}
+	v = strings.TrimSpace(v)
+	digits := len(v) - len(strings.Map(func(r rune) rune {
+		if r >= '0' && r <= '9' {
+			return -1
+		}
+		return r
+	}, v))
+	if v != "" && (!phoneRE.MatchString(v) || digits < 10 || digits > 15 || len(v) > 32) {
+		errs.add(key, "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.")
+		return nil
+	}
+	return &v
 }
