@@ -749,7 +749,8 @@ func scanUser(row rowScanner) (user, error) {
 	return u, err
 }
 
-var errWrongOldPassword = fieldErrors{"old_password": {"Your old password was entered incorrectly. Please enter it again."}}
+var errWrongOldPassword = &apiError{status: http.StatusBadRequest,
+	body: fieldErrors{"old_password": {"Your old password was entered incorrectly. Please enter it again."}}}
 
 // handleChangePassword sets a new password and ends every login of the
 // caller, the asking one included; the answer is the pair of a new login.

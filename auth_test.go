@@ -1473,3 +1473,163 @@ func TestEndedLoginRefusedEverywhere(t *testing.T) {
 		t.Fatalf("after refusals: %d %s", res.status, res.body)
 	}
 }
+
+// TestLogoutAll: one request ends every login of the caller, the asking one
+// included, and no other user's.
+func TestLogoutAll(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, other := register(t, s), register(t, s)
+	second := loginPair(t, s, a.username, a.password)
+	wantUnauthorized(t, do(t, s, req{method: "POST", path: "/api/auth/logout/all/"}), bodyUnauthenticated)
+	wantNoContent(t, do(t, s, req{method: "POST", path: "/api/auth/logout/all/", token: second.Access}))
+	for _, token := range []string{a.access, second.Access} {
+		wantUnauthorized(t, me(t, s, token), invalidAccessBody)
+	}
+	for _, token := range []string{a.refresh, second.Refresh} {
+		wantUnauthorized(t, refresh(t, s, token), blacklistedBody)
+	}
+	wantUnauthorized(t, do(t, s, req{method: "POST", path: "/api/auth/logout/all/", token: second.Access}), invalidAccessBody)
+	wantMe(t, s, other.access, other)
+	wantMe(t, s, loginPair(t, s, a.username, a.password).Access, a)
+}
+
+// TestPasswordChange: the new password logs in, the old one does not, every
+// earlier login ends, a wrong old password counts against the login limit,
+// and the new password meets the register validators.
+func TestPasswordChange(t *testing.T) {
+	s := newTestServer(t, map[string]string{"RATE_LOGIN": "3/hour"})
+	change := func(token string, body any) response {
+		return do(t, s, req{method: "POST", path: "/api/auth/password/", token: token, body: body})
+	}
+	t.Run("changed", func(t *testing.T) {
+		a := register(t, s)
+		other := loginPair(t, s, a.username, a.password)
+		const next = "Quartz-Meadow-Lantern-88"
+		res := change(a.access, map[string]any{"old_password": a.password, "new_password": next, "new_password_confirm": next})
+		pair := pairOf(t, res)
+		wantMe(t, s, pair.Access, a)
+		for _, token := range []string{a.access, other.Access} {
+			wantUnauthorized(t, me(t, s, token), invalidAccessBody)
+		}
+		wantUnauthorized(t, refresh(t, s, other.Refresh), blacklistedBody)
+		wantUnauthorized(t, login(t, s, a.username, a.password), badCredentialsBody)
+		wantMe(t, s, loginPair(t, s, a.username, next).Access, a)
+	})
+	t.Run("refused", func(t *testing.T) {
+		a := register(t, s)
+		for _, tc := range []struct {
+			name string
+			body map[string]any
+			want string
+		}{
+			{"empty", map[string]any{}, `{"old_password": ["This field is required."], "new_password": ["This field is required."]}`},
+			{"too similar to the username", map[string]any{"old_password": a.password, "new_password": a.username + "1"},
+				`{"new_password": ["The password is too similar to the username."]}`},
+			{"common and short", map[string]any{"old_password": a.password, "new_password": "password"},
+				`{"new_password": ["This password is too common."]}`},
+			{"confirmation differs", map[string]any{"old_password": a.password, "new_password": "Quartz-Meadow-Lantern-88", "new_password_confirm": "other"},
+				`{"new_password_confirm": ["Passwords don't match."]}`},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				wantJSON(t, change(a.access, tc.body), http.StatusBadRequest, tc.want)
+			})
+		}
+		wantMe(t, s, loginPair(t, s, a.username, a.password).Access, a) // unchanged
+	})
+	t.Run("wrong old password counts as a failed login", func(t *testing.T) {
+		s := newTestServer(t, map[string]string{"RATE_LOGIN": "3/hour"})
+		change := func(token string, body any) response {
+			return do(t, s, req{method: "POST", path: "/api/auth/password/", token: token, body: body})
+		}
+		a := register(t, s)
+		wrong := map[string]any{"old_password": "Not-The-Password-1", "new_password": "Quartz-Meadow-Lantern-88"}
+		for range 3 {
+			wantJSON(t, change(a.access, wrong), http.StatusBadRequest,
+				`{"old_password": ["Your old password was entered incorrectly. Please enter it again."]}`)
+		}
+		wantThrottled(t, change(a.access, wrong), anyWait)
+		wantThrottled(t, login(t, s, a.username, a.password), anyWait)
+	})
+	t.Run("ended login", func(t *testing.T) {
+		a := register(t, s)
+		wantNoContent(t, logout(t, s, a.refresh))
+		wantUnauthorized(t, change(a.access, map[string]any{"old_password": a.password, "new_password": "Quartz-Meadow-Lantern-88"}), invalidAccessBody)
+	})
+}
+
+// TestLoginMaxAge: a login ends LOGIN_MAX_AGE_DAYS after it began, however
+// often it was refreshed; a rotated refresh token that has expired still
+// triggers reuse detection.
+func TestLoginMaxAge(t *testing.T) {
+	s := newTestServer(t, nil)
+	t.Run("an old login ends", func(t *testing.T) {
+		a := register(t, s)
+		pair := pairOf(t, refresh(t, s, a.refresh))
+		if _, err := testDB.ExecContext(t.Context(), `UPDATE sessions SET expires_at = now() - interval '1 second' WHERE id = $1`,
+			claimInt(t, tokenClaims(t, pair.Access), "sid")); err != nil {
+			t.Fatal(err)
+		}
+		wantUnauthorized(t, refresh(t, s, pair.Refresh), refreshInvalidBody)
+		wantUnauthorized(t, me(t, s, pair.Access), invalidAccessBody)
+	})
+	t.Run("new logins get the configured age", func(t *testing.T) {
+		s := newTestServer(t, map[string]string{"LOGIN_MAX_AGE_DAYS": "2"})
+		a := register(t, s)
+		var days float64
+		err := testDB.QueryRowContext(t.Context(), `SELECT extract(epoch FROM expires_at - created_at) / 86400 FROM sessions WHERE id = $1`,
+			claimInt(t, tokenClaims(t, a.access), "sid")).Scan(&days)
+		if err != nil || days < 1.99 || days > 2.01 {
+			t.Fatalf("login lasts %v days (%v), want 2", days, err)
+		}
+	})
+	t.Run("an expired rotated token is still reuse", func(t *testing.T) {
+		a := register(t, s)
+		stolen := pairOf(t, refresh(t, s, a.refresh))
+		moveRotation(t, a.refresh, time.Minute)
+		expired := forge(hs256Header, payloadWith(t, tokenClaims(t, a.refresh), map[string]any{"exp": time.Now().Unix() - 1}), testSecret)
+		// Its jti is the rotated token's: the server recorded it, so it may sign it again here.
+		wantUnauthorized(t, refresh(t, s, expired), blacklistedBody)
+		wantUnauthorized(t, me(t, s, stolen.Access), invalidAccessBody)
+		wantUnauthorized(t, refresh(t, s, stolen.Refresh), blacklistedBody)
+	})
+}
+
+// TestPrune: pruning deletes ended and expired logins with their refresh
+// tokens, and never a row a live login needs (its rotated and expired
+// refresh tokens included: reuse detection reads them).
+func TestPrune(t *testing.T) {
+	s := newTestServer(t, nil)
+	live, ended, old := register(t, s), register(t, s), register(t, s)
+	pairOf(t, refresh(t, s, live.refresh)) // live now holds a rotated token
+	wantNoContent(t, logout(t, s, ended.refresh))
+	sid := func(a account) int64 { return claimInt(t, tokenClaims(t, a.access), "sid") }
+	exec := func(q string, args ...any) {
+		if _, err := testDB.ExecContext(t.Context(), q, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exec(`UPDATE sessions SET expires_at = now() - interval '1 second' WHERE id = $1`, sid(old))
+	exec(`UPDATE refresh_tokens SET expires_at = now() - interval '1 day' WHERE jti = $1`, tokenClaims(t, live.refresh)["jti"])
+	if err := pruneLogins(t.Context(), testDB); err != nil {
+		t.Fatal(err)
+	}
+	count := func(q string, id int64) (n int) {
+		if err := testDB.QueryRowContext(t.Context(), q, id).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for _, tc := range []struct {
+		name         string
+		a            account
+		sessions, rt int
+	}{{"live", live, 1, 2}, {"ended", ended, 0, 0}, {"expired", old, 0, 0}} {
+		if n := count(`SELECT count(*) FROM sessions WHERE id = $1`, sid(tc.a)); n != tc.sessions {
+			t.Errorf("%s login: %d sessions rows, want %d", tc.name, n, tc.sessions)
+		}
+		if n := count(`SELECT count(*) FROM refresh_tokens WHERE session_id = $1`, sid(tc.a)); n != tc.rt {
+			t.Errorf("%s login: %d refresh tokens, want %d", tc.name, n, tc.rt)
+		}
+	}
+	wantMe(t, s, live.access, live)
+}

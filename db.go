@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"maps"
 	"math"
 	"net"
@@ -111,26 +110,20 @@ func migrate(ctx context.Context, db *sql.DB) error {
 	return nil
 }
 
-// prune deletes ended and expired logins, with their refresh tokens, in
-// batches that hold no lock for long, every period until ctx ends. A live
-// login keeps all its refresh tokens, expired ones included: reuse
-// detection needs them, and they go with the login at its end.
-func prune(ctx context.Context, db *sql.DB, log *slog.Logger, period time.Duration) {
+// pruneLogins deletes ended and expired logins, with their refresh tokens,
+// in batches that hold no lock for long. A live login keeps all its refresh
+// tokens, expired ones included: reuse detection reads them, and they go
+// with the login when it ends.
+func pruneLogins(ctx context.Context, db *sql.DB) error {
+	const q = `DELETE FROM sessions WHERE id IN (
+		SELECT id FROM sessions WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`
 	for {
-		const q = `DELETE FROM sessions WHERE id IN (
-			SELECT id FROM sessions WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`
-		for n := int64(1000); n == 1000; {
-			res, err := db.ExecContext(ctx, q)
-			if err != nil {
-				log.Warn("prune logins", "err", err)
-				break
-			}
-			n, _ = res.RowsAffected()
+		res, err := db.ExecContext(ctx, q)
+		if err != nil {
+			return fmt.Errorf("prune logins: %w", err)
 		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(period):
+		if n, _ := res.RowsAffected(); n < 1000 {
+			return nil
 		}
 	}
 }

@@ -74,7 +74,18 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 	if err != nil {
 		return err
 	}
-	go prune(ctx, db, logger, time.Hour)
+	go func() {
+		for {
+			if err := pruneLogins(ctx, db); err != nil {
+				logger.Warn("prune", "err", err)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Hour):
+			}
+		}
+	}()
 	return serve(ctx, cfg, srv, logger)
 }
 

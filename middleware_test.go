@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -1612,6 +1613,8 @@ func TestAccessLog(t *testing.T) {
 			"status":     float64(200),
 			"bytes":      float64(len(res.body)),
 			"user_id":    float64(a.id),
+			"login_id":   float64(claimInt(t, tokenClaims(t, a.access), "sid")),
+			"client_ip":  "192.0.2.1", // as the limiter keys it (do's RemoteAddr)
 			"request_id": res.header.Get("X-Request-Id"),
 		}
 		for k, v := range want {
@@ -1672,4 +1675,98 @@ func TestAccessLog(t *testing.T) {
 			t.Fatalf("want one request line with status 404 and no query, got:\n%s", log)
 		}
 	})
+}
+
+// TestStripTags attacks the tag stripper with tags that assemble new tags
+// when one is removed, tags split or left open, and text that merely
+// contains '<'. Removal must repeat until nothing changes (contract).
+func TestStripTags(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"<b>Doe</b>", "Doe"},
+		{"Tom <3 Jerry", "Tom <3 Jerry"},
+		{"a < b > c", "a < b > c"},
+		{"<<b>img src=x onerror=alert(1)>", ""},
+		{"<<<b>b>img src=x onerror=alert(1)>", ""},
+		{"<img src=x onerror=alert(1)//", ""},
+		{"Bob<script", "Bob"},
+		{"Bob<", "Bob<"},
+		{"<scr<b>ipt>alert(1)</scr</b>ipt>", "ipt>alert(1)ipt>"}, // "<scr<b>" is one tag
+		{"x<<!-- c -->/b>y", "xy"},
+		{"<é>Zoë</é>", "Zoë"},
+		{"2 <3 and 4 >1", "2 <3 and 4 >1"},
+	} {
+		if got := stripTags(tc.in); got != tc.want {
+			t.Errorf("stripTags(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+		// Nothing the stripper returns holds a tag it would strip again.
+		if got := stripTags(tc.in); stripTags(got) != got {
+			t.Errorf("stripTags(%q) = %q still holds a tag", tc.in, got)
+		}
+	}
+	long := strings.Repeat("<", 20_000) + strings.Repeat("b>", 20_000) // one pass, not 20,000
+	if got := stripTags(long); got != "" {
+		t.Errorf("nested 20,000 deep: %q, want empty", got[:min(len(got), 40)])
+	}
+}
+
+// TestPublishedKeysRefused: every SECRET_KEY value shown in README or
+// .env.example stops start-up, so that copying one cannot let anyone sign
+// tokens.
+func TestPublishedKeysRefused(t *testing.T) {
+	keyRE := regexp.MustCompile(`SECRET_KEY=["']?([^\s"'` + "`" + `]+)`)
+	var shown []string
+	for _, f := range []string{"README.md", ".env.example"} {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range keyRE.FindAllStringSubmatch(string(data), -1) {
+			shown = append(shown, m[1])
+		}
+	}
+	for _, key := range append(shown, publishedKeys...) {
+		if strings.HasPrefix(key, "$(") { // a command that makes a key, not a key
+			continue
+		}
+		if _, _, err := loadConfig(testEnv(map[string]string{"SECRET_KEY": key})); err == nil || !strings.Contains(err.Error(), "SECRET_KEY") {
+			t.Errorf("SECRET_KEY=%q: %v, want refused", key, err)
+		}
+	}
+	if data, _ := os.ReadFile(".env.example"); !regexp.MustCompile(`(?m)^SECRET_KEY=$`).Match(data) {
+		t.Error(".env.example must leave SECRET_KEY= empty")
+	}
+}
+
+// TestDatabaseTLS: PostgreSQL over the network is encrypted and verified by
+// default; only a loopback host or a Unix socket goes without TLS.
+func TestDatabaseTLS(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		vars map[string]string
+		want string
+	}{
+		{"remote host", map[string]string{"DB_HOST": "db.example.com"}, "verify-full"},
+		{"remote address", map[string]string{"DB_HOST": "10.1.2.3"}, "verify-full"},
+		{"localhost", map[string]string{"DB_HOST": "localhost"}, "disable"},
+		{"loopback address", map[string]string{"DB_HOST": "127.0.0.2"}, "disable"},
+		{"IPv6 loopback", map[string]string{"DB_HOST": "::1"}, "disable"},
+		{"Unix socket", map[string]string{"DB_HOST": "/var/run/postgresql"}, "disable"},
+		{"DB_SSLMODE chosen", map[string]string{"DB_HOST": "db.example.com", "DB_SSLMODE": "require"}, "require"},
+		{"DATABASE_URL to a remote host", map[string]string{"DATABASE_URL": "postgres://u@db.example.com/x"}, "verify-full"},
+		{"DATABASE_URL's sslmode wins", map[string]string{"DATABASE_URL": "postgres://u@db.example.com/x?sslmode=require", "DB_SSLMODE": "verify-full"}, "require"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, _, err := loadConfig(testEnv(tc.vars))
+			if err != nil || string(cfg.db.SSLMode) != tc.want {
+				t.Fatalf("sslmode %q (err %v), want %q", cfg.db.SSLMode, err, tc.want)
+			}
+		})
+	}
+	// A malformed DATABASE_URL is refused without its password in the error.
+	for _, url := range []string{"postgres://admin:s3cr3t-pw@db.example.com:notaport/x", "postgres://admin:s3cr3t-pw@db.example.com/x?sslmode=bogus", "host=x password=s3cr3t-pw sslmode"} {
+		_, _, err := loadConfig(testEnv(map[string]string{"DATABASE_URL": url}))
+		if err == nil || !strings.Contains(err.Error(), "DATABASE_URL") || strings.Contains(err.Error(), "s3cr3t") {
+			t.Errorf("DATABASE_URL %q: error %v, want DATABASE_URL named and the password absent", url, err)
+		}
+	}
 }
