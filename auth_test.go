@@ -1633,3 +1633,35 @@ func TestPrune(t *testing.T) {
 	}
 	wantMe(t, s, live.access, live)
 }
+
+// TestLoginTimingHidesStoredCost: a failed login costs the same whether the
+// name is unknown or names an account whose migrated hash has 260,000 or
+// 1,000,000 iterations, so timing tells no account's existence. Medians of
+// three logins each; the tolerance is generous for a shared machine.
+func TestLoginTimingHidesStoredCost(t *testing.T) {
+	names := map[string]string{}
+	for _, iter := range []int{260_000, 1_000_000} {
+		name := uniqueName("timing")
+		insertUser(t, name, name+"@example.com", djangoHash(t, "the right password", "TimingSaltTimingSalt00", iter))
+		names[strconv.Itoa(iter)] = name
+	}
+	names["unknown"] = uniqueName("nobody")
+	s := newTestServer(t, nil, func(c *config) { c.passwordIterations = minIterations; slowHashes(c) })
+	median := map[string]time.Duration{}
+	for _, kind := range []string{"unknown", "260000", "1000000"} {
+		var runs []time.Duration
+		for range 3 {
+			start := time.Now()
+			wantUnauthorized(t, login(t, s, names[kind], "a wrong password"), badCredentialsBody)
+			runs = append(runs, time.Since(start))
+		}
+		slices.Sort(runs)
+		median[kind] = runs[1]
+	}
+	t.Logf("median failed login: %v", median)
+	for kind, d := range median {
+		if ratio := float64(d) / float64(median["1000000"]); ratio < 0.75 || ratio > 1.33 {
+			t.Errorf("%s: %v, %.2f× the 1,000,000-iteration account's %v; want within 25%%", kind, d, ratio, median["1000000"])
+		}
+	}
+}

@@ -1,6 +1,6 @@
 // Command healthcare serves the Healthcare API: accounts with JWT logins,
 // private patients, a shared doctor directory and patient–doctor
-// assignments, on PostgreSQL. API.md is its contract.
+// assignments, on PostgreSQL. README and openapi.json describe its API.
 package main
 
 import (
@@ -294,7 +294,7 @@ type config struct {
 // repository: anyone could sign tokens with them.
 var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes"}
 
-// loadConfig reads the configuration API.md names, with its defaults and
+// loadConfig reads the configuration README lists, with its defaults and
 // bounds (README lists them). It refuses invalid values, naming the
 // variable, and returns warnings to log.
 func loadConfig(getenv func(string) string) (config, []string, error) {

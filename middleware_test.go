@@ -85,7 +85,7 @@ func wantNoCORS(t testing.TB, res response) {
 	}
 }
 
-// wantSecurityHeaders fails unless res carries the headers API.md puts on
+// wantSecurityHeaders fails unless res carries the headers the contract puts on
 // every response, sets no cookie, and (over plain HTTP) has no HSTS.
 func wantSecurityHeaders(t testing.TB, res response) {
 	t.Helper()
