@@ -4,4 +4,4 @@ go 1.24
 
 toolchain go1.27.3
 
-require github.com/lib/pq v1.12.3 // indirect
+require github.com/lib/pq v1.12.3
