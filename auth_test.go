@@ -1647,6 +1647,9 @@ func TestLoginTimingHidesStoredCost(t *testing.T) {
 	}
 	names["unknown"] = uniqueName("nobody")
 	s := newTestServer(t, nil, func(c *config) { c.passwordIterations = minIterations; slowHashes(c) })
+	if err := s.passwords.raiseFailCost(t.Context(), testDB); err != nil || s.passwords.failCost.Load() < 1_000_000 {
+		t.Fatalf("failCost %d after reading the stored hashes (%v), want ≥ 1,000,000", s.passwords.failCost.Load(), err)
+	}
 	median := map[string]time.Duration{}
 	for _, kind := range []string{"unknown", "260000", "1000000"} {
 		var runs []time.Duration

@@ -140,6 +140,10 @@ func newTestServerOn(t testing.TB, db *sql.DB, logger *slog.Logger, vars map[str
 	if err != nil {
 		t.Fatalf("newServer: %v", err)
 	}
+	// newServer pads failed logins to the costliest hash in the database;
+	// the shared test database holds other tests' 600,000- and
+	// 1,000,000-iteration hashes, which would slow every later test.
+	srv.passwords.failCost.Store(int64(cfg.passwordIterations))
 	return srv
 }
 
