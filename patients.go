@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"compress/gzip"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -417,4 +420,107 @@ func (f fields) phone(key string, errs fieldErrors) *string {
 		return nil
 	}
 	return &v
+}
+
+// Django's list of 19,726 common passwords (django/contrib/auth, BSD-3-Clause).
+//
+//go:embed common-passwords.txt.gz
+var commonPasswordsGz []byte
+
+// loadCommonPasswords unpacks the embedded list.
+func loadCommonPasswords() (map[string]struct{}, error) {
+	zr, err := gzip.NewReader(bytes.NewReader(commonPasswordsGz))
+	if err != nil {
+		return nil, fmt.Errorf("common passwords: %w", err)
+	}
+	set := make(map[string]struct{}, 20_000)
+	sc := bufio.NewScanner(zr)
+	for sc.Scan() {
+		set[strings.TrimSpace(sc.Text())] = struct{}{}
+	}
+	return set, sc.Err()
+}
+
+// passwordProblems applies Django's four default validators, in Django's
+// order, returning one message per failing validator.
+func (s *server) passwordProblems(password string, attrs [3]string) []string {
+	var msgs []string
+	lower := strings.ToLower(password)
+	for i, label := range [3]string{"username", "email address", "name"} {
+		if tooSimilar(lower, strings.ToLower(attrs[i])) {
+			msgs = append(msgs, "The password is too similar to the "+label+".")
+			break
+		}
+	}
+	if utf8.RuneCountInString(password) < 8 {
+		msgs = append(msgs, "This password is too short. It must contain at least 8 characters.")
+	}
+	if _, ok := s.commonPasswords[strings.TrimSpace(lower)]; ok {
+		msgs = append(msgs, "This password is too common.")
+	}
+	if strings.IndexFunc(password, func(r rune) bool { return r < '0' || r > '9' }) < 0 {
+		msgs = append(msgs, "This password is entirely numeric.")
+	}
+	return msgs
+}
+
+// tooSimilar is Django's UserAttributeSimilarityValidator for one attribute:
+// the whole value and its parts split on non-word characters, each compared
+// with difflib's quick_ratio against 0.7, skipping parts too short to matter.
+func tooSimilar(password, value string) bool {
+	if value == "" {
+		return false
+	}
+	parts := append(strings.FieldsFunc(value, func(r rune) bool {
+		return !(unicode.IsLetter(r) || unicode.IsDigit(r) || r == '_')
+	}), value)
+	pw := []rune(password)
+	for _, part := range parts {
+		pr := []rune(part)
+		if len(pw) >= 10*len(pr) && float64(len(pr)) < 0.35*float64(len(pw)) {
+			continue
+		}
+		avail := map[rune]int{}
+		for _, r := range pr {
+			avail[r]++
+		}
+		common := 0
+		for _, r := range pw {
+			if avail[r] > 0 {
+				avail[r]--
+				common++
+			}
+		}
+		if 2*float64(common)/float64(len(pw)+len(pr)) >= 0.7 {
+			return true
+		}
+	}
+	return false
+}
+
+// newPassword reads a new password and checks it with Django's validators
+// against the account's names.
+func (s *server) newPassword(f fields, key string, u user, errs fieldErrors) string {
+	password, ok := f.present(key, true, errs)
+	switch {
+	case !ok:
+	case strings.TrimSpace(password) == "":
+		// Blank as login judges it (DRF's), or the account could never log in.
+		errs.add(key, "This field may not be blank.")
+	case utf8.RuneCountInString(password) > 1024:
+		errs.add(key, "Ensure this field has no more than 1024 characters.")
+	default:
+		for _, msg := range s.passwordProblems(password, [3]string{u.Username, u.Email, u.Name}) {
+			errs.add(key, msg)
+		}
+	}
+	return password
+}
+
+// confirmPassword checks the optional confirmation field key against
+// password, once the body has no other problem.
+func confirmPassword(f fields, key, password string, errs fieldErrors) {
+	if confirm, given := f.str(key, errs); given && len(errs) == 0 && confirm != password {
+		errs.add(key, "Passwords don't match.")
+	}
 }
