@@ -335,13 +335,30 @@ type tokenPair struct {
 }
 
 // startLogin opens a login for userID and issues its first pair.
-func (s *server) startLogin(ctx context.Context, tx *sql.Tx, userID int64) (tokenPair, error) {
+func (s *server) startLogin(ctx context.Context, tx *sql.Tx, userID int64) (tokenPair, int64, error) {
 	var sid int64
 	const q = `INSERT INTO sessions (user_id, expires_at) VALUES ($1, now() + make_interval(days => $2)) RETURNING id`
 	if err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays).Scan(&sid); err != nil {
-		return tokenPair{}, fmt.Errorf("start login: %w", err)
+		return tokenPair{}, 0, fmt.Errorf("start login: %w", err)
 	}
-	return s.issuePair(ctx, tx, userID, sid)
+	pair, err := s.issuePair(ctx, tx, userID, sid)
+	return pair, sid, err
+}
+
+// execer is what *sql.Tx and *database share.
+type execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// recordAccountEvent writes an account's audit event (no patient); with a
+// transaction, in the transaction of the change it records.
+func recordAccountEvent(ctx context.Context, db execer, r *http.Request, userID int64, loginID any, action string) error {
+	info := infoFrom(r)
+	const q = `INSERT INTO audit_events (user_id, login_id, action, ip, request_id) VALUES ($1, $2, $3, $4, $5)`
+	if _, err := db.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
+		return fmt.Errorf("record %s: %w", action, err)
+	}
+	return nil
 }
 
 // issuePair records a new refresh token of login sid and signs it with a
@@ -396,7 +413,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("insert login names: %w", err)
 		}
 		out.User = u
-		out.Tokens, err = s.startLogin(ctx, tx, u.ID)
+		out.Tokens, _, err = s.startLogin(ctx, tx, u.ID)
 		return err
 	})
 	if _, lost := violation(err, pqerror.UniqueViolation); lost {
@@ -477,6 +494,11 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	if id != 0 && !match {
+		if err := recordAccountEvent(ctx, s.db, r, id, nil, "login.failed"); err != nil {
+			return err
+		}
+	}
 	if !match || id == 0 {
 		return errBadCredentials
 	}
@@ -484,9 +506,12 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		s.rehash(ctx, id, password, stored)
 	}
 	var pair tokenPair
-	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) (err error) {
-		pair, err = s.startLogin(ctx, tx, id)
-		return err
+	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
+		var sid int64
+		if pair, sid, err = s.startLogin(ctx, tx, id); err != nil {
+			return err
+		}
+		return recordAccountEvent(ctx, tx, r, id, sid, "login")
 	})
 	if err != nil {
 		return err
@@ -533,7 +558,7 @@ func (s *server) refreshClaims(r *http.Request) (claims, error) {
 func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 	c, err := s.refreshClaims(r)
 	if err == errExpired {
-		return s.refusedRefresh(r.Context(), c)
+		return s.refusedRefresh(r, c)
 	}
 	if err != nil {
 		return err
@@ -557,7 +582,7 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 		return err
 	})
 	if errors.Is(err, errSpent) {
-		return s.refusedRefresh(ctx, c)
+		return s.refusedRefresh(r, c)
 	}
 	if err != nil {
 		return err
@@ -572,7 +597,7 @@ var errSpent = errors.New("refresh token not spendable")
 // token was probably stolen, so the whole login ends (RFC 9700 §4.14.2);
 // inside it, it is more likely two tabs refreshing at once. This holds for
 // an expired token too.
-func (s *server) refusedRefresh(ctx context.Context, c claims) error {
+func (s *server) refusedRefresh(r *http.Request, c claims) error {
 	// Reuse ends the login in the same statement that detects it.
 	const q = `
 		WITH t AS (
@@ -580,10 +605,14 @@ func (s *server) refusedRefresh(ctx context.Context, c claims) error {
 			       s.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $3) AS reused
 			FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
 			WHERE t.jti = $1 AND t.session_id = $2 AND s.user_id = $4),
-		ended AS (UPDATE sessions SET ended_at = now() WHERE id = $2 AND (SELECT reused FROM t) RETURNING id)
+		ended AS (UPDATE sessions SET ended_at = now() WHERE id = $2 AND (SELECT reused FROM t) RETURNING id),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
+			SELECT $4, id, 'refresh.reused', $5, $6 FROM ended)
 		SELECT spent, EXISTS (SELECT 1 FROM ended) FROM t`
 	var spent, reused bool
-	err := s.db.QueryRowContext(ctx, q, c.JTI, c.SID, s.cfg.reuseGrace.Seconds(), c.UserID).Scan(&spent, &reused)
+	info := infoFrom(r)
+	err := s.db.QueryRowContext(r.Context(), q, c.JTI, c.SID, s.cfg.reuseGrace.Seconds(), c.UserID,
+		info.clientIP.String(), info.id).Scan(&spent, &reused)
 	if errors.Is(err, sql.ErrNoRows) || err == nil && !spent {
 		return errRefreshInvalid
 	}
@@ -604,11 +633,18 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 	if err != nil && err != errExpired {
 		return err
 	}
+	// Only a login that was live ends, and only then is an event written.
 	const q = `
-		UPDATE sessions SET ended_at = coalesce(ended_at, now())
-		WHERE id = $1 AND user_id = $2
-		  AND EXISTS (SELECT 1 FROM refresh_tokens WHERE jti = $3 AND session_id = $1)`
-	res, err := s.db.ExecContext(r.Context(), q, c.SID, c.UserID, c.JTI)
+		WITH login AS (
+			SELECT id, ended_at IS NULL AS live FROM sessions
+			WHERE id = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM refresh_tokens WHERE jti = $3 AND session_id = $1)
+			FOR UPDATE),
+		ended AS (UPDATE sessions SET ended_at = now() WHERE id = (SELECT id FROM login WHERE live) RETURNING id),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
+			SELECT $2, id, 'logout', $4, $5 FROM ended)
+		SELECT 1 FROM login`
+	info := infoFrom(r)
+	res, err := s.db.ExecContext(r.Context(), q, c.SID, c.UserID, c.JTI, info.clientIP.String(), info.id)
 	if err != nil {
 		return fmt.Errorf("end login: %w", err)
 	}
@@ -620,9 +656,11 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 
 // handleLogoutAll ends every login of the caller, the asking one included.
 func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
-	info := infoFrom(r)
-	const q = `UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND login_live($1, $2)`
-	if _, err := s.db.ExecContext(r.Context(), q, info.userID, info.sessionID); err != nil {
+	const q = `WITH ended AS (
+			UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND login_live($1, $2) RETURNING id)
+		INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
+		SELECT $1, $2, 'logout.all', $3, $4 WHERE EXISTS (SELECT 1 FROM ended)`
+	if _, err := s.db.ExecContext(r.Context(), q, infoFrom(r).who()...); err != nil {
 		return fmt.Errorf("end logins: %w", err)
 	}
 	return noContent(w)
@@ -680,8 +718,10 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 		if _, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed); err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}
-		pair, err = s.startLogin(ctx, tx, info.userID)
-		return err
+		if pair, _, err = s.startLogin(ctx, tx, info.userID); err != nil {
+			return err
+		}
+		return recordAccountEvent(ctx, tx, r, info.userID, info.sessionID, "password.change")
 	})
 	if err != nil {
 		return err

@@ -175,11 +175,14 @@ func violation(err error, code pqerror.Code) (constraint string, ok bool) {
 }
 
 // isUnavailable reports whether err means the database cannot be reached
-// (down, restarting, out of connections, or too slow), which the client sees
-// as a 503 it may retry rather than a 500.
+// (down, restarting, out of connections, or too slow) or cannot take the
+// audit events a request must leave: a 503 the client may retry, not a 500.
 func isUnavailable(err error) bool {
 	var pqErr *pq.Error
 	if errors.As(err, &pqErr) {
+		if pqErr.Table == "audit_events" {
+			return true // an event that cannot be written: the request shows nothing
+		}
 		switch pqErr.Code.Class() {
 		case "08", "53", "57", "58": // connection, resources, operator intervention, system
 			return true
@@ -293,7 +296,7 @@ func scanAll[T any](rows *sql.Rows, scan func(rowScanner) (T, error)) ([]T, erro
 
 // listParams are a collection GET's validated query parameters.
 type listParams struct {
-	page    int // 1-based; 0 means "last"
+	page    int // from 1
 	size    int
 	orderBy string   // SQL from a fixed whitelist, never from input
 	terms   []string // ILIKE patterns with %, _ and \ escaped
@@ -306,9 +309,7 @@ const maxSearchTerms = 20
 // orderable maps each public field name to its SQL column.
 func parseList(q url.Values, orderable map[string]string, searchable bool) (listParams, error) {
 	p := listParams{page: 1, size: 10}
-	if v := q.Get("page"); v == "last" {
-		p.page = 0
-	} else if v != "" {
+	if v := q.Get("page"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 || n > math.MaxInt32 { // no list has that many pages
 			return p, errInvalidPage
@@ -358,9 +359,10 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 	return p, nil
 }
 
-// search returns " AND (c1 ILIKE $5 OR c2 ILIKE $5) AND (… $6 …)": every
-// term must match one of columns. The terms are listPage's arguments from $5.
-func (p listParams) search(columns ...string) string {
+// search returns " AND (c1 ILIKE $7 OR c2 ILIKE $7) AND (… $8 …)" for first
+// = 7: every term must match one of columns. The terms are listPage's last
+// arguments, from $first.
+func (p listParams) search(first int, columns ...string) string {
 	var b strings.Builder
 	for i := range p.terms {
 		b.WriteString(" AND (")
@@ -368,7 +370,7 @@ func (p listParams) search(columns ...string) string {
 			if j > 0 {
 				b.WriteString(" OR ")
 			}
-			fmt.Fprintf(&b, "%s ILIKE $%d", c, 5+i)
+			fmt.Fprintf(&b, "%s ILIKE $%d", c, first+i)
 		}
 		b.WriteString(")")
 	}
@@ -385,16 +387,9 @@ type page[T any] struct {
 
 // listPage answers a collection GET with the page p asks for. q selects the
 // rows with their total count in front, and takes $1 user id, $2 login id,
-// $3 limit, $4 offset and the search terms from $5.
-func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, q string, scan func(rowScanner) (T, error)) error {
-	if p.page == 0 { // "last": learn the count from a page of one
-		count, _, err := queryPage(r, db, p, q, 1, 0, scan)
-		if err != nil {
-			return err
-		}
-		p.page = max(1, (count+p.size-1)/p.size)
-	}
-	count, results, err := queryPage(r, db, p, q, p.size, (p.page-1)*p.size, scan)
+// $3 limit, $4 offset, then extra, then the search terms.
+func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, q string, scan func(rowScanner) (T, error), extra ...any) error {
+	count, results, err := queryPage(r, db, p, q, p.size, (p.page-1)*p.size, scan, extra)
 	if err != nil {
 		return err
 	}
@@ -426,9 +421,9 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 }
 
 // queryPage runs a list statement: the count and the rows it returns.
-func queryPage[T any](r *http.Request, db *database, p listParams, q string, limit, offset int, scan func(rowScanner) (T, error)) (int, []T, error) {
+func queryPage[T any](r *http.Request, db *database, p listParams, q string, limit, offset int, scan func(rowScanner) (T, error), extra []any) (int, []T, error) {
 	info := infoFrom(r)
-	args := []any{info.userID, info.sessionID, limit, offset}
+	args := append([]any{info.userID, info.sessionID, limit, offset}, extra...)
 	for _, t := range p.terms {
 		args = append(args, t)
 	}

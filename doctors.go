@@ -65,7 +65,7 @@ func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) error
 	if err != nil {
 		return err
 	}
-	where := `true` + p.search("first_name", "last_name", "email", "specialization")
+	where := `true` + p.search(5, "first_name", "last_name", "email", "specialization")
 	q := `SELECT (SELECT count(*) FROM doctors WHERE ` + where + `), ` + doctorColumns + `
 		FROM doctors WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
 	return listPage(w, r, s.db, p, q, scanDoctor)

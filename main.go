@@ -238,6 +238,8 @@ func (s *server) addRoutes() {
 	handle("POST /api/mappings/{$}", private, s.handleCreateMapping)
 	handle("GET /api/mappings/{id}/{$}", private, s.handlePatientMappings)
 	handle("DELETE /api/mappings/{id}/{$}", private, s.handleDeleteMapping)
+
+	handle("GET /api/audit/{$}", private, s.handleListAudit)
 }
 
 func (s *server) handleHealthz(w http.ResponseWriter, r *http.Request) error {

@@ -44,10 +44,13 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
-	q := `SELECT (SELECT count(*) FROM mappings WHERE owner_id = $1), ` + mappingColumns + `
-		FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
+	page := `FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
 		WHERE m.owner_id = $1 AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
-	return listPage(w, r, s.db, p, q, scanMapping)
+	q := `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
+			SELECT DISTINCT $1::bigint, $2::bigint, 'mapping.list', patient_id, $5, $6 FROM (SELECT m.patient_id ` + page + `) shown)
+		SELECT (SELECT count(*) FROM mappings WHERE owner_id = $1), ` + mappingColumns + ` ` + page
+	info := infoFrom(r)
+	return listPage(w, r, s.db, p, q, scanMapping, info.clientIP.String(), info.id)
 }
 
 // handleCreateMapping assigns a doctor to one of the caller's patients. The
@@ -69,10 +72,12 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 	const q = `
 		WITH m AS (
 			INSERT INTO mappings (owner_id, patient_id, doctor_id)
-			SELECT owner_id, id, $4 FROM patients WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)
-			RETURNING id, patient_id, doctor_id, created_at)
+			SELECT owner_id, id, $6 FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2)
+			RETURNING id, patient_id, doctor_id, created_at),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
+			SELECT $1, $2, 'mapping.create', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
-	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.userID, info.sessionID, patientID, doctorID)
+	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.who(patientID, doctorID)...)
 	if c, dup := violation(err, pqerror.UniqueViolation); dup && c == "mappings_patient_doctor" {
 		return fieldErrors{"non_field_errors": {"The fields patient, doctor must make a unique set."}}
 	}
@@ -107,10 +112,12 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 		return err
 	}
 	info := infoFrom(r)
-	const q = `SELECT ` + mappingColumns + `
+	const q = `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
+			SELECT $1, $2, 'mapping.list', $5, $3, $4 WHERE EXISTS (SELECT 1 FROM mappings WHERE patient_id = $5 AND owner_id = $1))
+		SELECT ` + mappingColumns + `
 		FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
-		WHERE m.patient_id = $3 AND m.owner_id = $1 AND login_live($1, $2) ORDER BY m.created_at, m.id`
-	rows, err := s.db.QueryContext(r.Context(), q, info.userID, info.sessionID, id)
+		WHERE m.patient_id = $5 AND m.owner_id = $1 AND login_live($1, $2) ORDER BY m.created_at, m.id`
+	rows, err := s.db.QueryContext(r.Context(), q, info.who(id)...)
 	if err != nil {
 		return fmt.Errorf("list patient mappings: %w", err)
 	}
@@ -138,7 +145,9 @@ func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) err
 	if err != nil {
 		return err
 	}
-	info := infoFrom(r)
-	const q = `DELETE FROM mappings WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)`
-	return deleteRow(w, r, s.db, q, info.userID, info.sessionID, id)
+	const q = `WITH m AS (DELETE FROM mappings WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) RETURNING patient_id, doctor_id),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
+			SELECT $1, $2, 'mapping.delete', patient_id, doctor_id, $3, $4 FROM m)
+		SELECT 1 FROM m`
+	return deleteRow(w, r, s.db, q, infoFrom(r).who(id)...)
 }

@@ -256,6 +256,12 @@ type requestInfo struct {
 	sessionID int64 // the login (the tokens' sid)
 }
 
+// who returns the caller's user id, login id, IP (as the limiter keys it)
+// and request id: $1 to $4 of every statement that writes audit events.
+func (info *requestInfo) who(args ...any) []any {
+	return append([]any{info.userID, info.sessionID, info.clientIP.String(), info.id}, args...)
+}
+
 type infoKey struct{}
 
 func infoFrom(r *http.Request) *requestInfo {

@@ -421,6 +421,10 @@ func TestOpenAPIShapes(t *testing.T) {
 		{"DELETE /api/mappings/{id}/", req{path: P("/api/mappings/%d/", mDel), token: tok}, 204},
 		{"DELETE /api/mappings/{id}/", req{path: P("/api/mappings/%d/", mDel), token: tok}, 404},
 
+		{"GET /api/audit/", req{token: tok}, 200},
+		{"GET /api/audit/", req{path: P("/api/audit/?action=patient.update&page_size=2&patient=%d", pA), token: tok}, 200},
+		{"GET /api/audit/", req{path: "/api/audit/?patient=abc", token: tok}, 400},
+		{"GET /api/audit/", req{path: "/api/audit/?page=99", token: tok}, 404},
 		{"GET /api/schema/", req{}, 200},
 		{"GET /api/schema/", req{header: badHost}, 400},
 		{"GET /healthz", req{}, 200},

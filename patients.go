@@ -11,13 +11,16 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -35,7 +38,8 @@ type patient struct {
 }
 
 // patientColumns select a patient in scanPatient's order.
-const patientColumns = `id, first_name, last_name, email, to_char(date_of_birth, 'YYYY-MM-DD'), phone, api_time(created_at), api_time(updated_at)`
+const patientColumns = `id, first_name, last_name, email, to_char(date_of_birth, 'YYYY-MM-DD') AS date_of_birth, phone,
+	api_time(created_at) AS created_at, api_time(updated_at) AS updated_at`
 
 func scanPatient(row rowScanner) (patient, error) {
 	var p patient
@@ -78,15 +82,22 @@ var patientOrdering = map[string]string{
 	"id": "id", "first_name": "first_name", "last_name": "last_name", "created_at": "created_at",
 }
 
+// Every patient statement writes its audit events itself, in a
+// data-modifying WITH: the events commit with the read or change they
+// record, or neither happens. $1 to $4 are info.who().
+
 func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) error {
 	p, err := parseList(r.URL.Query(), patientOrdering, true)
 	if err != nil {
 		return err
 	}
-	where := `owner_id = $1` + p.search("first_name", "last_name", "email")
-	q := `SELECT (SELECT count(*) FROM patients WHERE ` + where + `), ` + patientColumns + `
-		FROM patients WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
-	return listPage(w, r, s.db, p, q, scanPatient)
+	where := `owner_id = $1` + p.search(7, "first_name", "last_name", "email")
+	page := `FROM patients WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
+	q := `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
+			SELECT $1, $2, 'patient.list', id, $5, $6 FROM (SELECT id ` + page + `) shown)
+		SELECT (SELECT count(*) FROM patients WHERE ` + where + `), ` + patientColumns + ` ` + page
+	info := infoFrom(r)
+	return listPage(w, r, s.db, p, q, scanPatient, info.clientIP.String(), info.id)
 }
 
 func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) error {
@@ -94,12 +105,15 @@ func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) err
 	if err != nil {
 		return err
 	}
-	info := infoFrom(r)
-	const q = `INSERT INTO patients (owner_id, first_name, last_name, email, date_of_birth, phone)
-		SELECT $1, $3, coalesce($4, ''), $5, $6, coalesce($7, '') WHERE login_live($1, $2)
-		RETURNING ` + patientColumns
-	return patientConflict(writeRow(w, r, s.db, http.StatusCreated, scanPatient, q,
-		info.userID, info.sessionID, in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone))
+	const q = `WITH p AS (
+			INSERT INTO patients (owner_id, first_name, last_name, email, date_of_birth, phone)
+			SELECT $1, $5, coalesce($6, ''), $7, $8, coalesce($9, '') WHERE login_live($1, $2)
+			RETURNING ` + patientColumns + `),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
+			SELECT $1, $2, 'patient.create', id, $3, $4 FROM p)
+		SELECT * FROM p`
+	args := infoFrom(r).who(in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone)
+	return patientConflict(writeRow(w, r, s.db, http.StatusCreated, scanPatient, q, args...))
 }
 
 func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error {
@@ -107,13 +121,16 @@ func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error 
 	if err != nil {
 		return err
 	}
-	info := infoFrom(r)
-	const q = `SELECT ` + patientColumns + ` FROM patients WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)`
-	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID, id)
+	const q = `WITH p AS (SELECT ` + patientColumns + ` FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2)),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
+			SELECT $1, $2, 'patient.read', id, $3, $4 FROM p)
+		SELECT * FROM p`
+	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, infoFrom(r).who(id)...)
 }
 
 // handleUpdatePatient serves PUT and PATCH: PATCH may name any subset of
-// fields, PUT must name the required ones; a field not named keeps its value.
+// fields, PUT must name the required ones; a field not named keeps its
+// value. The event names the fields whose values changed.
 func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) error {
 	in, err := readPatient(r, r.Method == http.MethodPatch)
 	if err != nil {
@@ -123,26 +140,94 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 	if err != nil {
 		return err
 	}
-	info := infoFrom(r)
-	const q = `UPDATE patients SET first_name = coalesce($4, first_name), last_name = coalesce($5, last_name),
-			email = coalesce($6, email), date_of_birth = CASE WHEN $9 THEN $7::date ELSE date_of_birth END,
-			phone = coalesce($8, phone), updated_at = now()
-		WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)
-		RETURNING ` + patientColumns
-	return patientConflict(writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID,
-		id, in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone, in.dateGiven))
+	const fields = `ARRAY[first_name, last_name, email, date_of_birth::text, phone]`
+	const q = `WITH before AS (
+			SELECT id AS patient, ` + fields + ` AS was
+			FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) FOR UPDATE),
+		p AS (
+			UPDATE patients SET first_name = coalesce($6, first_name), last_name = coalesce($7, last_name),
+				email = coalesce($8, email), date_of_birth = CASE WHEN $11 THEN $9::date ELSE date_of_birth END,
+				phone = coalesce($10, phone), updated_at = now()
+			FROM before WHERE id = patient
+			RETURNING ` + patientColumns + `, was, ` + fields + ` AS now),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, fields, ip, request_id)
+			SELECT $1, $2, 'patient.update', id, ARRAY(
+				SELECT name FROM unnest('{first_name,last_name,email,date_of_birth,phone}'::text[], was, now) AS f(name, a, b)
+				WHERE a IS DISTINCT FROM b), $3, $4 FROM p)
+		SELECT id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM p`
+	args := infoFrom(r).who(id, in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone, in.dateGiven)
+	return patientConflict(writeRow(w, r, s.db, http.StatusOK, scanPatient, q, args...))
 }
 
 // handleDeletePatient deletes a patient; its mappings go with it (ON DELETE
-// CASCADE).
+// CASCADE), its audit events stay.
 func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) error {
 	id, err := pathID(r)
 	if err != nil {
 		return err
 	}
-	info := infoFrom(r)
-	const q = `DELETE FROM patients WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)`
-	return deleteRow(w, r, s.db, q, info.userID, info.sessionID, id)
+	const q = `WITH p AS (DELETE FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) RETURNING id),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
+			SELECT $1, $2, 'patient.delete', id, $3, $4 FROM p)
+		SELECT id FROM p`
+	return deleteRow(w, r, s.db, q, infoFrom(r).who(id)...)
+}
+
+// event is one audit event as GET /api/audit/ shows it.
+type event struct {
+	ID        int64          `json:"id"`
+	At        string         `json:"at"`
+	Action    string         `json:"action"`
+	Patient   *int64         `json:"patient"`
+	Doctor    *int64         `json:"doctor"`
+	Fields    pq.StringArray `json:"fields"`
+	Login     *int64         `json:"login"`
+	IP        string         `json:"ip"`
+	RequestID string         `json:"request_id"`
+}
+
+func scanEvent(row rowScanner) (event, error) {
+	var e event
+	err := row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
+	return e, err
+}
+
+var auditActions = []string{"patient.create", "patient.read", "patient.update", "patient.delete", "patient.list",
+	"mapping.create", "mapping.delete", "mapping.list", "login", "login.failed", "refresh.reused", "logout",
+	"logout.all", "password.change"}
+
+// handleListAudit lists the caller's own events, newest first. user_id = $1
+// holds for every filter: no filter reaches another account's events.
+func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	// Pages as for every list; there is no search or ordering to read.
+	p, err := parseList(url.Values{"page": q["page"], "page_size": q["page_size"]}, map[string]string{"id": "id"}, false)
+	if err != nil {
+		return err
+	}
+	errs, ids := fieldErrors{}, map[string]*int64{}
+	for _, key := range []string{"patient", "login"} {
+		if v := q.Get(key); v != "" {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				errs.add(key, "A valid integer is required.")
+			}
+			ids[key] = &n
+		}
+	}
+	action := q.Get("action")
+	if action != "" && !slices.Contains(auditActions, action) {
+		errs.add("action", fmt.Sprintf("Select a valid choice. %s is not one of the available choices.", action))
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	const where = `user_id = $1 AND ($5::bigint IS NULL OR patient_id = $5) AND ($6::bigint IS NULL OR login_id = $6)
+		AND ($7 = '' OR action = $7)`
+	const query = `SELECT (SELECT count(*) FROM audit_events WHERE ` + where + `),
+			id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id
+		FROM audit_events WHERE ` + where + ` AND login_live($1, $2) ORDER BY id DESC LIMIT $3 OFFSET $4`
+	return listPage(w, r, s.db, p, query, scanEvent, ids["patient"], ids["login"], action)
 }
 
 // The field readers below serve every resource's body: each reads one

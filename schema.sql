@@ -134,3 +134,35 @@ CREATE INDEX IF NOT EXISTS mappings_owner_id ON mappings (owner_id, id);
 ALTER TABLE patients ALTER COLUMN owner_id SET (n_distinct = -0.01);
 ALTER TABLE mappings ALTER COLUMN owner_id SET (n_distinct = -0.01);
 
+
+-- The audit trail: who touched which patient record, when, from where.
+-- Events name users, logins, patients and doctors by id without foreign
+-- keys, so they outlive all of them.
+CREATE TABLE IF NOT EXISTS audit_events (
+    id         bigserial   PRIMARY KEY,
+    at         timestamptz NOT NULL DEFAULT now(),
+    user_id    bigint      NOT NULL, -- the account that acted
+    login_id   bigint,               -- its login (sid); null for login.failed
+    action     text        NOT NULL CHECK (action IN ('patient.create', 'patient.read', 'patient.update',
+        'patient.delete', 'patient.list', 'mapping.create', 'mapping.delete', 'mapping.list', 'login',
+        'login.failed', 'refresh.reused', 'logout', 'logout.all', 'password.change')),
+    patient_id bigint,
+    doctor_id  bigint,
+    fields     text[]      NOT NULL DEFAULT '{}', -- names only, never values
+    ip         text        NOT NULL,
+    request_id text        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_events_user_id ON audit_events (user_id, id);
+ALTER TABLE audit_events ALTER COLUMN user_id SET (n_distinct = -0.01);
+
+-- Append-only, whoever asks: the table's owner and this server included.
+CREATE OR REPLACE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit events are append-only' USING ERRCODE = 'HC403';
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'audit_events_append_only') THEN
+        CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_events
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
+    END IF;
+END $$;
