@@ -3,6 +3,8 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -10,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/lib/pq"
 )
 
 const patientsPath = "/api/patients/"
@@ -924,4 +928,288 @@ func TestPatientCountRace(t *testing.T) {
 		t.Fatalf("after deleting the owner: %d rows left, %v", left, err)
 	}
 	wantPage(t, do(t, s, req{method: "GET", path: patientsPath, token: b.access}), 1, "", "", []int64{other})
+}
+
+// auditEvent is one audit_events row, read straight from the table.
+type auditEvent struct {
+	action          string
+	patient, doctor *int64
+	fields          string
+	login           *int64
+	ip              string
+}
+
+// eventsOf returns the events a response's request wrote, in order.
+func eventsOf(t testing.TB, res response) []auditEvent {
+	t.Helper()
+	rows, err := testDB.QueryContext(t.Context(), `SELECT action, patient_id, doctor_id, array_to_string(fields, ','), login_id, ip
+		FROM audit_events WHERE request_id = $1 ORDER BY id`, res.header.Get("X-Request-Id"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []auditEvent
+	for rows.Next() {
+		var e auditEvent
+		if err := rows.Scan(&e.action, &e.patient, &e.doctor, &e.fields, &e.login, &e.ip); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// wantEvents fails unless res wrote exactly want (action, patient, doctor,
+// fields), each by login sid from the test client's IP.
+func wantEvents(t testing.TB, res response, sid any, want ...string) {
+	t.Helper()
+	got := eventsOf(t, res)
+	var lines []string
+	for _, e := range got {
+		line := e.action
+		for _, id := range []*int64{e.patient, e.doctor} {
+			if id != nil {
+				line += fmt.Sprintf(" %d", *id)
+			}
+		}
+		if e.fields != "" {
+			line += " [" + e.fields + "]"
+		}
+		lines = append(lines, line)
+		var login any
+		if e.login != nil {
+			login = *e.login
+		}
+		if login != sid || e.ip != "192.0.2.1" {
+			t.Errorf("%s: login %v from %s, want login %v from 192.0.2.1", e.action, login, e.ip, sid)
+		}
+	}
+	if strings.Join(lines, "; ") != strings.Join(want, "; ") {
+		t.Fatalf("events %q, want %q (response %d %s)", lines, want, res.status, res.body)
+	}
+}
+
+// TestAuditEvents: each request that shows or changes patient data writes
+// exactly its events; one that shows or changes nothing writes none.
+func TestAuditEvents(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, b := register(t, s), register(t, s)
+	sid := claimInt(t, tokenClaims(t, a.access), "sid")
+	as := func(method, path string, body any) response {
+		return do(t, s, req{method: method, path: path, token: a.access, body: body})
+	}
+	res := as("POST", patientsPath, map[string]any{"first_name": "Ada", "email": "ada-audit@example.com"})
+	p := int64(wantObject(t, res, 201)["id"].(float64))
+	wantEvents(t, res, sid, fmt.Sprintf("patient.create %d", p))
+	q, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Quinn", "email": "quinn-audit@example.com"})
+	d, _ := mustCreate(t, s, a.access, "/api/doctors/", map[string]any{"first_name": "Doc", "email": uniqueName("d") + "@example.com", "specialization": "Surgery"})
+	theirs, _ := mustCreate(t, s, b.access, patientsPath, map[string]any{"first_name": "Bea", "email": "bea-audit@example.com"})
+	for _, tc := range []struct {
+		name, method, path string
+		body               any
+		status             int
+		want               []string
+	}{
+		{"read", "GET", patientPath(p), nil, 200, []string{fmt.Sprintf("patient.read %d", p)}},
+		{"list: one per patient shown", "GET", patientsPath + "?page_size=10", nil, 200,
+			[]string{fmt.Sprintf("patient.list %d", p), fmt.Sprintf("patient.list %d", q)}},
+		{"list page 2 of size 1", "GET", patientsPath + "?page_size=1&page=2", nil, 200, []string{fmt.Sprintf("patient.list %d", q)}},
+		{"patch names changed fields only", "PATCH", patientPath(p), map[string]any{"last_name": "Byron", "first_name": "Ada"}, 200,
+			[]string{fmt.Sprintf("patient.update %d [last_name]", p)}},
+		{"put that changes nothing", "PUT", patientPath(p), map[string]any{"first_name": "Ada", "email": "ada-audit@example.com"}, 200,
+			[]string{fmt.Sprintf("patient.update %d", p)}},
+		{"date set", "PATCH", patientPath(p), map[string]any{"date_of_birth": "1815-12-10", "phone": ""}, 400, nil},
+		{"date and phone", "PATCH", patientPath(p), map[string]any{"date_of_birth": "1915-12-10", "phone": "+44 20 7946 0958"}, 200,
+			[]string{fmt.Sprintf("patient.update %d [date_of_birth,phone]", p)}},
+		{"mapping create", "POST", "/api/mappings/", map[string]any{"patient": p, "doctor": d}, 201, []string{fmt.Sprintf("mapping.create %d %d", p, d)}},
+		{"mapping list", "GET", "/api/mappings/", nil, 200, []string{fmt.Sprintf("mapping.list %d", p)}},
+		{"a patient's mappings", "GET", mappingPath(p), nil, 200, []string{fmt.Sprintf("mapping.list %d", p)}},
+		{"a patient's mappings, none", "GET", mappingPath(q), nil, 200, nil},
+		{"doctor list shows no patient", "GET", "/api/doctors/", nil, 200, nil},
+		{"another user's patient", "GET", patientPath(theirs), nil, 404, nil},
+		{"unknown patient", "DELETE", patientPath(thisID), nil, 404, nil},
+		{"invalid body", "POST", patientsPath, map[string]any{"first_name": ""}, 400, nil},
+		{"bad ordering", "GET", patientsPath + "?ordering=nope", nil, 400, nil},
+		{"page past the end", "GET", patientsPath + "?page=9", nil, 404, nil},
+		{"delete", "DELETE", patientPath(q), nil, 204, []string{fmt.Sprintf("patient.delete %d", q)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := as(tc.method, tc.path, tc.body)
+			if res.status != tc.status {
+				t.Fatalf("status %d, want %d: %s", res.status, tc.status, res.body)
+			}
+			wantEvents(t, res, sid, tc.want...)
+		})
+	}
+	t.Run("no token", func(t *testing.T) {
+		res := do(t, s, req{method: "GET", path: patientPath(p)})
+		wantUnauthorized(t, res, bodyUnauthenticated)
+		wantEvents(t, res, nil)
+	})
+	t.Run("mapping delete", func(t *testing.T) {
+		var m int64
+		if err := testDB.QueryRowContext(t.Context(), `SELECT id FROM mappings WHERE patient_id = $1`, p).Scan(&m); err != nil {
+			t.Fatal(err)
+		}
+		res := as("DELETE", mappingPath(m), nil)
+		wantNoContent(t, res)
+		wantEvents(t, res, sid, fmt.Sprintf("mapping.delete %d %d", p, d))
+	})
+	t.Run("account events", func(t *testing.T) {
+		c := register(t, s)
+		res := login(t, s, c.username, "a wrong password")
+		wantEvents(t, res, nil, "login.failed")
+		wantEvents(t, login(t, s, uniqueName("nobody"), "a wrong password"), nil)
+		res = login(t, s, c.username, c.password)
+		pair := pairOf(t, res)
+		loginSID := claimInt(t, tokenClaims(t, pair.Access), "sid")
+		wantEvents(t, res, loginSID, "login")
+		rotated := pairOf(t, refresh(t, s, pair.Refresh))
+		moveRotation(t, pair.Refresh, time.Minute)
+		res = refresh(t, s, pair.Refresh)
+		wantUnauthorized(t, res, blacklistedBody)
+		wantEvents(t, res, loginSID, "refresh.reused")
+		res = logout(t, s, rotated.Refresh) // the login has ended already: nothing changes
+		wantNoContent(t, res)
+		wantEvents(t, res, nil)
+		first := claimInt(t, tokenClaims(t, c.access), "sid")
+		res = logout(t, s, c.refresh)
+		wantEvents(t, res, first, "logout")
+		third := loginPair(t, s, c.username, c.password)
+		thirdSID := claimInt(t, tokenClaims(t, third.Access), "sid")
+		res = do(t, s, req{method: "POST", path: "/api/auth/password/", token: third.Access,
+			body: map[string]any{"old_password": c.password, "new_password": "Quartz-Meadow-Lantern-88"}})
+		fourth := pairOf(t, res)
+		wantEvents(t, res, thirdSID, "password.change")
+		res = do(t, s, req{method: "POST", path: "/api/auth/logout/all/", token: fourth.Access})
+		wantEvents(t, res, claimInt(t, tokenClaims(t, fourth.Access), "sid"), "logout.all")
+	})
+}
+
+// TestAuditList: GET /api/audit/ lists the caller's own events, newest
+// first, and no filter or page reaches another account's.
+func TestAuditList(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, b := register(t, s), register(t, s)
+	p, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Ada", "email": "ada-list@example.com"})
+	do(t, s, req{method: "GET", path: patientPath(p), token: a.access})
+	bp, _ := mustCreate(t, s, b.access, patientsPath, map[string]any{"first_name": "Bea", "email": "bea-list@example.com"})
+	list := func(token, query string) map[string]any {
+		return wantObject(t, do(t, s, req{method: "GET", path: "/api/audit/" + query, token: token}), 200)
+	}
+	page := list(a.access, "")
+	results := page["results"].([]any)
+	if page["count"] != float64(2) || len(results) != 2 {
+		t.Fatalf("a's events: %v", page)
+	}
+	newest := results[0].(map[string]any)
+	if newest["action"] != "patient.read" || newest["patient"] != float64(p) || newest["doctor"] != nil ||
+		newest["login"] != float64(claimInt(t, tokenClaims(t, a.access), "sid")) || newest["ip"] != "192.0.2.1" ||
+		!isStamp(newest["at"].(string)) || len(newest["fields"].([]any)) != 0 || newest["request_id"] == "" {
+		t.Fatalf("newest event %v", newest)
+	}
+	if results[1].(map[string]any)["action"] != "patient.create" {
+		t.Fatalf("older event %v", results[1])
+	}
+	bSID := fmt.Sprint(claimInt(t, tokenClaims(t, b.access), "sid"))
+	for _, q := range []string{"?patient=" + fmt.Sprint(bp), "?login=" + bSID, "?action=patient.create&patient=" + fmt.Sprint(bp),
+		"?page_size=100", "?search=Bea", "?user_id=" + fmt.Sprint(b.id)} {
+		for _, e := range list(a.access, q)["results"].([]any) {
+			if e.(map[string]any)["patient"] == float64(bp) || fmt.Sprint(e.(map[string]any)["login"]) == bSID {
+				t.Fatalf("a sees b's event through %s: %v", q, e)
+			}
+		}
+	}
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=" + fmt.Sprint(bp), token: a.access}), 200, emptyPage)
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=x&login=1.5&action=patient.peek", token: a.access}), 400,
+		`{"patient": ["A valid integer is required."], "login": ["A valid integer is required."],
+		  "action": ["Select a valid choice. patient.peek is not one of the available choices."]}`)
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?page=3", token: a.access}), 404, bodyInvalidPage)
+	if got := list(a.access, "?action=patient.create&page_size=1"); got["count"] != float64(1) {
+		t.Fatalf("filtered by action: %v", got)
+	}
+}
+
+// TestAuditStolenToken: a user logs in twice and reads different patients
+// with each login; ?login=<sid> lists exactly that login's reads.
+func TestAuditStolenToken(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	var ids []int64
+	for i := range 3 {
+		id, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "P", "email": fmt.Sprintf("stolen%d@example.com", i)})
+		ids = append(ids, id)
+	}
+	mine, thief := loginPair(t, s, a.username, a.password), loginPair(t, s, a.username, a.password)
+	for _, read := range []struct {
+		token string
+		id    int64
+	}{{mine.Access, ids[0]}, {thief.Access, ids[1]}, {thief.Access, ids[2]}, {mine.Access, ids[2]}} {
+		wantObject(t, do(t, s, req{method: "GET", path: patientPath(read.id), token: read.token}), 200)
+	}
+	thiefSID := claimInt(t, tokenClaims(t, thief.Access), "sid")
+	res := do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?login=%d", thiefSID), token: mine.Access})
+	var got []string
+	for _, e := range wantObject(t, res, 200)["results"].([]any) {
+		got = append(got, fmt.Sprintf("%v %v", e.(map[string]any)["action"], e.(map[string]any)["patient"]))
+	}
+	want := []string{fmt.Sprintf("patient.read %d", ids[2]), fmt.Sprintf("patient.read %d", ids[1]), "login <nil>"}
+	if strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Fatalf("the thief's login: %q, want %q", got, want)
+	}
+}
+
+// TestAuditAppendOnly: the database refuses to change or remove an event,
+// whoever asks (these tests connect as the table's owner), and events
+// outlive the patient they name.
+func TestAuditAppendOnly(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	p, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Gone", "email": "gone@example.com"})
+	wantNoContent(t, do(t, s, req{method: "DELETE", path: patientPath(p), token: a.access}))
+	for _, q := range []string{
+		`UPDATE audit_events SET action = 'patient.read' WHERE patient_id = %d`,
+		`DELETE FROM audit_events WHERE patient_id = %d`,
+		`TRUNCATE audit_events`,
+	} {
+		q = strings.ReplaceAll(q, "%d", fmt.Sprint(p))
+		if _, err := testDB.ExecContext(t.Context(), q); pq.As(err, "HC403") == nil {
+			t.Errorf("%s: %v, want refused (HC403)", q, err)
+		}
+	}
+	var n int
+	if err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM audit_events WHERE patient_id = $1`, p).Scan(&n); err != nil || n != 2 {
+		t.Fatalf("%d events for the deleted patient (%v), want its create and delete", n, err)
+	}
+}
+
+// TestAuditAtomic: when the events cannot be written, the read answers 503
+// without the patient, and the change is not committed.
+func TestAuditAtomic(t *testing.T) {
+	db := scratchDB(t, "_audit")
+	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	a := register(t, s)
+	p, before := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Kept", "email": "kept@example.com"})
+	if _, err := db.ExecContext(t.Context(), `ALTER TABLE audit_events ADD CONSTRAINT no_more_events CHECK (false) NOT VALID`); err != nil {
+		t.Fatal(err)
+	}
+	for _, rq := range []req{
+		{method: "GET", path: patientPath(p)},
+		{method: "GET", path: patientsPath},
+		{method: "PATCH", path: patientPath(p), body: map[string]any{"first_name": "Changed"}},
+		{method: "POST", path: patientsPath, body: map[string]any{"first_name": "New", "email": "new@example.com"}},
+		{method: "DELETE", path: patientPath(p)},
+	} {
+		rq.token = a.access
+		res := do(t, s, rq)
+		wantUnavailable(t, res)
+		if strings.Contains(string(res.body), "Kept") {
+			t.Fatalf("%s %s showed the patient: %s", rq.method, rq.path, res.body)
+		}
+	}
+	if _, err := db.ExecContext(t.Context(), `ALTER TABLE audit_events DROP CONSTRAINT no_more_events`); err != nil {
+		t.Fatal(err)
+	}
+	wantSame(t, s, a.access, patientPath(p), before)
+	wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?search=New", token: a.access}), 200, emptyPage)
 }
