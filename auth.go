@@ -59,16 +59,13 @@ var errHashBusy = &apiError{status: http.StatusServiceUnavailable, body: detail(
 
 // acquire takes a hashing slot, waiting at most maxWait.
 func (p *passwords) acquire(ctx context.Context) error {
-	t := time.NewTimer(p.maxWait)
-	defer t.Stop()
 	select {
 	case p.slots <- struct{}{}:
 		return nil
-	case <-t.C:
-		return errHashBusy
+	case <-time.After(p.maxWait):
 	case <-ctx.Done():
-		return errHashBusy
 	}
+	return errHashBusy
 }
 
 // hash returns a fresh Django-format hash of password.
@@ -281,12 +278,9 @@ var (
 		body: detail("Authentication credentials were not provided.")}
 	errBadAuthHeader = &apiError{status: http.StatusUnauthorized,
 		body: detailBody{Detail: "Authorization header must contain two space-delimited values", Code: "bad_authorization_header"}}
-	errAccessInvalid = &apiError{status: http.StatusUnauthorized, body: struct {
-		Detail   string         `json:"detail"`
-		Code     string         `json:"code"`
-		Messages []tokenMessage `json:"messages"`
-	}{"Given token not valid for any token type", "token_not_valid",
-		[]tokenMessage{{"AccessToken", "access", "Token is invalid or expired"}}}}
+	errAccessInvalid = &apiError{status: http.StatusUnauthorized, body: map[string]any{
+		"detail": "Given token not valid for any token type", "code": "token_not_valid",
+		"messages": []map[string]string{{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}}}}
 	errRefreshInvalid = &apiError{status: http.StatusUnauthorized,
 		body: detailBody{Detail: "Token is invalid or expired", Code: "token_not_valid"}}
 	errBlacklisted = &apiError{status: http.StatusUnauthorized,
@@ -294,13 +288,6 @@ var (
 	errBadCredentials = &apiError{status: http.StatusUnauthorized,
 		body: detail("No active account found with the given credentials")}
 )
-
-// tokenMessage is one entry of SimpleJWT's "messages" list.
-type tokenMessage struct {
-	TokenClass string `json:"token_class"`
-	TokenType  string `json:"token_type"`
-	Message    string `json:"message"`
-}
 
 // authenticate finds who is asking from the access token. Whether its login
 // is still live is for the request's statement to say (login_live).
@@ -343,35 +330,6 @@ func (s *server) startLogin(ctx context.Context, tx *sql.Tx, userID int64) (toke
 	}
 	pair, err := s.issuePair(ctx, tx, userID, sid)
 	return pair, sid, err
-}
-
-// execer is what *sql.Tx and *database share.
-type execer interface {
-	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
-}
-
-// recordAccountEvent writes an account's audit event (no patient); with a
-// transaction, in the transaction of the change it records.
-func recordAccountEvent(ctx context.Context, db execer, r *http.Request, userID int64, loginID any, action string) error {
-	info := infoFrom(r)
-	const q = `INSERT INTO audit_events (user_id, login_id, action, ip, request_id) VALUES ($1, $2, $3, $4, $5)`
-	if _, err := db.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
-		return fmt.Errorf("record %s: %w", action, err)
-	}
-	return nil
-}
-
-// issuePair records a new refresh token of login sid and signs it with a
-// new access token.
-func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (tokenPair, error) {
-	now := time.Now()
-	refresh := s.signer.newClaims("refresh", userID, sid, now)
-	const q = `INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)`
-	if _, err := tx.ExecContext(ctx, q, refresh.JTI, sid, time.Unix(refresh.Exp, 0)); err != nil {
-		return tokenPair{}, fmt.Errorf("record refresh token: %w", err)
-	}
-	access := s.signer.newClaims("access", userID, sid, now)
-	return tokenPair{Refresh: s.signer.sign(refresh), Access: s.signer.sign(access)}, nil
 }
 
 // handleRegister creates an account and its first login.
@@ -449,24 +407,6 @@ func (s *server) takenNames(ctx context.Context, u user, errs fieldErrors) error
 		errs.add("email", "A user with that email already exists.")
 	}
 	return nil
-}
-
-// countFailures wraps a handler that checks a password: the attempt counts
-// against the login limit before the password is checked, so that
-// concurrent guesses cannot overshoot it, and is given back unless the
-// answer is wrong, the handler's error for a wrong password.
-func (s *server) countFailures(wrong error, h handler) handler {
-	return func(w http.ResponseWriter, r *http.Request) error {
-		key := ipKey(infoFrom(r).clientIP)
-		if wait, ok := s.loginLimit.allow(key); !ok {
-			return throttled(wait)
-		}
-		err := h(w, r)
-		if err != wrong {
-			s.loginLimit.undo(key)
-		}
-		return err
-	}
 }
 
 // handleLogin exchanges a username or email and a password for a new login.

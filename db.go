@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -453,4 +454,93 @@ type withCount struct {
 
 func (w withCount) Scan(dest ...any) error {
 	return w.row.Scan(append([]any{w.count}, dest...)...)
+}
+
+// The audit trail: account events, and the list of a caller's events.
+// Patient statements write their own events (patients.go, mappings.go).
+
+// execer is what *sql.Tx and *database share.
+type execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// recordAccountEvent writes an account's audit event (no patient); with a
+// transaction, in the transaction of the change it records.
+func recordAccountEvent(ctx context.Context, db execer, r *http.Request, userID int64, loginID any, action string) error {
+	info := infoFrom(r)
+	const q = `INSERT INTO audit_events (user_id, login_id, action, ip, request_id) VALUES ($1, $2, $3, $4, $5)`
+	if _, err := db.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
+		return fmt.Errorf("record %s: %w", action, err)
+	}
+	return nil
+}
+
+// issuePair records a new refresh token of login sid and signs it with a
+// new access token.
+func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (tokenPair, error) {
+	now := time.Now()
+	refresh := s.signer.newClaims("refresh", userID, sid, now)
+	const q = `INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)`
+	if _, err := tx.ExecContext(ctx, q, refresh.JTI, sid, time.Unix(refresh.Exp, 0)); err != nil {
+		return tokenPair{}, fmt.Errorf("record refresh token: %w", err)
+	}
+	access := s.signer.newClaims("access", userID, sid, now)
+	return tokenPair{Refresh: s.signer.sign(refresh), Access: s.signer.sign(access)}, nil
+}
+
+// event is one audit event as GET /api/audit/ shows it.
+type event struct {
+	ID        int64          `json:"id"`
+	At        string         `json:"at"`
+	Action    string         `json:"action"`
+	Patient   *int64         `json:"patient"`
+	Doctor    *int64         `json:"doctor"`
+	Fields    pq.StringArray `json:"fields"`
+	Login     *int64         `json:"login"`
+	IP        string         `json:"ip"`
+	RequestID string         `json:"request_id"`
+}
+
+func scanEvent(row rowScanner) (event, error) {
+	var e event
+	err := row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
+	return e, err
+}
+
+var auditActions = []string{"patient.create", "patient.read", "patient.update", "patient.delete", "patient.list",
+	"mapping.create", "mapping.delete", "mapping.list", "login", "login.failed", "refresh.reused", "logout",
+	"logout.all", "password.change"}
+
+// handleListAudit lists the caller's own events, newest first. user_id = $1
+// holds for every filter: no filter reaches another account's events.
+func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	// Pages as for every list; there is no search or ordering to read.
+	p, err := parseList(url.Values{"page": q["page"], "page_size": q["page_size"]}, map[string]string{"id": "id"}, false)
+	if err != nil {
+		return err
+	}
+	errs, ids := fieldErrors{}, map[string]*int64{}
+	for _, key := range []string{"patient", "login"} {
+		if v := q.Get(key); v != "" {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				errs.add(key, "A valid integer is required.")
+			}
+			ids[key] = &n
+		}
+	}
+	action := q.Get("action")
+	if action != "" && !slices.Contains(auditActions, action) {
+		errs.add("action", fmt.Sprintf("Select a valid choice. %s is not one of the available choices.", action))
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	const where = `user_id = $1 AND ($5::bigint IS NULL OR patient_id = $5) AND ($6::bigint IS NULL OR login_id = $6)
+		AND ($7 = '' OR action = $7)`
+	const query = `SELECT (SELECT count(*) FROM audit_events WHERE ` + where + `),
+			id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id
+		FROM audit_events WHERE ` + where + ` AND login_live($1, $2) ORDER BY id DESC LIMIT $3 OFFSET $4`
+	return listPage(w, r, s.db, p, query, scanEvent, ids["patient"], ids["login"], action)
 }

@@ -13,6 +13,7 @@ import (
 	"math"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -171,12 +172,7 @@ func (s *server) setHeaders(w http.ResponseWriter, r *http.Request, info *reques
 }
 
 func (s *server) originAllowed(origin string) bool {
-	for _, o := range s.cfg.corsOrigins {
-		if origin != "" && o == origin {
-			return true
-		}
-	}
-	return false
+	return origin != "" && slices.Contains(s.cfg.corsOrigins, origin)
 }
 
 // hostAllowed checks Host against ALLOWED_HOSTS, as Django does, so that
@@ -237,12 +233,7 @@ func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 }
 
 func (s *server) trusted(ip netip.Addr) bool {
-	for _, p := range s.cfg.trustedProxies {
-		if p.Contains(ip) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(s.cfg.trustedProxies, func(p netip.Prefix) bool { return p.Contains(ip) })
 }
 
 // requestInfo is what the layers learn about a request, shared through its
@@ -361,6 +352,24 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 		return authErr
 	}
 	return rt.h(w, r)
+}
+
+// countFailures wraps a handler that checks a password: the attempt counts
+// against the login limit before the password is checked, so that
+// concurrent guesses cannot overshoot it, and is given back unless the
+// answer is wrong, the handler's error for a wrong password.
+func (s *server) countFailures(wrong error, h handler) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		key := ipKey(infoFrom(r).clientIP)
+		if wait, ok := s.loginLimit.allow(key); !ok {
+			return throttled(wait)
+		}
+		err := h(w, r)
+		if err != wrong {
+			s.loginLimit.undo(key)
+		}
+		return err
+	}
 }
 
 // rate is a limit of n requests per period; n == 0 switches the limit off.

@@ -11,16 +11,13 @@ import (
 	"io"
 	"mime"
 	"net/http"
-	"net/url"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
 
-	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -171,63 +168,6 @@ func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) err
 			SELECT $1, $2, 'patient.delete', id, $3, $4 FROM p)
 		SELECT id FROM p`
 	return deleteRow(w, r, s.db, q, infoFrom(r).who(id)...)
-}
-
-// event is one audit event as GET /api/audit/ shows it.
-type event struct {
-	ID        int64          `json:"id"`
-	At        string         `json:"at"`
-	Action    string         `json:"action"`
-	Patient   *int64         `json:"patient"`
-	Doctor    *int64         `json:"doctor"`
-	Fields    pq.StringArray `json:"fields"`
-	Login     *int64         `json:"login"`
-	IP        string         `json:"ip"`
-	RequestID string         `json:"request_id"`
-}
-
-func scanEvent(row rowScanner) (event, error) {
-	var e event
-	err := row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
-	return e, err
-}
-
-var auditActions = []string{"patient.create", "patient.read", "patient.update", "patient.delete", "patient.list",
-	"mapping.create", "mapping.delete", "mapping.list", "login", "login.failed", "refresh.reused", "logout",
-	"logout.all", "password.change"}
-
-// handleListAudit lists the caller's own events, newest first. user_id = $1
-// holds for every filter: no filter reaches another account's events.
-func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
-	q := r.URL.Query()
-	// Pages as for every list; there is no search or ordering to read.
-	p, err := parseList(url.Values{"page": q["page"], "page_size": q["page_size"]}, map[string]string{"id": "id"}, false)
-	if err != nil {
-		return err
-	}
-	errs, ids := fieldErrors{}, map[string]*int64{}
-	for _, key := range []string{"patient", "login"} {
-		if v := q.Get(key); v != "" {
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil {
-				errs.add(key, "A valid integer is required.")
-			}
-			ids[key] = &n
-		}
-	}
-	action := q.Get("action")
-	if action != "" && !slices.Contains(auditActions, action) {
-		errs.add("action", fmt.Sprintf("Select a valid choice. %s is not one of the available choices.", action))
-	}
-	if len(errs) > 0 {
-		return errs
-	}
-	const where = `user_id = $1 AND ($5::bigint IS NULL OR patient_id = $5) AND ($6::bigint IS NULL OR login_id = $6)
-		AND ($7 = '' OR action = $7)`
-	const query = `SELECT (SELECT count(*) FROM audit_events WHERE ` + where + `),
-			id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id
-		FROM audit_events WHERE ` + where + ` AND login_live($1, $2) ORDER BY id DESC LIMIT $3 OFFSET $4`
-	return listPage(w, r, s.db, p, query, scanEvent, ids["patient"], ids["login"], action)
 }
 
 // The field readers below serve every resource's body: each reads one
