@@ -99,9 +99,6 @@ func (p *passwords) verify(ctx context.Context, password, encoded string) (ok, s
 	if algo != "pbkdf2_sha256" || iterErr != nil || iter < 1 || iter > maxIterations || dkErr != nil || len(want) != sha256.Size || salt == "" {
 		// An unusable hash (Django's "!…", another hasher, a damaged row)
 		// matches no password, at the cost of a wrong one.
-		if encoded == p.dummy {
-			return false, false, fmt.Errorf("unusable password hash")
-		}
 		_, _, err := p.verify(ctx, password, p.dummy)
 		return false, false, err
 	}
@@ -375,7 +372,10 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		return err
 	})
 	if _, lost := violation(err, pqerror.UniqueViolation); lost {
-		return cmp.Or(s.takenNames(ctx, u, errs), error(errs))
+		if err := s.takenNames(ctx, u, errs); err != nil || len(errs) == 0 {
+			return cmp.Or(err, error(errUnavailable)) // the winner rolled back: try again
+		}
+		return errs
 	}
 	if err != nil {
 		return err
@@ -423,8 +423,9 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	var id int64
 	stored := s.passwords.dummy
-	const q = `SELECT u.id, u.password FROM login_names n JOIN users u ON u.id = n.user_id WHERE n.name = $1`
-	err = s.db.QueryRowContext(ctx, q, strings.ToLower(strings.TrimSpace(name))).Scan(&id, &stored)
+	// PostgreSQL lower-cases, as it did for login_names at registration.
+	const q = `SELECT u.id, u.password FROM login_names n JOIN users u ON u.id = n.user_id WHERE n.name = lower($1)`
+	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name)).Scan(&id, &stored)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("find user: %w", err)
 	}
@@ -443,10 +444,18 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		return errBadCredentials
 	}
 	if stale {
-		s.rehash(ctx, id, password, stored)
+		stored = s.rehash(ctx, id, password, stored)
 	}
 	var pair tokenPair
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
+		// The hash checked must still be the account's, held until commit:
+		// a password change cannot slip in between and miss this login.
+		const still = `SELECT 1 FROM users WHERE id = $1 AND password = $2 FOR SHARE`
+		if err := tx.QueryRowContext(ctx, still, id, stored).Scan(new(int)); errors.Is(err, sql.ErrNoRows) {
+			return errBadCredentials
+		} else if err != nil {
+			return fmt.Errorf("recheck password: %w", err)
+		}
 		var sid int64
 		if pair, sid, err = s.startLogin(ctx, tx, id); err != nil {
 			return err
@@ -459,17 +468,19 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, pair)
 }
 
-// rehash upgrades a hash made with fewer iterations than ours. It is best
-// effort: the login succeeds either way, and the next one tries again.
-func (s *server) rehash(ctx context.Context, id int64, password, old string) {
+// rehash upgrades a hash made with fewer iterations than ours and returns
+// the hash now stored. It is best effort: the login succeeds either way,
+// and the next one tries again.
+func (s *server) rehash(ctx context.Context, id int64, password, old string) string {
 	hashed, err := s.passwords.hash(ctx, password)
 	if err == nil {
-		const q = `UPDATE users SET password = $1 WHERE id = $2 AND password = $3`
-		_, err = s.db.ExecContext(ctx, q, hashed, id, old)
+		const q = `UPDATE users SET password = $1 WHERE id = $2 AND password = $3 RETURNING password`
+		err = s.db.QueryRowContext(ctx, q, hashed, id, old).Scan(&old)
 	}
-	if err != nil {
+	if err != nil && !errors.Is(err, sql.ErrNoRows) { // no row: changed meanwhile, nothing to upgrade
 		s.log.Warn("rehash password", "user_id", id, "err", err)
 	}
+	return old
 }
 
 // refreshClaims reads and verifies the body's refresh token. An expired
@@ -545,7 +556,7 @@ func (s *server) refusedRefresh(r *http.Request, c claims) error {
 			       s.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $3) AS reused
 			FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
 			WHERE t.jti = $1 AND t.session_id = $2 AND s.user_id = $4),
-		ended AS (UPDATE sessions SET ended_at = now() WHERE id = $2 AND (SELECT reused FROM t) RETURNING id),
+		ended AS (UPDATE sessions SET ended_at = now() WHERE id = $2 AND ended_at IS NULL AND (SELECT reused FROM t) RETURNING id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
 			SELECT $4, id, 'refresh.reused', $5, $6 FROM ended)
 		SELECT spent, EXISTS (SELECT 1 FROM ended) FROM t`
@@ -582,13 +593,15 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 		ended AS (UPDATE sessions SET ended_at = now() WHERE id = (SELECT id FROM login WHERE live) RETURNING id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
 			SELECT $2, id, 'logout', $4, $5 FROM ended)
-		SELECT 1 FROM login`
+		SELECT EXISTS (SELECT 1 FROM login) OR NOT EXISTS (SELECT 1 FROM sessions WHERE id = $1)`
+	// A login pruned away (its token is ours, its row gone) had ended: 204 again.
+	var ok bool
 	info := infoFrom(r)
-	res, err := s.db.ExecContext(r.Context(), q, c.SID, c.UserID, c.JTI, info.clientIP.String(), info.id)
+	err = s.db.QueryRowContext(r.Context(), q, c.SID, c.UserID, c.JTI, info.clientIP.String(), info.id).Scan(&ok)
 	if err != nil {
 		return fmt.Errorf("end login: %w", err)
 	}
-	if n, _ := res.RowsAffected(); n != 1 {
+	if !ok {
 		return errRefreshInvalid
 	}
 	return noContent(w)
@@ -610,13 +623,10 @@ func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 func (s *server) handleMe(w http.ResponseWriter, r *http.Request) error {
 	info := infoFrom(r)
 	const q = `SELECT id, username, email, name FROM users WHERE id = $1 AND login_live($1, $2)`
-	return writeRow(w, r, s.db, http.StatusOK, scanUser, q, info.userID, info.sessionID)
-}
-
-func scanUser(row rowScanner) (user, error) {
-	var u user
-	err := row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
-	return u, err
+	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) (u user, err error) {
+		err = row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
+		return
+	}, q, info.userID, info.sessionID)
 }
 
 var errWrongOldPassword = &apiError{status: http.StatusBadRequest,
@@ -653,10 +663,21 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	}
 	var pair tokenPair
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		const q = `WITH pw AS (UPDATE users SET password = $3 WHERE id = $1 AND login_live($1, $2))
-			UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL`
-		if _, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed); err != nil {
+		// Only the hash the old password was checked against is replaced: of
+		// two changes at once, the second finds it gone.
+		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password = $4 AND login_live($1, $2)`
+		res, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed, stored)
+		if err != nil {
 			return fmt.Errorf("change password: %w", err)
+		}
+		if n, _ := res.RowsAffected(); n != 1 {
+			return errWrongOldPassword
+		}
+		// A statement of its own, so that its snapshot holds every login
+		// committed before the row lock above was taken.
+		const end = `UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL`
+		if _, err := tx.ExecContext(ctx, end, info.userID); err != nil {
+			return fmt.Errorf("end logins: %w", err)
 		}
 		if pair, _, err = s.startLogin(ctx, tx, info.userID); err != nil {
 			return err

@@ -1632,6 +1632,8 @@ func TestPrune(t *testing.T) {
 		}
 	}
 	wantMe(t, s, live.access, live)
+	// The pruned login had ended: logging it out again is still 204.
+	wantNoContent(t, logout(t, s, ended.refresh))
 }
 
 // TestLoginTimingHidesStoredCost: a failed login costs the same whether the
@@ -1666,5 +1668,67 @@ func TestLoginTimingHidesStoredCost(t *testing.T) {
 		if ratio := float64(d) / float64(median["1000000"]); ratio < 0.75 || ratio > 1.33 {
 			t.Errorf("%s: %v, %.2f× the 1,000,000-iteration account's %v; want within 25%%", kind, d, ratio, median["1000000"])
 		}
+	}
+}
+
+// TestPasswordChangeRaces: logins with the old password that race a change
+// end with it, and of two changes at once exactly one wins.
+func TestPasswordChangeRaces(t *testing.T) {
+	s := newTestServer(t, nil, func(c *config) { c.passwordIterations = 100_000; slowHashes(c) })
+	s.passwords.slots = make(chan struct{}, 16)
+	t.Run("logins during a change", func(t *testing.T) {
+		a := register(t, s)
+		rqs := []req{{method: "POST", path: "/api/auth/password/", token: a.access,
+			body: jsonText(map[string]any{"old_password": a.password, "new_password": "Brand-New-Orbit-Cactus-77"})}}
+		for range 8 {
+			rqs = append(rqs, req{method: "POST", path: "/api/auth/login/", body: jsonText(map[string]any{"username": a.username, "password": a.password})})
+		}
+		out := concurrently(t, s, rqs)
+		pairOf(t, out[0])
+		for _, res := range out[1:] {
+			if res.status == http.StatusOK {
+				wantUnauthorized(t, me(t, s, pairOf(t, res).Access), invalidAccessBody) // ended with the change
+			} else {
+				wantUnauthorized(t, res, badCredentialsBody)
+			}
+		}
+		wantUnauthorized(t, login(t, s, a.username, a.password), badCredentialsBody)
+	})
+	t.Run("two changes at once", func(t *testing.T) {
+		for range 3 {
+			a := register(t, s)
+			b := loginPair(t, s, a.username, a.password)
+			out := concurrently(t, s, []req{
+				{method: "POST", path: "/api/auth/password/", token: a.access, body: jsonText(map[string]any{"old_password": a.password, "new_password": "Brand-New-Orbit-Cactus-77"})},
+				{method: "POST", path: "/api/auth/password/", token: b.Access, body: jsonText(map[string]any{"old_password": a.password, "new_password": "Other-Violet-Canyon-Drum-9"})},
+			})
+			won := 0
+			for _, res := range out {
+				switch res.status {
+				case http.StatusOK:
+					won++
+					wantMe(t, s, pairOf(t, res).Access, a)
+				case http.StatusUnauthorized: // the winner ended the loser's login first
+					wantUnauthorized(t, res, invalidAccessBody)
+				default:
+					wantJSON(t, res, http.StatusBadRequest, `{"old_password": ["Your old password was entered incorrectly. Please enter it again."]}`)
+				}
+			}
+			if won != 1 {
+				t.Fatalf("%d changes won, want exactly 1", won)
+			}
+		}
+	})
+}
+
+// TestLoginUnicodeName: PostgreSQL lower-cases a login name both when it is
+// registered and when it logs in, so no letter is folded two ways.
+func TestLoginUnicodeName(t *testing.T) {
+	s := newTestServer(t, nil)
+	for _, name := range []string{"\u1C89" + uniqueName("u"), "\uA7CB" + uniqueName("u"), "ÉLODIE" + uniqueName("u")} {
+		email := uniqueName("e") + "@example.com"
+		res := do(t, s, req{method: "POST", path: "/api/auth/register/", body: registerBody(map[string]any{"username": name, "email": email})})
+		wantObject(t, res, http.StatusCreated)
+		pairOf(t, login(t, s, name, "Velvet-Orchard-Compass-31"))
 	}
 }

@@ -364,18 +364,15 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 // = 7: every term must match one of columns. The terms are listPage's last
 // arguments, from $first.
 func (p listParams) search(first int, columns ...string) string {
-	var b strings.Builder
+	var sql string
 	for i := range p.terms {
-		b.WriteString(" AND (")
-		for j, c := range columns {
-			if j > 0 {
-				b.WriteString(" OR ")
-			}
-			fmt.Fprintf(&b, "%s ILIKE $%d", c, first+i)
+		var matches []string
+		for _, c := range columns {
+			matches = append(matches, fmt.Sprintf("%s ILIKE $%d", c, first+i))
 		}
-		b.WriteString(")")
+		sql += " AND (" + strings.Join(matches, " OR ") + ")"
 	}
-	return b.String()
+	return sql
 }
 
 // page is a collection GET's body, as DRF's PageNumberPagination writes it.

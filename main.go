@@ -344,8 +344,8 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 	}
 	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
 	var err error
-	if cfg.debug, err = parseBool(get("DEBUG", "False")); err != nil {
-		errs = append(errs, fmt.Errorf("DEBUG: %w", err))
+	if cfg.debug, err = strconv.ParseBool(get("DEBUG", "False")); err != nil {
+		errs = append(errs, fmt.Errorf("DEBUG: want True or False, got %q", get("DEBUG", "")))
 	}
 	if cfg.secretKey, err = secretKey(getenv("SECRET_KEY")); cfg.secretKey == nil {
 		errs = append(errs, err)
@@ -413,7 +413,7 @@ func dbConfig(get func(key, def string) string) (pq.Config, error) {
 		cfg.Database, cfg.User = get("DB_NAME", "healthcare_db"), get("DB_USER", "postgres")
 		cfg.Password = get("DB_PASSWORD", "")
 	}
-	if url == "" || !strings.Contains(url, "sslmode") {
+	if url == "" || cfg.SSLMode == "" { // DATABASE_URL's own sslmode wins
 		mode := "verify-full"
 		if ip, err := netip.ParseAddr(cfg.Host); cfg.Host == "localhost" || strings.HasPrefix(cfg.Host, "/") || err == nil && ip.IsLoopback() {
 			mode = "disable"
@@ -437,8 +437,8 @@ func parseRate(s string) (rate, error) {
 	}
 	count, period, ok := strings.Cut(s, "/")
 	n, err := strconv.Atoi(count)
-	if !ok || err != nil || n < 1 || period == "" {
-		return rate{}, fmt.Errorf("want N/second, N/minute, N/hour, N/day or off, got %q", s)
+	if !ok || err != nil || n < 1 || n > 1_000_000_000 || period == "" {
+		return rate{}, fmt.Errorf("want N/second, N/minute, N/hour, N/day (N from 1 to 1,000,000,000) or off, got %q", s)
 	}
 	units := map[byte]time.Duration{'s': time.Second, 'm': time.Minute, 'h': time.Hour, 'd': 24 * time.Hour}
 	unit, ok := units[period[0]]
@@ -446,16 +446,6 @@ func parseRate(s string) (rate, error) {
 		return rate{}, fmt.Errorf("unknown period in %q", s)
 	}
 	return rate{n: n, period: unit}, nil
-}
-
-func parseBool(s string) (bool, error) {
-	switch strings.ToLower(s) {
-	case "1", "true", "yes", "on":
-		return true, nil
-	case "0", "false", "no", "off":
-		return false, nil
-	}
-	return false, fmt.Errorf("want True or False, got %q", s)
 }
 
 // readDotenv reads KEY=value lines from path, if it exists: # comments,

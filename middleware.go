@@ -346,6 +346,9 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 		lim, key = rt.s.userLimit, rateKey{user: info.userID}
 	}
 	if wait, ok := lim.allow(key); !ok {
+		if info.userID != 0 && loginEnded(rt.s.checkLogin(r.Context(), info)) {
+			return rt.s.asAnonymous(info, false)
+		}
 		return throttled(wait)
 	}
 	if authErr != nil {
@@ -490,16 +493,6 @@ func (l *limiter) window(key rateKey) (window, time.Duration) {
 	return w, time.Duration(now % int64(l.rate.period))
 }
 
-// len reports how many keys the limiter holds.
-func (l *limiter) len() int {
-	if l == nil {
-		return 0
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.young) + len(l.old)
-}
-
 // apiError is an answer other than success: a status and its JSON body.
 type apiError struct {
 	status     int
@@ -568,7 +561,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		return
 	case errors.As(err, &ae):
 	case loginEnded(err):
-		ae = errAccessInvalid
+		ae = s.asAnonymous(info, true)
 	case isUnavailable(err):
 		s.log.Warn("database unavailable", "request_id", info.id, "err", err)
 		ae = errUnavailable
@@ -583,6 +576,20 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
 	}
 	writeJSON(w, ae.status, ae.body)
+}
+
+// asAnonymous answers a request whose login has ended as the anonymous
+// caller it is: it counts against the anonymous limit, not its owner's
+// (charged: the user limit had counted it), so a revoked token cannot
+// spend its owner's budget; then 401.
+func (s *server) asAnonymous(info *requestInfo, charged bool) *apiError {
+	if charged {
+		s.userLimit.undo(rateKey{user: info.userID})
+	}
+	if wait, ok := s.anonLimit.allow(ipKey(info.clientIP)); !ok {
+		return throttled(wait)
+	}
+	return errAccessInvalid
 }
 
 // isRefusal reports a client error other than 401 and 429 (a throttled

@@ -1071,7 +1071,7 @@ func TestLimiterSlidingWindow(t *testing.T) {
 			}
 		}
 		l.undo(key)
-		if n := l.len(); n != 0 {
+		if n := limiterLen(l); n != 0 {
 			t.Fatalf("len %d, want 0", n)
 		}
 	})
@@ -1112,7 +1112,7 @@ func TestLimiterMaxKeys(t *testing.T) {
 				t.Fatalf("key %d refused", i+1)
 			}
 		}
-		if n := l.len(); n > 1_000 || n < 500 {
+		if n := limiterLen(l); n > 1_000 || n < 500 {
 			t.Fatalf("len %d, want 500 to 1000", n)
 		}
 		// The newest keys are the ones kept.
@@ -1135,7 +1135,7 @@ func TestLimiterMaxKeys(t *testing.T) {
 		}
 		l.allow(k(1)) // refused, but touches key 1: it moves to the young generation
 		l.allow(k(4)) // a fourth key: the young generation is full, so the old one (key 2) goes
-		if n := l.len(); n > 4 {
+		if n := limiterLen(l); n > 4 {
 			t.Fatalf("len %d, want at most 4", n)
 		}
 		for _, tc := range []struct {
@@ -1161,9 +1161,9 @@ func TestLimiterMaxKeys(t *testing.T) {
 		runtime.GC()
 		runtime.ReadMemStats(&after)
 		perKey := float64(after.HeapAlloc-before.HeapAlloc) / keys
-		t.Logf("%d keys: %.1f bytes of heap each", l.len(), perKey)
-		if l.len() != keys || perKey > 100 {
-			t.Fatalf("%d keys at %.1f bytes each, want %d at ≤ 100", l.len(), perKey, keys)
+		t.Logf("%d keys: %.1f bytes of heap each", limiterLen(l), perKey)
+		if limiterLen(l) != keys || perKey > 100 {
+			t.Fatalf("%d keys at %.1f bytes each, want %d at ≤ 100", limiterLen(l), perKey, keys)
 		}
 	})
 	t.Run("IPv6 addresses of one /64 are one key", func(t *testing.T) {
@@ -1172,7 +1172,7 @@ func TestLimiterMaxKeys(t *testing.T) {
 			ip := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 8: byte(i >> 8), 15: byte(i)})
 			l.allow(ipKey(ip))
 		}
-		if n := l.len(); n != 1 {
+		if n := limiterLen(l); n != 1 {
 			t.Fatalf("len %d, want 1", n)
 		}
 	})
@@ -1753,6 +1753,8 @@ func TestDatabaseTLS(t *testing.T) {
 		{"Unix socket", map[string]string{"DB_HOST": "/var/run/postgresql"}, "disable"},
 		{"DB_SSLMODE chosen", map[string]string{"DB_HOST": "db.example.com", "DB_SSLMODE": "require"}, "require"},
 		{"DATABASE_URL to a remote host", map[string]string{"DATABASE_URL": "postgres://u@db.example.com/x"}, "verify-full"},
+		{"sslmode in the password is no sslmode", map[string]string{"DATABASE_URL": "postgres://u:sslmode@db.example.com/x"}, "verify-full"},
+		{"sslmode in the database name is no sslmode", map[string]string{"DATABASE_URL": "postgres://u@db.example.com/sslmode_db"}, "verify-full"},
 		{"DATABASE_URL's sslmode wins", map[string]string{"DATABASE_URL": "postgres://u@db.example.com/x?sslmode=require", "DB_SSLMODE": "verify-full"}, "require"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1769,4 +1771,33 @@ func TestDatabaseTLS(t *testing.T) {
 			t.Errorf("DATABASE_URL %q: error %v, want DATABASE_URL named and the password absent", url, err)
 		}
 	}
+}
+
+// TestEndedLoginSpendsNoUserBudget: a token whose login has ended is an
+// anonymous caller's: it is limited by the anonymous limit, and cannot
+// throttle its owner's live logins by spending the user limit.
+func TestEndedLoginSpendsNoUserBudget(t *testing.T) {
+	s := newTestServer(t, map[string]string{"RATE_USER": "3/hour", "RATE_ANON": "7/hour"})
+	freezeLimiters(s, tenPast)
+	a := register(t, s)                             // anonymous: 1 of 7
+	live := loginPair(t, s, a.username, a.password) // 2
+	wantNoContent(t, logout(t, s, a.refresh))       // 3
+	for range 4 {
+		wantUnauthorized(t, me(t, s, a.access), invalidAccessBody)
+	}
+	wantThrottled(t, me(t, s, a.access), tenPastWait) // the anonymous limit, not the user's
+	for range 3 {
+		wantMe(t, s, live.Access, a)
+	}
+	wantThrottled(t, me(t, s, live.Access), tenPastWait)
+	// Over the user limit, a revoked token still hears what it is.
+	wantThrottled(t, me(t, s, a.access), tenPastWait)
+}
+
+// limiterLen reports how many keys l holds (0 for a limit that is off).
+func limiterLen(l *limiter) int {
+	if l == nil {
+		return 0
+	}
+	return len(l.young) + len(l.old)
 }

@@ -1213,3 +1213,26 @@ func TestAuditAtomic(t *testing.T) {
 	wantSame(t, s, a.access, patientPath(p), before)
 	wantJSON(t, do(t, s, req{method: "GET", path: patientsPath + "?search=New", token: a.access}), 200, emptyPage)
 }
+
+// TestAuditReuseRace: eight replays of a stolen refresh token at once end
+// the login once and write one refresh.reused event.
+func TestAuditReuseRace(t *testing.T) {
+	s := newTestServer(t, nil)
+	for range 3 {
+		a := register(t, s)
+		pairOf(t, refresh(t, s, a.refresh))
+		moveRotation(t, a.refresh, time.Minute)
+		var rqs []req
+		for range 8 {
+			rqs = append(rqs, req{method: "POST", path: "/api/auth/token/refresh/", body: jsonText(map[string]any{"refresh": a.refresh})})
+		}
+		for _, res := range concurrently(t, s, rqs) {
+			wantUnauthorized(t, res, blacklistedBody)
+		}
+		var n int
+		err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM audit_events WHERE user_id = $1 AND action = 'refresh.reused'`, a.id).Scan(&n)
+		if err != nil || n != 1 {
+			t.Fatalf("%d refresh.reused events (%v), want 1", n, err)
+		}
+	}
+}
