@@ -239,17 +239,22 @@ func doRequest(t testing.TB, s http.Handler, r *http.Request) response {
 // want (compared as decoded values, so key order does not matter).
 func wantJSON(t testing.TB, got response, status int, want string) {
 	t.Helper()
-	if got.status != status {
-		t.Fatalf("status %d, want %d; body %s", got.status, status, got.body)
-	}
-	var w any
-	if err := json.Unmarshal([]byte(want), &w); err != nil {
-		t.Fatalf("bad want JSON %q: %v", want, err)
-	}
-	g := got.json(t)
+	g, w := decodeBoth(t, got, status, want)
 	if !jsonEqual(g, w) {
 		t.Fatalf("body %s\nwant %s", got.body, want)
 	}
+}
+
+// decodeBoth fails unless got has the status, and decodes its body and want.
+func decodeBoth(t testing.TB, got response, status int, want string) (g, w any) {
+	t.Helper()
+	if got.status != status {
+		t.Fatalf("status %d, want %d; body %s", got.status, status, got.body)
+	}
+	if err := json.Unmarshal([]byte(want), &w); err != nil {
+		t.Fatalf("bad want JSON %q: %v", want, err)
+	}
+	return got.json(t), w
 }
 
 func jsonEqual(a, b any) bool {
@@ -480,14 +485,7 @@ func isStamp(s string) bool {
 // returns the decoded body.
 func wantShape(t testing.TB, got response, status int, want string) any {
 	t.Helper()
-	if got.status != status {
-		t.Fatalf("status %d, want %d; body %s", got.status, status, got.body)
-	}
-	var w any
-	if err := json.Unmarshal([]byte(want), &w); err != nil {
-		t.Fatalf("bad want JSON %q: %v", want, err)
-	}
-	g := got.json(t)
+	g, w := decodeBoth(t, got, status, want)
 	if at, ok := shapeMatch(g, w, "body"); !ok {
 		t.Fatalf("mismatch at %s\nbody %s\nwant %s", at, got.body, want)
 	}

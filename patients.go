@@ -320,45 +320,40 @@ func stripTags(s string) string {
 var emailRE = regexp.MustCompile(`^[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+(\.[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+)*` +
 	`@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{1,62}[a-z0-9]$`)
 
+var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
+
 // email reads an address, trimmed and lower-cased, at most 254 characters.
 func (f fields) email(key string, required bool, errs fieldErrors) *string {
+	return f.matching(key, required, true, 254, emailRE, "Enter a valid email address.", errs)
+}
+
+// username reads Django's username: 1–150 letters, digits and @.+-_.
+func (f fields) username(key string, errs fieldErrors) string {
+	const invalid = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
+	return deref(f.matching(key, true, false, 150, usernameRE, invalid, errs))
+}
+
+// matching reads a trimmed (and, if asked, lower-cased) string of at most
+// maxLen characters that re matches; nil means absent or invalid.
+func (f fields) matching(key string, required, lower bool, maxLen int, re *regexp.Regexp, invalid string, errs fieldErrors) *string {
 	v, ok := f.present(key, required, errs)
 	if !ok {
 		return nil
 	}
-	v = strings.ToLower(strings.TrimSpace(v))
+	if v = strings.TrimSpace(v); lower {
+		v = strings.ToLower(v)
+	}
 	switch {
 	case v == "":
 		errs.add(key, "This field may not be blank.")
-	case utf8.RuneCountInString(v) > 254:
-		errs.add(key, "Ensure this field has no more than 254 characters.")
-	case !emailRE.MatchString(v):
-		errs.add(key, "Enter a valid email address.")
+	case utf8.RuneCountInString(v) > maxLen:
+		errs.add(key, fmt.Sprintf("Ensure this field has no more than %d characters.", maxLen))
+	case !re.MatchString(v):
+		errs.add(key, invalid)
 	default:
 		return &v
 	}
 	return nil
-}
-
-var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
-
-// username reads Django's username: 1–150 letters, digits and @.+-_.
-func (f fields) username(key string, errs fieldErrors) string {
-	v, ok := f.present(key, true, errs)
-	if !ok {
-		return ""
-	}
-	switch v = strings.TrimSpace(v); {
-	case v == "":
-		errs.add(key, "This field may not be blank.")
-	case utf8.RuneCountInString(v) > 150:
-		errs.add(key, "Ensure this field has no more than 150 characters.")
-	case !usernameRE.MatchString(v):
-		errs.add(key, "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters.")
-	default:
-		return v
-	}
-	return ""
 }
 
 // pk reads a primary key given as a JSON integer or a string of digits.
