@@ -32,9 +32,8 @@ const minIterations = 600_000
 const maxIterations = 10_000_000
 
 // passwords hashes and verifies passwords in Django's pbkdf2_sha256 format.
-// At most cap(slots) hashes run at once: a login flood then waits for a slot
-// (and is shed with 503 after a short wait) instead of taking every core
-// from the requests that need no hash.
+// At most cap(slots) hashes run at once: a login flood waits, then is shed
+// with 503, instead of taking every core from requests that need no hash.
 type passwords struct {
 	iterations int
 	slots      chan struct{}
@@ -329,6 +328,19 @@ func (s *server) startLogin(ctx context.Context, tx *sql.Tx, userID int64) (toke
 	return pair, sid, err
 }
 
+// issuePair records a new refresh token of login sid and signs it with a
+// new access token.
+func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (tokenPair, error) {
+	now := time.Now()
+	refresh := s.signer.newClaims("refresh", userID, sid, now)
+	const q = `INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)`
+	if _, err := tx.ExecContext(ctx, q, refresh.JTI, sid, time.Unix(refresh.Exp, 0)); err != nil {
+		return tokenPair{}, fmt.Errorf("record refresh token: %w", err)
+	}
+	access := s.signer.newClaims("access", userID, sid, now)
+	return tokenPair{Refresh: s.signer.sign(refresh), Access: s.signer.sign(access)}, nil
+}
+
 // handleRegister creates an account and its first login.
 func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if wait, ok := s.registerLimit.allow(ipKey(infoFrom(r).clientIP)); !ok {
@@ -502,10 +514,8 @@ func (s *server) refreshClaims(r *http.Request) (claims, error) {
 	return c, err
 }
 
-// handleRefresh rotates a refresh token: the presented one is spent and a
-// new pair of the same login issued, in one transaction. The conditional
-// UPDATE is the lock: of concurrent refreshes with one token exactly one
-// finds it unspent.
+// handleRefresh spends the presented refresh token and issues a new pair of
+// the same login, in one transaction; the conditional UPDATE is the lock.
 func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 	c, err := s.refreshClaims(r)
 	if err == errExpired {
@@ -543,11 +553,9 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 
 var errSpent = errors.New("refresh token not spendable")
 
-// refusedRefresh explains why a validly signed refresh token could not be
-// spent. One already rotated is reuse: past the grace window it means the
-// token was probably stolen, so the whole login ends (RFC 9700 §4.14.2);
-// inside it, it is more likely two tabs refreshing at once. This holds for
-// an expired token too.
+// refusedRefresh explains why a signed refresh token (expired or not) could
+// not be spent. A rotated one reused past the grace window was probably
+// stolen, and the login ends (RFC 9700 §4.14.2); inside it, two tabs raced.
 func (s *server) refusedRefresh(r *http.Request, c claims) error {
 	// Reuse ends the login in the same statement that detects it.
 	const q = `

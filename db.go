@@ -472,19 +472,6 @@ func recordAccountEvent(ctx context.Context, db execer, r *http.Request, userID 
 	return nil
 }
 
-// issuePair records a new refresh token of login sid and signs it with a
-// new access token.
-func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (tokenPair, error) {
-	now := time.Now()
-	refresh := s.signer.newClaims("refresh", userID, sid, now)
-	const q = `INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)`
-	if _, err := tx.ExecContext(ctx, q, refresh.JTI, sid, time.Unix(refresh.Exp, 0)); err != nil {
-		return tokenPair{}, fmt.Errorf("record refresh token: %w", err)
-	}
-	access := s.signer.newClaims("access", userID, sid, now)
-	return tokenPair{Refresh: s.signer.sign(refresh), Access: s.signer.sign(access)}, nil
-}
-
 // event is one audit event as GET /api/audit/ shows it.
 type event struct {
 	ID        int64          `json:"id"`
