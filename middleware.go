@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -178,8 +179,11 @@ func (s *server) originAllowed(origin string) bool {
 // hostAllowed checks Host against ALLOWED_HOSTS, as Django does, so that
 // links built from Host (pagination) cannot be pointed at another site.
 func (s *server) hostAllowed(host string) bool {
-	if h, _, err := splitHostPort(host); err == nil {
+	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
+		if strings.Contains(h, ":") {
+			host = "[" + h + "]" // as ALLOWED_HOSTS writes an IPv6 literal
+		}
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	for _, a := range s.cfg.allowedHosts {
@@ -191,16 +195,6 @@ func (s *server) hostAllowed(host string) bool {
 		}
 	}
 	return false
-}
-
-// splitHostPort splits "host:port" and "[v6]:port", keeping the brackets of
-// an IPv6 literal so it compares equal to "[::1]" in ALLOWED_HOSTS.
-func splitHostPort(hostport string) (host, port string, err error) {
-	i := strings.LastIndexByte(hostport, ':')
-	if i < 0 || strings.HasSuffix(hostport[:i], ":") || (strings.Contains(hostport, "[") && !strings.HasSuffix(hostport[:i], "]")) {
-		return "", "", errors.New("no port")
-	}
-	return hostport[:i], hostport[i+1:], nil
 }
 
 // clientIP returns the address the rate limits key on, and whether the
