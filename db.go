@@ -260,6 +260,7 @@ type rowScanner interface{ Scan(dest ...any) error }
 func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, status int, scan func(rowScanner) (T, error), q string, args ...any) error {
 	v, err := scan(db.QueryRowContext(r.Context(), q, args...))
 	if errors.Is(err, sql.ErrNoRows) {
+		infoFrom(r).loginChecked = true // the statement ran, login_live with it
 		return errNotFound
 	}
 	if err != nil {
@@ -276,6 +277,7 @@ func deleteRow(w http.ResponseWriter, r *http.Request, db *database, q string, a
 		return fmt.Errorf("delete: %w", err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
+		infoFrom(r).loginChecked = true
 		return errNotFound
 	}
 	return noContent(w)
@@ -392,6 +394,7 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 		return err
 	}
 	if len(results) == 0 && p.page > 1 {
+		infoFrom(r).loginChecked = true
 		return errInvalidPage
 	}
 	link := func(n int) *string {

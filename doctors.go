@@ -106,11 +106,12 @@ func (s *server) mayChangeDoctor(r *http.Request) (int64, error) {
 	var creator sql.NullInt64
 	const q = `SELECT created_by FROM doctors WHERE id = $3 AND login_live($1, $2)`
 	err = s.db.QueryRowContext(r.Context(), q, info.userID, info.sessionID, id).Scan(&creator)
-	if errors.Is(err, sql.ErrNoRows) {
-		return 0, errNotFound
-	}
-	if err != nil {
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return 0, fmt.Errorf("find doctor: %w", err)
+	}
+	info.loginChecked = true
+	if err != nil {
+		return 0, errNotFound
 	}
 	if creator.Int64 != info.userID {
 		return 0, errForbidden

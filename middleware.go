@@ -239,6 +239,8 @@ type requestInfo struct {
 	https     bool
 	userID    int64
 	sessionID int64 // the login (the tokens' sid)
+	// loginChecked: a statement calling login_live has run for this request.
+	loginChecked bool
 }
 
 // who returns the caller's user id, login id, IP (as the limiter keys it)
@@ -541,9 +543,9 @@ func throttled(wait time.Duration) *apiError {
 // (driver text, SQL) go to the log only.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	info := infoFrom(r)
-	if info.sessionID != 0 && isRefusal(err) {
-		// A refusal made before the request's statement ran (its path, body
-		// or parameters) has not met login_live: an ended login must still
+	if info.sessionID != 0 && !info.loginChecked && isRefusal(err) {
+		// A refusal made before any statement ran (its path, body or
+		// parameters) has not met login_live: an ended login must still
 		// hear 401 first, as the order of checks says.
 		err = cmp.Or(s.checkLogin(r.Context(), info), err)
 	}
