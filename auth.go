@@ -45,7 +45,7 @@ type passwords struct {
 
 func newPasswords(iterations, concurrency int) (*passwords, error) {
 	p := &passwords{iterations: iterations, slots: make(chan struct{}, concurrency), maxWait: 2 * time.Second}
-	dummy, err := p.encode("dummy password", randomSalt())
+	dummy, err := p.encode("dummy password", newSalt())
 	if err != nil {
 		return nil, err
 	}
@@ -73,7 +73,7 @@ func (p *passwords) hash(ctx context.Context, password string) (string, error) {
 		return "", err
 	}
 	defer func() { <-p.slots }()
-	return p.encode(password, randomSalt())
+	return p.encode(password, newSalt())
 }
 
 func (p *passwords) encode(password, salt string) (string, error) {
@@ -137,26 +137,9 @@ func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	return nil
 }
 
-// randomSalt makes a 22-character salt from Django's alphabet (~131 bits).
-func randomSalt() string {
-	const alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-	b := make([]byte, 22)
-	for i := range b {
-		b[i] = alphabet[randIntn(len(alphabet))]
-	}
-	return string(b)
-}
-
-// randIntn is a uniform random int in [0, n) from crypto/rand.
-func randIntn(n int) int {
-	var b [1]byte
-	for {
-		rand.Read(b[:])
-		if int(b[0]) < 256-256%n { // reject the biased tail
-			return int(b[0]) % n
-		}
-	}
-}
+// newSalt returns 22 characters of Django's salt alphabet (rand.Text's
+// base32 is a subset of it): 110 random bits.
+func newSalt() string { return rand.Text()[:22] }
 
 // claims are the payload of a token: SimpleJWT's claims, in its order, plus
 // sid, the login the token descends from. A claim of the wrong JSON type
@@ -189,10 +172,6 @@ type signer struct {
 	key        secret
 	accessTTL  time.Duration
 	refreshTTL time.Duration
-}
-
-func newSigner(key []byte, accessTTL, refreshTTL time.Duration) *signer {
-	return &signer{key: key, accessTTL: accessTTL, refreshTTL: refreshTTL}
 }
 
 // newClaims fills the claims of a new token with a random jti.

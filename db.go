@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"database/sql/driver"
@@ -137,23 +138,12 @@ func withTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
 	}
 	defer tx.Rollback()
 	if err := fn(tx); err != nil {
-		return txDeadline(ctx, err)
+		return err
 	}
 	if err := tx.Commit(); err != nil {
-		return txDeadline(ctx, fmt.Errorf("commit: %w", err))
+		return fmt.Errorf("commit: %w", err)
 	}
 	return nil
-}
-
-// txDeadline keeps the cause of an ErrTxDone: when the request's deadline
-// passes inside a transaction, database/sql rolls it back and the next
-// statement or the commit reports ErrTxDone. Nothing was written; that is
-// a 503 (unavailable, try again), not a 500.
-func txDeadline(ctx context.Context, err error) error {
-	if errors.Is(err, sql.ErrTxDone) && ctx.Err() != nil {
-		return fmt.Errorf("%w (%w)", err, ctx.Err())
-	}
-	return err
 }
 
 // loginEnded reports whether err is login_live's refusal (schema.sql).
@@ -197,8 +187,9 @@ func isUnavailable(err error) bool {
 
 // database is the pool, running each query as a prepared statement, so
 // that PostgreSQL plans it once per connection rather than at every call
-// (README, Performance). Query texts are few, built from constants; the
-// cache stops growing at maxStatements all the same.
+// (README, Performance). Query texts are built from constants, whitelisted
+// orderings and a bounded number of search terms; the cache stops growing
+// at maxStatements all the same.
 type database struct {
 	*sql.DB
 	mu    sync.RWMutex
@@ -311,13 +302,10 @@ const maxSearchTerms = 20
 // parseList reads page, page_size, ordering and (when searchable) search.
 // orderable maps each public field name to its SQL column.
 func parseList(q url.Values, orderable map[string]string, searchable bool) (listParams, error) {
-	p := listParams{page: 1, size: 10}
-	if v := q.Get("page"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > math.MaxInt32 { // no list has that many pages
-			return p, errInvalidPage
-		}
-		p.page = n
+	p := listParams{size: 10}
+	var err error
+	if p.page, err = strconv.Atoi(cmp.Or(q.Get("page"), "1")); err != nil || p.page < 1 || p.page > math.MaxInt32 {
+		return p, errInvalidPage // no list has that many pages
 	}
 	// A size too large for an int is still "larger": capped, not the default.
 	if n, err := strconv.Atoi(q.Get("page_size")); (err == nil || errors.Is(err, strconv.ErrRange)) && n > 0 {
@@ -327,18 +315,17 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 	seen := map[string]bool{}
 	for _, f := range strings.Split(q.Get("ordering"), ",") {
 		f = strings.TrimSpace(f)
-		name := strings.TrimPrefix(f, "-")
+		name, desc := strings.CutPrefix(f, "-")
 		col, ok := orderable[name]
 		switch {
 		case f == "" || seen[name]: // a repeated field changes nothing
 			continue
 		case !ok:
 			return p, fieldErrors{"ordering": {fmt.Sprintf("Invalid ordering field %q.", f)}}
-		case name == f:
-			order = append(order, col)
-		default:
-			order = append(order, col+" DESC")
+		case desc:
+			col += " DESC"
 		}
+		order = append(order, col)
 		seen[name] = true
 	}
 	// The id tie-breaker keeps pages stable when the ordered values repeat.
@@ -389,12 +376,24 @@ type page[T any] struct {
 // rows with their total count in front, and takes $1 user id, $2 login id,
 // $3 limit, $4 offset, then extra, then the search terms.
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, q string, scan func(rowScanner) (T, error), extra ...any) error {
-	count, results, err := queryPage(r, db, p, q, p.size, (p.page-1)*p.size, scan, extra)
+	info := infoFrom(r)
+	args := append([]any{info.userID, info.sessionID, p.size, (p.page - 1) * p.size}, extra...)
+	for _, t := range p.terms {
+		args = append(args, t)
+	}
+	rows, err := db.QueryContext(r.Context(), q, args...)
+	if err != nil {
+		return fmt.Errorf("list: %w", err)
+	}
+	var count int
+	results, err := scanAll(rows, func(row rowScanner) (T, error) {
+		return scan(scanFunc(func(dest ...any) error { return row.Scan(append([]any{&count}, dest...)...) }))
+	})
 	if err != nil {
 		return err
 	}
 	if len(results) == 0 && p.page > 1 {
-		infoFrom(r).loginChecked = true
+		info.loginChecked = true
 		return errInvalidPage
 	}
 	link := func(n int) *string {
@@ -404,10 +403,7 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 		} else {
 			q.Set("page", strconv.Itoa(n))
 		}
-		scheme := "http"
-		if infoFrom(r).https {
-			scheme = "https"
-		}
+		scheme := map[bool]string{false: "http", true: "https"}[info.https]
 		u := (&url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}).String()
 		return &u
 	}
@@ -421,40 +417,11 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 	return writeJSON(w, http.StatusOK, pg)
 }
 
-// queryPage runs a list statement: the count and the rows it returns.
-func queryPage[T any](r *http.Request, db *database, p listParams, q string, limit, offset int, scan func(rowScanner) (T, error), extra []any) (int, []T, error) {
-	info := infoFrom(r)
-	args := append([]any{info.userID, info.sessionID, limit, offset}, extra...)
-	for _, t := range p.terms {
-		args = append(args, t)
-	}
-	var rows *sql.Rows
-	var err error
-	if len(p.terms) > 0 {
-		// Not prepared: a search's text varies with its number of terms.
-		rows, err = db.DB.QueryContext(r.Context(), q, args...)
-	} else {
-		rows, err = db.QueryContext(r.Context(), q, args...)
-	}
-	if err != nil {
-		return 0, nil, fmt.Errorf("list: %w", err)
-	}
-	var count int
-	results, err := scanAll(rows, func(row rowScanner) (T, error) {
-		return scan(withCount{row, &count})
-	})
-	return count, results, err
-}
+// scanFunc makes a function a rowScanner: listPage's scans the count column
+// in front of a row's own columns.
+type scanFunc func(dest ...any) error
 
-// withCount scans the count column in front of a row's own columns.
-type withCount struct {
-	row   rowScanner
-	count *int
-}
-
-func (w withCount) Scan(dest ...any) error {
-	return w.row.Scan(append([]any{w.count}, dest...)...)
-}
+func (f scanFunc) Scan(dest ...any) error { return f(dest...) }
 
 // The audit trail: account events, and the list of a caller's events.
 // Patient statements write their own events (patients.go, mappings.go).

@@ -107,32 +107,26 @@ func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	scheme := "http"
-	if cfg.tlsCert != "" {
-		scheme = "https"
-	}
+	scheme := map[bool]string{false: "http", true: "https"}[cfg.tlsCert != ""]
 	logger.Info("serving", "url", scheme+"://"+ln.Addr().String()+"/")
-	serveErr := make(chan error, 1)
+	stopped := make(chan error, 1)
 	go func() {
-		if cfg.tlsCert != "" {
-			serveErr <- httpServer.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey)
-		} else {
-			serveErr <- httpServer.Serve(ln)
-		}
+		<-ctx.Done()
+		logger.Info("shutting down")
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		stopped <- httpServer.Shutdown(shutdownCtx)
 	}()
-	select {
-	case err := <-serveErr:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
+	if cfg.tlsCert != "" {
+		err = httpServer.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey)
+	} else {
+		err = httpServer.Serve(ln)
 	}
-	logger.Info("shutting down")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if err := httpServer.Shutdown(shutdownCtx); err != nil {
+	if !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve: %w", err)
+	}
+	if err := <-stopped; err != nil {
 		return fmt.Errorf("shutdown: %w", err)
-	}
-	if err := <-serveErr; !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve: %w", err)
 	}
 	return nil
 }
@@ -189,7 +183,7 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 		db:              &database{DB: db, stmts: map[string]*sql.Stmt{}},
 		log:             logger,
 		mux:             http.NewServeMux(),
-		signer:          newSigner(cfg.secretKey, cfg.accessTTL, cfg.refreshTTL),
+		signer:          &signer{key: cfg.secretKey, accessTTL: cfg.accessTTL, refreshTTL: cfg.refreshTTL},
 		passwords:       pw,
 		commonPasswords: common,
 		registerLimit:   newLimiter(cfg.rateRegister, cfg.rateMaxKeys),

@@ -290,9 +290,6 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// Unwrap lets http.ResponseController reach the connection.
-func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
 // access says who may call a route and which limits apply.
 type access int
 
@@ -558,7 +555,9 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &ae):
 	case loginEnded(err):
 		ae = s.asAnonymous(info, true)
-	case isUnavailable(err):
+	case isUnavailable(err) || r.Context().Err() != nil:
+		// Past the request's deadline nothing was committed (an open
+		// transaction was rolled back): the client may try again.
 		s.log.Warn("database unavailable", "request_id", info.id, "err", err)
 		ae = errUnavailable
 	default:
