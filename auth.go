@@ -608,12 +608,11 @@ func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 
 // handleMe returns the caller's account.
 func (s *server) handleMe(w http.ResponseWriter, r *http.Request) error {
-	info := infoFrom(r)
 	const q = `SELECT id, username, email, name FROM users WHERE id = $1 AND login_live($1, $2)`
 	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) (u user, err error) {
 		err = row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
 		return
-	}, q, info.userID, info.sessionID)
+	}, q, infoFrom(r).caller()...)
 }
 
 var errWrongOldPassword = &apiError{status: http.StatusBadRequest,
@@ -632,7 +631,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	var u user
 	var stored string
 	const q = `SELECT id, username, email, name, password FROM users WHERE id = $1 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(ctx, q, info.userID, info.sessionID).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored)
+	err = s.db.QueryRowContext(ctx, q, info.caller()...).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
 	}
@@ -653,7 +652,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 		// Only the hash the old password was checked against is replaced: of
 		// two changes at once, the second finds it gone.
 		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password = $4 AND login_live($1, $2)`
-		res, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed, stored)
+		res, err := tx.ExecContext(ctx, q, info.caller(hashed, stored)...)
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}

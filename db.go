@@ -153,7 +153,7 @@ func loginEnded(err error) bool {
 
 // checkLogin fails with login_live's refusal when the caller's login has ended.
 func (s *server) checkLogin(ctx context.Context, info *requestInfo) error {
-	_, err := s.db.ExecContext(ctx, `SELECT login_live($1, $2)`, info.userID, info.sessionID)
+	_, err := s.db.ExecContext(ctx, `SELECT login_live($1, $2)`, info.caller()...)
 	return err
 }
 
@@ -377,7 +377,7 @@ type page[T any] struct {
 // $3 limit, $4 offset, then extra, then the search terms.
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, q string, scan func(rowScanner) (T, error), extra ...any) error {
 	info := infoFrom(r)
-	args := append([]any{info.userID, info.sessionID, p.size, (p.page - 1) * p.size}, extra...)
+	args := info.caller(append([]any{p.size, (p.page - 1) * p.size}, extra...)...)
 	for _, t := range p.terms {
 		args = append(args, t)
 	}

@@ -76,66 +76,53 @@ func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
-	info := infoFrom(r)
 	const q = `INSERT INTO doctors (created_by, first_name, last_name, email, specialization)
 		SELECT $1, $3, coalesce($4, ''), $5, $6 WHERE login_live($1, $2)
 		RETURNING ` + doctorColumns
-	args := append([]any{info.userID, info.sessionID}, values...)
-	return doctorConflict(writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, args...))
+	return doctorConflict(writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, infoFrom(r).caller(values...)...))
 }
 
 func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
-	id, err := pathID(r)
-	if err != nil {
-		return err
-	}
-	info := infoFrom(r)
 	const q = `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $3 AND login_live($1, $2)`
-	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, id)
+	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, infoFrom(r).caller(pathID(r))...)
 }
 
 // mayChangeDoctor answers 404 for a missing doctor and 403 for one the
 // caller did not create. It runs before the body is read: the order of
 // checks puts 403 before 415 and 400.
-func (s *server) mayChangeDoctor(r *http.Request) (int64, error) {
-	id, err := pathID(r)
-	if err != nil {
-		return 0, err
-	}
+func (s *server) mayChangeDoctor(r *http.Request) error {
 	info := infoFrom(r)
 	var creator sql.NullInt64
 	const q = `SELECT created_by FROM doctors WHERE id = $3 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(r.Context(), q, info.userID, info.sessionID, id).Scan(&creator)
+	err := s.db.QueryRowContext(r.Context(), q, info.caller(pathID(r))...).Scan(&creator)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return 0, fmt.Errorf("find doctor: %w", err)
+		return fmt.Errorf("find doctor: %w", err)
 	}
 	info.loginChecked = true
 	if err != nil {
-		return 0, errNotFound
+		return errNotFound
 	}
 	if creator.Int64 != info.userID {
-		return 0, errForbidden
+		return errForbidden
 	}
-	return id, nil
+	return nil
 }
 
 // handleUpdateDoctor serves PUT and PATCH for the doctor's creator, whom the
 // UPDATE checks again; a doctor deleted in between is a 404.
 func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) error {
-	id, err := s.mayChangeDoctor(r)
-	if err != nil {
+	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
 	values, err := readDoctor(r, r.Method == http.MethodPatch)
 	if err != nil {
 		return err
 	}
-	info := infoFrom(r)
 	const q = `UPDATE doctors SET first_name = coalesce($4, first_name), last_name = coalesce($5, last_name),
 			email = coalesce($6, email), specialization = coalesce($7, specialization), updated_at = now()
 		WHERE id = $3 AND created_by = $1 AND login_live($1, $2)
 		RETURNING ` + doctorColumns
-	args := append([]any{info.userID, info.sessionID, id}, values...)
+	args := infoFrom(r).caller(append([]any{pathID(r)}, values...)...)
 	return doctorConflict(writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, args...))
 }
 
@@ -146,13 +133,11 @@ var errDoctorAssigned = &apiError{status: http.StatusConflict,
 // foreign key (ON DELETE RESTRICT) refuses the delete otherwise, so a
 // mapping created at the same moment cannot be lost.
 func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) error {
-	id, err := s.mayChangeDoctor(r)
-	if err != nil {
+	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
-	info := infoFrom(r)
 	const q = `DELETE FROM doctors WHERE id = $3 AND created_by = $1 AND login_live($1, $2)`
-	err = deleteRow(w, r, s.db, q, info.userID, info.sessionID, id)
+	err := deleteRow(w, r, s.db, q, infoFrom(r).caller(pathID(r))...)
 	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
 		return errDoctorAssigned
 	}

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"database/sql"
-	"errors"
 	"fmt"
 	"net/http"
 
@@ -88,7 +86,7 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 	const check = `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $3 AND owner_id = $1),
 		EXISTS (SELECT 1 FROM doctors WHERE id = $4) WHERE login_live($1, $2)`
 	var patientOK, doctorOK bool
-	err = s.db.QueryRowContext(r.Context(), check, info.userID, info.sessionID, patientID, doctorID).Scan(&patientOK, &doctorOK)
+	err = s.db.QueryRowContext(r.Context(), check, info.caller(patientID, doctorID)...).Scan(&patientOK, &doctorOK)
 	if err != nil {
 		return fmt.Errorf("check mapping references: %w", err)
 	}
@@ -107,11 +105,7 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 // handlePatientMappings lists one of the caller's patients' mappings, oldest
 // first, as a plain array; another user's patient is a 404.
 func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) error {
-	id, err := pathID(r)
-	if err != nil {
-		return err
-	}
-	info := infoFrom(r)
+	id, info := pathID(r), infoFrom(r)
 	const q = `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
 			SELECT $1, $2, 'mapping.list', $5, $3, $4 WHERE EXISTS (SELECT 1 FROM mappings WHERE patient_id = $5 AND owner_id = $1))
 		SELECT ` + mappingColumns + `
@@ -130,24 +124,15 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 	}
 	// No mappings: an empty array for the caller's patient, else 404.
 	const patientQ = `SELECT 1 FROM patients WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(r.Context(), patientQ, info.userID, info.sessionID, id).Scan(new(int))
-	if errors.Is(err, sql.ErrNoRows) {
-		return errNotFound
-	}
-	if err != nil {
-		return fmt.Errorf("find patient: %w", err)
-	}
-	return writeJSON(w, http.StatusOK, out)
+	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) ([]mapping, error) {
+		return out, row.Scan(new(int))
+	}, patientQ, info.caller(id)...)
 }
 
 func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) error {
-	id, err := pathID(r)
-	if err != nil {
-		return err
-	}
 	const q = `WITH m AS (DELETE FROM mappings WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) RETURNING patient_id, doctor_id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
 			SELECT $1, $2, 'mapping.delete', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT 1 FROM m`
-	return deleteRow(w, r, s.db, q, infoFrom(r).who(id)...)
+	return deleteRow(w, r, s.db, q, infoFrom(r).who(pathID(r))...)
 }

@@ -243,10 +243,16 @@ type requestInfo struct {
 	loginChecked bool
 }
 
-// who returns the caller's user id, login id, IP (as the limiter keys it)
-// and request id: $1 to $4 of every statement that writes audit events.
+// caller returns the caller's user id and login id, $1 and $2 of every
+// authenticated statement, followed by args.
+func (info *requestInfo) caller(args ...any) []any {
+	return append([]any{info.userID, info.sessionID}, args...)
+}
+
+// who adds the client IP (as the limiter keys it) and the request id as $3
+// and $4: the arguments of every statement that writes audit events.
 func (info *requestInfo) who(args ...any) []any {
-	return append([]any{info.userID, info.sessionID, info.clientIP.String(), info.id}, args...)
+	return info.caller(append([]any{info.clientIP.String(), info.id}, args...)...)
 }
 
 type infoKey struct{}
@@ -346,6 +352,9 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 	}
 	if authErr != nil {
 		return authErr
+	}
+	if r.PathValue("id") != "" && pathID(r) < 1 {
+		return errNotFound // as Django's <int:pk> converter answers
 	}
 	return rt.h(w, r)
 }

@@ -44,27 +44,23 @@ func scanPatient(row rowScanner) (patient, error) {
 	return p, err
 }
 
-// patientInput is a validated patient body; nil means "not given".
-type patientInput struct {
-	firstName, lastName, email, dateOfBirth, phone *string
-	dateGiven                                      bool // date_of_birth was given, maybe as null
-}
-
-// readPatient validates a patient body. A create or PUT (partial false)
-// must name the required fields.
-func readPatient(r *http.Request, partial bool) (patientInput, error) {
+// readPatient validates a patient body into first_name, last_name, email,
+// date_of_birth ("" for null) and phone, each nil when not given. A create
+// or PUT (partial false) must name the required fields.
+func readPatient(r *http.Request, partial bool) ([]any, error) {
 	f, err := decodeBody(r)
 	if err != nil {
-		return patientInput{}, err
+		return nil, err
 	}
 	errs := fieldErrors{}
-	var in patientInput
-	in.firstName = f.text("first_name", !partial, 1, 100, errs)
-	in.lastName = f.text("last_name", false, 0, 100, errs)
-	in.email = f.email("email", !partial, errs)
-	in.dateOfBirth, in.dateGiven = f.date("date_of_birth", errs)
-	in.phone = f.phone("phone", errs)
-	return in, errs.orNil()
+	values := []any{
+		f.text("first_name", !partial, 1, 100, errs),
+		f.text("last_name", false, 0, 100, errs),
+		f.email("email", !partial, errs),
+		f.date("date_of_birth", errs),
+		f.phone("phone", errs),
+	}
+	return values, errs.orNil()
 }
 
 // patientConflict maps the per-owner unique email to its field error.
@@ -98,42 +94,33 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) erro
 }
 
 func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) error {
-	in, err := readPatient(r, false)
+	values, err := readPatient(r, false)
 	if err != nil {
 		return err
 	}
 	const q = `WITH p AS (
 			INSERT INTO patients (owner_id, first_name, last_name, email, date_of_birth, phone)
-			SELECT $1, $5, coalesce($6, ''), $7, $8, coalesce($9, '') WHERE login_live($1, $2)
+			SELECT $1, $5, coalesce($6, ''), $7, nullif($8, '')::date, coalesce($9, '') WHERE login_live($1, $2)
 			RETURNING ` + patientColumns + `),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
 			SELECT $1, $2, 'patient.create', id, $3, $4 FROM p)
 		SELECT * FROM p`
-	args := infoFrom(r).who(in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone)
-	return patientConflict(writeRow(w, r, s.db, http.StatusCreated, scanPatient, q, args...))
+	return patientConflict(writeRow(w, r, s.db, http.StatusCreated, scanPatient, q, infoFrom(r).who(values...)...))
 }
 
 func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error {
-	id, err := pathID(r)
-	if err != nil {
-		return err
-	}
 	const q = `WITH p AS (SELECT ` + patientColumns + ` FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2)),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
 			SELECT $1, $2, 'patient.read', id, $3, $4 FROM p)
 		SELECT * FROM p`
-	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, infoFrom(r).who(id)...)
+	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, infoFrom(r).who(pathID(r))...)
 }
 
 // handleUpdatePatient serves PUT and PATCH: PATCH may name any subset of
 // fields, PUT must name the required ones; a field not named keeps its
 // value. The event names the fields whose values changed.
 func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) error {
-	in, err := readPatient(r, r.Method == http.MethodPatch)
-	if err != nil {
-		return err
-	}
-	id, err := pathID(r)
+	values, err := readPatient(r, r.Method == http.MethodPatch)
 	if err != nil {
 		return err
 	}
@@ -143,7 +130,7 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 			FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) FOR UPDATE),
 		p AS (
 			UPDATE patients SET first_name = coalesce($6, first_name), last_name = coalesce($7, last_name),
-				email = coalesce($8, email), date_of_birth = CASE WHEN $11 THEN $9::date ELSE date_of_birth END,
+				email = coalesce($8, email), date_of_birth = CASE WHEN $9::text IS NULL THEN date_of_birth ELSE nullif($9, '')::date END,
 				phone = coalesce($10, phone), updated_at = now()
 			FROM before WHERE id = patient
 			RETURNING ` + patientColumns + `, was, ` + fields + ` AS now),
@@ -152,22 +139,18 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 				SELECT name FROM unnest('{first_name,last_name,email,date_of_birth,phone}'::text[], was, now) AS f(name, a, b)
 				WHERE a IS DISTINCT FROM b), $3, $4 FROM p)
 		SELECT id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM p`
-	args := infoFrom(r).who(id, in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone, in.dateGiven)
+	args := infoFrom(r).who(append([]any{pathID(r)}, values...)...)
 	return patientConflict(writeRow(w, r, s.db, http.StatusOK, scanPatient, q, args...))
 }
 
 // handleDeletePatient deletes a patient; its mappings go with it (ON DELETE
 // CASCADE), its audit events stay.
 func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) error {
-	id, err := pathID(r)
-	if err != nil {
-		return err
-	}
 	const q = `WITH p AS (DELETE FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) RETURNING id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
 			SELECT $1, $2, 'patient.delete', id, $3, $4 FROM p)
 		SELECT id FROM p`
-	return deleteRow(w, r, s.db, q, infoFrom(r).who(id)...)
+	return deleteRow(w, r, s.db, q, infoFrom(r).who(pathID(r))...)
 }
 
 // The field readers below serve every resource's body: each reads one
@@ -218,14 +201,14 @@ func parseError(why string) error {
 	return &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
 }
 
-// pathID reads the {id} path value; anything but a positive integer that
-// fits int64 is not an id, so the answer is 404.
-func pathID(r *http.Request) (int64, error) {
+// pathID reads the {id} path value, or 0 when it is not a positive integer
+// that fits int64: route.serve answers 404 then, before the handler runs.
+func pathID(r *http.Request) int64 {
 	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
 	if err != nil || id < 1 {
-		return 0, errNotFound
+		return 0
 	}
-	return id, nil
+	return id
 }
 
 // str reads a string member. ok is false when the member is absent or
@@ -390,14 +373,14 @@ func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool
 }
 
 // date reads date_of_birth: YYYY-MM-DD, not in the future, not before
-// 1900, or null. given is false when the member is absent.
-func (f fields) date(key string, errs fieldErrors) (v *string, given bool) {
-	if raw, present := f[key]; !present || string(raw) == "null" {
-		return nil, present
+// 1900, or null, read as "". nil means absent or invalid.
+func (f fields) date(key string, errs fieldErrors) *string {
+	if string(f[key]) == "null" {
+		return new(string)
 	}
 	s, ok := f.str(key, errs)
 	if !ok {
-		return nil, false
+		return nil
 	}
 	d, err := time.Parse(time.DateOnly, strings.TrimSpace(s))
 	switch {
@@ -409,9 +392,9 @@ func (f fields) date(key string, errs fieldErrors) (v *string, given bool) {
 		errs.add(key, "Date of birth cannot be before 1900-01-01.")
 	default:
 		s = d.Format(time.DateOnly)
-		return &s, true
+		return &s
 	}
-	return nil, false
+	return nil
 }
 
 // phoneRE: an optional leading +, then 10–15 digits, each perhaps
