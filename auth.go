@@ -252,14 +252,14 @@ var (
 	errNoCredentials = &apiError{status: http.StatusUnauthorized,
 		body: detail("Authentication credentials were not provided.")}
 	errBadAuthHeader = &apiError{status: http.StatusUnauthorized,
-		body: detailBody{Detail: "Authorization header must contain two space-delimited values", Code: "bad_authorization_header"}}
+		body: map[string]string{"detail": "Authorization header must contain two space-delimited values", "code": "bad_authorization_header"}}
 	errAccessInvalid = &apiError{status: http.StatusUnauthorized, body: map[string]any{
 		"detail": "Given token not valid for any token type", "code": "token_not_valid",
 		"messages": []map[string]string{{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}}}}
 	errRefreshInvalid = &apiError{status: http.StatusUnauthorized,
-		body: detailBody{Detail: "Token is invalid or expired", Code: "token_not_valid"}}
+		body: map[string]string{"detail": "Token is invalid or expired", "code": "token_not_valid"}}
 	errBlacklisted = &apiError{status: http.StatusUnauthorized,
-		body: detailBody{Detail: "Token is blacklisted", Code: "token_not_valid"}}
+		body: map[string]string{"detail": "Token is blacklisted", "code": "token_not_valid"}}
 	errBadCredentials = &apiError{status: http.StatusUnauthorized,
 		body: detail("No active account found with the given credentials")}
 )

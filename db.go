@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lib/pq"
@@ -192,8 +193,8 @@ func isUnavailable(err error) bool {
 // at maxStatements all the same.
 type database struct {
 	*sql.DB
-	mu    sync.RWMutex
-	stmts map[string]*sql.Stmt
+	stmts sync.Map // query text → *sql.Stmt
+	n     atomic.Int32
 }
 
 const maxStatements = 500
@@ -201,24 +202,21 @@ const maxStatements = 500
 // stmt returns query's prepared statement, or nil to run it unprepared (a
 // full cache, or a failed prepare, whose error the query itself will meet).
 func (d *database) stmt(ctx context.Context, query string) *sql.Stmt {
-	d.mu.RLock()
-	st, ok := d.stmts[query]
-	full := len(d.stmts) >= maxStatements
-	d.mu.RUnlock()
-	if ok || full {
-		return st
+	if st, ok := d.stmts.Load(query); ok {
+		return st.(*sql.Stmt)
+	}
+	if d.n.Load() >= maxStatements {
+		return nil
 	}
 	st, err := d.DB.PrepareContext(ctx, query)
 	if err != nil {
 		return nil
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if prev, ok := d.stmts[query]; ok {
+	if prev, loaded := d.stmts.LoadOrStore(query, st); loaded {
 		st.Close() // another request prepared it first
-		return prev
+		return prev.(*sql.Stmt)
 	}
-	d.stmts[query] = st
+	d.n.Add(1)
 	return st
 }
 

@@ -4,7 +4,6 @@
 package main
 
 import (
-	"bufio"
 	"cmp"
 	"context"
 	"crypto/rand"
@@ -180,7 +179,7 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 	}
 	s := &server{
 		cfg:             cfg,
-		db:              &database{DB: db, stmts: map[string]*sql.Stmt{}},
+		db:              &database{DB: db},
 		log:             logger,
 		mux:             http.NewServeMux(),
 		signer:          &signer{key: cfg.secretKey, accessTTL: cfg.accessTTL, refreshTTL: cfg.refreshTTL},
@@ -446,24 +445,22 @@ func parseRate(s string) (rate, error) {
 // blank lines and an optional "export " are skipped, and a value in single
 // or double quotes loses them.
 func readDotenv(path string) (map[string]string, error) {
-	f, err := os.Open(path)
+	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
-	defer f.Close()
 	vars := map[string]string{}
-	sc := bufio.NewScanner(f)
-	for line := 1; sc.Scan(); line++ {
-		text := strings.TrimSpace(sc.Text())
+	for i, line := range strings.Split(string(data), "\n") {
+		text := strings.TrimSpace(line)
 		if text == "" || strings.HasPrefix(text, "#") {
 			continue
 		}
 		key, value, ok := strings.Cut(strings.TrimPrefix(text, "export "), "=")
 		if !ok {
-			return nil, fmt.Errorf("%s:%d: want KEY=value", path, line)
+			return nil, fmt.Errorf("%s:%d: want KEY=value", path, i+1)
 		}
 		value = strings.TrimSpace(value)
 		if len(value) >= 2 && (value[0] == '"' || value[0] == '\'') && value[len(value)-1] == value[0] {
@@ -471,5 +468,5 @@ func readDotenv(path string) (map[string]string, error) {
 		}
 		vars[strings.TrimSpace(key)] = value
 	}
-	return vars, sc.Err()
+	return vars, nil
 }

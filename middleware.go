@@ -257,13 +257,7 @@ func (info *requestInfo) who(args ...any) []any {
 
 type infoKey struct{}
 
-func infoFrom(r *http.Request) *requestInfo {
-	info, _ := r.Context().Value(infoKey{}).(*requestInfo)
-	if info == nil {
-		info = &requestInfo{}
-	}
-	return info
-}
+func infoFrom(r *http.Request) *requestInfo { return r.Context().Value(infoKey{}).(*requestInfo) }
 
 // newRequestID is random, not a counter, so that it tells a client nothing
 // about how busy the server is.
@@ -519,13 +513,8 @@ func (e fieldErrors) orNil() error {
 	return e
 }
 
-// detailBody is the {"detail": …} shape of every non-field error.
-type detailBody struct {
-	Detail string `json:"detail"`
-	Code   string `json:"code,omitempty"`
-}
-
-func detail(msg string) detailBody { return detailBody{Detail: msg} }
+// detail is the {"detail": …} shape of every non-field error.
+func detail(msg string) map[string]string { return map[string]string{"detail": msg} }
 
 var (
 	errNotFound     = &apiError{status: http.StatusNotFound, body: detail("Not found.")}

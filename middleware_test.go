@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"runtime"
 	"strconv"
@@ -1094,7 +1095,7 @@ func TestThrottledMessage(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.wait.String(), func(t *testing.T) {
 			e := throttled(tc.wait)
-			if e.status != http.StatusTooManyRequests || e.retryAfter != tc.wantAfter || e.body != detail(tc.wantMsg) {
+			if e.status != http.StatusTooManyRequests || e.retryAfter != tc.wantAfter || !reflect.DeepEqual(e.body, detail(tc.wantMsg)) {
 				t.Fatalf("throttled(%v) = %d %v Retry-After %d, want 429 %q Retry-After %d",
 					tc.wait, e.status, e.body, e.retryAfter, tc.wantMsg, tc.wantAfter)
 			}
