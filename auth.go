@@ -426,26 +426,29 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if id != 0 && !match {
-		if err := recordAccountEvent(ctx, s.db, r, id, nil, "login.failed"); err != nil {
-			return err
-		}
+	if !match && id != 0 { // an unknown name never matches
+		return cmp.Or(recordAccountEvent(ctx, s.db, r, id, nil, "login.failed"), error(errBadCredentials))
 	}
-	if !match || id == 0 {
+	if !match {
 		return errBadCredentials
 	}
+	var upgraded *string // a stale hash's replacement at our iteration count
 	if stale {
-		stored = s.rehash(ctx, id, password, stored)
+		if h, err := s.passwords.hash(ctx, password); err == nil { // else the next login tries again
+			upgraded = &h
+		}
 	}
 	var pair tokenPair
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// The hash checked must still be the account's, held until commit:
+		// The hash checked must still be the account's, locked until commit:
 		// a password change cannot slip in between and miss this login.
-		const still = `SELECT 1 FROM users WHERE id = $1 AND password = $2 FOR SHARE`
-		if err := tx.QueryRowContext(ctx, still, id, stored).Scan(new(int)); errors.Is(err, sql.ErrNoRows) {
-			return errBadCredentials
-		} else if err != nil {
+		const still = `UPDATE users SET password = coalesce($3, password) WHERE id = $1 AND password = $2`
+		res, err := tx.ExecContext(ctx, still, id, stored, upgraded)
+		if err != nil {
 			return fmt.Errorf("recheck password: %w", err)
+		}
+		if n, _ := res.RowsAffected(); n != 1 {
+			return errBadCredentials
 		}
 		var sid int64
 		if pair, sid, err = s.startLogin(ctx, tx, id); err != nil {
@@ -457,21 +460,6 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	return writeJSON(w, http.StatusOK, pair)
-}
-
-// rehash upgrades a hash made with fewer iterations than ours and returns
-// the hash now stored. It is best effort: the login succeeds either way,
-// and the next one tries again.
-func (s *server) rehash(ctx context.Context, id int64, password, old string) string {
-	hashed, err := s.passwords.hash(ctx, password)
-	if err == nil {
-		const q = `UPDATE users SET password = $1 WHERE id = $2 AND password = $3 RETURNING password`
-		err = s.db.QueryRowContext(ctx, q, hashed, id, old).Scan(&old)
-	}
-	if err != nil && !errors.Is(err, sql.ErrNoRows) { // no row: changed meanwhile, nothing to upgrade
-		s.log.Warn("rehash password", "user_id", id, "err", err)
-	}
-	return old
 }
 
 // refreshClaims reads and verifies the body's refresh token. An expired

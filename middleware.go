@@ -204,24 +204,18 @@ func (s *server) hostAllowed(host string) bool {
 // chose to write.
 func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
-	if err != nil {
-		return netip.Addr{}, r.TLS != nil
-	}
 	ip := ap.Addr().Unmap().WithZone("")
-	if !s.trusted(ip) {
+	if err != nil || !s.trusted(ip) {
 		return ip, r.TLS != nil
 	}
 	https := r.TLS != nil || strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https")
 	hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
-	for i := len(hops) - 1; i >= 0; i-- {
+	for i := len(hops) - 1; i >= 0 && s.trusted(ip); i-- {
 		hop, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
 		if err != nil {
 			break // a malformed hop: stop at the last address we could trust
 		}
 		ip = hop.Unmap().WithZone("")
-		if !s.trusted(ip) {
-			break
-		}
 	}
 	return ip, https
 }
