@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	_ "embed"
@@ -211,42 +210,32 @@ func pathID(r *http.Request) int64 {
 	return id
 }
 
-// str reads a string member. ok is false when the member is absent or
-// unusable, in which case any problem is already in errs.
-func (f fields) str(key string, errs fieldErrors) (v string, ok bool) {
+// str reads a string member; required adds an error when it is absent. ok
+// is false when the member is absent or unusable, in which case any
+// problem is already in errs.
+func (f fields) str(key string, required bool, errs fieldErrors) (v string, ok bool) {
 	raw, present := f[key]
-	if !present {
-		return "", false
-	}
-	if string(raw) == "null" {
+	switch {
+	case !present:
+		if required {
+			errs.add(key, "This field is required.")
+		}
+	case string(raw) == "null":
 		errs.add(key, "This field may not be null.")
-		return "", false
-	}
-	if err := json.Unmarshal(raw, &v); err != nil {
+	case json.Unmarshal(raw, &v) != nil:
 		errs.add(key, "Not a valid string.")
-		return "", false
-	}
-	// PostgreSQL cannot store NUL in text; refuse it here as DRF does.
-	if strings.ContainsRune(v, 0) {
+	case strings.ContainsRune(v, 0): // PostgreSQL cannot store NUL in text; refused as DRF does
 		errs.add(key, "Null characters are not allowed.")
-		return "", false
+	default:
+		return v, true
 	}
-	return v, true
-}
-
-// present reads a string member, adding "required" when it is absent.
-func (f fields) present(key string, required bool, errs fieldErrors) (string, bool) {
-	v, ok := f.str(key, errs)
-	if _, there := f[key]; !there && required {
-		errs.add(key, "This field is required.")
-	}
-	return v, ok
+	return "", false
 }
 
 // required reads a string that must be present and not blank; it is used
 // as sent (passwords and tokens are not trimmed).
 func (f fields) required(key string, errs fieldErrors) string {
-	v, ok := f.present(key, true, errs)
+	v, ok := f.str(key, true, errs)
 	if ok && strings.TrimSpace(v) == "" {
 		errs.add(key, "This field may not be blank.")
 	}
@@ -256,7 +245,7 @@ func (f fields) required(key string, errs fieldErrors) string {
 // text reads a free-text member: tags stripped, ends trimmed, then checked
 // for length in characters. nil means absent or invalid.
 func (f fields) text(key string, required bool, minLen, maxLen int, errs fieldErrors) *string {
-	v, ok := f.present(key, required, errs)
+	v, ok := f.str(key, required, errs)
 	if !ok {
 		return nil
 	}
@@ -319,7 +308,7 @@ func (f fields) username(key string, errs fieldErrors) string {
 // matching reads a trimmed (and, if asked, lower-cased) string of at most
 // maxLen characters that re matches; nil means absent or invalid.
 func (f fields) matching(key string, required, lower bool, maxLen int, re *regexp.Regexp, invalid string, errs fieldErrors) *string {
-	v, ok := f.present(key, required, errs)
+	v, ok := f.str(key, required, errs)
 	if !ok {
 		return nil
 	}
@@ -378,7 +367,7 @@ func (f fields) date(key string, errs fieldErrors) *string {
 	if string(f[key]) == "null" {
 		return new(string)
 	}
-	s, ok := f.str(key, errs)
+	s, ok := f.str(key, false, errs)
 	if !ok {
 		return nil
 	}
@@ -404,7 +393,7 @@ var phoneRE = regexp.MustCompile(`^\+?[ ().\-]*([0-9][ ().\-]*){10,15}$`)
 // phone reads a phone number as sent, trimmed: empty, or phoneRE's shape in
 // at most 32 characters.
 func (f fields) phone(key string, errs fieldErrors) *string {
-	v, ok := f.str(key, errs)
+	v, ok := f.str(key, false, errs)
 	if !ok {
 		return nil
 	}
@@ -426,12 +415,12 @@ func loadCommonPasswords() (map[string]struct{}, error) {
 	if err != nil {
 		return nil, fmt.Errorf("common passwords: %w", err)
 	}
+	list, err := io.ReadAll(zr)
 	set := make(map[string]struct{}, 20_000)
-	sc := bufio.NewScanner(zr)
-	for sc.Scan() {
-		set[strings.TrimSpace(sc.Text())] = struct{}{}
+	for _, p := range strings.Split(string(list), "\n") {
+		set[strings.TrimSpace(p)] = struct{}{}
 	}
-	return set, sc.Err()
+	return set, err
 }
 
 // passwordProblems applies Django's four default validators, in Django's
@@ -494,7 +483,7 @@ func tooSimilar(password, value string) bool {
 // newPassword reads a new password and checks it with Django's validators
 // against the account's names.
 func (s *server) newPassword(f fields, key string, u user, errs fieldErrors) string {
-	password, ok := f.present(key, true, errs)
+	password, ok := f.str(key, true, errs)
 	switch {
 	case !ok:
 	case strings.TrimSpace(password) == "":
@@ -513,7 +502,7 @@ func (s *server) newPassword(f fields, key string, u user, errs fieldErrors) str
 // confirmPassword checks the optional confirmation field key against
 // password, once the body has no other problem.
 func confirmPassword(f fields, key, password string, errs fieldErrors) {
-	if confirm, given := f.str(key, errs); given && len(errs) == 0 && confirm != password {
+	if confirm, given := f.str(key, false, errs); given && len(errs) == 0 && confirm != password {
 		errs.add(key, "Passwords don't match.")
 	}
 }
