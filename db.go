@@ -87,10 +87,8 @@ func createDatabase(ctx context.Context, cfg pq.Config) error {
 	defer admin.Close()
 	// Identifiers cannot be placeholders; QuoteIdentifier makes the name inert.
 	_, err = admin.ExecContext(ctx, "CREATE DATABASE "+pq.QuoteIdentifier(name))
-	if pq.As(err, pqerror.DuplicateDatabase) != nil {
-		return nil // another instance created it first
-	}
-	if err != nil {
+	// A duplicate database is no error: another instance created it first.
+	if err != nil && pq.As(err, pqerror.DuplicateDatabase) == nil {
 		return fmt.Errorf("create database: %w", err)
 	}
 	return nil
@@ -170,16 +168,12 @@ func violation(err error, code pqerror.Code) (constraint string, ok bool) {
 // (down, restarting, out of connections, or too slow) or cannot take the
 // audit events a request must leave: a 503 the client may retry, not a 500.
 func isUnavailable(err error) bool {
-	var pqErr *pq.Error
-	if errors.As(err, &pqErr) {
-		if pqErr.Table == "audit_events" {
-			return true // an event that cannot be written: the request shows nothing
-		}
+	if pqErr := pq.As(err); pqErr != nil {
 		switch pqErr.Code.Class() {
 		case "08", "53", "57", "58": // connection, resources, operator intervention, system
 			return true
 		}
-		return false
+		return pqErr.Table == "audit_events" // an event that cannot be written: the request shows nothing
 	}
 	var netErr net.Error
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, driver.ErrBadConn) ||
@@ -290,8 +284,8 @@ func scanAll[T any](rows *sql.Rows, scan func(rowScanner) (T, error)) ([]T, erro
 type listParams struct {
 	page    int // from 1
 	size    int
-	orderBy string   // SQL from a fixed whitelist, never from input
-	terms   []string // ILIKE patterns with %, _ and \ escaped
+	orderBy string // SQL from a fixed whitelist, never from input
+	terms   []any  // ILIKE patterns with %, _ and \ escaped; any, as they are query arguments
 }
 
 // maxSearchTerms bounds the work one search can ask of the database.
@@ -376,9 +370,7 @@ type page[T any] struct {
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, q string, scan func(rowScanner) (T, error), extra ...any) error {
 	info := infoFrom(r)
 	args := info.caller(append([]any{p.size, (p.page - 1) * p.size}, extra...)...)
-	for _, t := range p.terms {
-		args = append(args, t)
-	}
+	args = append(args, p.terms...)
 	rows, err := db.QueryContext(r.Context(), q, args...)
 	if err != nil {
 		return fmt.Errorf("list: %w", err)

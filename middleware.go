@@ -107,12 +107,9 @@ func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler
 		slashed := r.Clone(r.Context())
 		slashed.URL.Path += "/"
 		slashed.URL.RawPath = ""
+		slashed.URL.ForceQuery = false // "/api/x?" redirects to "/api/x/", without the empty query
 		if sh, _ := s.mux.Handler(slashed); isRoute(sh) || muxAnswer(sh, slashed).status == http.StatusMethodNotAllowed {
-			target := slashed.URL.EscapedPath()
-			if r.URL.RawQuery != "" {
-				target += "?" + r.URL.RawQuery
-			}
-			w.Header().Set("Location", target)
+			w.Header().Set("Location", slashed.URL.RequestURI()) // the path, and "?query" if there is one
 			writeJSON(w, http.StatusPermanentRedirect, detail("Use the path that ends in a slash."))
 			return
 		}
@@ -186,15 +183,10 @@ func (s *server) hostAllowed(host string) bool {
 		}
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
-	for _, a := range s.cfg.allowedHosts {
-		switch {
-		case a == "*", a == host:
-			return true
-		case strings.HasPrefix(a, ".") && (host == a[1:] || strings.HasSuffix(host, a)):
-			return true
-		}
-	}
-	return false
+	// "*" allows any host; ".example.com" allows example.com and its subdomains.
+	return slices.ContainsFunc(s.cfg.allowedHosts, func(a string) bool {
+		return a == "*" || a == host || strings.HasPrefix(a, ".") && (host == a[1:] || strings.HasSuffix(host, a))
+	})
 }
 
 // clientIP returns the address the rate limits key on, and whether the

@@ -180,15 +180,13 @@ func decodeBody(r *http.Request) (fields, error) {
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	var f fields
-	if err := dec.Decode(&f); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		if errors.As(err, &typeErr) {
-			return nil, parseError("the body must be a JSON object")
-		}
-		return nil, parseError(err.Error())
-	}
-	if f == nil {
+	err = dec.Decode(&f)
+	var typeErr *json.UnmarshalTypeError
+	if errors.As(err, &typeErr) || err == nil && f == nil { // another JSON value, or null
 		return nil, parseError("the body must be a JSON object")
+	}
+	if err != nil {
+		return nil, parseError(err.Error())
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return nil, parseError("trailing data after the JSON object")
