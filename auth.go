@@ -9,7 +9,6 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"database/sql"
-	_ "embed"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -226,17 +225,12 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 		}
 	}
 	payload, err := b64.DecodeString(body)
-	if err != nil {
-		return c, errTokenFormat
-	}
-	if err := json.Unmarshal(payload, &c); err != nil {
-		return claims{}, fmt.Errorf("claims: %w", err)
+	if err != nil || json.Unmarshal(payload, &c) != nil {
+		return claims{}, errTokenFormat
 	}
 	switch {
-	case c.TokenType != tokenType:
-		return claims{}, errors.New("wrong token type")
-	case c.UserID <= 0 || c.SID <= 0 || !isJTI(c.JTI):
-		return claims{}, errors.New("missing claims")
+	case c.TokenType != tokenType || c.UserID <= 0 || c.SID <= 0 || !isJTI(c.JTI):
+		return claims{}, errors.New("wrong token type or missing claims")
 	case c.Exp <= now.Unix():
 		return c, errExpired
 	}
@@ -349,24 +343,20 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		Tokens tokenPair `json:"tokens"`
 	}
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		const q = `INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id`
+		// The primary key of login_names decides a race between two registrations.
+		const q = `WITH u AS (INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id),
+			names AS (INSERT INTO login_names (name, user_id) SELECT DISTINCT n, (SELECT id FROM u) FROM unnest(ARRAY[lower($1), $2]) n)
+			SELECT id FROM u`
 		if err := tx.QueryRowContext(ctx, q, u.Username, u.Email, u.Name, hashed).Scan(&u.ID); err != nil {
 			return fmt.Errorf("insert user: %w", err)
-		}
-		// The primary key of login_names decides a race between two registrations.
-		const names = `INSERT INTO login_names (name, user_id) SELECT DISTINCT n, $3::bigint FROM unnest(ARRAY[lower($1), $2]) n`
-		if _, err := tx.ExecContext(ctx, names, u.Username, u.Email, u.ID); err != nil {
-			return fmt.Errorf("insert login names: %w", err)
 		}
 		out.User = u
 		out.Tokens, _, err = s.startLogin(ctx, tx, u.ID)
 		return err
 	})
 	if _, lost := violation(err, pqerror.UniqueViolation); lost {
-		if err := s.takenNames(ctx, u, errs); err != nil || len(errs) == 0 {
-			return cmp.Or(err, error(errUnavailable)) // the winner rolled back: try again
-		}
-		return errs
+		// Say which names are taken; if none is, the winner rolled back: try again.
+		return cmp.Or(s.takenNames(ctx, u, errs), errs.orNil(), error(errUnavailable))
 	}
 	if err != nil {
 		return err
@@ -423,14 +413,11 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	// Unknown users are checked against the dummy hash: the same work and
 	// the same answer, so timing does not reveal which accounts exist.
 	match, stale, err := s.passwords.verify(ctx, password, stored)
-	if err != nil {
-		return err
-	}
-	if !match && id != 0 { // an unknown name never matches
-		return cmp.Or(recordAccountEvent(ctx, s.db, r, id, nil, "login.failed"), error(errBadCredentials))
+	if err != nil || (!match && id == 0) { // an unknown name has no account to record the failure on
+		return cmp.Or(err, error(errBadCredentials))
 	}
 	if !match {
-		return errBadCredentials
+		return cmp.Or(recordAccountEvent(ctx, s.db, r, id, nil, "login.failed"), error(errBadCredentials))
 	}
 	var upgraded *string // a stale hash's replacement at our iteration count
 	if stale {
