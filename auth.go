@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/big"
 	"net/http"
 	"strconv"
 	"strings"
@@ -136,9 +137,17 @@ func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	return nil
 }
 
-// newSalt returns 22 characters of Django's salt alphabet (rand.Text's
-// base32 is a subset of it): 110 random bits.
-func newSalt() string { return rand.Text()[:22] }
+// newSalt returns 22 random characters of Django's salt alphabet: about 131
+// bits, above the 128 NIST SP 800-132 asks of a salt.
+func newSalt() string {
+	const alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+	salt := make([]byte, 22)
+	for i := range salt {
+		n, _ := rand.Int(rand.Reader, big.NewInt(int64(len(alphabet))))
+		salt[i] = alphabet[n.Int64()]
+	}
+	return string(salt)
+}
 
 // claims are the payload of a token: SimpleJWT's claims, in its order, plus
 // sid, the login the token descends from. A claim of the wrong JSON type
@@ -355,8 +364,10 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		return err
 	})
 	if _, lost := violation(err, pqerror.UniqueViolation); lost {
-		// Say which names are taken; if none is, the winner rolled back: try again.
-		return cmp.Or(s.takenNames(ctx, u, errs), errs.orNil(), error(errUnavailable))
+		if err := s.takenNames(ctx, u, errs); err != nil || len(errs) == 0 {
+			return cmp.Or(err, error(errUnavailable)) // the winner rolled back: try again
+		}
+		return errs
 	}
 	if err != nil {
 		return err
@@ -421,7 +432,9 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	}
 	var upgraded *string // a stale hash's replacement at our iteration count
 	if stale {
-		if h, err := s.passwords.hash(ctx, password); err == nil { // else the next login tries again
+		if h, err := s.passwords.hash(ctx, password); err != nil {
+			s.log.Warn("rehash password; the next login tries again", "user_id", id, "err", err)
+		} else {
 			upgraded = &h
 		}
 	}

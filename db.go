@@ -136,13 +136,16 @@ func withTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
 		return fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback()
-	if err := fn(tx); err != nil {
-		return err
+	if err = fn(tx); err == nil {
+		err = tx.Commit()
 	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit: %w", err)
+	// Past the request's deadline database/sql rolls the transaction back,
+	// and the next statement or the commit says only ErrTxDone: nothing was
+	// written, so the deadline is the cause (503, try again), not a bug.
+	if errors.Is(err, sql.ErrTxDone) && ctx.Err() != nil {
+		return fmt.Errorf("%w (%w)", err, ctx.Err())
 	}
-	return nil
+	return err
 }
 
 // loginEnded reports whether err is login_live's refusal (schema.sql).
@@ -393,7 +396,10 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 		} else {
 			q.Set("page", strconv.Itoa(n))
 		}
-		scheme := map[bool]string{false: "http", true: "https"}[info.https]
+		scheme := "http"
+		if info.https {
+			scheme = "https"
+		}
 		u := (&url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}).String()
 		return &u
 	}

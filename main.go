@@ -91,6 +91,8 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 // serve answers HTTP on cfg.addr until ctx ends, then lets in-flight
 // requests finish.
 func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger) error {
+	ctx, cancel := context.WithCancel(ctx) // ends the shutdown goroutine when Serve fails
+	defer cancel()
 	httpServer := &http.Server{
 		Handler: h,
 		// Slow clients are cut off: a trickled header or body cannot hold a
@@ -106,7 +108,10 @@ func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	scheme := map[bool]string{false: "http", true: "https"}[cfg.tlsCert != ""]
+	scheme := "http"
+	if cfg.tlsCert != "" {
+		scheme = "https"
+	}
 	logger.Info("serving", "url", scheme+"://"+ln.Addr().String()+"/")
 	stopped := make(chan error, 1)
 	go func() {

@@ -333,9 +333,6 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 	if authErr != nil {
 		return authErr
 	}
-	if r.PathValue("id") != "" && pathID(r) < 1 {
-		return errNotFound // as Django's <int:pk> converter answers
-	}
 	return rt.h(w, r)
 }
 
@@ -539,9 +536,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &ae):
 	case loginEnded(err):
 		ae = s.asAnonymous(info, true)
-	case isUnavailable(err) || r.Context().Err() != nil:
-		// Past the request's deadline nothing was committed (an open
-		// transaction was rolled back): the client may try again.
+	case isUnavailable(err):
 		s.log.Warn("database unavailable", "request_id", info.id, "err", err)
 		ae = errUnavailable
 	default:

@@ -199,7 +199,8 @@ func parseError(why string) error {
 }
 
 // pathID reads the {id} path value, or 0 when it is not a positive integer
-// that fits int64: route.serve answers 404 then, before the handler runs.
+// that fits int64: no row has id 0, so the statement answers 404 in its
+// turn, after the body's checks.
 func pathID(r *http.Request) int64 {
 	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
 	if err != nil || id < 1 {

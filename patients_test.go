@@ -174,6 +174,17 @@ func TestPatientUnknownIDs(t *testing.T) {
 				wantJSON(t, res, 404, bodyNotFound)
 			})
 		}
+		// The order of checks puts 415 and 400 before the operation's 404,
+		// whatever the id looks like.
+		t.Run("PUT "+p+" body checked first", func(t *testing.T) {
+			res := do(t, s, req{method: "PUT", path: patientsPath + p + "/", token: a.access, body: "x",
+				header: map[string]string{"Content-Type": "text/plain"}})
+			wantJSON(t, res, 415, `{"detail": "Unsupported media type \"text/plain\" in request."}`)
+			res = do(t, s, req{method: "PUT", path: patientsPath + p + "/", token: a.access, body: map[string]any{"first_name": ""}})
+			wantJSON(t, res, 400, errs("first_name", msgBlank, "email", msgRequired))
+			res = do(t, s, req{method: "PATCH", path: patientsPath + p + "/", token: a.access, body: map[string]any{"phone": "1"}})
+			wantJSON(t, res, 400, errs("phone", msgPhone))
+		})
 	}
 	wantSame(t, s, a.access, patientPath(id), before)
 	wantTablesIntact(t)
