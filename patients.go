@@ -97,6 +97,7 @@ func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) err
 	if err != nil {
 		return err
 	}
+	// date_of_birth ($8) is "" for null (readPatient).
 	const q = `WITH p AS (
 			INSERT INTO patients (owner_id, first_name, last_name, email, date_of_birth, phone)
 			SELECT $1, $5, coalesce($6, ''), $7, nullif($8, '')::date, coalesce($9, '') WHERE login_live($1, $2)
@@ -123,6 +124,7 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 	if err != nil {
 		return err
 	}
+	// date_of_birth ($9) is nil when not given and "" for null (readPatient).
 	const fields = `ARRAY[first_name, last_name, email, date_of_birth::text, phone]`
 	const q = `WITH before AS (
 			SELECT id AS patient, ` + fields + ` AS was
