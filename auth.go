@@ -413,11 +413,11 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		return errs
 	}
 	ctx := r.Context()
-	var id int64
+	var id, version int64
 	stored := s.passwords.dummy
 	// PostgreSQL lower-cases, as it did for login_names at registration.
-	const q = `SELECT u.id, u.password FROM login_names n JOIN users u ON u.id = n.user_id WHERE n.name = lower($1)`
-	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name)).Scan(&id, &stored)
+	const q = `SELECT u.id, u.password, u.password_version FROM login_names n JOIN users u ON u.id = n.user_id WHERE n.name = lower($1)`
+	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name)).Scan(&id, &stored, &version)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("find user: %w", err)
 	}
@@ -440,10 +440,10 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	}
 	var pair tokenPair
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// The hash checked must still be the account's, locked until commit:
-		// a password change cannot slip in between and miss this login.
-		const still = `UPDATE users SET password = coalesce($3, password) WHERE id = $1 AND password = $2`
-		res, err := tx.ExecContext(ctx, still, id, stored, upgraded)
+		// The password checked must still be the account's, locked until
+		// commit: a password change cannot slip in between and miss this login.
+		const still = `UPDATE users SET password = coalesce($3, password) WHERE id = $1 AND password_version = $2`
+		res, err := tx.ExecContext(ctx, still, id, version, upgraded)
 		if err != nil {
 			return fmt.Errorf("recheck password: %w", err)
 		}
@@ -618,8 +618,9 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	ctx, info := r.Context(), infoFrom(r)
 	var u user
 	var stored string
-	const q = `SELECT id, username, email, name, password FROM users WHERE id = $1 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(ctx, q, info.caller()...).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored)
+	var version int64
+	const q = `SELECT id, username, email, name, password, password_version FROM users WHERE id = $1 AND login_live($1, $2)`
+	err = s.db.QueryRowContext(ctx, q, info.caller()...).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
 	}
@@ -637,10 +638,11 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	}
 	var pair tokenPair
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// Only the hash the old password was checked against is replaced: of
+		// Only the password the old one was checked against is replaced: of
 		// two changes at once, the second finds it gone.
-		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password = $4 AND login_live($1, $2)`
-		res, err := tx.ExecContext(ctx, q, info.caller(hashed, stored)...)
+		const q = `UPDATE users SET password = $3, password_version = password_version + 1
+			WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
+		res, err := tx.ExecContext(ctx, q, info.caller(hashed, version)...)
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}

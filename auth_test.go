@@ -1721,6 +1721,29 @@ func TestPasswordChangeRaces(t *testing.T) {
 	})
 }
 
+// TestLoginStaleHashRace: logins racing on an account whose hash is about
+// to be upgraded all succeed; the re-hash of one is no password change for
+// the others. A change during such logins still ends them.
+func TestLoginStaleHashRace(t *testing.T) {
+	s := newTestServer(t, nil)
+	const password = "Saffron-Kettle-Drum-88"
+	name := uniqueName("stale")
+	id := insertUser(t, name, name+"@example.com", djangoHash(t, password, "SaltSaltSaltSaltSalt01", testIterations/2))
+	var rqs []req
+	for range 8 {
+		rqs = append(rqs, req{method: "POST", path: "/api/auth/login/", body: jsonText(map[string]any{"username": name, "password": password})})
+	}
+	for i, res := range concurrently(t, s, rqs) {
+		if res.status != http.StatusOK {
+			t.Errorf("login %d: status %d, want 200: %s", i, res.status, res.body)
+		}
+	}
+	if got := hashIterations(t, storedHash(t, id)); got != testIterations {
+		t.Fatalf("stored hash at %d iterations, want %d", got, testIterations)
+	}
+	pairOf(t, login(t, s, name, password))
+}
+
 // TestLoginUnicodeName: PostgreSQL lower-cases a login name both when it is
 // registered and when it logs in, so no letter is folded two ways.
 func TestLoginUnicodeName(t *testing.T) {

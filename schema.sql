@@ -10,6 +10,10 @@ CREATE TABLE IF NOT EXISTS users (
     password   varchar(256) NOT NULL,
     created_at timestamptz  NOT NULL DEFAULT now()
 );
+-- Counts password changes, not re-hashes at a new iteration count: a login
+-- or a change checks that the password it verified is still in force by
+-- this number, so that logins racing a re-hash do not refuse each other.
+ALTER TABLE users ADD COLUMN IF NOT EXISTS password_version integer NOT NULL DEFAULT 0;
 
 -- Every lower-cased username and email of every account, in one unique key:
 -- a login name (username or email) can then only ever mean one account, and
