@@ -441,8 +441,9 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	var pair tokenPair
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		// The password checked must still be the account's, locked until
-		// commit: a password change cannot slip in between and miss this login.
-		const still = `UPDATE users SET password = coalesce($3, password) WHERE id = $1 AND password_version = $2`
+		// commit: a password change cannot slip in between and miss this
+		// login. Setting last_login marks an upgraded hash as no change.
+		const still = `UPDATE users SET password = coalesce($3, password), last_login = now() WHERE id = $1 AND password_version = $2`
 		res, err := tx.ExecContext(ctx, still, id, version, upgraded)
 		if err != nil {
 			return fmt.Errorf("recheck password: %w", err)
@@ -639,9 +640,9 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	var pair tokenPair
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		// Only the password the old one was checked against is replaced: of
-		// two changes at once, the second finds it gone.
-		const q = `UPDATE users SET password = $3, password_version = password_version + 1
-			WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
+		// two changes at once, the second finds it gone. (schema.sql's
+		// trigger counts the change in password_version.)
+		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
 		res, err := tx.ExecContext(ctx, q, info.caller(hashed, version)...)
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)

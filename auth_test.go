@@ -1744,6 +1744,42 @@ func TestLoginStaleHashRace(t *testing.T) {
 	pairOf(t, login(t, s, name, password))
 }
 
+// TestPasswordWrittenElsewhere: a password written by anything but this
+// server's change (an older instance during a rolling deploy, an operator's
+// UPDATE) still refuses a login that verified the old one, and a stale
+// hash's upgrade by that login cannot put the old password back.
+func TestPasswordWrittenElsewhere(t *testing.T) {
+	const oldPassword, newPassword = "Saffron-Kettle-Drum-88", "Brand-New-Orbit-Cactus-77"
+	for name, q := range map[string]string{
+		"older server": `UPDATE users SET password = $2 WHERE id = $1 AND password = $3`,
+		"operator":     `UPDATE users SET password = $2 WHERE id = $1 AND $3 <> ''`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := newTestServer(t, nil)
+			s.passwords.maxWait = time.Minute
+			user := uniqueName("elsewhere")
+			id := insertUser(t, user, user+"@example.com", djangoHash(t, oldPassword, "SaltSaltSaltSaltSalt01", testIterations/2))
+			// With every hashing slot taken, the login reads the account and
+			// then waits to verify; the password changes meanwhile.
+			for range cap(s.passwords.slots) {
+				s.passwords.slots <- struct{}{}
+			}
+			racing := make(chan response, 1)
+			go func() { racing <- login(t, s, user, oldPassword) }()
+			time.Sleep(300 * time.Millisecond)
+			if _, err := testDB.ExecContext(t.Context(), q, id, djangoHash(t, newPassword, "NewSaltNewSaltNewSalt1", testIterations), storedHash(t, id)); err != nil {
+				t.Fatalf("change the password: %v", err)
+			}
+			for range cap(s.passwords.slots) {
+				<-s.passwords.slots
+			}
+			wantUnauthorized(t, <-racing, badCredentialsBody)
+			wantUnauthorized(t, login(t, s, user, oldPassword), badCredentialsBody)
+			pairOf(t, login(t, s, user, newPassword))
+		})
+	}
+}
+
 // TestLoginUnicodeName: PostgreSQL lower-cases a login name both when it is
 // registered and when it logs in, so no letter is folded two ways.
 func TestLoginUnicodeName(t *testing.T) {

@@ -10,10 +10,32 @@ CREATE TABLE IF NOT EXISTS users (
     password   varchar(256) NOT NULL,
     created_at timestamptz  NOT NULL DEFAULT now()
 );
--- Counts password changes, not re-hashes at a new iteration count: a login
--- or a change checks that the password it verified is still in force by
--- this number, so that logins racing a re-hash do not refuse each other.
-ALTER TABLE users ADD COLUMN IF NOT EXISTS password_version integer NOT NULL DEFAULT 0;
+-- password_version counts password changes, whoever makes them (this
+-- server, an older one, an operator's UPDATE): a login or a change goes on
+-- only if the password it verified is still in force by this number. A
+-- login sets last_login (as Django does), and a hash it upgrades to more
+-- iterations in that same write is no change: logins racing an upgrade do
+-- not refuse each other. (Checked before altering: ALTER TABLE locks the
+-- table even when the column exists.)
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'users' AND column_name = 'last_login') THEN
+        ALTER TABLE users ADD COLUMN IF NOT EXISTS password_version integer NOT NULL DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS last_login timestamptz;
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION users_password_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.password IS DISTINCT FROM OLD.password AND NEW.last_login IS NOT DISTINCT FROM OLD.last_login THEN
+        NEW.password_version := OLD.password_version + 1;
+    END IF;
+    RETURN NEW;
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'users_password_version') THEN
+        CREATE TRIGGER users_password_version BEFORE UPDATE OF password ON users
+            FOR EACH ROW EXECUTE FUNCTION users_password_version();
+    END IF;
+END $$;
 
 -- Every lower-cased username and email of every account, in one unique key:
 -- a login name (username or email) can then only ever mean one account, and
