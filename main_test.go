@@ -752,6 +752,8 @@ func TestSchemaUpgrade(t *testing.T) {
 	exec(`ALTER TABLE mappings DROP COLUMN owner_id;
 		ALTER TABLE mappings ADD CONSTRAINT mappings_patient_id_fkey FOREIGN KEY (patient_id) REFERENCES patients (id) ON DELETE CASCADE;
 		ALTER TABLE sessions DROP COLUMN expires_at;
+		DROP TRIGGER users_password_version ON users;
+		ALTER TABLE users DROP COLUMN password_version, DROP COLUMN last_login;
 		CREATE TABLE patient_counts (owner_id bigint, slot int, n bigint);
 		CREATE FUNCTION count_patients() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
 		CREATE TRIGGER patients_count AFTER INSERT ON patients FOR EACH ROW EXECUTE FUNCTION count_patients();
@@ -771,8 +773,10 @@ func TestSchemaUpgrade(t *testing.T) {
 			 WHERE conrelid = 'mappings'::regclass AND contype = 'f') || ' / ' ||
 			(SELECT count(*) FROM pg_class WHERE relname = 'patient_counts') || ' ' ||
 			(SELECT count(*) FROM pg_trigger WHERE tgname = 'patients_count') || ' / ' ||
-			(SELECT count(*) FROM sessions WHERE expires_at > now() + interval '29 days')`).Scan(&got)
-		if want := "1:1 2:2 / mappings_doctor_id_fkey mappings_patient / 0 0 / 1"; err != nil || got != want {
+			(SELECT count(*) FROM sessions WHERE expires_at > now() + interval '29 days') || ' / ' ||
+			(SELECT string_agg(id || ':' || password_version || ':' || coalesce(last_login::text, '-'), ' ' ORDER BY id) FROM users) || ' ' ||
+			(SELECT count(*) FROM pg_trigger WHERE tgname = 'users_password_version')`).Scan(&got)
+		if want := "1:1 2:2 / mappings_doctor_id_fkey mappings_patient / 0 0 / 1 / 1:0:- 2:0:- 1"; err != nil || got != want {
 			t.Fatalf("after upgrade: %q, %v; want %q", got, err, want)
 		}
 	}

@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS users (
 -- not refuse each other. (Checked before altering: ALTER TABLE locks the
 -- table even when the column exists.)
 DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'users' AND column_name = 'last_login') THEN
+    IF (SELECT count(*) FROM information_schema.columns
+        WHERE table_name = 'users' AND column_name IN ('password_version', 'last_login')) < 2 THEN
         ALTER TABLE users ADD COLUMN IF NOT EXISTS password_version integer NOT NULL DEFAULT 0,
             ADD COLUMN IF NOT EXISTS last_login timestamptz;
     END IF;
