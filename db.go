@@ -167,6 +167,14 @@ func violation(err error, code pqerror.Code) (constraint string, ok bool) {
 	return "", false
 }
 
+// conflicts are the unique keys a client can run into, with the field error
+// each answers (fail turns the violation into it).
+var conflicts = map[string]fieldErrors{
+	"patients_owner_email":    {"email": {"A patient with this email already exists."}},
+	"doctors_email":           {"email": {"A doctor with this email already exists."}},
+	"mappings_patient_doctor": {"non_field_errors": {"The fields patient, doctor must make a unique set."}},
+}
+
 // isUnavailable reports whether err means the database cannot be reached
 // (down, restarting, out of connections, or too slow) or cannot take the
 // audit events a request must leave: a 503 the client may retry, not a 500.

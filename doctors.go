@@ -30,29 +30,9 @@ func scanDoctor(row rowScanner) (doctor, error) {
 	return d, err
 }
 
-// readDoctor validates a doctor body into first_name, last_name, email and
-// specialization (nil: not given); see readPatient for partial.
-func readDoctor(r *http.Request, partial bool) ([]any, error) {
-	f, err := decodeBody(r)
-	if err != nil {
-		return nil, err
-	}
-	errs := fieldErrors{}
-	values := []any{
-		f.text("first_name", !partial, 1, 100, errs),
-		f.text("last_name", false, 0, 100, errs),
-		f.email("email", !partial, errs),
-		f.text("specialization", !partial, 3, 120, errs),
-	}
-	return values, errs.orNil()
-}
-
-// doctorConflict maps the directory-wide unique email to its field error.
-func doctorConflict(err error) error {
-	if c, ok := violation(err, pqerror.UniqueViolation); ok && c == "doctors_email" {
-		return fieldErrors{"email": {"A doctor with this email already exists."}}
-	}
-	return err
+// doctorFields reads what a doctor adds to readPerson's fields.
+func doctorFields(f fields, required bool, errs fieldErrors) []any {
+	return []any{f.text("specialization", required, 3, 120, errs)}
 }
 
 var doctorOrdering = map[string]string{
@@ -72,14 +52,14 @@ func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) error
 }
 
 func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) error {
-	values, err := readDoctor(r, false)
+	values, err := readPerson(r, doctorFields)
 	if err != nil {
 		return err
 	}
 	const q = `INSERT INTO doctors (created_by, first_name, last_name, email, specialization)
 		SELECT $1, $3, coalesce($4, ''), $5, $6 WHERE login_live($1, $2)
 		RETURNING ` + doctorColumns
-	return doctorConflict(writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, infoFrom(r).caller(values...)...))
+	return writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, infoFrom(r).caller(values...)...)
 }
 
 func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
@@ -114,7 +94,7 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
-	values, err := readDoctor(r, r.Method == http.MethodPatch)
+	values, err := readPerson(r, doctorFields)
 	if err != nil {
 		return err
 	}
@@ -123,7 +103,7 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 		WHERE id = $3 AND created_by = $1 AND login_live($1, $2)
 		RETURNING ` + doctorColumns
 	args := infoFrom(r).caller(append([]any{pathID(r)}, values...)...)
-	return doctorConflict(writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, args...))
+	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, args...)
 }
 
 var errDoctorAssigned = &apiError{status: http.StatusConflict,

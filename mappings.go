@@ -76,9 +76,6 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 			SELECT $1, $2, 'mapping.create', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
 	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.who(patientID, doctorID)...)
-	if c, dup := violation(err, pqerror.UniqueViolation); dup && c == "mappings_patient_doctor" {
-		return fieldErrors{"non_field_errors": {"The fields patient, doctor must make a unique set."}}
-	}
 	if _, fk := violation(err, pqerror.ForeignKeyViolation); !fk && err != errNotFound {
 		return err
 	}

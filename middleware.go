@@ -19,6 +19,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/lib/pq/pqerror"
 )
 
 // maxBody caps every request body; larger ones are answered 413.
@@ -526,6 +528,11 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		// parameters) has not met login_live: an ended login must still
 		// hear 401 first, as the order of checks says.
 		err = cmp.Or(s.checkLogin(r.Context(), info), err)
+	}
+	// A key the statement ran into: the client's conflict. The statement ran
+	// login_live before it wrote, so no login check is owed.
+	if c, ok := violation(err, pqerror.UniqueViolation); ok && conflicts[c] != nil {
+		err = conflicts[c]
 	}
 	var fe fieldErrors
 	var ae *apiError

@@ -16,8 +16,6 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
-
-	"github.com/lib/pq/pqerror"
 )
 
 // patient is a patient record as the API shows it. Patients are private:
@@ -43,31 +41,28 @@ func scanPatient(row rowScanner) (patient, error) {
 	return p, err
 }
 
-// readPatient validates a patient body into first_name, last_name, email,
-// date_of_birth ("" for null) and phone, each nil when not given. A create
-// or PUT (partial false) must name the required fields.
-func readPatient(r *http.Request, partial bool) ([]any, error) {
+// readPerson validates a patient's or a doctor's body: first_name,
+// last_name and email, then what more reads, each nil when not given. Only
+// PATCH may leave out the required fields.
+func readPerson(r *http.Request, more func(f fields, required bool, errs fieldErrors) []any) ([]any, error) {
 	f, err := decodeBody(r)
 	if err != nil {
 		return nil, err
 	}
-	errs := fieldErrors{}
+	required, errs := r.Method != http.MethodPatch, fieldErrors{}
 	values := []any{
-		f.text("first_name", !partial, 1, 100, errs),
+		f.text("first_name", required, 1, 100, errs),
 		f.text("last_name", false, 0, 100, errs),
-		f.email("email", !partial, errs),
-		f.date("date_of_birth", errs),
-		f.phone("phone", errs),
+		f.email("email", required, errs),
 	}
+	values = append(values, more(f, required, errs)...)
 	return values, errs.orNil()
 }
 
-// patientConflict maps the per-owner unique email to its field error.
-func patientConflict(err error) error {
-	if c, ok := violation(err, pqerror.UniqueViolation); ok && c == "patients_owner_email" {
-		return fieldErrors{"email": {"A patient with this email already exists."}}
-	}
-	return err
+// patientFields reads what a patient adds: date_of_birth ("" for null) and
+// phone, both optional.
+func patientFields(f fields, _ bool, errs fieldErrors) []any {
+	return []any{f.date("date_of_birth", errs), f.phone("phone", errs)}
 }
 
 var patientOrdering = map[string]string{
@@ -93,11 +88,11 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) erro
 }
 
 func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) error {
-	values, err := readPatient(r, false)
+	values, err := readPerson(r, patientFields)
 	if err != nil {
 		return err
 	}
-	// date_of_birth ($8) is "" for null (readPatient).
+	// date_of_birth ($8) is "" for null (patientFields).
 	const q = `WITH p AS (
 			INSERT INTO patients (owner_id, first_name, last_name, email, date_of_birth, phone)
 			SELECT $1, $5, coalesce($6, ''), $7, nullif($8, '')::date, coalesce($9, '') WHERE login_live($1, $2)
@@ -105,7 +100,7 @@ func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) err
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
 			SELECT $1, $2, 'patient.create', id, $3, $4 FROM p)
 		SELECT * FROM p`
-	return patientConflict(writeRow(w, r, s.db, http.StatusCreated, scanPatient, q, infoFrom(r).who(values...)...))
+	return writeRow(w, r, s.db, http.StatusCreated, scanPatient, q, infoFrom(r).who(values...)...)
 }
 
 func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error {
@@ -120,11 +115,11 @@ func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error 
 // fields, PUT must name the required ones; a field not named keeps its
 // value. The event names the fields whose values changed.
 func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) error {
-	values, err := readPatient(r, r.Method == http.MethodPatch)
+	values, err := readPerson(r, patientFields)
 	if err != nil {
 		return err
 	}
-	// date_of_birth ($9) is nil when not given and "" for null (readPatient).
+	// date_of_birth ($9) is nil when not given and "" for null (patientFields).
 	const fields = `ARRAY[first_name, last_name, email, date_of_birth::text, phone]`
 	const q = `WITH before AS (
 			SELECT id AS patient, ` + fields + ` AS was
@@ -141,7 +136,7 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 				WHERE a IS DISTINCT FROM b), $3, $4 FROM p)
 		SELECT id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM p`
 	args := infoFrom(r).who(append([]any{pathID(r)}, values...)...)
-	return patientConflict(writeRow(w, r, s.db, http.StatusOK, scanPatient, q, args...))
+	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, args...)
 }
 
 // handleDeletePatient deletes a patient; its mappings go with it (ON DELETE
