@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -28,12 +29,16 @@ import (
 //go:embed schema.sql
 var schemaSQL string
 
-// schemaLockID names the advisory lock held while the schema is applied, so
-// that several instances starting at once do not run it concurrently.
+// schemaSteps are schema.sql's steps, split at its "-- step N" lines:
+// schemaSteps[0] is step 1.
+var schemaSteps = regexp.MustCompile(`(?m)^-- step \d+.*$`).Split(schemaSQL, -1)[1:]
+
+// schemaLockID names the advisory lock held while steps are applied, so
+// that several instances or migrations starting at once take turns.
 const schemaLockID = 7_201_418_305
 
-// openDB connects to the database cfg names, creating it when it is missing,
-// and applies schema.sql.
+// openDB connects to the database cfg names, creating it when it is
+// missing and the role may.
 func openDB(ctx context.Context, cfg pq.Config, maxConns int) (*sql.DB, error) {
 	db, err := connect(cfg, maxConns)
 	if err != nil {
@@ -44,9 +49,6 @@ func openDB(ctx context.Context, cfg pq.Config, maxConns int) (*sql.DB, error) {
 		if err = createDatabase(ctx, cfg); err == nil {
 			err = db.PingContext(ctx)
 		}
-	}
-	if err == nil {
-		err = migrate(ctx, db)
 	}
 	if err != nil {
 		db.Close()
@@ -94,21 +96,93 @@ func createDatabase(ctx context.Context, cfg pq.Config) error {
 	return nil
 }
 
-// migrate applies the embedded schema under an advisory lock.
-func migrate(ctx context.Context, db *sql.DB) error {
+// schemaStep reads the last step applied: 0 for an empty database or one
+// made before steps.
+func schemaStep(ctx context.Context, db interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}) (int, error) {
+	var step int
+	err := db.QueryRowContext(ctx, `SELECT coalesce(max(step), 0) FROM schema_migrations`).Scan(&step)
+	if pq.As(err, pqerror.UndefinedTable) != nil {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read schema step: %w", err)
+	}
+	return step, nil
+}
+
+// migrate applies the steps the database lacks, each in one transaction
+// with its record in schema_migrations, so the database is always at a
+// whole step. It returns the step reached.
+func migrate(ctx context.Context, db *sql.DB, steps []string) (int, error) {
 	conn, err := db.Conn(ctx)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer conn.Close()
 	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, schemaLockID); err != nil {
-		return fmt.Errorf("lock schema: %w", err)
+		return 0, fmt.Errorf("lock schema: %w", err)
 	}
 	defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, schemaLockID)
-	if _, err := conn.ExecContext(ctx, schemaSQL); err != nil {
-		return fmt.Errorf("apply schema: %w", err)
+	at, err := schemaStep(ctx, conn) // read under the lock: another migration may have run
+	for ; err == nil && at < len(steps); at++ {
+		err = withTx(ctx, conn, func(tx *sql.Tx) error {
+			if _, err := tx.ExecContext(ctx, steps[at]); err != nil {
+				return err
+			}
+			_, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (step) VALUES ($1)`, at+1)
+			return err
+		})
+		if err != nil {
+			return at, fmt.Errorf("step %d: %w", at+1, err)
+		}
 	}
-	return nil
+	return at, err
+}
+
+// ensureSchema brings the schema to the server's step when the role
+// connected may (the schema's owner); a database already there gets no
+// statement that takes a lock. Any other role finds the schema behind and
+// stops, naming the command that fixes it.
+func ensureSchema(ctx context.Context, db *sql.DB) error {
+	at, err := schemaStep(ctx, db)
+	if err != nil || at >= len(schemaSteps) {
+		return err
+	}
+	_, err = migrate(ctx, db, schemaSteps)
+	if pq.As(err, pqerror.InsufficientPrivilege) != nil {
+		return fmt.Errorf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, at, len(schemaSteps))
+	}
+	return err
+}
+
+// grantServing gives role exactly what serving needs, and takes back
+// anything more: read and write on the data tables, only SELECT and INSERT
+// on the audit events, the sequences and functions. Owning nothing, it can
+// alter, drop, truncate or disable no table or trigger.
+func grantServing(ctx context.Context, db *sql.DB, role string) error {
+	var unfit bool
+	err := db.QueryRowContext(ctx, `SELECT rolsuper OR pg_has_role($1, current_user, 'MEMBER') FROM pg_roles WHERE rolname = $1`, role).Scan(&unfit)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
+	case err != nil:
+		return fmt.Errorf("DB_APP_ROLE: %w", err)
+	case unfit:
+		return fmt.Errorf("DB_APP_ROLE: role %q is a superuser or holds the owner's rights: no grant could limit it", role)
+	}
+	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
+	q := `REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ` + r + `;
+		REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ` + r + `;
+		GRANT USAGE ON SCHEMA public TO ` + r + `;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, sessions, refresh_tokens, patients, doctors, mappings TO ` + r + `;
+		GRANT SELECT, INSERT ON audit_events TO ` + r + `;
+		GRANT SELECT ON schema_migrations TO ` + r + `;
+		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
+		GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO ` + r
+	_, err = db.ExecContext(ctx, q) // statements sent together run as one transaction
+	return err
 }
 
 // pruneLogins deletes ended and expired logins, with their refresh tokens,
@@ -129,8 +203,11 @@ func pruneLogins(ctx context.Context, db *sql.DB) error {
 	}
 }
 
-// withTx runs fn in a transaction, committing only when fn succeeds.
-func withTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
+// withTx runs fn in a transaction on db (a pool or one connection),
+// committing only when fn succeeds.
+func withTx(ctx context.Context, db interface {
+	BeginTx(context.Context, *sql.TxOptions) (*sql.Tx, error)
+}, fn func(*sql.Tx) error) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)

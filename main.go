@@ -31,17 +31,21 @@ import (
 )
 
 func main() {
-	if err := run(context.Background(), os.Getenv, os.Stdout, os.Stderr); err != nil {
+	if err := run(context.Background(), os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)
 	}
 }
 
 // run starts the server and blocks until ctx ends or a signal arrives, then
-// shuts down gracefully. Tests call it with their own environment.
-func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writer) error {
+// shuts down gracefully; with the argument "migrate" it brings the schema
+// up to date instead. Tests call it with their own environment.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if len(args) > 1 || len(args) == 1 && args[0] != "migrate" {
+		return fmt.Errorf("usage: healthcare [migrate], got %q", args)
+	}
 	dotenv, err := readDotenv(".env")
 	if err != nil {
 		return err
@@ -69,6 +73,12 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 		return err
 	}
 	defer db.Close()
+	if len(args) == 1 {
+		return runMigrate(ctx, db, cfg.appRole, stdout)
+	}
+	if err := ensureSchema(ctx, db); err != nil {
+		return err
+	}
 	srv, err := newServer(cfg, db, logger)
 	if err != nil {
 		return err
@@ -86,6 +96,23 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 		}
 	}()
 	return serve(ctx, cfg, srv, logger)
+}
+
+// runMigrate is "healthcare migrate": it applies the missing schema steps,
+// grants DB_APP_ROLE what serving needs, and prints the step reached.
+func runMigrate(ctx context.Context, db *sql.DB, appRole string, stdout io.Writer) error {
+	step, err := migrate(ctx, db, schemaSteps)
+	if err != nil {
+		return fmt.Errorf("migrate: %w (the schema stays at step %d)", err, step)
+	}
+	if appRole != "" {
+		if err := grantServing(ctx, db, appRole); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "granted role %q what serving needs\n", appRole)
+	}
+	fmt.Fprintf(stdout, "schema at step %d\n", step)
+	return nil
 }
 
 // serve answers HTTP on cfg.addr until ctx ends, then lets in-flight
@@ -288,6 +315,7 @@ type config struct {
 	loginMaxAgeDays    int
 	requestTimeout     time.Duration
 	tlsCert, tlsKey    string
+	appRole            string // DB_APP_ROLE: the role migrate grants serving to
 }
 
 // publishedKeys are SECRET_KEY values that have been shown in this
@@ -339,6 +367,7 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		requestTimeout:     4 * time.Second,
 		tlsCert:            get("TLS_CERT_FILE", ""),
 		tlsKey:             get("TLS_KEY_FILE", ""),
+		appRole:            get("DB_APP_ROLE", ""),
 	}
 	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
 	var err error
@@ -418,7 +447,7 @@ func dbConfig(get func(key, def string) string) (pq.Config, error) {
 		}
 		cfg.SSLMode = pq.SSLMode(get("DB_SSLMODE", mode))
 		if !slices.Contains([]string{"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}, string(cfg.SSLMode)) {
-			return cfg, fmt.Errorf("DB_SSLMODE: want disable, require, verify-ca or verify-full, got %q", cfg.SSLMode)
+			return cfg, fmt.Errorf("DB_SSLMODE: want disable, allow, prefer, require, verify-ca or verify-full, got %q", cfg.SSLMode)
 		}
 	}
 	// One round trip per query instead of two (no separate prepare step).

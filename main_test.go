@@ -64,6 +64,9 @@ func runTests(m *testing.M) int {
 	ctx := context.Background()
 	testDBConfig = cfg.db
 	testDB, testDBErr = openDB(ctx, cfg.db, 16)
+	if testDBErr == nil {
+		testDBErr = ensureSchema(ctx, testDB)
+	}
 	if testDBErr != nil {
 		fmt.Fprintln(os.Stderr, "test database (is PostgreSQL running on localhost:5432?):", testDBErr)
 		fmt.Fprintln(os.Stderr, "running the tests without it: every test that needs it fails")
@@ -670,14 +673,21 @@ func TestHealthAndReady(t *testing.T) {
 }
 
 // scratchDB is a database of its own for a test that changes the schema or
-// the statistics, created with schema.sql and dropped after the test.
-func scratchDB(t *testing.T, suffix string) *sql.DB {
+// the statistics, created with schema.sql's steps up to step (all of them
+// when step is -1) and dropped after the test.
+func scratchDB(t *testing.T, suffix string, step int) *sql.DB {
 	t.Helper()
 	needDB(t)
 	cfg := testDBConfig
 	cfg.Database += suffix
 	db, err := openDB(t.Context(), cfg, 2)
 	if err != nil {
+		t.Fatal(err)
+	}
+	if step < 0 {
+		step = len(schemaSteps)
+	}
+	if _, err := migrate(t.Context(), db, schemaSteps[:step]); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -699,7 +709,7 @@ func scratchDB(t *testing.T, suffix string) *sql.DB {
 // sequential scan of everyone's, whichever owner asks.
 func TestGenericPlanUsesOwnerIndex(t *testing.T) {
 	ctx := t.Context()
-	db := scratchDB(t, "_plans")
+	db := scratchDB(t, "_plans", -1)
 	conn, err := db.Conn(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -736,19 +746,25 @@ func TestGenericPlanUsesOwnerIndex(t *testing.T) {
 	}
 }
 
-// TestSchemaUpgrade applies schema.sql to a database shaped as before
+// TestSchemaUpgrade builds a database with the schema.sql of the last
+// server before steps (testdata), shaped further back still: before
 // mappings carried owner_id, while patient counts were kept by a trigger,
-// and before logins had an end: the upgrade must fill owner_id in, drop the
-// counts, give old logins an end, and change nothing when run again.
+// and before logins had an end. migrate must bring it to the last step with
+// every row kept, and change nothing when run again.
 func TestSchemaUpgrade(t *testing.T) {
 	ctx := t.Context()
-	db := scratchDB(t, "_upgrade")
+	db := scratchDB(t, "_upgrade", 0)
 	exec := func(q string) {
 		t.Helper()
 		if _, err := db.ExecContext(ctx, q); err != nil {
 			t.Fatalf("%s: %v", q, err)
 		}
 	}
+	before, err := os.ReadFile("testdata/schema-before-steps.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	exec(string(before))
 	exec(`ALTER TABLE mappings DROP COLUMN owner_id;
 		ALTER TABLE mappings ADD CONSTRAINT mappings_patient_id_fkey FOREIGN KEY (patient_id) REFERENCES patients (id) ON DELETE CASCADE;
 		ALTER TABLE sessions DROP COLUMN expires_at;
@@ -763,7 +779,8 @@ func TestSchemaUpgrade(t *testing.T) {
 			(1, 1, 'P', 'p1@example.com'), (2, 1, 'P', 'p2@example.com'), (3, 1, 'P', 'p3@example.com'),
 			(4, 2, 'P', 'p4@example.com'), (5, 2, 'P', 'p5@example.com');
 		INSERT INTO doctors (id, first_name, email, specialization) VALUES (1, 'D', 'd@example.com', 'Cardiology');
-		INSERT INTO mappings (patient_id, doctor_id) VALUES (2, 1), (4, 1);`)
+		INSERT INTO mappings (patient_id, doctor_id) VALUES (2, 1), (4, 1);
+		INSERT INTO audit_events (user_id, action, ip, request_id) VALUES (1, 'login', '192.0.2.1', 'r1');`)
 	check := func() {
 		t.Helper()
 		var got string
@@ -775,20 +792,33 @@ func TestSchemaUpgrade(t *testing.T) {
 			(SELECT count(*) FROM pg_trigger WHERE tgname = 'patients_count') || ' / ' ||
 			(SELECT count(*) FROM sessions WHERE expires_at > now() + interval '29 days') || ' / ' ||
 			(SELECT string_agg(id || ':' || password_version || ':' || coalesce(last_login::text, '-'), ' ' ORDER BY id) FROM users) || ' ' ||
-			(SELECT count(*) FROM pg_trigger WHERE tgname = 'users_password_version')`).Scan(&got)
-		if want := "1:1 2:2 / mappings_doctor_id_fkey mappings_patient / 0 0 / 1 / 1:0:- 2:0:- 1"; err != nil || got != want {
+			(SELECT count(*) FROM pg_trigger WHERE tgname = 'users_password_version') || ' / ' ||
+			(SELECT count(*) FROM patients) || ' ' || (SELECT count(*) FROM audit_events) || ' / ' ||
+			(SELECT string_agg(step::text, ',' ORDER BY step) FROM schema_migrations)`).Scan(&got)
+		want := "1:1 2:2 / mappings_doctor_id_fkey mappings_patient / 0 0 / 1 / 1:0:- 2:0:- 1 / 5 1 / " + stepList(len(schemaSteps))
+		if err != nil || got != want {
 			t.Fatalf("after upgrade: %q, %v; want %q", got, err, want)
 		}
 	}
 	for range 2 { // the second run must change nothing
-		if err := migrate(ctx, db); err != nil {
-			t.Fatalf("migrate: %v", err)
+		step, err := migrate(ctx, db, schemaSteps)
+		if err != nil || step != len(schemaSteps) {
+			t.Fatalf("migrate: step %d, %v; want step %d", step, err, len(schemaSteps))
 		}
 		check()
 	}
 	// The database, not the handler, keeps a mapping's owner its patient's.
-	_, err := db.ExecContext(ctx, `INSERT INTO mappings (owner_id, patient_id, doctor_id) VALUES (2, 3, 1)`)
+	_, err = db.ExecContext(ctx, `INSERT INTO mappings (owner_id, patient_id, doctor_id) VALUES (2, 3, 1)`)
 	if _, ok := violation(err, pqerror.ForeignKeyViolation); !ok {
 		t.Fatalf("mapping of user 1's patient under owner 2: %v, want a foreign key violation", err)
 	}
+}
+
+// stepList is "1,2,…,n".
+func stepList(n int) string {
+	var steps []string
+	for i := 1; i <= n; i++ {
+		steps = append(steps, strconv.Itoa(i))
+	}
+	return strings.Join(steps, ",")
 }

@@ -1381,7 +1381,7 @@ func TestRun(t *testing.T) {
 		defer cancel()
 		out := &startWriter{cancel: cancel}
 		done := make(chan error, 1)
-		go func() { done <- run(ctx, getenv, out, io.Discard) }()
+		go func() { done <- run(ctx, nil, getenv, out, io.Discard) }()
 		select {
 		case err := <-done:
 			return out.String(), err

@@ -1197,7 +1197,7 @@ func TestAuditAppendOnly(t *testing.T) {
 // TestAuditAtomic: when the events cannot be written, the read answers 503
 // without the patient, and the change is not committed.
 func TestAuditAtomic(t *testing.T) {
-	db := scratchDB(t, "_audit")
+	db := scratchDB(t, "_audit", -1)
 	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
 	a := register(t, s)
 	p, before := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Kept", "email": "kept@example.com"})

@@ -1,6 +1,16 @@
--- The schema is applied at every start, under an advisory lock, so every
--- statement here must be idempotent. Constraints live here, not in Go, so the
--- data stays consistent even when two requests race.
+-- The schema as numbered steps. Each "-- step N" line starts step N, which
+-- runs once, in its own transaction, and is then recorded in
+-- schema_migrations; a database that is at the last step is not touched.
+-- Add a step to change the schema; never edit one that has shipped.
+-- Constraints live here, not in Go, so the data stays consistent even when
+-- two requests race.
+
+-- step 1: the schema as it stood before steps. Every statement is
+-- idempotent, so it also upgrades a database made by an earlier server.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    step       integer     PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
 
 CREATE TABLE IF NOT EXISTS users (
     id         bigserial PRIMARY KEY,

@@ -1,0 +1,320 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lib/pq"
+	"github.com/lib/pq/pqerror"
+)
+
+// TestSchemaStepsNumbered: schema.sql's steps are numbered 1, 2, … in order,
+// so the splitter's count is the step a server needs.
+func TestSchemaStepsNumbered(t *testing.T) {
+	var got []string
+	for _, m := range regexp.MustCompile(`(?m)^-- step (\d+)`).FindAllStringSubmatch(schemaSQL, -1) {
+		got = append(got, m[1])
+	}
+	if want := stepList(len(schemaSteps)); strings.Join(got, ",") != want || len(got) == 0 {
+		t.Fatalf("steps %v, want %s", got, want)
+	}
+}
+
+// appRole creates a fresh LOGIN NOSUPERUSER role for the test and drops it
+// after; call it before scratchDB, so that the database (and the grants in
+// it) goes first.
+func appRole(t *testing.T) string {
+	t.Helper()
+	needDB(t)
+	role := uniqueName("hc_app_")
+	if _, err := testDB.ExecContext(t.Context(), `CREATE ROLE `+pq.QuoteIdentifier(role)+` LOGIN NOSUPERUSER`); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if _, err := testDB.ExecContext(context.Background(), `DROP ROLE `+pq.QuoteIdentifier(role)); err != nil {
+			t.Errorf("drop role %s: %v", role, err)
+		}
+	})
+	return role
+}
+
+// connectAs opens db's database as role.
+func connectAs(t *testing.T, db *sql.DB, role string) *sql.DB {
+	t.Helper()
+	cfg := testDBConfig
+	if err := db.QueryRowContext(t.Context(), `SELECT current_database()`).Scan(&cfg.Database); err != nil {
+		t.Fatal(err)
+	}
+	cfg.User = role
+	app, err := openDB(t.Context(), cfg, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { app.Close() })
+	return app
+}
+
+// TestLeastPrivilege grants a fresh role with migrate's DB_APP_ROLE, serves
+// the whole API as that role, then attacks the audit trail and the schema
+// as it: every attempt must fail with permission denied or must-be-owner.
+func TestLeastPrivilege(t *testing.T) {
+	ctx := t.Context()
+	role := appRole(t)
+	owner := scratchDB(t, "_leastpriv", -1)
+	var out bytes.Buffer
+	if err := runMigrate(ctx, owner, role, &out); err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("granted role %q what serving needs\nschema at step %d\n", role, len(schemaSteps)); out.String() != want {
+		t.Fatalf("migrate printed %q, want %q", out.String(), want)
+	}
+	db := connectAs(t, owner, role)
+	if err := ensureSchema(ctx, db); err != nil {
+		t.Fatalf("ensureSchema as %s: %v", role, err)
+	}
+	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+
+	t.Run("the whole API", func(t *testing.T) {
+		a := register(t, s)
+		pid, _ := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueName("p")+"@example.com"))
+		did, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueName("d")+"@example.com", "House", "Nephrology"))
+		steps := []struct {
+			method, path string
+			body         any
+			status       int
+		}{
+			{"GET", "/api/auth/me/", nil, 200},
+			{"GET", patientPath(pid), nil, 200},
+			{"PATCH", patientPath(pid), map[string]any{"phone": "+1 555 010 0199"}, 200},
+			{"GET", patientsPath + "?search=ada", nil, 200},
+			{"PUT", doctorPath(did), doctorBody(uniqueName("d")+"@example.com", "Wilson", "Oncology"), 200},
+			{"POST", mappingsPath, map[string]any{"patient": pid, "doctor": did}, 201},
+			{"GET", mappingsPath, nil, 200},
+			{"GET", mappingsPath + strconv.FormatInt(pid, 10) + "/", nil, 200},
+			{"GET", "/api/audit/", nil, 200},
+			{"DELETE", patientPath(pid), nil, 204},
+			{"DELETE", doctorPath(did), nil, 204},
+			{"POST", "/api/auth/login/", map[string]any{"username": a.username, "password": "wrong-password-1"}, 401},
+			{"POST", "/api/auth/token/refresh/", map[string]any{"refresh": a.refresh}, 200},
+			{"POST", "/api/auth/logout/", map[string]any{"refresh": a.refresh}, 204},
+		}
+		for _, st := range steps {
+			res := do(t, s, req{method: st.method, path: st.path, token: a.access, body: st.body})
+			if res.status != st.status {
+				t.Fatalf("%s %s as %s: status %d, want %d: %s", st.method, st.path, role, res.status, st.status, res.body)
+			}
+		}
+		b := register(t, s)
+		res := do(t, s, req{method: "POST", path: "/api/auth/password/", token: b.access, body: map[string]any{
+			"old_password": b.password, "new_password": "Quiet-Harbor-Meadow-42"}})
+		wantShape(t, res, 200, `{"refresh": `+jsonText(res.object(t)["refresh"])+`, "access": `+jsonText(res.object(t)["access"])+`}`)
+		wantShape(t, do(t, s, req{method: "POST", path: "/api/auth/logout/all/", token: b.access}), 401,
+			`{"detail": "Given token not valid for any token type", "code": "token_not_valid", "messages": [{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}]}`)
+		if err := pruneLogins(ctx, db); err != nil {
+			t.Fatalf("prune as %s: %v", role, err)
+		}
+		var left int
+		if err := owner.QueryRowContext(ctx, `SELECT count(*) FROM sessions WHERE ended_at IS NOT NULL`).Scan(&left); err != nil || left != 0 {
+			t.Fatalf("ended logins after prune: %d, %v", left, err)
+		}
+	})
+
+	t.Run("attacks refused", func(t *testing.T) {
+		attacks := []string{
+			`UPDATE audit_events SET ip = '203.0.113.9'`,
+			`DELETE FROM audit_events`,
+			`TRUNCATE audit_events`,
+			`ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only`,
+			`ALTER TABLE audit_events DISABLE TRIGGER ALL`,
+			`DROP TRIGGER audit_events_append_only ON audit_events`,
+			`CREATE OR REPLACE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$`,
+			`DROP FUNCTION login_live(bigint, bigint)`,
+			`DELETE FROM schema_migrations`,
+			`CREATE TABLE evil (id int)`,
+		}
+		for _, table := range []string{"users", "login_names", "sessions", "refresh_tokens", "patients", "doctors", "mappings", "audit_events", "schema_migrations"} {
+			attacks = append(attacks, `ALTER TABLE `+table+` ADD COLUMN evil int`, `DROP TABLE `+table+` CASCADE`, `TRUNCATE `+table+` CASCADE`)
+		}
+		for _, q := range attacks {
+			_, err := db.ExecContext(ctx, q)
+			if pq.As(err, pqerror.InsufficientPrivilege) == nil {
+				t.Errorf("%s as %s: %v, want permission denied or must be owner", q, role, err)
+			}
+		}
+		var events int
+		if err := owner.QueryRowContext(ctx, `SELECT count(*) FROM audit_events`).Scan(&events); err != nil || events < 10 {
+			t.Fatalf("audit events after the attacks: %d, %v", events, err)
+		}
+	})
+
+	t.Run("a schema behind stops start-up", func(t *testing.T) {
+		if _, err := owner.ExecContext(ctx, `DELETE FROM schema_migrations WHERE step = $1`, len(schemaSteps)); err != nil {
+			t.Fatal(err)
+		}
+		err := ensureSchema(ctx, db)
+		want := fmt.Sprintf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, len(schemaSteps)-1, len(schemaSteps))
+		if err == nil || err.Error() != want {
+			t.Fatalf("ensureSchema as %s: %v, want %q", role, err, want)
+		}
+	})
+}
+
+// TestMigrateCommand runs "healthcare migrate" through run: it creates the
+// missing database, prints the step reached, and the second run does
+// nothing; a role that does not exist is refused with a message.
+func TestMigrateCommand(t *testing.T) {
+	needDB(t)
+	name := testDBConfig.Database + "_cmd"
+	t.Cleanup(func() {
+		testDB.ExecContext(context.Background(), `DROP DATABASE IF EXISTS `+pq.QuoteIdentifier(name)+` WITH (FORCE)`)
+	})
+	env := testEnv(map[string]string{"DB_NAME": name})
+	var applied []string
+	for i := range 2 {
+		var out bytes.Buffer
+		if err := run(t.Context(), []string{"migrate"}, env, &out, io.Discard); err != nil {
+			t.Fatalf("run %d: %v", i+1, err)
+		}
+		if want := fmt.Sprintf("schema at step %d\n", len(schemaSteps)); out.String() != want {
+			t.Fatalf("run %d printed %q, want %q", i+1, out.String(), want)
+		}
+		cfg := testDBConfig
+		cfg.Database = name
+		db, err := openDB(t.Context(), cfg, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stamps string
+		err = db.QueryRowContext(t.Context(), `SELECT string_agg(step || '@' || applied_at, ' ' ORDER BY step) FROM schema_migrations`).Scan(&stamps)
+		db.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		applied = append(applied, stamps)
+	}
+	if applied[0] != applied[1] {
+		t.Fatalf("the second migrate changed schema_migrations:\n%s\n%s", applied[0], applied[1])
+	}
+	err := run(t.Context(), []string{"migrate"}, testEnv(map[string]string{"DB_NAME": name, "DB_APP_ROLE": "no_such_role_x"}), io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), `DB_APP_ROLE: role "no_such_role_x" does not exist`) {
+		t.Fatalf("migrate with a missing role: %v", err)
+	}
+	if err := run(t.Context(), []string{"migrate", "now"}, env, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "usage") {
+		t.Fatalf("run with two arguments: %v, want a usage error", err)
+	}
+}
+
+// TestMigrateRaceAndFailure: two migrations of an empty database at once
+// both succeed and each step is applied once; a failing step leaves the
+// database at the last whole step.
+func TestMigrateRaceAndFailure(t *testing.T) {
+	ctx := t.Context()
+	db := scratchDB(t, "_race", 0)
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var step int
+			if step, errs[i] = migrate(ctx, db, schemaSteps); errs[i] == nil && step != len(schemaSteps) {
+				errs[i] = fmt.Errorf("reached step %d", step)
+			}
+		}()
+	}
+	wg.Wait()
+	if errs[0] != nil || errs[1] != nil {
+		t.Fatalf("racing migrations: %v, %v", errs[0], errs[1])
+	}
+	var steps string
+	if err := db.QueryRowContext(ctx, `SELECT string_agg(step::text, ',' ORDER BY step) FROM schema_migrations`).Scan(&steps); err != nil || steps != stepList(len(schemaSteps)) {
+		t.Fatalf("steps recorded: %q, %v", steps, err)
+	}
+	bad := append(schemaSteps[:len(schemaSteps):len(schemaSteps)], `CREATE TABLE half_done (id int); SELECT 1/0;`)
+	step, err := migrate(ctx, db, bad)
+	if err == nil || step != len(schemaSteps) || !strings.Contains(err.Error(), fmt.Sprintf("step %d: ", len(bad))) {
+		t.Fatalf("failing step: step %d, %v", step, err)
+	}
+	var half bool
+	if err := db.QueryRowContext(ctx, `SELECT to_regclass('half_done') IS NOT NULL`).Scan(&half); err != nil || half {
+		t.Fatalf("a failed step left its table: %v, %v", half, err)
+	}
+}
+
+// TestStartBesideLongTransaction holds ACCESS SHARE on every table, as a
+// backup or a report does, while a second instance starts through run: it
+// must start and answer, and the instance already serving must keep
+// answering 2xx meanwhile. A start that took any table lock would queue
+// behind the reader, and every request of the first instance behind it.
+func TestStartBesideLongTransaction(t *testing.T) {
+	ctx := t.Context()
+	a := newTestServer(t, nil)
+	acct := register(t, a)
+	reader, err := testDB.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Rollback()
+	if _, err := reader.ExecContext(ctx, `LOCK TABLE users, login_names, sessions, refresh_tokens, patients, doctors,
+		mappings, audit_events, schema_migrations IN ACCESS SHARE MODE`); err != nil {
+		t.Fatal(err)
+	}
+
+	runCtx, stop := context.WithTimeout(ctx, 30*time.Second)
+	defer stop()
+	log := &urlWriter{url: make(chan string, 1)}
+	env := testEnv(map[string]string{"ADDR": "127.0.0.1:0", "DB_NAME": testDBConfig.Database})
+	done := make(chan error, 1)
+	go func() { done <- run(runCtx, nil, env, log, io.Discard) }()
+
+	var during []response
+	var url string
+	for url == "" {
+		during = append(during, do(t, a, req{method: "GET", path: "/api/auth/me/", token: acct.access}))
+		select {
+		case url = <-log.url:
+		case err := <-done:
+			t.Fatalf("second instance stopped: %v", err)
+		case <-runCtx.Done():
+			t.Fatal("second instance did not start beside the reader")
+		default:
+		}
+	}
+	for i, res := range during {
+		if res.status != http.StatusOK {
+			t.Fatalf("first instance, request %d while the second started: status %d: %s", i+1, res.status, res.body)
+		}
+	}
+	res, err := http.Get(url + "readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	wantJSON(t, response{status: res.StatusCode, body: body}, 200, `{"status": "ok"}`)
+	stop()
+	if err := <-done; err != nil {
+		t.Fatalf("second instance: %v", err)
+	}
+}
+
+// urlWriter passes on the URL of run's "serving" log line.
+type urlWriter struct{ url chan string }
+
+func (w *urlWriter) Write(p []byte) (int, error) {
+	if m := regexp.MustCompile(`"url":"([^"]+)"`).FindSubmatch(p); m != nil && bytes.Contains(p, []byte(`"serving"`)) {
+		w.url <- string(m[1])
+	}
+	return len(p), nil
+}

@@ -1,0 +1,195 @@
+-- The schema is applied at every start, under an advisory lock, so every
+-- statement here must be idempotent. Constraints live here, not in Go, so the
+-- data stays consistent even when two requests race.
+
+CREATE TABLE IF NOT EXISTS users (
+    id         bigserial PRIMARY KEY,
+    username   varchar(150) NOT NULL CHECK (username <> ''),
+    email      varchar(254) NOT NULL CHECK (email <> '' AND email = lower(email)),
+    name       varchar(150) NOT NULL CHECK (name <> ''),
+    password   varchar(256) NOT NULL,
+    created_at timestamptz  NOT NULL DEFAULT now()
+);
+-- password_version counts password changes, whoever makes them (this
+-- server, an older one, an operator's UPDATE): a login or a change goes on
+-- only if the password it verified is still in force by this number. A
+-- login sets last_login (as Django does), and a hash it upgrades to more
+-- iterations in that same write is no change: logins racing an upgrade do
+-- not refuse each other. (Checked before altering: ALTER TABLE locks the
+-- table even when the column exists.)
+DO $$ BEGIN
+    IF (SELECT count(*) FROM information_schema.columns
+        WHERE table_name = 'users' AND column_name IN ('password_version', 'last_login')) < 2 THEN
+        ALTER TABLE users ADD COLUMN IF NOT EXISTS password_version integer NOT NULL DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS last_login timestamptz;
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION users_password_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.password IS DISTINCT FROM OLD.password AND NEW.last_login IS NOT DISTINCT FROM OLD.last_login THEN
+        NEW.password_version := OLD.password_version + 1;
+    END IF;
+    RETURN NEW;
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'users_password_version') THEN
+        CREATE TRIGGER users_password_version BEFORE UPDATE OF password ON users
+            FOR EACH ROW EXECUTE FUNCTION users_password_version();
+    END IF;
+END $$;
+
+-- Every lower-cased username and email of every account, in one unique key:
+-- a login name (username or email) can then only ever mean one account, and
+-- the database, not a check in Go, decides who wins a registration race.
+CREATE TABLE IF NOT EXISTS login_names (
+    name    varchar(254) PRIMARY KEY CHECK (name = lower(name)),
+    user_id bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS login_names_user_id ON login_names (user_id);
+
+-- A session is one login. Every token carries its id (the "sid" claim);
+-- ending it ends every access and refresh token descended from that login.
+CREATE TABLE IF NOT EXISTS sessions (
+    id         bigserial PRIMARY KEY,
+    user_id    bigint      NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL, -- LOGIN_MAX_AGE_DAYS after created_at
+    ended_at   timestamptz
+);
+CREATE INDEX IF NOT EXISTS sessions_user_id ON sessions (user_id);
+-- Logins made before logins had an end get the default age from now on.
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS expires_at timestamptz NOT NULL DEFAULT now() + interval '30 days';
+ALTER TABLE sessions ALTER COLUMN expires_at DROP DEFAULT;
+
+-- login_live is the one "login is live" rule: every statement that serves
+-- an authenticated request calls it with the caller's user id and login id
+-- ($1, $2), so an ended login fails the statement itself with HC401, which
+-- the server answers 401. PostgreSQL runs it once per statement (a
+-- one-time filter), before any row is read or written.
+CREATE OR REPLACE FUNCTION login_live(uid bigint, sid bigint) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM sessions WHERE id = sid AND user_id = uid AND ended_at IS NULL AND expires_at > now()) THEN
+        RAISE EXCEPTION 'login % has ended', sid USING ERRCODE = 'HC401';
+    END IF;
+    RETURN true;
+END $$;
+
+-- api_time writes a time as DRF does: RFC 3339 in UTC, microseconds, "Z".
+-- A one-line SQL function, so PostgreSQL inlines it.
+CREATE OR REPLACE FUNCTION api_time(t timestamptz) RETURNS text
+LANGUAGE sql STABLE AS $$ SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') $$;
+
+-- Every refresh token issued, so that each can be used once.
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    jti        char(32)    PRIMARY KEY,
+    session_id bigint      NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    expires_at timestamptz NOT NULL,
+    rotated_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS refresh_tokens_session_id ON refresh_tokens (session_id);
+
+CREATE TABLE IF NOT EXISTS patients (
+    id            bigserial PRIMARY KEY,
+    owner_id      bigint       NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    first_name    varchar(100) NOT NULL CHECK (btrim(first_name) <> ''),
+    last_name     varchar(100) NOT NULL DEFAULT '',
+    email         varchar(254) NOT NULL CHECK (email <> '' AND email = lower(email)),
+    date_of_birth date CHECK (date_of_birth >= DATE '1900-01-01'),
+    phone         varchar(32)  NOT NULL DEFAULT '',
+    created_at    timestamptz  NOT NULL DEFAULT now(),
+    updated_at    timestamptz  NOT NULL DEFAULT now()
+);
+-- Unique per owner, not globally: a global key would tell one user that
+-- another user has a patient with that email.
+CREATE UNIQUE INDEX IF NOT EXISTS patients_owner_email ON patients (owner_id, email);
+-- An owner's list is one range of this index. It is unique so that mappings
+-- can name (owner, patient) in one foreign key.
+CREATE UNIQUE INDEX IF NOT EXISTS patients_owner_id_key ON patients (owner_id, id);
+DROP INDEX IF EXISTS patients_owner_id; -- its non-unique predecessor
+
+-- Patient counts were once kept by a trigger; lists count as DRF does now.
+DROP TRIGGER IF EXISTS patients_count ON patients;
+DROP FUNCTION IF EXISTS count_patients();
+DROP TABLE IF EXISTS patient_counts;
+
+CREATE TABLE IF NOT EXISTS doctors (
+    id             bigserial PRIMARY KEY,
+    created_by     bigint       REFERENCES users (id) ON DELETE SET NULL,
+    first_name     varchar(100) NOT NULL CHECK (btrim(first_name) <> ''),
+    last_name      varchar(100) NOT NULL DEFAULT '',
+    email          varchar(254) NOT NULL CHECK (email <> '' AND email = lower(email)),
+    specialization varchar(120) NOT NULL CHECK (char_length(btrim(specialization)) >= 3),
+    created_at     timestamptz  NOT NULL DEFAULT now(),
+    updated_at     timestamptz  NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS doctors_email ON doctors (email);
+
+CREATE TABLE IF NOT EXISTS mappings (
+    id         bigserial PRIMARY KEY,
+    -- The patient's owner, kept here so that an owner's list is one range of
+    -- an index; the foreign key mappings_patient holds it equal to the
+    -- patient's owner.
+    owner_id   bigint      NOT NULL,
+    patient_id bigint      NOT NULL,
+    -- RESTRICT: deleting an assigned doctor must fail, not silently remove
+    -- other users' assignments.
+    doctor_id  bigint      NOT NULL REFERENCES doctors (id) ON DELETE RESTRICT,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT mappings_patient_doctor UNIQUE (patient_id, doctor_id),
+    CONSTRAINT mappings_patient FOREIGN KEY (owner_id, patient_id)
+        REFERENCES patients (owner_id, id) ON DELETE CASCADE
+);
+-- A database made before mappings had owner_id gains it here, once.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'mappings' AND column_name = 'owner_id') THEN
+        ALTER TABLE mappings ADD COLUMN owner_id bigint;
+        UPDATE mappings m SET owner_id = p.owner_id FROM patients p WHERE p.id = m.patient_id;
+        ALTER TABLE mappings ALTER COLUMN owner_id SET NOT NULL,
+            DROP CONSTRAINT mappings_patient_id_fkey,
+            ADD CONSTRAINT mappings_patient FOREIGN KEY (owner_id, patient_id)
+                REFERENCES patients (owner_id, id) ON DELETE CASCADE;
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS mappings_doctor_id ON mappings (doctor_id);
+CREATE INDEX IF NOT EXISTS mappings_owner_id ON mappings (owner_id, id);
+
+-- Statements run with generic plans (README, Performance), made without
+-- knowing which owner asks; say owners are many, so that the plan is the
+-- owner index even while two users hold every row.
+ALTER TABLE patients ALTER COLUMN owner_id SET (n_distinct = -0.01);
+ALTER TABLE mappings ALTER COLUMN owner_id SET (n_distinct = -0.01);
+
+
+-- The audit trail: who touched which patient record, when, from where.
+-- Events name users, logins, patients and doctors by id without foreign
+-- keys, so they outlive all of them.
+CREATE TABLE IF NOT EXISTS audit_events (
+    id         bigserial   PRIMARY KEY,
+    at         timestamptz NOT NULL DEFAULT now(),
+    user_id    bigint      NOT NULL, -- the account that acted
+    login_id   bigint,               -- its login (sid); null for login.failed
+    action     text        NOT NULL CHECK (action IN ('patient.create', 'patient.read', 'patient.update',
+        'patient.delete', 'patient.list', 'mapping.create', 'mapping.delete', 'mapping.list', 'login',
+        'login.failed', 'refresh.reused', 'logout', 'logout.all', 'password.change')),
+    patient_id bigint,
+    doctor_id  bigint,
+    fields     text[]      NOT NULL DEFAULT '{}', -- names only, never values
+    ip         text        NOT NULL,
+    request_id text        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_events_user_id ON audit_events (user_id, id);
+ALTER TABLE audit_events ALTER COLUMN user_id SET (n_distinct = -0.01);
+
+-- Append-only, whoever asks: the table's owner and this server included.
+CREATE OR REPLACE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit events are append-only' USING ERRCODE = 'HC403';
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'audit_events_append_only') THEN
+        CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_events
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
+    END IF;
+END $$;
