@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
+	"compress/gzip"
 	"context"
 	"crypto/hmac"
 	"crypto/pbkdf2"
@@ -9,17 +11,21 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"database/sql"
+	_ "embed"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/lib/pq/pqerror"
 )
@@ -443,6 +449,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		// The password checked must still be the account's, locked until
 		// commit: a password change cannot slip in between and miss this
 		// login. Setting last_login marks an upgraded hash as no change.
+		// $1 user, $2 the version checked, $3 an upgraded hash or nil.
 		const still = `UPDATE users SET password = coalesce($3, password), last_login = now() WHERE id = $1 AND password_version = $2`
 		res, err := tx.ExecContext(ctx, still, id, version, upgraded)
 		if err != nil {
@@ -495,6 +502,7 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	var pair tokenPair
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
+		// $1 jti, $2 login, $3 user.
 		const spend = `
 			UPDATE refresh_tokens t SET rotated_at = now()
 			FROM sessions s
@@ -525,7 +533,8 @@ var errSpent = errors.New("refresh token not spendable")
 // not be spent. A rotated one reused past the grace window was probably
 // stolen, and the login ends (RFC 9700 §4.14.2); inside it, two tabs raced.
 func (s *server) refusedRefresh(r *http.Request, c claims) error {
-	// Reuse ends the login in the same statement that detects it.
+	// Reuse ends the login in the same statement that detects it. $1 jti,
+	// $2 login, $3 grace in seconds, $4 user, $5 IP, $6 request id.
 	const q = `
 		WITH t AS (
 			SELECT t.rotated_at IS NOT NULL OR s.ended_at IS NOT NULL AS spent,
@@ -561,6 +570,7 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	// Only a login that was live ends, and only then is an event written.
+	// $1 login, $2 user, $3 jti, $4 IP, $5 request id.
 	const q = `
 		WITH login AS (
 			SELECT id, ended_at IS NULL AS live FROM sessions
@@ -585,11 +595,13 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 
 // handleLogoutAll ends every login of the caller, the asking one included.
 func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
+	// $1 user, $2 login, $3 IP, $4 request id.
 	const q = `WITH ended AS (
 			UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND login_live($1, $2) RETURNING id)
 		INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
 		SELECT $1, $2, 'logout.all', $3, $4 WHERE EXISTS (SELECT 1 FROM ended)`
-	if _, err := s.db.ExecContext(r.Context(), q, infoFrom(r).who()...); err != nil {
+	info := infoFrom(r)
+	if _, err := s.db.ExecContext(r.Context(), q, info.userID, info.sessionID, info.clientIP.String(), info.id); err != nil {
 		return fmt.Errorf("end logins: %w", err)
 	}
 	return noContent(w)
@@ -597,11 +609,13 @@ func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 
 // handleMe returns the caller's account.
 func (s *server) handleMe(w http.ResponseWriter, r *http.Request) error {
+	// $1 user, $2 login.
 	const q = `SELECT id, username, email, name FROM users WHERE id = $1 AND login_live($1, $2)`
+	info := infoFrom(r)
 	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) (u user, err error) {
 		err = row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
 		return
-	}, q, infoFrom(r).caller()...)
+	}, q, info.userID, info.sessionID)
 }
 
 var errWrongOldPassword = &apiError{status: http.StatusBadRequest,
@@ -620,8 +634,9 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	var u user
 	var stored string
 	var version int64
+	// $1 user, $2 login.
 	const q = `SELECT id, username, email, name, password, password_version FROM users WHERE id = $1 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(ctx, q, info.caller()...).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version)
+	err = s.db.QueryRowContext(ctx, q, info.userID, info.sessionID).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
 	}
@@ -642,8 +657,9 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 		// Only the password the old one was checked against is replaced: of
 		// two changes at once, the second finds it gone. (schema.sql's
 		// trigger counts the change in password_version.)
+		// $1 user, $2 login, $3 new hash, $4 the version checked.
 		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
-		res, err := tx.ExecContext(ctx, q, info.caller(hashed, version)...)
+		res, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed, version)
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}
@@ -665,4 +681,107 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 		return err
 	}
 	return writeJSON(w, http.StatusOK, pair)
+}
+
+// Django's list of 19,726 common passwords (django/contrib/auth, BSD-3-Clause).
+//
+//go:embed common-passwords.txt.gz
+var commonPasswordsGz []byte
+
+// loadCommonPasswords unpacks the embedded list.
+func loadCommonPasswords() (map[string]struct{}, error) {
+	zr, err := gzip.NewReader(bytes.NewReader(commonPasswordsGz))
+	if err != nil {
+		return nil, fmt.Errorf("common passwords: %w", err)
+	}
+	list, err := io.ReadAll(zr)
+	set := make(map[string]struct{}, 20_000)
+	for _, p := range strings.Split(string(list), "\n") {
+		set[strings.TrimSpace(p)] = struct{}{}
+	}
+	return set, err
+}
+
+// passwordProblems applies Django's four default validators, in Django's
+// order, returning one message per failing validator.
+func (s *server) passwordProblems(password string, attrs [3]string) []string {
+	var msgs []string
+	lower := strings.ToLower(password)
+	for i, label := range [3]string{"username", "email address", "name"} {
+		if tooSimilar(lower, strings.ToLower(attrs[i])) {
+			msgs = append(msgs, "The password is too similar to the "+label+".")
+			break
+		}
+	}
+	if utf8.RuneCountInString(password) < 8 {
+		msgs = append(msgs, "This password is too short. It must contain at least 8 characters.")
+	}
+	if _, ok := s.commonPasswords[strings.TrimSpace(lower)]; ok {
+		msgs = append(msgs, "This password is too common.")
+	}
+	if strings.IndexFunc(password, func(r rune) bool { return r < '0' || r > '9' }) < 0 {
+		msgs = append(msgs, "This password is entirely numeric.")
+	}
+	return msgs
+}
+
+// tooSimilar is Django's UserAttributeSimilarityValidator for one attribute:
+// the whole value and its parts split on non-word characters, each compared
+// with difflib's quick_ratio against 0.7, skipping parts too short to matter.
+func tooSimilar(password, value string) bool {
+	if value == "" {
+		return false
+	}
+	parts := append(strings.FieldsFunc(value, func(r rune) bool {
+		return !(unicode.IsLetter(r) || unicode.IsDigit(r) || r == '_')
+	}), value)
+	pw := []rune(password)
+	for _, part := range parts {
+		pr := []rune(part)
+		if len(pw) >= 10*len(pr) && float64(len(pr)) < 0.35*float64(len(pw)) {
+			continue
+		}
+		avail := map[rune]int{}
+		for _, r := range pr {
+			avail[r]++
+		}
+		common := 0
+		for _, r := range pw {
+			if avail[r] > 0 {
+				avail[r]--
+				common++
+			}
+		}
+		if 2*float64(common)/float64(len(pw)+len(pr)) >= 0.7 {
+			return true
+		}
+	}
+	return false
+}
+
+// newPassword reads a new password and checks it with Django's validators
+// against the account's names.
+func (s *server) newPassword(f fields, key string, u user, errs fieldErrors) string {
+	password, ok := f.str(key, true, errs)
+	switch {
+	case !ok:
+	case strings.TrimSpace(password) == "":
+		// Blank as login judges it (DRF's), or the account could never log in.
+		errs.add(key, "This field may not be blank.")
+	case utf8.RuneCountInString(password) > 1024:
+		errs.add(key, "Ensure this field has no more than 1024 characters.")
+	default:
+		for _, msg := range s.passwordProblems(password, [3]string{u.Username, u.Email, u.Name}) {
+			errs.add(key, msg)
+		}
+	}
+	return password
+}
+
+// confirmPassword checks the optional confirmation field key against
+// password, once the body has no other problem.
+func confirmPassword(f fields, key, password string, errs fieldErrors) {
+	if confirm, given := f.str(key, false, errs); given && len(errs) == 0 && confirm != password {
+		errs.add(key, "Passwords don't match.")
+	}
 }

@@ -1438,11 +1438,8 @@ func TestEndedLoginRefusedEverywhere(t *testing.T) {
 	}{
 		{"me", "GET", "/api/auth/me/", nil, nil},
 		{"list patients", "GET", "/api/patients/", nil, nil},
-		{"list patients, bad ordering", "GET", "/api/patients/?ordering=nope", nil, nil},
 		{"list patients, page past the end", "GET", "/api/patients/?page=9", nil, nil},
 		{"create patient", "POST", "/api/patients/", newPatient, nil},
-		{"create patient, invalid", "POST", "/api/patients/", map[string]any{"first_name": ""}, nil},
-		{"create patient, text/plain", "POST", "/api/patients/", "x", map[string]string{"Content-Type": "text/plain"}},
 		{"get patient", "GET", "/api/patients/" + p + "/", nil, nil},
 		{"get unknown patient", "GET", "/api/patients/999999999/", nil, nil},
 		{"put patient", "PUT", "/api/patients/" + p + "/", map[string]any{"first_name": "X", "email": "x@example.com"}, nil},
@@ -1464,6 +1461,24 @@ func TestEndedLoginRefusedEverywhere(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			res := do(t, s, req{method: tc.method, path: tc.path, token: a.access, body: tc.body, header: tc.header})
 			wantUnauthorized(t, res, invalidAccessBody)
+		})
+	}
+	// Refused before any statement runs, a request gets that answer: it
+	// shows nothing (contract v4, order of checks).
+	before := []struct {
+		name, method, path string
+		body               any
+		header             map[string]string
+		status             int
+		want               string
+	}{
+		{"bad ordering", "GET", "/api/patients/?ordering=nope", nil, nil, 400, `{"ordering": ["Invalid ordering field \"nope\"."]}`},
+		{"invalid body", "POST", "/api/patients/", map[string]any{"first_name": "", "email": "x@example.com"}, nil, 400, `{"first_name": ["This field may not be blank."]}`},
+		{"text/plain", "POST", "/api/patients/", "x", map[string]string{"Content-Type": "text/plain"}, 415, `{"detail": "Unsupported media type \"text/plain\" in request."}`},
+	}
+	for _, tc := range before {
+		t.Run("refused first: "+tc.name, func(t *testing.T) {
+			wantJSON(t, do(t, s, req{method: tc.method, path: tc.path, token: a.access, body: tc.body, header: tc.header}), tc.status, tc.want)
 		})
 	}
 	// Nothing was changed by the refused requests.

@@ -230,12 +230,6 @@ func loginEnded(err error) bool {
 	return pq.As(err, "HC401") != nil
 }
 
-// checkLogin fails with login_live's refusal when the caller's login has ended.
-func (s *server) checkLogin(ctx context.Context, info *requestInfo) error {
-	_, err := s.db.ExecContext(ctx, `SELECT login_live($1, $2)`, info.caller()...)
-	return err
-}
-
 // violation reports the constraint err violated when it has the given code.
 func violation(err error, code pqerror.Code) (constraint string, ok bool) {
 	if e := pq.As(err, code); e != nil {
@@ -331,7 +325,6 @@ type rowScanner interface{ Scan(dest ...any) error }
 func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, status int, scan func(rowScanner) (T, error), q string, args ...any) error {
 	v, err := scan(db.QueryRowContext(r.Context(), q, args...))
 	if errors.Is(err, sql.ErrNoRows) {
-		infoFrom(r).loginChecked = true // the statement ran, login_live with it
 		return errNotFound
 	}
 	if err != nil {
@@ -348,7 +341,6 @@ func deleteRow(w http.ResponseWriter, r *http.Request, db *database, q string, a
 		return fmt.Errorf("delete: %w", err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
-		infoFrom(r).loginChecked = true
 		return errNotFound
 	}
 	return noContent(w)
@@ -430,8 +422,8 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 }
 
 // search returns " AND (c1 ILIKE $7 OR c2 ILIKE $7) AND (… $8 …)" for first
-// = 7: every term must match one of columns. The terms are listPage's last
-// arguments, from $first.
+// = 7: every term must match one of columns. The terms are the statement's
+// last arguments, from $first.
 func (p listParams) search(first int, columns ...string) string {
 	var sql string
 	for i := range p.terms {
@@ -452,13 +444,13 @@ type page[T any] struct {
 	Results  []T     `json:"results"`
 }
 
-// listPage answers a collection GET with the page p asks for. q selects the
-// rows with their total count in front, and takes $1 user id, $2 login id,
-// $3 limit, $4 offset, then extra, then the search terms.
-func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, q string, scan func(rowScanner) (T, error), extra ...any) error {
+// offset is the number of rows before the page.
+func (p listParams) offset() int { return (p.page - 1) * p.size }
+
+// listPage answers a collection GET with the page p asks for: q, run with
+// args, selects the page's rows with the total count in front of each.
+func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, scan func(rowScanner) (T, error), q string, args ...any) error {
 	info := infoFrom(r)
-	args := info.caller(append([]any{p.size, (p.page - 1) * p.size}, extra...)...)
-	args = append(args, p.terms...)
 	rows, err := db.QueryContext(r.Context(), q, args...)
 	if err != nil {
 		return fmt.Errorf("list: %w", err)
@@ -471,7 +463,6 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 		return err
 	}
 	if len(results) == 0 && p.page > 1 {
-		info.loginChecked = true
 		return errInvalidPage
 	}
 	link := func(n int) *string {
@@ -572,10 +563,12 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 	if len(errs) > 0 {
 		return errs
 	}
+	// $1 user, $2 login, $3 limit, $4 offset, $5 patient, $6 login filter, $7 action; a filter not given is null or ''.
 	const where = `user_id = $1 AND ($5::bigint IS NULL OR patient_id = $5) AND ($6::bigint IS NULL OR login_id = $6)
 		AND ($7 = '' OR action = $7)`
 	const query = `SELECT (SELECT count(*) FROM audit_events WHERE ` + where + `),
 			id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id
 		FROM audit_events WHERE ` + where + ` AND login_live($1, $2) ORDER BY id DESC LIMIT $3 OFFSET $4`
-	return listPage(w, r, s.db, p, query, scanEvent, ids["patient"], ids["login"], action)
+	info := infoFrom(r)
+	return listPage(w, r, s.db, p, scanEvent, query, info.userID, info.sessionID, p.size, p.offset(), ids["patient"], ids["login"], action)
 }

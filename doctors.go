@@ -30,11 +30,6 @@ func scanDoctor(row rowScanner) (doctor, error) {
 	return d, err
 }
 
-// doctorFields reads what a doctor adds to readPerson's fields.
-func doctorFields(f fields, required bool, errs fieldErrors) []any {
-	return []any{f.text("specialization", required, 3, 120, errs)}
-}
-
 var doctorOrdering = map[string]string{
 	"id": "id", "first_name": "first_name", "last_name": "last_name",
 	"created_at": "created_at", "specialization": "specialization",
@@ -45,26 +40,33 @@ func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) error
 	if err != nil {
 		return err
 	}
+	// $1 user, $2 login, $3 limit, $4 offset, $5… search terms.
 	where := `true` + p.search(5, "first_name", "last_name", "email", "specialization")
 	q := `SELECT (SELECT count(*) FROM doctors WHERE ` + where + `), ` + doctorColumns + `
 		FROM doctors WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
-	return listPage(w, r, s.db, p, q, scanDoctor)
+	info := infoFrom(r)
+	return listPage(w, r, s.db, p, scanDoctor, q, append([]any{info.userID, info.sessionID, p.size, p.offset()}, p.terms...)...)
 }
 
 func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) error {
-	values, err := readPerson(r, doctorFields)
+	in, err := readPerson(r, true)
 	if err != nil {
 		return err
 	}
+	// $1 user, $2 login, $3 first_name, $4 last_name, $5 email, $6 specialization.
 	const q = `INSERT INTO doctors (created_by, first_name, last_name, email, specialization)
 		SELECT $1, $3, coalesce($4, ''), $5, $6 WHERE login_live($1, $2)
 		RETURNING ` + doctorColumns
-	return writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, infoFrom(r).caller(values...)...)
+	info := infoFrom(r)
+	return writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, info.userID, info.sessionID,
+		in.firstName, in.lastName, in.email, in.specialization)
 }
 
 func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
+	// $1 user, $2 login, $3 doctor id.
 	const q = `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $3 AND login_live($1, $2)`
-	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, infoFrom(r).caller(pathID(r))...)
+	info := infoFrom(r)
+	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, pathID(r))
 }
 
 // mayChangeDoctor answers 404 for a missing doctor and 403 for one the
@@ -73,12 +75,12 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
 func (s *server) mayChangeDoctor(r *http.Request) error {
 	info := infoFrom(r)
 	var creator sql.NullInt64
+	// $1 user, $2 login, $3 doctor id.
 	const q = `SELECT created_by FROM doctors WHERE id = $3 AND login_live($1, $2)`
-	err := s.db.QueryRowContext(r.Context(), q, info.caller(pathID(r))...).Scan(&creator)
+	err := s.db.QueryRowContext(r.Context(), q, info.userID, info.sessionID, pathID(r)).Scan(&creator)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("find doctor: %w", err)
 	}
-	info.loginChecked = true
 	if err != nil {
 		return errNotFound
 	}
@@ -94,16 +96,19 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
-	values, err := readPerson(r, doctorFields)
+	in, err := readPerson(r, true)
 	if err != nil {
 		return err
 	}
+	// $1 user, $2 login, $3 doctor id, $4 first_name, $5 last_name, $6 email,
+	// $7 specialization; each nil when not given.
 	const q = `UPDATE doctors SET first_name = coalesce($4, first_name), last_name = coalesce($5, last_name),
 			email = coalesce($6, email), specialization = coalesce($7, specialization), updated_at = now()
 		WHERE id = $3 AND created_by = $1 AND login_live($1, $2)
 		RETURNING ` + doctorColumns
-	args := infoFrom(r).caller(append([]any{pathID(r)}, values...)...)
-	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, args...)
+	info := infoFrom(r)
+	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, pathID(r),
+		in.firstName, in.lastName, in.email, in.specialization)
 }
 
 var errDoctorAssigned = &apiError{status: http.StatusConflict,
@@ -116,8 +121,10 @@ func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) erro
 	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
+	// $1 user, $2 login, $3 doctor id.
 	const q = `DELETE FROM doctors WHERE id = $3 AND created_by = $1 AND login_live($1, $2)`
-	err := deleteRow(w, r, s.db, q, infoFrom(r).caller(pathID(r))...)
+	info := infoFrom(r)
+	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, pathID(r))
 	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
 		return errDoctorAssigned
 	}

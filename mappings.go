@@ -42,13 +42,14 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
+	// $1 user, $2 login, $3 IP, $4 request id, $5 limit, $6 offset.
 	page := `FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
-		WHERE m.owner_id = $1 AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
+		WHERE m.owner_id = $1 AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $5 OFFSET $6`
 	q := `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
-			SELECT DISTINCT $1::bigint, $2::bigint, 'mapping.list', patient_id, $5, $6 FROM (SELECT m.patient_id ` + page + `) shown)
+			SELECT DISTINCT $1::bigint, $2::bigint, 'mapping.list', patient_id, $3, $4 FROM (SELECT m.patient_id ` + page + `) shown)
 		SELECT (SELECT count(*) FROM mappings WHERE owner_id = $1), ` + mappingColumns + ` ` + page
 	info := infoFrom(r)
-	return listPage(w, r, s.db, p, q, scanMapping, info.clientIP.String(), info.id)
+	return listPage(w, r, s.db, p, scanMapping, q, info.userID, info.sessionID, info.clientIP.String(), info.id, p.size, p.offset())
 }
 
 // handleCreateMapping assigns a doctor to one of the caller's patients. The
@@ -67,6 +68,7 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 		return errs
 	}
 	info := infoFrom(r)
+	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id, $6 doctor id.
 	const q = `
 		WITH m AS (
 			INSERT INTO mappings (owner_id, patient_id, doctor_id)
@@ -75,15 +77,16 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
 			SELECT $1, $2, 'mapping.create', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
-	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.who(patientID, doctorID)...)
+	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.userID, info.sessionID, info.clientIP.String(), info.id, patientID, doctorID)
 	if _, fk := violation(err, pqerror.ForeignKeyViolation); !fk && err != errNotFound {
 		return err
 	}
 	// Say which reference is bad: one text for "not yours" and "missing".
+	// $1 user, $2 login, $3 patient id, $4 doctor id.
 	const check = `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $3 AND owner_id = $1),
 		EXISTS (SELECT 1 FROM doctors WHERE id = $4) WHERE login_live($1, $2)`
 	var patientOK, doctorOK bool
-	err = s.db.QueryRowContext(r.Context(), check, info.caller(patientID, doctorID)...).Scan(&patientOK, &doctorOK)
+	err = s.db.QueryRowContext(r.Context(), check, info.userID, info.sessionID, patientID, doctorID).Scan(&patientOK, &doctorOK)
 	if err != nil {
 		return fmt.Errorf("check mapping references: %w", err)
 	}
@@ -103,12 +106,13 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 // first, as a plain array; another user's patient is a 404.
 func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) error {
 	id, info := pathID(r), infoFrom(r)
+	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id.
 	const q = `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
 			SELECT $1, $2, 'mapping.list', $5, $3, $4 WHERE EXISTS (SELECT 1 FROM mappings WHERE patient_id = $5 AND owner_id = $1))
 		SELECT ` + mappingColumns + `
 		FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
 		WHERE m.patient_id = $5 AND m.owner_id = $1 AND login_live($1, $2) ORDER BY m.created_at, m.id`
-	rows, err := s.db.QueryContext(r.Context(), q, info.who(id)...)
+	rows, err := s.db.QueryContext(r.Context(), q, info.userID, info.sessionID, info.clientIP.String(), info.id, id)
 	if err != nil {
 		return fmt.Errorf("list patient mappings: %w", err)
 	}
@@ -120,16 +124,19 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 		return writeJSON(w, http.StatusOK, out)
 	}
 	// No mappings: an empty array for the caller's patient, else 404.
+	// $1 user, $2 login, $3 patient id.
 	const patientQ = `SELECT 1 FROM patients WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)`
 	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) ([]mapping, error) {
 		return out, row.Scan(new(int))
-	}, patientQ, info.caller(id)...)
+	}, patientQ, info.userID, info.sessionID, id)
 }
 
 func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) error {
+	// $1 user, $2 login, $3 IP, $4 request id, $5 mapping id.
 	const q = `WITH m AS (DELETE FROM mappings WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) RETURNING patient_id, doctor_id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
 			SELECT $1, $2, 'mapping.delete', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT 1 FROM m`
-	return deleteRow(w, r, s.db, q, infoFrom(r).who(pathID(r))...)
+	info := infoFrom(r)
+	return deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r))
 }

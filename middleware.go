@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -11,14 +10,18 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"mime"
 	"net"
 	"net/http"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/lib/pq/pqerror"
 )
@@ -125,8 +128,9 @@ func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler
 		w.Header().Set("Allow", ans.header.Get("Allow")+", OPTIONS")
 		writeJSON(w, http.StatusMethodNotAllowed, detail(fmt.Sprintf("Method %q not allowed.", r.Method)))
 	case ans.status >= 300 && ans.status < 400: // the mux cleaning a path such as /api//x/
+		// 308 as for the slash, not the mux's 301, which lets a client turn a POST into a GET.
 		w.Header().Set("Location", ans.header.Get("Location"))
-		writeJSON(w, ans.status, detail("Use the canonical path."))
+		writeJSON(w, http.StatusPermanentRedirect, detail("Use the canonical path."))
 	default:
 		writeJSON(w, http.StatusNotFound, detail("Not found."))
 	}
@@ -227,20 +231,6 @@ type requestInfo struct {
 	https     bool
 	userID    int64
 	sessionID int64 // the login (the tokens' sid)
-	// loginChecked: a statement calling login_live has run for this request.
-	loginChecked bool
-}
-
-// caller returns the caller's user id and login id, $1 and $2 of every
-// authenticated statement, followed by args.
-func (info *requestInfo) caller(args ...any) []any {
-	return append([]any{info.userID, info.sessionID}, args...)
-}
-
-// who adds the client IP (as the limiter keys it) and the request id as $3
-// and $4: the arguments of every statement that writes audit events.
-func (info *requestInfo) who(args ...any) []any {
-	return info.caller(append([]any{info.clientIP.String(), info.id}, args...)...)
 }
 
 type infoKey struct{}
@@ -327,10 +317,7 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 		lim, key = rt.s.userLimit, rateKey{user: info.userID}
 	}
 	if wait, ok := lim.allow(key); !ok {
-		if info.userID != 0 && loginEnded(rt.s.checkLogin(r.Context(), info)) {
-			return rt.s.asAnonymous(info, false)
-		}
-		return throttled(wait)
+		return throttled(wait) // before any statement: an ended login's token is still its user's
 	}
 	if authErr != nil {
 		return authErr
@@ -519,18 +506,11 @@ func throttled(wait time.Duration) *apiError {
 	return &apiError{status: http.StatusTooManyRequests, body: detail(msg), retryAfter: n}
 }
 
-// fail writes err as the contract's answer. Causes the client must not see
-// (driver text, SQL) go to the log only.
+// fail writes err as the contract's answer, and runs no statement. Causes
+// the client must not see (driver text, SQL) go to the log only.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	info := infoFrom(r)
-	if info.sessionID != 0 && !info.loginChecked && isRefusal(err) {
-		// A refusal made before any statement ran (its path, body or
-		// parameters) has not met login_live: an ended login must still
-		// hear 401 first, as the order of checks says.
-		err = cmp.Or(s.checkLogin(r.Context(), info), err)
-	}
-	// A key the statement ran into: the client's conflict. The statement ran
-	// login_live before it wrote, so no login check is owed.
+	// A key the statement ran into: the client's conflict.
 	if c, ok := violation(err, pqerror.UniqueViolation); ok && conflicts[c] != nil {
 		err = conflicts[c]
 	}
@@ -542,7 +522,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		return
 	case errors.As(err, &ae):
 	case loginEnded(err):
-		ae = s.asAnonymous(info, true)
+		ae = errAccessInvalid
 	case isUnavailable(err):
 		s.log.Warn("database unavailable", "request_id", info.id, "err", err)
 		ae = errUnavailable
@@ -557,29 +537,6 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
 	}
 	writeJSON(w, ae.status, ae.body)
-}
-
-// asAnonymous answers a request whose login has ended as the anonymous
-// caller it is: it counts against the anonymous limit, not its owner's
-// (charged: the user limit had counted it), so a revoked token cannot
-// spend its owner's budget; then 401.
-func (s *server) asAnonymous(info *requestInfo, charged bool) *apiError {
-	if charged {
-		s.userLimit.undo(rateKey{user: info.userID})
-	}
-	if wait, ok := s.anonLimit.allow(ipKey(info.clientIP)); !ok {
-		return throttled(wait)
-	}
-	return errAccessInvalid
-}
-
-// isRefusal reports a client error other than 401 and 429 (a throttled
-// flood must cost no query).
-func isRefusal(err error) bool {
-	var fe fieldErrors
-	var ae *apiError
-	return errors.As(err, &fe) || errors.As(err, &ae) && ae.status >= 400 && ae.status < 500 &&
-		ae.status != http.StatusUnauthorized && ae.status != http.StatusTooManyRequests
 }
 
 // writeJSON marshals v before touching the headers, so an encoding failure
@@ -600,4 +557,255 @@ func writeJSON(w http.ResponseWriter, status int, v any) error {
 func noContent(w http.ResponseWriter) error {
 	w.WriteHeader(http.StatusNoContent)
 	return nil
+}
+
+// The field readers below serve every resource's body: each reads one
+// member, checks it as DRF would, and adds any problem to errs.
+
+// fields are a JSON object body's members, read one by one with their
+// types checked (encoding/json into a struct would match keys
+// case-insensitively and report only the first error).
+type fields map[string]json.RawMessage
+
+// decodeBody reads a request body as a JSON object. An empty body is {}.
+func decodeBody(r *http.Request) (fields, error) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return nil, fmt.Errorf("read body: %w", err)
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return fields{}, nil
+	}
+	ct := r.Header.Get("Content-Type")
+	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+		msg := fmt.Sprintf("Unsupported media type %q in request.", ct)
+		return nil, &apiError{status: http.StatusUnsupportedMediaType, body: detail(msg)}
+	}
+	// encoding/json would silently replace invalid UTF-8.
+	if !utf8.Valid(body) {
+		return nil, parseError("invalid UTF-8")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	var f fields
+	err = dec.Decode(&f)
+	var typeErr *json.UnmarshalTypeError
+	if errors.As(err, &typeErr) || err == nil && f == nil { // another JSON value, or null
+		return nil, parseError("the body must be a JSON object")
+	}
+	if err != nil {
+		return nil, parseError(err.Error())
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, parseError("trailing data after the JSON object")
+	}
+	return f, nil
+}
+
+func parseError(why string) error {
+	return &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
+}
+
+// pathID reads the {id} path value, or 0 when it is not a positive integer
+// that fits int64: no row has id 0, so the statement answers 404 in its
+// turn, after the body's checks.
+func pathID(r *http.Request) int64 {
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil || id < 1 {
+		return 0
+	}
+	return id
+}
+
+// str reads a string member; required adds an error when it is absent. ok
+// is false when the member is absent or unusable, in which case any
+// problem is already in errs.
+func (f fields) str(key string, required bool, errs fieldErrors) (v string, ok bool) {
+	raw, present := f[key]
+	switch {
+	case !present:
+		if required {
+			errs.add(key, "This field is required.")
+		}
+	case string(raw) == "null":
+		errs.add(key, "This field may not be null.")
+	case json.Unmarshal(raw, &v) != nil:
+		errs.add(key, "Not a valid string.")
+	case strings.ContainsRune(v, 0): // PostgreSQL cannot store NUL in text; refused as DRF does
+		errs.add(key, "Null characters are not allowed.")
+	default:
+		return v, true
+	}
+	return "", false
+}
+
+// required reads a string that must be present and not blank; it is used
+// as sent (passwords and tokens are not trimmed).
+func (f fields) required(key string, errs fieldErrors) string {
+	v, ok := f.str(key, true, errs)
+	if ok && strings.TrimSpace(v) == "" {
+		errs.add(key, "This field may not be blank.")
+	}
+	return v
+}
+
+// text reads a free-text member: tags stripped, ends trimmed, then checked
+// for length in characters. nil means absent or invalid.
+func (f fields) text(key string, required bool, minLen, maxLen int, errs fieldErrors) *string {
+	v, ok := f.str(key, required, errs)
+	if !ok {
+		return nil
+	}
+	v = strings.TrimSpace(stripTags(v))
+	switch n := utf8.RuneCountInString(v); {
+	case n == 0 && (required || minLen > 0):
+		errs.add(key, "This field may not be blank.")
+	case n > maxLen:
+		errs.add(key, fmt.Sprintf("Ensure this field has no more than %d characters.", maxLen))
+	case n < minLen:
+		errs.add(key, fmt.Sprintf("Ensure this field has at least %d characters.", minLen))
+	default:
+		return &v
+	}
+	return nil
+}
+
+// stripTags removes every tag: '<' followed by a letter, '/', '!' or '?', up
+// to the next '>'. Other '<' stay ("Tom <3 Jerry"). It works as if removal
+// were repeated until nothing changes, in one pass: after a tag goes, a '<'
+// before it may start a new one with what follows. A tag left open takes
+// the rest of the text with it.
+func stripTags(s string) string {
+	out := make([]byte, 0, len(s))
+	open := -1 // where the tag being read starts in out
+	for _, c := range s {
+		if c == '>' && open >= 0 {
+			out, open = out[:open], -1
+			continue
+		}
+		if open < 0 && len(out) > 0 && out[len(out)-1] == '<' && (unicode.IsLetter(c) || c == '/' || c == '!' || c == '?') {
+			open = len(out) - 1
+		}
+		out = utf8.AppendRune(out, c)
+	}
+	if open >= 0 {
+		out = out[:open]
+	}
+	return string(out)
+}
+
+// emailRE is Django's EmailValidator without its IDN and IP-literal cases:
+// a dot-atom local part, dot-separated host labels, a TLD of 2–63 characters.
+var emailRE = regexp.MustCompile(`^[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+(\.[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+)*` +
+	`@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{1,62}[a-z0-9]$`)
+
+var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
+
+// email reads an address, trimmed and lower-cased, at most 254 characters.
+func (f fields) email(key string, required bool, errs fieldErrors) *string {
+	return f.matching(key, required, true, 254, emailRE, "Enter a valid email address.", errs)
+}
+
+// username reads Django's username: 1–150 letters, digits and @.+-_.
+func (f fields) username(key string, errs fieldErrors) string {
+	const invalid = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
+	return deref(f.matching(key, true, false, 150, usernameRE, invalid, errs))
+}
+
+// matching reads a trimmed (and, if asked, lower-cased) string of at most
+// maxLen characters that re matches; nil means absent or invalid.
+func (f fields) matching(key string, required, lower bool, maxLen int, re *regexp.Regexp, invalid string, errs fieldErrors) *string {
+	v, ok := f.str(key, required, errs)
+	if !ok {
+		return nil
+	}
+	if v = strings.TrimSpace(v); lower {
+		v = strings.ToLower(v)
+	}
+	switch {
+	case v == "":
+		errs.add(key, "This field may not be blank.")
+	case utf8.RuneCountInString(v) > maxLen:
+		errs.add(key, fmt.Sprintf("Ensure this field has no more than %d characters.", maxLen))
+	case !re.MatchString(v):
+		errs.add(key, invalid)
+	default:
+		return &v
+	}
+	return nil
+}
+
+// pk reads a primary key given as a JSON integer or a string of digits.
+// ok is false when it is unusable; text is the value as the client wrote it,
+// for the "does not exist" message.
+func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {
+	raw, present := f[key]
+	switch {
+	case !present:
+		errs.add(key, "This field is required.")
+		return 0, "", false
+	case string(raw) == "null":
+		errs.add(key, "This field may not be null.")
+		return 0, "", false
+	}
+	// DRF names the type it received; raw is one valid JSON value (decodeBody
+	// checked it), so its first byte tells.
+	got := map[byte]string{'"': "str", '[': "list", '{': "dict", 't': "bool", 'f': "bool"}[raw[0]]
+	switch got {
+	case "":
+		got, text = "float", string(raw)
+	case "str":
+		json.Unmarshal(raw, &text)
+	}
+	if text == "" || strings.Trim(strings.TrimPrefix(text, "-"), "0123456789") != "" {
+		errs.add(key, "Incorrect type. Expected pk value, received "+got+".")
+		return 0, "", false
+	}
+	id, err := strconv.ParseInt(text, 10, 64)
+	if err != nil { // beyond int64: a well-formed id no row can have
+		id = 0
+	}
+	return id, text, true
+}
+
+// date reads date_of_birth: YYYY-MM-DD, not in the future, not before
+// 1900, or null, read as "". nil means absent or invalid.
+func (f fields) date(key string, errs fieldErrors) *string {
+	if string(f[key]) == "null" {
+		return new(string)
+	}
+	s, ok := f.str(key, false, errs)
+	if !ok {
+		return nil
+	}
+	d, err := time.Parse(time.DateOnly, strings.TrimSpace(s))
+	switch {
+	case err != nil:
+		errs.add(key, "Date has wrong format. Use one of these formats instead: YYYY-MM-DD.")
+	case d.After(time.Now().UTC()):
+		errs.add(key, "Date of birth cannot be in the future.")
+	case d.Year() < 1900:
+		errs.add(key, "Date of birth cannot be before 1900-01-01.")
+	default:
+		s = d.Format(time.DateOnly)
+		return &s
+	}
+	return nil
+}
+
+// phoneRE: an optional leading +, then 10–15 digits, each perhaps
+// followed by spaces, dashes, dots or parentheses.
+var phoneRE = regexp.MustCompile(`^\+?[ ().\-]*([0-9][ ().\-]*){10,15}$`)
+
+// phone reads a phone number as sent, trimmed: empty, or phoneRE's shape in
+// at most 32 characters.
+func (f fields) phone(key string, errs fieldErrors) *string {
+	v, ok := f.str(key, false, errs)
+	if !ok {
+		return nil
+	}
+	if v = strings.TrimSpace(v); v != "" && (len(v) > 32 || !phoneRE.MatchString(v)) {
+		errs.add(key, "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.")
+		return nil
+	}
+	return &v
 }
