@@ -341,10 +341,10 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	ctx, errs := r.Context(), fieldErrors{}
 	u := user{Username: f.username("username", errs), Name: deref(f.text("name", true, 1, 150, errs))}
 	u.Email = deref(f.email("email", true, errs))
-	password := s.newPassword(f, "password", u, errs)
-	if err := s.takenNames(ctx, u, errs); err != nil {
+	if err := s.takenNames(ctx, &u, errs); err != nil {
 		return err
 	}
+	password := s.newPassword(f, "password", u, errs)
 	confirmPassword(f, "password_confirm", password, errs)
 	if len(errs) > 0 {
 		return errs
@@ -370,7 +370,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		return err
 	})
 	if _, lost := violation(err, pqerror.UniqueViolation); lost {
-		if err := s.takenNames(ctx, u, errs); err != nil || len(errs) == 0 {
+		if err := s.takenNames(ctx, &u, errs); err != nil || len(errs) == 0 {
 			return cmp.Or(err, error(errUnavailable)) // the winner rolled back: try again
 		}
 		return errs
@@ -388,15 +388,21 @@ func deref(s *string) string {
 	return *s
 }
 
-// takenNames adds an error for the username and the email if either already
-// names an account: login_names holds every account's names, lower-cased, so
-// that a login name always means one account.
-func (s *server) takenNames(ctx context.Context, u user, errs fieldErrors) error {
-	const q = `SELECT EXISTS (SELECT 1 FROM login_names WHERE name = lower($1)),
+// takenNames puts the username in Unicode NFKC, as Django stores it, and
+// adds an error for the username and the email if either already names an
+// account: login_names holds every account's names, normalized and
+// lower-cased, so that a login name always means one account.
+func (s *server) takenNames(ctx context.Context, u *user, errs fieldErrors) error {
+	// $1 username, $2 email.
+	const q = `SELECT normalize($1, NFKC), EXISTS (SELECT 1 FROM login_names WHERE name = lower(normalize($1, NFKC))),
 		EXISTS (SELECT 1 FROM login_names WHERE name = $2)`
 	var username, email bool
-	if err := s.db.QueryRowContext(ctx, q, u.Username, u.Email).Scan(&username, &email); err != nil {
+	if err := s.db.QueryRowContext(ctx, q, u.Username, u.Email).Scan(&u.Username, &username, &email); err != nil {
 		return fmt.Errorf("check login names: %w", err)
+	}
+	// A compatibility character may stand for several, or for a symbol.
+	if u.Username != "" && (utf8.RuneCountInString(u.Username) > 150 || !usernameRE.MatchString(u.Username)) {
+		errs.add("username", invalidUsername)
 	}
 	if username {
 		errs.add("username", "A user with that username already exists.")
@@ -420,21 +426,29 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	}
 	ctx := r.Context()
 	var id, version int64
+	var wait int
 	stored := s.passwords.dummy
-	// PostgreSQL lower-cases, as it did for login_names at registration.
-	const q = `SELECT u.id, u.password, u.password_version FROM login_names n JOIN users u ON u.id = n.user_id WHERE n.name = lower($1)`
-	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name)).Scan(&id, &stored, &version)
+	// PostgreSQL normalizes (NFKC) and lower-cases, as it did for
+	// login_names at registration. $1 login name, $2 LOGIN_LOCK_AFTER, $3 LOGIN_LOCK_S.
+	const q = `SELECT u.id, u.password, u.password_version, login_wait(u.id, $2, $3)
+		FROM login_names n JOIN users u ON u.id = n.user_id WHERE n.name = lower(normalize($1, NFKC))`
+	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&id, &stored, &version, &wait)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("find user: %w", err)
 	}
-	// Unknown users are checked against the dummy hash: the same work and
-	// the same answer, so timing does not reveal which accounts exist.
+	if wait > 0 { // the account's run of failures: no password is checked, no event written
+		return throttled(time.Duration(wait) * time.Second)
+	}
+	// Unknown users are checked against the dummy hash and leave an event
+	// with no account: the same work and the same answer, so neither timing
+	// nor a commit's flush reveals which accounts exist.
 	match, stale, err := s.passwords.verify(ctx, password, stored)
-	if err != nil || (!match && id == 0) { // an unknown name has no account to record the failure on
-		return cmp.Or(err, error(errBadCredentials))
+	if err != nil {
+		return err
 	}
 	if !match {
-		return cmp.Or(recordAccountEvent(ctx, s.db, r, id, nil, "login.failed"), error(errBadCredentials))
+		account := sql.NullInt64{Int64: id, Valid: id != 0}
+		return cmp.Or(recordAccountEvent(ctx, s.db, r, account, nil, "login.failed"), error(errBadCredentials))
 	}
 	var upgraded *string // a stale hash's replacement at our iteration count
 	if stale {
@@ -634,19 +648,29 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	var u user
 	var stored string
 	var version int64
-	// $1 user, $2 login.
-	const q = `SELECT id, username, email, name, password, password_version FROM users WHERE id = $1 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(ctx, q, info.userID, info.sessionID).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version)
+	var wait int
+	// $1 user, $2 login, $3 LOGIN_LOCK_AFTER, $4 LOGIN_LOCK_S.
+	const q = `SELECT id, username, email, name, password, password_version, login_wait(id, $3, $4)
+		FROM users WHERE id = $1 AND login_live($1, $2)`
+	err = s.db.QueryRowContext(ctx, q, info.userID, info.sessionID, s.cfg.lockAfter, s.cfg.lockSeconds).Scan(
+		&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version, &wait)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
+	}
+	if wait > 0 { // a wrong old password is a failed login: the same lock holds
+		return throttled(time.Duration(wait) * time.Second)
 	}
 	password := s.newPassword(f, "new_password", u, errs)
 	confirmPassword(f, "new_password_confirm", password, errs)
 	if len(errs) > 0 {
 		return errs
 	}
-	if match, _, err := s.passwords.verify(ctx, old, stored); err != nil || !match {
-		return cmp.Or(err, error(errWrongOldPassword))
+	match, _, err := s.passwords.verify(ctx, old, stored)
+	if err != nil {
+		return err
+	}
+	if !match {
+		return cmp.Or(recordAccountEvent(ctx, s.db, r, u.ID, nil, "login.failed"), error(errWrongOldPassword))
 	}
 	hashed, err := s.passwords.hash(ctx, password)
 	if err != nil {

@@ -160,3 +160,31 @@ func BenchmarkMappingList(b *testing.B) {
 		return r
 	})
 }
+
+// BenchmarkFailedLogin is one failed login per op at the default 600,000
+// iterations: for a name of no account, and for accounts whose migrated
+// hashes have 260,000 and 1,000,000 iterations. Every failed check is
+// padded to the costliest stored hash and writes one event, so the three
+// should cost the same: compare them within one run
+// (go test -run '^$' -bench FailedLogin -count 5).
+func BenchmarkFailedLogin(b *testing.B) {
+	names := map[string]string{"unknown": uniqueName("nobody")}
+	for _, iter := range []int{260_000, 1_000_000} {
+		name := uniqueName("timing")
+		insertUser(b, name, name+"@example.com", djangoHash(b, "the right password", "TimingSaltTimingSalt00", iter))
+		names[strconv.Itoa(iter)] = name
+	}
+	s := newTestServer(b, nil, func(c *config) { c.passwordIterations = minIterations; c.lockAfter = 100; slowHashes(c) })
+	if err := s.passwords.raiseFailCost(b.Context(), testDB); err != nil {
+		b.Fatal(err)
+	}
+	for _, kind := range []string{"unknown", "260000", "1000000"} {
+		b.Run(kind, func(b *testing.B) {
+			for b.Loop() {
+				if res := login(b, s, names[kind], "a wrong password"); res.status != http.StatusUnauthorized {
+					b.Fatalf("status %d: %s", res.status, res.body)
+				}
+			}
+		})
+	}
+}

@@ -504,8 +504,9 @@ type execer interface {
 }
 
 // recordAccountEvent writes an account's audit event (no patient); with a
-// transaction, in the transaction of the change it records.
-func recordAccountEvent(ctx context.Context, db execer, r *http.Request, userID int64, loginID any, action string) error {
+// transaction, in the transaction of the change it records. userID is an
+// int64, or a null sql.NullInt64 for a login name of no account.
+func recordAccountEvent(ctx context.Context, db execer, r *http.Request, userID, loginID any, action string) error {
 	info := infoFrom(r)
 	const q = `INSERT INTO audit_events (user_id, login_id, action, ip, request_id) VALUES ($1, $2, $3, $4, $5)`
 	if _, err := db.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
@@ -534,7 +535,7 @@ func scanEvent(row rowScanner) (event, error) {
 }
 
 var auditActions = []string{"patient.create", "patient.read", "patient.update", "patient.delete", "patient.list",
-	"mapping.create", "mapping.delete", "mapping.list", "login", "login.failed", "refresh.reused", "logout",
+	"mapping.create", "mapping.delete", "mapping.list", "doctor.create", "doctor.update", "doctor.delete", "login", "login.failed", "refresh.reused", "logout",
 	"logout.all", "password.change"}
 
 // handleListAudit lists the caller's own events, newest first. user_id = $1
@@ -547,7 +548,7 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	errs, ids := fieldErrors{}, map[string]*int64{}
-	for _, key := range []string{"patient", "login"} {
+	for _, key := range []string{"patient", "doctor", "login"} {
 		if v := q.Get(key); v != "" {
 			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil {
@@ -563,12 +564,14 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 	if len(errs) > 0 {
 		return errs
 	}
-	// $1 user, $2 login, $3 limit, $4 offset, $5 patient, $6 login filter, $7 action; a filter not given is null or ''.
-	const where = `user_id = $1 AND ($5::bigint IS NULL OR patient_id = $5) AND ($6::bigint IS NULL OR login_id = $6)
-		AND ($7 = '' OR action = $7)`
+	// $1 user, $2 login, $3 limit, $4 offset, then the filters, each null
+	// or '' when not given: $5 patient, $6 doctor, $7 login, $8 action.
+	const where = `user_id = $1 AND ($5::bigint IS NULL OR patient_id = $5) AND ($6::bigint IS NULL OR doctor_id = $6)
+		AND ($7::bigint IS NULL OR login_id = $7) AND ($8 = '' OR action = $8)`
 	const query = `SELECT (SELECT count(*) FROM audit_events WHERE ` + where + `),
 			id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id
 		FROM audit_events WHERE ` + where + ` AND login_live($1, $2) ORDER BY id DESC LIMIT $3 OFFSET $4`
 	info := infoFrom(r)
-	return listPage(w, r, s.db, p, scanEvent, query, info.userID, info.sessionID, p.size, p.offset(), ids["patient"], ids["login"], action)
+	return listPage(w, r, s.db, p, scanEvent, query, info.userID, info.sessionID, p.size, p.offset(),
+		ids["patient"], ids["doctor"], ids["login"], action)
 }

@@ -22,7 +22,8 @@ type doctor struct {
 }
 
 // doctorColumns select a doctor in scanDoctor's order.
-const doctorColumns = `id, first_name, last_name, email, specialization, api_time(created_at), api_time(updated_at)`
+const doctorColumns = `id, first_name, last_name, email, specialization,
+	api_time(created_at) AS created_at, api_time(updated_at) AS updated_at`
 
 func scanDoctor(row rowScanner) (doctor, error) {
 	var d doctor
@@ -53,12 +54,17 @@ func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
-	// $1 user, $2 login, $3 first_name, $4 last_name, $5 email, $6 specialization.
-	const q = `INSERT INTO doctors (created_by, first_name, last_name, email, specialization)
-		SELECT $1, $3, coalesce($4, ''), $5, $6 WHERE login_live($1, $2)
-		RETURNING ` + doctorColumns
+	// $1 user, $2 login, $3 IP, $4 request id, $5 first_name, $6 last_name,
+	// $7 email, $8 specialization.
+	const q = `WITH d AS (
+			INSERT INTO doctors (created_by, first_name, last_name, email, specialization)
+			SELECT $1, $5, coalesce($6, ''), $7, $8 WHERE login_live($1, $2)
+			RETURNING ` + doctorColumns + `),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, doctor_id, ip, request_id)
+			SELECT $1, $2, 'doctor.create', id, $3, $4 FROM d)
+		SELECT * FROM d`
 	info := infoFrom(r)
-	return writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, info.userID, info.sessionID,
+	return writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
 		in.firstName, in.lastName, in.email, in.specialization)
 }
 
@@ -100,15 +106,23 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
-	// $1 user, $2 login, $3 doctor id, $4 first_name, $5 last_name, $6 email,
-	// $7 specialization; each nil when not given.
-	const q = `UPDATE doctors SET first_name = coalesce($4, first_name), last_name = coalesce($5, last_name),
-			email = coalesce($6, email), specialization = coalesce($7, specialization), updated_at = now()
-		WHERE id = $3 AND created_by = $1 AND login_live($1, $2)
-		RETURNING ` + doctorColumns
+	// $1 user, $2 login, $3 IP, $4 request id, $5 doctor id, $6 first_name,
+	// $7 last_name, $8 email, $9 specialization; each nil when not given.
+	const fields = `ARRAY[first_name, last_name, email, specialization]`
+	const q = `WITH before AS (
+			SELECT id AS doctor, ` + fields + ` AS was
+			FROM doctors WHERE id = $5 AND created_by = $1 AND login_live($1, $2) FOR UPDATE),
+		d AS (
+			UPDATE doctors SET first_name = coalesce($6, first_name), last_name = coalesce($7, last_name),
+				email = coalesce($8, email), specialization = coalesce($9, specialization), updated_at = now()
+			FROM before WHERE id = doctor
+			RETURNING ` + doctorColumns + `, was, ` + fields + ` AS now),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, doctor_id, fields, ip, request_id)
+			SELECT $1, $2, 'doctor.update', id, changed_fields('{first_name,last_name,email,specialization}', was, now), $3, $4 FROM d)
+		SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM d`
 	info := infoFrom(r)
-	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, pathID(r),
-		in.firstName, in.lastName, in.email, in.specialization)
+	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
+		pathID(r), in.firstName, in.lastName, in.email, in.specialization)
 }
 
 var errDoctorAssigned = &apiError{status: http.StatusConflict,
@@ -121,10 +135,13 @@ func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) erro
 	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
-	// $1 user, $2 login, $3 doctor id.
-	const q = `DELETE FROM doctors WHERE id = $3 AND created_by = $1 AND login_live($1, $2)`
+	// $1 user, $2 login, $3 IP, $4 request id, $5 doctor id.
+	const q = `WITH d AS (DELETE FROM doctors WHERE id = $5 AND created_by = $1 AND login_live($1, $2) RETURNING id),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, doctor_id, ip, request_id)
+			SELECT $1, $2, 'doctor.delete', id, $3, $4 FROM d)
+		SELECT id FROM d`
 	info := infoFrom(r)
-	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, pathID(r))
+	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r))
 	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
 		return errDoctorAssigned
 	}

@@ -560,3 +560,37 @@ func TestDoctorSQLMetacharacters(t *testing.T) {
 		t.Fatalf("after the attacks: %s, want count %d", res.body, len(stored))
 	}
 }
+
+// TestDoctorEvents: changes to the shared directory leave events in the
+// actor's trail (an update names the fields it changed); a refused change
+// leaves none; /api/audit/ filters by doctor.
+func TestDoctorEvents(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, b := register(t, s), register(t, s)
+	sid := claimInt(t, tokenClaims(t, a.access), "sid")
+	res := do(t, s, req{method: "POST", path: doctorsPath, token: a.access, body: doctorBody(uniqueName("ev")+"@example.com", "House", "Nephrology")})
+	id := int64(wantObject(t, res, 201)["id"].(float64))
+	wantEvents(t, res, sid, fmt.Sprintf("doctor.create %d", id))
+	res = do(t, s, req{method: "PATCH", path: doctorPath(id), token: a.access, body: map[string]any{"last_name": "Wilson", "first_name": "Gregory"}})
+	wantObject(t, res, 200)
+	wantEvents(t, res, sid, fmt.Sprintf("doctor.update %d [last_name]", id))
+	res = do(t, s, req{method: "PATCH", path: doctorPath(id), token: b.access, body: map[string]any{"last_name": "Cuddy"}})
+	wantJSON(t, res, 403, `{"detail": "You do not have permission to perform this action."}`)
+	wantEvents(t, res, nil)
+	res = do(t, s, req{method: "DELETE", path: doctorPath(id), token: a.access})
+	wantNoContent(t, res)
+	wantEvents(t, res, sid, fmt.Sprintf("doctor.delete %d", id))
+
+	page := wantObject(t, do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?doctor=%d", id), token: a.access}), 200)
+	var actions []string
+	for _, e := range page["results"].([]any) {
+		ev := e.(map[string]any)
+		actions = append(actions, fmt.Sprint(ev["action"], " ", ev["doctor"], " ", ev["fields"]))
+	}
+	want := []string{fmt.Sprintf("doctor.delete %d []", id), fmt.Sprintf("doctor.update %d [last_name]", id), fmt.Sprintf("doctor.create %d []", id)}
+	if page["count"] != float64(3) || strings.Join(actions, "; ") != strings.Join(want, "; ") {
+		t.Fatalf("audit ?doctor=%d: count %v, %q; want %q", id, page["count"], actions, want)
+	}
+	wantPage(t, do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?doctor=%d", id), token: b.access}), 0, "", "", nil)
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?doctor=x", token: a.access}), 400, `{"doctor": ["A valid integer is required."]}`)
+}

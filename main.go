@@ -23,6 +23,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unicode"
@@ -184,6 +185,7 @@ type server struct {
 	routes    []string // the patterns of addRoutes
 	signer    *signer
 	passwords *passwords
+	ready     readiness
 
 	commonPasswords map[string]struct{}
 	registerLimit   *limiter
@@ -271,10 +273,24 @@ func (s *server) handleHealthz(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
+// readiness is PostgreSQL's last answer to /readyz, kept for a second so
+// that no rate of probes becomes a rate of queries.
+type readiness struct {
+	mu  sync.Mutex
+	at  time.Time
+	err error
+}
+
 func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) error {
-	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-	defer cancel()
-	if err := s.db.PingContext(ctx); err != nil {
+	s.ready.mu.Lock()
+	if time.Since(s.ready.at) >= time.Second {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		s.ready.err, s.ready.at = s.db.PingContext(ctx), time.Now()
+		cancel()
+	}
+	err := s.ready.err
+	s.ready.mu.Unlock()
+	if err != nil {
 		s.log.Warn("not ready", "err", err)
 		w.Header().Set("Retry-After", "5")
 		return writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable"})
@@ -316,6 +332,8 @@ type config struct {
 	requestTimeout     time.Duration
 	tlsCert, tlsKey    string
 	appRole            string // DB_APP_ROLE: the role migrate grants serving to
+	lockAfter          int    // LOGIN_LOCK_AFTER: failed logins in a row before an account waits
+	lockSeconds        int    // LOGIN_LOCK_S: the first wait
 }
 
 // publishedKeys are SECRET_KEY values that have been shown in this
@@ -368,6 +386,8 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		tlsCert:            get("TLS_CERT_FILE", ""),
 		tlsKey:             get("TLS_KEY_FILE", ""),
 		appRole:            get("DB_APP_ROLE", ""),
+		lockAfter:          num("LOGIN_LOCK_AFTER", 10, 3, 100),
+		lockSeconds:        num("LOGIN_LOCK_S", 60, 1, 3600),
 	}
 	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
 	var err error

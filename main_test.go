@@ -672,6 +672,27 @@ func TestHealthAndReady(t *testing.T) {
 	}
 }
 
+// TestReadyzAsksOncePerSecond: /readyz asks PostgreSQL at most once a
+// second, however often it is called. With the pool closed after the first
+// probe, the probes of that second still answer its 200; the next second
+// asks again and hears that the database is gone.
+func TestReadyzAsksOncePerSecond(t *testing.T) {
+	needDB(t)
+	db, err := openDB(t.Context(), testDBConfig, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	probe := func() response { return do(t, s, req{method: "GET", path: "/readyz"}) }
+	wantJSON(t, probe(), 200, `{"status": "ok"}`)
+	db.Close()
+	for range 20 {
+		wantJSON(t, probe(), 200, `{"status": "ok"}`)
+	}
+	time.Sleep(1100 * time.Millisecond)
+	wantJSON(t, probe(), 503, `{"status": "unavailable"}`)
+}
+
 // scratchDB is a database of its own for a test that changes the schema or
 // the statistics, created with schema.sql's steps up to step (all of them
 // when step is -1) and dropped after the test.

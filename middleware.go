@@ -705,10 +705,11 @@ func (f fields) email(key string, required bool, errs fieldErrors) *string {
 	return f.matching(key, required, true, 254, emailRE, "Enter a valid email address.", errs)
 }
 
+const invalidUsername = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
+
 // username reads Django's username: 1–150 letters, digits and @.+-_.
 func (f fields) username(key string, errs fieldErrors) string {
-	const invalid = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
-	return deref(f.matching(key, true, false, 150, usernameRE, invalid, errs))
+	return deref(f.matching(key, true, false, 150, usernameRE, invalidUsername, errs))
 }
 
 // matching reads a trimmed (and, if asked, lower-cased) string of at most

@@ -134,9 +134,7 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 			FROM before WHERE id = patient
 			RETURNING ` + patientColumns + `, was, ` + fields + ` AS now),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, fields, ip, request_id)
-			SELECT $1, $2, 'patient.update', id, ARRAY(
-				SELECT name FROM unnest('{first_name,last_name,email,date_of_birth,phone}'::text[], was, now) AS f(name, a, b)
-				WHERE a IS DISTINCT FROM b), $3, $4 FROM p)
+			SELECT $1, $2, 'patient.update', id, changed_fields('{first_name,last_name,email,date_of_birth,phone}', was, now), $3, $4 FROM p)
 		SELECT id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM p`
 	info := infoFrom(r)
 	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID, info.clientIP.String(), info.id,

@@ -1070,7 +1070,7 @@ func TestAuditEvents(t *testing.T) {
 		c := register(t, s)
 		res := login(t, s, c.username, "a wrong password")
 		wantEvents(t, res, nil, "login.failed")
-		wantEvents(t, login(t, s, uniqueName("nobody"), "a wrong password"), nil)
+		wantEvents(t, login(t, s, uniqueName("nobody"), "a wrong password"), nil, "login.failed")
 		res = login(t, s, c.username, c.password)
 		pair := pairOf(t, res)
 		loginSID := claimInt(t, tokenClaims(t, pair.Access), "sid")

@@ -203,3 +203,54 @@ DO $$ BEGIN
             FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
     END IF;
 END $$;
+
+-- step 2: failed logins per account, counted from the audit trail; failed
+-- logins for names that belong to no account; changes to the doctor
+-- directory; usernames in Unicode NFKC, as Django stores them.
+ALTER TABLE audit_events ALTER COLUMN user_id DROP NOT NULL, -- null: login.failed for a name of no account
+    DROP CONSTRAINT audit_events_action_check,
+    ADD CONSTRAINT audit_events_action_check CHECK (action IN ('patient.create', 'patient.read', 'patient.update',
+        'patient.delete', 'patient.list', 'mapping.create', 'mapping.delete', 'mapping.list', 'doctor.create',
+        'doctor.update', 'doctor.delete', 'login', 'login.failed', 'refresh.reused', 'logout', 'logout.all',
+        'password.change'));
+-- An account's run of failed logins is read from its latest events of these
+-- kinds, however many other events it has.
+CREATE INDEX audit_events_logins ON audit_events (user_id, id) WHERE action IN ('login', 'login.failed', 'password.change');
+
+-- Existing usernames are normalized; two that would become one stop this
+-- step (nothing changes) with a message naming both.
+DO $$
+DECLARE clash text;
+BEGIN
+    SELECT string_agg(names, '; ') INTO clash FROM (
+        SELECT string_agg(quote_literal(username), ' and ' ORDER BY id) AS names FROM users
+        GROUP BY lower(normalize(username, NFKC)) HAVING count(*) > 1
+        UNION ALL
+        SELECT quote_literal(u.username) || ' and ' || quote_literal(n.name) FROM users u
+        JOIN login_names n ON n.name = lower(normalize(u.username, NFKC)) AND n.user_id <> u.id
+            AND u.username <> normalize(u.username, NFKC)) c;
+    IF clash IS NOT NULL THEN
+        RAISE EXCEPTION 'usernames that are one name in Unicode NFKC: %; rename one of each, then migrate again', clash;
+    END IF;
+    UPDATE login_names n SET name = lower(normalize(u.username, NFKC)) FROM users u
+    WHERE n.user_id = u.id AND n.name = lower(u.username) AND u.username <> normalize(u.username, NFKC);
+    UPDATE users SET username = normalize(username, NFKC) WHERE username <> normalize(username, NFKC);
+END $$;
+
+-- login_wait is the per-account lock: how many seconds the account's next
+-- login must still wait (0 or less: none). After `after` failed logins in a
+-- row (since its last login or password change), from any client on any
+-- instance, it waits `secs` after the last failure, doubled for every
+-- further failure, up to 16 times.
+CREATE FUNCTION login_wait(uid bigint, after int, secs int) RETURNS int LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN count(*) < after THEN 0 ELSE
+        ceil(extract(epoch FROM max(at) + make_interval(secs => secs * 2 ^ least(count(*) - after, 4)) - now()))::int END
+    FROM audit_events WHERE user_id = uid AND action = 'login.failed'
+        AND id > coalesce((SELECT max(id) FROM audit_events WHERE user_id = uid AND action IN ('login', 'password.change')), 0)
+$$;
+
+-- changed_fields names the fields whose values differ between was and now
+-- (an update's event lists names, never values).
+CREATE FUNCTION changed_fields(names text[], was text[], now text[]) RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY(SELECT n FROM unnest(names, was, now) AS f(n, a, b) WHERE a IS DISTINCT FROM b)
+$$;
