@@ -321,7 +321,9 @@ func (d *database) ExecContext(ctx context.Context, query string, args ...any) (
 type rowScanner interface{ Scan(dest ...any) error }
 
 // writeRow runs a statement that returns one row and writes that row with
-// status; no row is a 404.
+// status; no row is a 404. A record with an entity tag (a patient, a
+// doctor) is sent with its ETag, and a GET whose If-None-Match names that
+// tag is answered 304 without a body.
 func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, status int, scan func(rowScanner) (T, error), q string, args ...any) error {
 	v, err := scan(db.QueryRowContext(r.Context(), q, args...))
 	if errors.Is(err, sql.ErrNoRows) {
@@ -330,7 +332,66 @@ func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, statu
 	if err != nil {
 		return fmt.Errorf("query row: %w", err)
 	}
+	if t, ok := any(v).(interface{ entityTag() string }); ok {
+		w.Header().Set("ETag", t.entityTag())
+		if (r.Method == http.MethodGet || r.Method == http.MethodHead) && noneMatch(r.Header.Values("If-None-Match"), t.entityTag()) {
+			w.WriteHeader(http.StatusNotModified)
+			return nil
+		}
+	}
 	return writeJSON(w, status, v)
+}
+
+// noneMatch reports whether an If-None-Match header names tag, or is "*".
+// The comparison is weak (RFC 9110 §13.1.2): W/"7-3" names "7-3".
+func noneMatch(header []string, tag string) bool {
+	for _, t := range strings.Split(strings.Join(header, ","), ",") {
+		if t = strings.TrimPrefix(strings.TrimSpace(t), "W/"); t == "*" || t == tag {
+			return true
+		}
+	}
+	return false
+}
+
+// ifMatch returns the strong tags an If-Match header lists, for a statement
+// to compare with the record's own (etag() in schema.sql): nil, any version,
+// without the header or with "*". A weak tag never matches, so a header of
+// weak tags alone matches nothing.
+func ifMatch(r *http.Request) pq.StringArray {
+	header := r.Header.Values("If-Match")
+	if len(header) == 0 {
+		return nil
+	}
+	tags := pq.StringArray{}
+	for _, t := range strings.Split(strings.Join(header, ","), ",") {
+		switch t = strings.TrimSpace(t); {
+		case t == "*":
+			return nil
+		case t != "" && !strings.HasPrefix(t, "W/"):
+			tags = append(tags, t)
+		}
+	}
+	return tags
+}
+
+var errPreconditionFailed = &apiError{status: http.StatusPreconditionFailed,
+	body: detail("The record has changed since you read it.")}
+
+// unmatched turns the 404 of a write that found no row into 412 when the
+// request had If-Match and the record exists (exists, with args, says): the
+// row was there, but in no version the client listed.
+func (s *server) unmatched(r *http.Request, err error, exists string, args ...any) error {
+	if err != errNotFound || ifMatch(r) == nil {
+		return err
+	}
+	var found bool
+	if err := s.db.QueryRowContext(r.Context(), exists, args...).Scan(&found); err != nil {
+		return fmt.Errorf("check the record: %w", err)
+	}
+	if found {
+		return errPreconditionFailed
+	}
+	return errNotFound
 }
 
 // deleteRow runs a DELETE of one row and answers 204, or 404 when nothing

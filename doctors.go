@@ -19,15 +19,18 @@ type doctor struct {
 	Specialization string `json:"specialization"`
 	CreatedAt      string `json:"created_at"`
 	UpdatedAt      string `json:"updated_at"`
+	etag           string // its entity tag, sent as the ETag header
 }
+
+func (d doctor) entityTag() string { return d.etag }
 
 // doctorColumns select a doctor in scanDoctor's order.
 const doctorColumns = `id, first_name, last_name, email, specialization,
-	api_time(created_at) AS created_at, api_time(updated_at) AS updated_at`
+	api_time(created_at) AS created_at, api_time(updated_at) AS updated_at, etag(id, version) AS etag`
 
 func scanDoctor(row rowScanner) (doctor, error) {
 	var d doctor
-	err := row.Scan(&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization, &d.CreatedAt, &d.UpdatedAt)
+	err := row.Scan(&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization, &d.CreatedAt, &d.UpdatedAt, &d.etag)
 	return d, err
 }
 
@@ -107,11 +110,13 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 		return err
 	}
 	// $1 user, $2 login, $3 IP, $4 request id, $5 doctor id, $6 first_name,
-	// $7 last_name, $8 email, $9 specialization; each nil when not given.
+	// $7 last_name, $8 email, $9 specialization, each nil when not given;
+	// $10 If-Match's tags, nil for any.
 	const fields = `ARRAY[first_name, last_name, email, specialization]`
 	const q = `WITH before AS (
-			SELECT id AS doctor, ` + fields + ` AS was
-			FROM doctors WHERE id = $5 AND created_by = $1 AND login_live($1, $2) FOR UPDATE),
+			SELECT id AS doctor, ` + fields + ` AS was FROM doctors
+			WHERE id = $5 AND created_by = $1 AND login_live($1, $2) AND ($10::text[] IS NULL OR etag(id, version) = ANY($10))
+			FOR UPDATE),
 		d AS (
 			UPDATE doctors SET first_name = coalesce($6, first_name), last_name = coalesce($7, last_name),
 				email = coalesce($8, email), specialization = coalesce($9, specialization), updated_at = now()
@@ -119,10 +124,11 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 			RETURNING ` + doctorColumns + `, was, ` + fields + ` AS now),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, doctor_id, fields, ip, request_id)
 			SELECT $1, $2, 'doctor.update', id, changed_fields('{first_name,last_name,email,specialization}', was, now), $3, $4 FROM d)
-		SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM d`
+		SELECT id, first_name, last_name, email, specialization, created_at, updated_at, etag FROM d`
 	info := infoFrom(r)
-	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
-		pathID(r), in.firstName, in.lastName, in.email, in.specialization)
+	err = writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
+		pathID(r), in.firstName, in.lastName, in.email, in.specialization, ifMatch(r))
+	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM doctors WHERE id = $1)`, pathID(r))
 }
 
 var errDoctorAssigned = &apiError{status: http.StatusConflict,
@@ -135,15 +141,18 @@ func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) erro
 	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
-	// $1 user, $2 login, $3 IP, $4 request id, $5 doctor id.
-	const q = `WITH d AS (DELETE FROM doctors WHERE id = $5 AND created_by = $1 AND login_live($1, $2) RETURNING id),
+	// $1 user, $2 login, $3 IP, $4 request id, $5 doctor id, $6 If-Match's tags, nil for any.
+	const q = `WITH d AS (
+			DELETE FROM doctors WHERE id = $5 AND created_by = $1 AND login_live($1, $2)
+				AND ($6::text[] IS NULL OR etag(id, version) = ANY($6))
+			RETURNING id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, doctor_id, ip, request_id)
 			SELECT $1, $2, 'doctor.delete', id, $3, $4 FROM d)
 		SELECT id FROM d`
 	info := infoFrom(r)
-	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r))
+	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))
 	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
 		return errDoctorAssigned
 	}
-	return err
+	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM doctors WHERE id = $1)`, pathID(r))
 }

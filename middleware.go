@@ -75,7 +75,7 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 		s.originAllowed(r.Header.Get("Origin")) {
 		h := w.Header()
 		h.Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
-		h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type")
+		h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
 		h.Set("Access-Control-Max-Age", "86400")
 		w.WriteHeader(http.StatusNoContent)
 		return
@@ -172,6 +172,7 @@ func (s *server) setHeaders(w http.ResponseWriter, r *http.Request, info *reques
 	// every web page read the API's answers.
 	if origin := r.Header.Get("Origin"); s.originAllowed(origin) {
 		h.Set("Access-Control-Allow-Origin", origin)
+		h.Set("Access-Control-Expose-Headers", "ETag") // so that a page can send it back in If-Match
 	}
 }
 

@@ -265,7 +265,7 @@ func TestOptions(t *testing.T) {
 			wantNoContent(t, res)
 			wantHeader(t, res, "Access-Control-Allow-Origin", "http://localhost:3000")
 			wantHeader(t, res, "Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
-			wantHeader(t, res, "Access-Control-Allow-Headers", "Authorization, Content-Type")
+			wantHeader(t, res, "Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
 			if age, err := strconv.Atoi(res.header.Get("Access-Control-Max-Age")); err != nil || age <= 0 {
 				t.Fatalf("Access-Control-Max-Age %q, want a positive number of seconds", res.header.Get("Access-Control-Max-Age"))
 			}
@@ -344,6 +344,7 @@ func TestCORS(t *testing.T) {
 				res := do(t, s, rq)
 				check(t, res, tc.wantStatus, tc.wantBody)
 				wantHeader(t, res, "Access-Control-Allow-Origin", origin)
+				wantHeader(t, res, "Access-Control-Expose-Headers", "ETag")
 				wantVaryOrigin(t, res)
 				if c := res.header.Get("Access-Control-Allow-Credentials"); c != "" {
 					t.Fatalf("Access-Control-Allow-Credentials %q: no credentials header is sent", c)

@@ -16,15 +16,18 @@ type patient struct {
 	Phone       string  `json:"phone"`
 	CreatedAt   string  `json:"created_at"`
 	UpdatedAt   string  `json:"updated_at"`
+	etag        string  // its entity tag, sent as the ETag header
 }
+
+func (p patient) entityTag() string { return p.etag }
 
 // patientColumns select a patient in scanPatient's order.
 const patientColumns = `id, first_name, last_name, email, to_char(date_of_birth, 'YYYY-MM-DD') AS date_of_birth, phone,
-	api_time(created_at) AS created_at, api_time(updated_at) AS updated_at`
+	api_time(created_at) AS created_at, api_time(updated_at) AS updated_at, etag(id, version) AS etag`
 
 func scanPatient(row rowScanner) (patient, error) {
 	var p patient
-	err := row.Scan(&p.ID, &p.FirstName, &p.LastName, &p.Email, &p.DateOfBirth, &p.Phone, &p.CreatedAt, &p.UpdatedAt)
+	err := row.Scan(&p.ID, &p.FirstName, &p.LastName, &p.Email, &p.DateOfBirth, &p.Phone, &p.CreatedAt, &p.UpdatedAt, &p.etag)
 	return p, err
 }
 
@@ -121,12 +124,13 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 		return err
 	}
 	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id, $6 first_name,
-	// $7 last_name, $8 email, $9 date_of_birth ("" for null), $10 phone;
-	// each nil when not given.
+	// $7 last_name, $8 email, $9 date_of_birth ("" for null), $10 phone,
+	// each nil when not given; $11 If-Match's tags, nil for any.
 	const fields = `ARRAY[first_name, last_name, email, date_of_birth::text, phone]`
 	const q = `WITH before AS (
-			SELECT id AS patient, ` + fields + ` AS was
-			FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) FOR UPDATE),
+			SELECT id AS patient, ` + fields + ` AS was FROM patients
+			WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) AND ($11::text[] IS NULL OR etag(id, version) = ANY($11))
+			FOR UPDATE),
 		p AS (
 			UPDATE patients SET first_name = coalesce($6, first_name), last_name = coalesce($7, last_name),
 				email = coalesce($8, email), date_of_birth = CASE WHEN $9::text IS NULL THEN date_of_birth ELSE nullif($9, '')::date END,
@@ -135,20 +139,25 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 			RETURNING ` + patientColumns + `, was, ` + fields + ` AS now),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, fields, ip, request_id)
 			SELECT $1, $2, 'patient.update', id, changed_fields('{first_name,last_name,email,date_of_birth,phone}', was, now), $3, $4 FROM p)
-		SELECT id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM p`
+		SELECT id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at, etag FROM p`
 	info := infoFrom(r)
-	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
-		pathID(r), in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone)
+	err = writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
+		pathID(r), in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone, ifMatch(r))
+	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $1 AND owner_id = $2)`, pathID(r), info.userID)
 }
 
 // handleDeletePatient deletes a patient; its mappings go with it (ON DELETE
 // CASCADE), its audit events stay.
 func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) error {
-	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id.
-	const q = `WITH p AS (DELETE FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) RETURNING id),
+	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id, $6 If-Match's tags, nil for any.
+	const q = `WITH p AS (
+			DELETE FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2)
+				AND ($6::text[] IS NULL OR etag(id, version) = ANY($6))
+			RETURNING id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
 			SELECT $1, $2, 'patient.delete', id, $3, $4 FROM p)
 		SELECT id FROM p`
 	info := infoFrom(r)
-	return deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r))
+	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))
+	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $1 AND owner_id = $2)`, pathID(r), info.userID)
 }

@@ -1247,3 +1247,147 @@ func TestAuditReuseRace(t *testing.T) {
 		}
 	}
 }
+
+const bodyChanged = `{"detail": "The record has changed since you read it."}`
+
+// wantETag fails unless res carries the strong tag of record id at version.
+func wantETag(t testing.TB, res response, id int64, version int) string {
+	t.Helper()
+	want := fmt.Sprintf(`"%d-%d"`, id, version)
+	if got := res.header.Get("ETag"); got != want {
+		t.Fatalf("ETag %q, want %q (status %d)", got, want, res.status)
+	}
+	return want
+}
+
+// TestETags: every response of one patient or doctor carries a strong ETag
+// that changes with the record; lists and mappings carry none.
+func TestETags(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	for _, kind := range []struct {
+		path  string
+		body  map[string]any
+		patch map[string]any
+	}{
+		{patientsPath, adaBody(uniqueName("tag") + "@example.com"), map[string]any{"phone": "+1 555 010 0199"}},
+		{doctorsPath, doctorBody(uniqueName("tag")+"@example.com", "House", "Nephrology"), map[string]any{"last_name": "Wilson"}},
+	} {
+		t.Run(kind.path, func(t *testing.T) {
+			res := do(t, s, req{method: "POST", path: kind.path, token: a.access, body: kind.body})
+			id := int64(wantObject(t, res, 201)["id"].(float64))
+			one := fmt.Sprintf("%s%d/", kind.path, id)
+			wantETag(t, res, id, 1)
+			wantETag(t, do(t, s, req{method: "GET", path: one, token: a.access}), id, 1)
+			wantETag(t, do(t, s, req{method: "PATCH", path: one, token: a.access, body: kind.patch}), id, 2)
+			wantETag(t, do(t, s, req{method: "PUT", path: one, token: a.access, body: kind.body}), id, 3)
+			wantETag(t, do(t, s, req{method: "GET", path: one, token: a.access}), id, 3)
+			if list := do(t, s, req{method: "GET", path: kind.path, token: a.access}); list.status != 200 || list.header.Get("ETag") != "" {
+				t.Fatalf("list: status %d, ETag %q, want 200 and none", list.status, list.header.Get("ETag"))
+			}
+		})
+	}
+}
+
+// TestIfNoneMatch: a GET naming the current tag is 304 with the tag and no
+// body, and still writes patient.read (it told the client its copy is
+// current); a stale tag gets the record.
+func TestIfNoneMatch(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	sid := claimInt(t, tokenClaims(t, a.access), "sid")
+	id, body := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueName("inm")+"@example.com"))
+	get := func(header string) response {
+		return do(t, s, req{method: "GET", path: patientPath(id), token: a.access, header: map[string]string{"If-None-Match": header}})
+	}
+	for _, header := range []string{fmt.Sprintf(`"%d-1"`, id), fmt.Sprintf(`W/"%d-1"`, id), fmt.Sprintf(`"%d-0", "%d-1"`, id, id), "*"} {
+		res := get(header)
+		if res.status != http.StatusNotModified || len(res.body) != 0 {
+			t.Fatalf("If-None-Match %s: status %d, body %q; want 304 and no body", header, res.status, res.body)
+		}
+		wantETag(t, res, id, 1)
+		wantEvents(t, res, sid, fmt.Sprintf("patient.read %d", id))
+	}
+	res := get(fmt.Sprintf(`"%d-7"`, id))
+	wantETag(t, res, id, 1)
+	if res.status != 200 || string(res.body) != body {
+		t.Fatalf("a stale tag: status %d, body %s; want 200 %s", res.status, res.body, body)
+	}
+}
+
+// TestIfMatch: a write naming no current tag is 412 and changes nothing,
+// writing no event; a current one (or "*") goes on; a weak tag never
+// matches; another user's record is 404 whatever the header says.
+func TestIfMatch(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, b := register(t, s), register(t, s)
+	pid, pBody := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueName("im")+"@example.com"))
+	did, dBody := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueName("im")+"@example.com", "House", "Nephrology"))
+	as := func(tok, method, path, ifMatch string, body any) response {
+		return do(t, s, req{method: method, path: path, token: tok, body: body, header: map[string]string{"If-Match": ifMatch}})
+	}
+	stale := func(id int64) string { return fmt.Sprintf(`"%d-9", "%d-0"`, id, id) }
+	for _, tc := range []struct {
+		name, method, path, ifMatch string
+		body                        any
+	}{
+		{"stale PUT", "PUT", patientPath(pid), stale(pid), adaBody("new@example.com")},
+		{"stale PATCH", "PATCH", patientPath(pid), stale(pid), map[string]any{"phone": ""}},
+		{"stale DELETE", "DELETE", patientPath(pid), stale(pid), nil},
+		{"weak PATCH", "PATCH", patientPath(pid), fmt.Sprintf(`W/"%d-1"`, pid), map[string]any{"phone": ""}},
+		{"another record's tag", "PATCH", patientPath(pid), fmt.Sprintf(`"%d-1"`, did), map[string]any{"phone": ""}},
+		{"stale doctor PATCH", "PATCH", doctorPath(did), stale(did), map[string]any{"last_name": "X"}},
+		{"stale doctor DELETE", "DELETE", doctorPath(did), stale(did), nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := as(a.access, tc.method, tc.path, tc.ifMatch, tc.body)
+			wantJSON(t, res, http.StatusPreconditionFailed, bodyChanged)
+			wantEvents(t, res, nil)
+			wantSame(t, s, a.access, patientPath(pid), pBody)
+			wantSame(t, s, a.access, doctorPath(did), dBody)
+		})
+	}
+	wantJSON(t, as(b.access, "PATCH", patientPath(pid), fmt.Sprintf(`"%d-1"`, pid), map[string]any{"phone": ""}), 404, bodyNotFound)
+	wantJSON(t, as(b.access, "DELETE", patientPath(pid), "*", nil), 404, bodyNotFound)
+	wantJSON(t, as(a.access, "PATCH", patientPath(999999999), "*", map[string]any{"phone": ""}), 404, bodyNotFound)
+
+	res := as(a.access, "PATCH", patientPath(pid), fmt.Sprintf(`"%d-0", "%d-1"`, pid, pid), map[string]any{"phone": ""})
+	wantObject(t, res, 200)
+	tag := wantETag(t, res, pid, 2)
+	wantObject(t, as(a.access, "PATCH", patientPath(pid), "*", map[string]any{"last_name": "Lovelace"}), 200)
+	wantJSON(t, as(a.access, "DELETE", patientPath(pid), tag, nil), http.StatusPreconditionFailed, bodyChanged)
+	wantNoContent(t, as(a.access, "DELETE", patientPath(pid), fmt.Sprintf(`"%d-3"`, pid), nil))
+	wantObject(t, as(a.access, "PUT", doctorPath(did), fmt.Sprintf(`"%d-1"`, did), doctorBody(uniqueName("im")+"@example.com", "Cuddy", "Endocrinology")), 200)
+	wantNoContent(t, as(a.access, "DELETE", doctorPath(did), "*", nil))
+}
+
+// TestIfMatchRace: eight PATCHes holding one tag, at once: the check and the
+// write are one statement, so exactly one succeeds and the others are 412.
+func TestIfMatchRace(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	id, _ := mustCreate(t, s, a.access, patientsPath, adaBody(uniqueName("race")+"@example.com"))
+	var rqs []req
+	for i := range 8 {
+		rqs = append(rqs, req{method: "PATCH", path: patientPath(id), token: a.access,
+			header: map[string]string{"If-Match": fmt.Sprintf(`"%d-1"`, id)},
+			body:   jsonText(map[string]any{"phone": fmt.Sprintf("+1 555 010 01%02d", i)})})
+	}
+	won := 0
+	for _, res := range concurrently(t, s, rqs) {
+		if res.status == 200 {
+			won++
+			wantETag(t, res, id, 2)
+			continue
+		}
+		wantJSON(t, res, http.StatusPreconditionFailed, bodyChanged)
+	}
+	var updates int
+	if err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM audit_events WHERE patient_id = $1 AND action = 'patient.update'`, id).Scan(&updates); err != nil {
+		t.Fatal(err)
+	}
+	if won != 1 || updates != 1 {
+		t.Fatalf("%d PATCHes succeeded and %d events were written, want 1 and 1", won, updates)
+	}
+	wantETag(t, do(t, s, req{method: "GET", path: patientPath(id), token: a.access}), id, 2)
+}

@@ -254,3 +254,19 @@ $$;
 CREATE FUNCTION changed_fields(names text[], was text[], now text[]) RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY(SELECT n FROM unnest(names, was, now) AS f(n, a, b) WHERE a IS DISTINCT FROM b)
 $$;
+
+-- step 3: record versions, for ETag and If-Match. Every change of a patient
+-- or a doctor, whoever writes it, counts its version up; etag() is the one
+-- place that spells a record's entity tag.
+ALTER TABLE patients ADD COLUMN version integer NOT NULL DEFAULT 1;
+ALTER TABLE doctors ADD COLUMN version integer NOT NULL DEFAULT 1;
+CREATE FUNCTION count_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.version := OLD.version + 1;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER patients_version BEFORE UPDATE ON patients FOR EACH ROW EXECUTE FUNCTION count_version();
+CREATE TRIGGER doctors_version BEFORE UPDATE ON doctors FOR EACH ROW EXECUTE FUNCTION count_version();
+CREATE FUNCTION etag(id bigint, version integer) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT '"' || id || '-' || version || '"'
+$$;
