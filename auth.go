@@ -458,11 +458,21 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 			upgraded = &h
 		}
 	}
+	pair, err := s.startCheckedLogin(ctx, r, id, version, upgraded)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, http.StatusOK, pair)
+}
+
+// startCheckedLogin starts a login of account id, whose password was
+// verified at version; upgraded replaces a stale hash, or is nil. The
+// password checked must still be the account's, locked until commit: a
+// password change cannot slip in between and miss this login. Setting
+// last_login marks an upgraded hash as no change (schema.sql's trigger).
+func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, version int64, upgraded *string) (tokenPair, error) {
 	var pair tokenPair
-	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// The password checked must still be the account's, locked until
-		// commit: a password change cannot slip in between and miss this
-		// login. Setting last_login marks an upgraded hash as no change.
+	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		// $1 user, $2 the version checked, $3 an upgraded hash or nil.
 		const still = `UPDATE users SET password = coalesce($3, password), last_login = now() WHERE id = $1 AND password_version = $2`
 		res, err := tx.ExecContext(ctx, still, id, version, upgraded)
@@ -478,10 +488,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		}
 		return recordAccountEvent(ctx, tx, r, id, sid, "login")
 	})
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, http.StatusOK, pair)
+	return pair, err
 }
 
 // refreshClaims reads and verifies the body's refresh token. An expired
@@ -676,11 +683,22 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	if err != nil {
 		return err
 	}
+	pair, err := s.replacePassword(ctx, r, hashed, version)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, http.StatusOK, pair)
+}
+
+// replacePassword sets the caller's new password hash, ends every login of
+// the caller and starts a new one. Only the password the old one was
+// checked against (at version) is replaced: of two changes at once, the
+// second finds it gone. (schema.sql's trigger counts the change in
+// password_version.)
+func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed string, version int64) (tokenPair, error) {
+	info := infoFrom(r)
 	var pair tokenPair
-	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// Only the password the old one was checked against is replaced: of
-		// two changes at once, the second finds it gone. (schema.sql's
-		// trigger counts the change in password_version.)
+	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		// $1 user, $2 login, $3 new hash, $4 the version checked.
 		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
 		res, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed, version)
@@ -701,10 +719,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 		}
 		return recordAccountEvent(ctx, tx, r, info.userID, info.sessionID, "password.change")
 	})
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, http.StatusOK, pair)
+	return pair, err
 }
 
 // Django's list of 19,726 common passwords (django/contrib/auth, BSD-3-Clause).

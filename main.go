@@ -364,9 +364,6 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		}
 		return r
 	}
-	list := func(v string) []string {
-		return strings.FieldsFunc(v, func(r rune) bool { return r == ',' || unicode.IsSpace(r) })
-	}
 	cfg := config{
 		addr:               get("ADDR", "127.0.0.1:8000"),
 		dbMaxConns:         4 * runtime.NumCPU(),
@@ -404,6 +401,11 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 	}
 	cfg.db, err = dbConfig(get)
 	return cfg, warnings, errors.Join(append(errs, err)...)
+}
+
+// list splits a comma- or space-separated setting.
+func list(v string) []string {
+	return strings.FieldsFunc(v, func(r rune) bool { return r == ',' || unicode.IsSpace(r) })
 }
 
 // parseProxies reads TRUSTED_PROXIES: CIDRs, or addresses that stand for
