@@ -364,6 +364,23 @@ func TestOpenAPIShapes(t *testing.T) {
 	mDel := id(post(a.access, "/api/mappings/", J{"patient": pA, "doctor": dB}, 201))
 	login := J{"username": a.username, "password": a.password}
 	p1, p2 := post("", "/api/auth/login/", login, 200)["refresh"], post("", "/api/auth/login/", login, 200)["refresh"]
+	// Records for the conditional cases: each read, then changed, so that
+	// the first tag read is stale and the second current.
+	etag := func(method, path string, body any) string {
+		t.Helper()
+		res := do(t, s, req{method: method, path: path, token: a.access, body: body})
+		if tag := res.header.Get("ETag"); res.status == http.StatusOK && tag != "" {
+			return tag
+		}
+		t.Fatalf("setup %s %s: %d, ETag %q, body %s", method, path, res.status, res.header.Get("ETag"), res.body)
+		return ""
+	}
+	pTag, dTag := patient(a.access, "tag@example.com"), doctor(a.access, 4)
+	pOld, dOld := etag("GET", fmt.Sprintf("/api/patients/%d/", pTag), nil), etag("GET", fmt.Sprintf("/api/doctors/%d/", dTag), nil)
+	pNow, dNow := etag("PATCH", fmt.Sprintf("/api/patients/%d/", pTag), J{"last_name": "Tag"}), etag("PATCH", fmt.Sprintf("/api/doctors/%d/", dTag), J{"last_name": "Tag"})
+	if pOld == pNow || dOld == dNow {
+		t.Fatalf("setup: a change kept the ETag (patient %s, doctor %s)", pNow, dNow)
+	}
 
 	text := map[string]string{"Content-Type": "text/plain"}
 	badHost := map[string]string{"Host": "evil.example"}
@@ -397,6 +414,12 @@ func TestOpenAPIShapes(t *testing.T) {
 		{"PATCH /api/patients/{id}/", req{path: P("/api/patients/%d/", pA), token: tok, body: "[1]"}, 400},
 		{"DELETE /api/patients/{id}/", req{path: P("/api/patients/%d/", pDel), token: tok}, 204},
 		{"DELETE /api/patients/{id}/", req{path: P("/api/patients/%d/", pDel), token: tok}, 404},
+		{"GET /api/patients/{id}/", req{path: P("/api/patients/%d/", pTag), token: tok, header: map[string]string{"If-None-Match": pNow}}, 304},
+		{"GET /api/patients/{id}/", req{path: P("/api/patients/%d/", pTag), token: tok, header: map[string]string{"If-None-Match": pOld}}, 200},
+		{"PATCH /api/patients/{id}/", req{path: P("/api/patients/%d/", pTag), token: tok, body: J{"last_name": "Lost"}, header: map[string]string{"If-Match": pOld}}, 412},
+		{"PUT /api/patients/{id}/", req{path: P("/api/patients/%d/", pTag), token: tok, body: J{"first_name": "Ada", "email": "tag@example.com"}, header: map[string]string{"If-Match": pOld}}, 412},
+		{"DELETE /api/patients/{id}/", req{path: P("/api/patients/%d/", pTag), token: tok, header: map[string]string{"If-Match": pOld}}, 412},
+		{"PATCH /api/patients/{id}/", req{path: P("/api/patients/%d/", pTag), token: tok, body: J{"last_name": "Kept"}, header: map[string]string{"If-Match": pOld + ", " + pNow}}, 200},
 
 		{"GET /api/doctors/", req{path: "/api/doctors/?search=diagnostics&ordering=specialization,-id", token: tok}, 200},
 		{"GET /api/doctors/", req{path: "/api/doctors/?ordering=email", token: tok}, 400},
@@ -411,6 +434,11 @@ func TestOpenAPIShapes(t *testing.T) {
 		{"PATCH /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dB), token: tok, body: J{"last_name": "X"}}, 403},
 		{"DELETE /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dFree), token: tok}, 204},
 		{"DELETE /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dA), token: tok}, 409},
+		{"GET /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dTag), token: tok, header: map[string]string{"If-None-Match": dNow}}, 304},
+		{"PUT /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dTag), token: tok, body: J{"first_name": "Greg", "email": "dr4-" + a.username + "@example.com", "specialization": "Oncology"}, header: map[string]string{"If-Match": dOld}}, 412},
+		{"PATCH /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dTag), token: tok, body: J{"last_name": "Lost"}, header: map[string]string{"If-Match": dOld}}, 412},
+		{"DELETE /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dTag), token: tok, header: map[string]string{"If-Match": dOld}}, 412},
+		{"DELETE /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dTag), token: tok, header: map[string]string{"If-Match": dNow}}, 204},
 
 		{"GET /api/mappings/", req{path: "/api/mappings/?ordering=-created_at&page_size=1", token: tok}, 200},
 		{"GET /api/mappings/", req{path: "/api/mappings/?ordering=first_name", token: tok}, 400},
@@ -424,6 +452,8 @@ func TestOpenAPIShapes(t *testing.T) {
 		{"GET /api/audit/", req{token: tok}, 200},
 		{"GET /api/audit/", req{path: P("/api/audit/?action=patient.update&page_size=2&patient=%d", pA), token: tok}, 200},
 		{"GET /api/audit/", req{path: "/api/audit/?patient=abc", token: tok}, 400},
+		{"GET /api/audit/", req{path: P("/api/audit/?action=doctor.update&doctor=%d", dA), token: tok}, 200},
+		{"GET /api/audit/", req{path: "/api/audit/?doctor=x", token: tok}, 400},
 		{"GET /api/audit/", req{path: "/api/audit/?page=99", token: tok}, 404},
 		{"GET /api/schema/", req{}, 200},
 		{"GET /api/schema/", req{header: badHost}, 400},
