@@ -139,6 +139,18 @@ func BenchmarkPatientCreate(b *testing.B) {
 	})
 }
 
+// BenchmarkPatientPatch changes one field of one of 50 patients per op.
+func BenchmarkPatientPatch(b *testing.B) {
+	s, a, ids := benchServer(b)
+	serveParallel(b, s, http.StatusOK, func(i int) *http.Request {
+		body := fmt.Sprintf(`{"phone": "+1 555 010 %04d"}`, i%10000)
+		r := httptest.NewRequest("PATCH", "http://localhost/api/patients/"+strconv.FormatInt(ids[i%len(ids)], 10)+"/", strings.NewReader(body))
+		r.Header.Set("Authorization", "Bearer "+a.access)
+		r.Header.Set("Content-Type", "application/json")
+		return r
+	})
+}
+
 // BenchmarkMappingList reads a page of 10 of 20 mappings: three tables
 // joined and the widest JSON the API writes.
 func BenchmarkMappingList(b *testing.B) {

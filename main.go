@@ -58,9 +58,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	logger := newLogger(stdout, cfg.debug)
-	for _, w := range warnings {
-		logger.Warn(w)
-	}
 	// Garbage may grow to four times the live heap, within a soft 64 MiB
 	// (README, Performance), unless GOGC or GOMEMLIMIT say otherwise.
 	if getenv("GOGC") == "" {
@@ -76,6 +73,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer db.Close()
 	if len(args) == 1 {
 		return runMigrate(ctx, db, cfg.appRole, stdout)
+	}
+	for _, w := range warnings { // about serving: the key, for one
+		logger.Warn(w)
 	}
 	if err := ensureSchema(ctx, db); err != nil {
 		return err
