@@ -447,8 +447,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if !match {
-		account := sql.NullInt64{Int64: id, Valid: id != 0}
-		return cmp.Or(recordAccountEvent(ctx, s.db, r, account, nil, "login.failed"), error(errBadCredentials))
+		return s.failedLogin(ctx, r, id, errBadCredentials)
 	}
 	var upgraded *string // a stale hash's replacement at our iteration count
 	if stale {
@@ -473,14 +472,20 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, version int64, upgraded *string) (tokenPair, error) {
 	var pair tokenPair
 	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// $1 user, $2 the version checked, $3 an upgraded hash or nil.
-		const still = `UPDATE users SET password = coalesce($3, password), last_login = now() WHERE id = $1 AND password_version = $2`
-		res, err := tx.ExecContext(ctx, still, id, version, upgraded)
+		// $1 user, $2 the version checked, $3 an upgraded hash or nil,
+		// $4 LOGIN_LOCK_AFTER, $5 LOGIN_LOCK_S.
+		const still = `UPDATE users SET password = coalesce($3, password), last_login = now()
+			WHERE id = $1 AND password_version = $2 RETURNING login_wait($1, $4, $5)`
+		var wait int
+		err := tx.QueryRowContext(ctx, still, id, version, upgraded, s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errBadCredentials
+		}
 		if err != nil {
 			return fmt.Errorf("recheck password: %w", err)
 		}
-		if n, _ := res.RowsAffected(); n != 1 {
-			return errBadCredentials
+		if wait > 0 { // failures of the same burst came first
+			return throttled(time.Duration(wait) * time.Second)
 		}
 		var sid int64
 		if pair, sid, err = s.startLogin(ctx, tx, id); err != nil {
@@ -489,6 +494,30 @@ func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, ver
 		return recordAccountEvent(ctx, tx, r, id, sid, "login")
 	})
 	return pair, err
+}
+
+// failedLogin records a failed login of account id (0 for a name of no
+// account: the same statement, so the same work) and answers wrong. When
+// the account began to wait while the password was being checked (other
+// attempts of a burst failed first), it records nothing and answers as the
+// wait does, right password or not: a guess past the limit tells nothing.
+func (s *server) failedLogin(ctx context.Context, r *http.Request, id int64, wrong error) error {
+	info := infoFrom(r)
+	// $1 account or null, $2 LOGIN_LOCK_AFTER, $3 LOGIN_LOCK_S, $4 IP, $5 request id.
+	const q = `WITH w AS (SELECT coalesce(login_wait($1, $2, $3), 0) AS wait),
+		failed AS (INSERT INTO audit_events (user_id, action, ip, request_id)
+			SELECT $1, 'login.failed', $4, $5 FROM w WHERE wait <= 0)
+		SELECT wait FROM w`
+	var wait int
+	account := sql.NullInt64{Int64: id, Valid: id != 0}
+	err := s.db.QueryRowContext(ctx, q, account, s.cfg.lockAfter, s.cfg.lockSeconds, info.clientIP.String(), info.id).Scan(&wait)
+	if err != nil {
+		return fmt.Errorf("record login.failed: %w", err)
+	}
+	if wait > 0 {
+		return throttled(time.Duration(wait) * time.Second)
+	}
+	return wrong
 }
 
 // refreshClaims reads and verifies the body's refresh token. An expired
@@ -677,7 +706,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 		return err
 	}
 	if !match {
-		return cmp.Or(recordAccountEvent(ctx, s.db, r, u.ID, nil, "login.failed"), error(errWrongOldPassword))
+		return s.failedLogin(ctx, r, u.ID, errWrongOldPassword)
 	}
 	hashed, err := s.passwords.hash(ctx, password)
 	if err != nil {
@@ -699,14 +728,20 @@ func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed st
 	info := infoFrom(r)
 	var pair tokenPair
 	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// $1 user, $2 login, $3 new hash, $4 the version checked.
-		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
-		res, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed, version)
+		// $1 user, $2 login, $3 new hash, $4 the version checked,
+		// $5 LOGIN_LOCK_AFTER, $6 LOGIN_LOCK_S.
+		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)
+			RETURNING login_wait($1, $5, $6)`
+		var wait int
+		err := tx.QueryRowContext(ctx, q, info.userID, info.sessionID, hashed, version, s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errWrongOldPassword
+		}
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}
-		if n, _ := res.RowsAffected(); n != 1 {
-			return errWrongOldPassword
+		if wait > 0 { // failures of the same burst came first
+			return throttled(time.Duration(wait) * time.Second)
 		}
 		// A statement of its own, so that its snapshot holds every login
 		// committed before the row lock above was taken.

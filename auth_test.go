@@ -19,6 +19,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lib/pq/pqerror"
 )
 
 // The contract's 401 bodies that only this file checks (main_test.go has
@@ -1993,6 +1995,12 @@ func TestUsernameStepNormalizes(t *testing.T) {
 		(SELECT string_agg(name, ',' ORDER BY name) FROM login_names)`).Scan(&names); err != nil || names != "ADA,bob / ada,ada@example.com,bob,bob@example.com" {
 		t.Fatalf("after the step: %q, %v", names, err)
 	}
+	// From then on the database refuses a name in another form, as an older
+	// server still running would write it.
+	_, err := db.ExecContext(ctx, `INSERT INTO users (username, email, name, password) VALUES ('ｃａｒｏｌ', 'c@example.com', 'C', '!')`)
+	if c, ok := violation(err, pqerror.CheckViolation); !ok || c != "users_username_nfkc" {
+		t.Fatalf("insert a full-width username: %v, want users_username_nfkc violated", err)
+	}
 
 	clash := scratchDB(t, "_nfkc_clash", 1)
 	db = clash
@@ -2005,4 +2013,42 @@ func TestUsernameStepNormalizes(t *testing.T) {
 	if err := clash.QueryRowContext(ctx, `SELECT string_agg(username, ',' ORDER BY id) FROM users`).Scan(&names); err != nil || names != "ｂｏｂ,bob" {
 		t.Fatalf("after the refused step: %q, %v", names, err)
 	}
+}
+
+// TestAccountLockBurst: attempts already past the lock check when other
+// attempts' failures start the wait answer as the wait does, right
+// password or not, and record nothing: a burst of guesses cannot slip a
+// right one past the limit. The attempts are held at the hash (every
+// hashing slot taken) while the failures arrive, as from other instances.
+func TestAccountLockBurst(t *testing.T) {
+	s := newTestServer(t, map[string]string{"LOGIN_LOCK_AFTER": "3", "LOGIN_LOCK_S": "60"})
+	a := register(t, s)
+	for range cap(s.passwords.slots) {
+		s.passwords.slots <- struct{}{}
+	}
+	out := make(chan response, 3)
+	for _, password := range []string{a.password, "a wrong password"} {
+		go func() { out <- login(t, s, a.username, password) }()
+	}
+	go func() {
+		out <- do(t, s, req{method: "POST", path: "/api/auth/password/", token: a.access,
+			body: map[string]any{"old_password": a.password, "new_password": "Quiet-Harbor-Meadow-42"}})
+	}()
+	time.Sleep(300 * time.Millisecond)
+	for range 3 {
+		if _, err := testDB.ExecContext(t.Context(), `INSERT INTO audit_events (user_id, action, ip, request_id) VALUES ($1, 'login.failed', '192.0.2.9', 'elsewhere')`, a.id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range cap(s.passwords.slots) {
+		<-s.passwords.slots
+	}
+	for range 3 {
+		wantThrottled(t, <-out, 60)
+	}
+	var n int
+	if err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM audit_events WHERE user_id = $1 AND action <> 'login.failed' OR user_id = $1 AND request_id <> 'elsewhere'`, a.id).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("events of the held attempts: %d, %v; want none", n, err)
+	}
+	wantMe(t, s, a.access, a) // the password change did not happen
 }

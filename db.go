@@ -21,6 +21,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
@@ -128,6 +129,11 @@ func migrate(ctx context.Context, db *sql.DB, steps []string) (int, error) {
 	at, err := schemaStep(ctx, conn) // read under the lock: another migration may have run
 	for ; err == nil && at < len(steps); at++ {
 		err = withTx(ctx, conn, func(tx *sql.Tx) error {
+			// A step queued behind a long transaction would queue every
+			// request behind itself: it gives up instead, to be run again.
+			if _, err := tx.ExecContext(ctx, `SET LOCAL lock_timeout = '5s'`); err != nil {
+				return err
+			}
 			if _, err := tx.ExecContext(ctx, steps[at]); err != nil {
 				return err
 			}
@@ -159,29 +165,46 @@ func ensureSchema(ctx context.Context, db *sql.DB) error {
 
 // grantServing gives role exactly what serving needs, and takes back
 // anything more: read and write on the data tables, only SELECT and INSERT
-// on the audit events, the sequences and functions. Owning nothing, it can
-// alter, drop, truncate or disable no table or trigger.
+// on the audit events, the sequences, and the functions the statements
+// call. It refuses a role that could take more by itself: a superuser, one
+// that can create roles, or a member of a superuser or of whoever owns the
+// database, the schema or anything in it.
 func grantServing(ctx context.Context, db *sql.DB, role string) error {
 	var unfit bool
-	err := db.QueryRowContext(ctx, `SELECT rolsuper OR pg_has_role($1, current_user, 'MEMBER') FROM pg_roles WHERE rolname = $1`, role).Scan(&unfit)
+	var database string
+	const q = `SELECT r.rolsuper OR r.rolcreaterole OR EXISTS (SELECT 1 FROM pg_roles o
+			WHERE pg_has_role(r.oid, o.oid, 'MEMBER') AND (o.rolsuper OR o.rolname = 'pg_write_all_data' OR o.oid IN (
+				SELECT datdba FROM pg_database WHERE datname = current_database()
+				UNION SELECT nspowner FROM pg_namespace WHERE nspname = 'public'
+				UNION SELECT relowner FROM pg_class WHERE relnamespace = 'public'::regnamespace
+				UNION SELECT proowner FROM pg_proc WHERE pronamespace = 'public'::regnamespace))),
+			current_database()
+		FROM pg_roles r WHERE r.rolname = $1`
+	err := db.QueryRowContext(ctx, q, role).Scan(&unfit, &database)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
 	case err != nil:
 		return fmt.Errorf("DB_APP_ROLE: %w", err)
 	case unfit:
-		return fmt.Errorf("DB_APP_ROLE: role %q is a superuser or holds the owner's rights: no grant could limit it", role)
+		return fmt.Errorf("DB_APP_ROLE: role %q is a superuser, can create roles, or holds an owner's rights: no grant could limit it", role)
 	}
 	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
-	q := `REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ` + r + `;
+	// No CREATE anywhere: nothing the role makes can stand in for a table or
+	// a function that another role's statements name.
+	grants := `REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ` + r + `;
+		REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM ` + r + `;
+		REVOKE CREATE ON SCHEMA public FROM PUBLIC, ` + r + `;
+		REVOKE CREATE ON DATABASE ` + pq.QuoteIdentifier(database) + ` FROM ` + r + `;
 		GRANT USAGE ON SCHEMA public TO ` + r + `;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, sessions, refresh_tokens, patients, doctors, mappings TO ` + r + `;
 		GRANT SELECT, INSERT ON audit_events TO ` + r + `;
 		GRANT SELECT ON schema_migrations TO ` + r + `;
 		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
-		GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO ` + r
-	_, err = db.ExecContext(ctx, q) // statements sent together run as one transaction
+		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_wait(bigint, int, int), api_time(timestamptz),
+			etag(bigint, integer), changed_fields(text[], text[], text[]) TO ` + r
+	_, err = db.ExecContext(ctx, grants) // statements sent together run as one transaction
 	return err
 }
 
@@ -367,7 +390,7 @@ func ifMatch(r *http.Request) pq.StringArray {
 		switch t = strings.TrimSpace(t); {
 		case t == "*":
 			return nil
-		case t != "" && !strings.HasPrefix(t, "W/"):
+		case t != "" && !strings.HasPrefix(t, "W/") && utf8.ValidString(t): // PostgreSQL text is UTF-8
 			tags = append(tags, t)
 		}
 	}
@@ -559,18 +582,12 @@ func (f scanFunc) Scan(dest ...any) error { return f(dest...) }
 // The audit trail: account events, and the list of a caller's events.
 // Patient statements write their own events (patients.go, mappings.go).
 
-// execer is what *sql.Tx and *database share.
-type execer interface {
-	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
-}
-
-// recordAccountEvent writes an account's audit event (no patient); with a
-// transaction, in the transaction of the change it records. userID is an
-// int64, or a null sql.NullInt64 for a login name of no account.
-func recordAccountEvent(ctx context.Context, db execer, r *http.Request, userID, loginID any, action string) error {
+// recordAccountEvent writes an account's audit event (no patient), in the
+// transaction of the change it records.
+func recordAccountEvent(ctx context.Context, tx *sql.Tx, r *http.Request, userID, loginID int64, action string) error {
 	info := infoFrom(r)
 	const q = `INSERT INTO audit_events (user_id, login_id, action, ip, request_id) VALUES ($1, $2, $3, $4, $5)`
-	if _, err := db.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
+	if _, err := tx.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
 		return fmt.Errorf("record %s: %w", action, err)
 	}
 	return nil

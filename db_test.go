@@ -72,6 +72,18 @@ func TestLeastPrivilege(t *testing.T) {
 	ctx := t.Context()
 	role := appRole(t)
 	owner := scratchDB(t, "_leastpriv", -1)
+	// What an extension locks away, and a right given by hand before: the
+	// grant must take the one and not give the other.
+	for _, q := range []string{
+		`CREATE FUNCTION locked_away() RETURNS int LANGUAGE sql AS 'SELECT 1'`,
+		`REVOKE EXECUTE ON FUNCTION locked_away() FROM PUBLIC`,
+		`GRANT CREATE ON SCHEMA public TO ` + pq.QuoteIdentifier(role),
+		`GRANT CREATE ON DATABASE ` + pq.QuoteIdentifier(testDBConfig.Database+"_leastpriv") + ` TO ` + pq.QuoteIdentifier(role),
+	} {
+		if _, err := owner.ExecContext(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
 	var out bytes.Buffer
 	if err := runMigrate(ctx, owner, role, &out); err != nil {
 		t.Fatal(err)
@@ -142,6 +154,9 @@ func TestLeastPrivilege(t *testing.T) {
 			`DROP FUNCTION login_live(bigint, bigint)`,
 			`DELETE FROM schema_migrations`,
 			`CREATE TABLE evil (id int)`,
+			`CREATE FUNCTION public.lower(varchar) RETURNS text LANGUAGE sql AS $$SELECT 'x'$$`,
+			`CREATE SCHEMA evil`,
+			`SELECT locked_away()`,
 		}
 		for _, table := range []string{"users", "login_names", "sessions", "refresh_tokens", "patients", "doctors", "mappings", "audit_events", "schema_migrations"} {
 			attacks = append(attacks, `ALTER TABLE `+table+` ADD COLUMN evil int`, `DROP TABLE `+table+` CASCADE`, `TRUNCATE `+table+` CASCADE`)
@@ -168,6 +183,30 @@ func TestLeastPrivilege(t *testing.T) {
 			t.Fatalf("ensureSchema as %s: %v, want %q", role, err, want)
 		}
 	})
+}
+
+// TestGrantRefusesPowerfulRoles: a role that could take back what the
+// grant withholds is refused, naming why.
+func TestGrantRefusesPowerfulRoles(t *testing.T) {
+	ctx := t.Context()
+	roles := []string{appRole(t), appRole(t), appRole(t)}
+	db := scratchDB(t, "_refuse", -1)
+	q := func(role string) string { return pq.QuoteIdentifier(role) }
+	for _, setup := range []string{
+		`ALTER ROLE ` + q(roles[0]) + ` CREATEROLE`,
+		`GRANT postgres TO ` + q(roles[1]),
+		`ALTER DATABASE ` + q(testDBConfig.Database+"_refuse") + ` OWNER TO ` + q(roles[2]),
+	} {
+		if _, err := db.ExecContext(ctx, setup); err != nil {
+			t.Fatalf("%s: %v", setup, err)
+		}
+	}
+	for _, role := range roles {
+		err := grantServing(ctx, db, role)
+		if err == nil || !strings.Contains(err.Error(), "no grant could limit it") {
+			t.Errorf("grant to %s: %v, want a refusal", role, err)
+		}
+	}
 }
 
 // TestMigrateCommand runs "healthcare migrate" through run: it creates the
@@ -249,6 +288,30 @@ func TestMigrateRaceAndFailure(t *testing.T) {
 	var half bool
 	if err := db.QueryRowContext(ctx, `SELECT to_regclass('half_done') IS NOT NULL`).Scan(&half); err != nil || half {
 		t.Fatalf("a failed step left its table: %v, %v", half, err)
+	}
+}
+
+// TestMigrateGivesWayToLongTransaction: a step that must wait for a table
+// lock behind a long transaction gives up after lock_timeout (5 s) instead
+// of queueing every request behind itself, and the database stays at its
+// last whole step.
+func TestMigrateGivesWayToLongTransaction(t *testing.T) {
+	ctx := t.Context()
+	db := scratchDB(t, "_waits", 1)
+	reader, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Rollback()
+	if _, err := reader.ExecContext(ctx, `LOCK TABLE audit_events IN ACCESS SHARE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	step, err := migrate(ctx, db, schemaSteps)
+	if step != 1 || pq.As(err, pqerror.LockNotAvailable) == nil {
+		t.Fatalf("migrate beside a reader: step %d, %v; want step 1 and a lock timeout", step, err)
+	}
+	if _, err := reader.ExecContext(ctx, `SELECT count(*) FROM audit_events`); err != nil {
+		t.Fatalf("the reader after the migration gave up: %v", err)
 	}
 }
 

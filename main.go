@@ -284,7 +284,9 @@ type readiness struct {
 func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) error {
 	s.ready.mu.Lock()
 	if time.Since(s.ready.at) >= time.Second {
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		// Not the prober's context: one that hangs up must not leave its
+		// cancellation as everyone's answer for a second.
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 2*time.Second)
 		s.ready.err, s.ready.at = s.db.PingContext(ctx), time.Now()
 		cancel()
 	}

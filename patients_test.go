@@ -1335,7 +1335,9 @@ func TestIfMatch(t *testing.T) {
 		{"stale PATCH", "PATCH", patientPath(pid), stale(pid), map[string]any{"phone": ""}},
 		{"stale DELETE", "DELETE", patientPath(pid), stale(pid), nil},
 		{"weak PATCH", "PATCH", patientPath(pid), fmt.Sprintf(`W/"%d-1"`, pid), map[string]any{"phone": ""}},
-		{"another record's tag", "PATCH", patientPath(pid), fmt.Sprintf(`"%d-1"`, did), map[string]any{"phone": ""}},
+		{"another patient's tag", "PATCH", patientPath(pid), fmt.Sprintf(`"%d-1"`, pid+1), map[string]any{"phone": ""}},
+		{"a tag that is not UTF-8", "PATCH", patientPath(pid), "\"1-\xff\"", map[string]any{"phone": ""}},
+		{"a tag of no quotes", "DELETE", patientPath(pid), fmt.Sprintf(`%d-1`, pid), nil},
 		{"stale doctor PATCH", "PATCH", doctorPath(did), stale(did), map[string]any{"last_name": "X"}},
 		{"stale doctor DELETE", "DELETE", doctorPath(did), stale(did), nil},
 	} {

@@ -207,12 +207,14 @@ END $$;
 -- step 2: failed logins per account, counted from the audit trail; failed
 -- logins for names that belong to no account; changes to the doctor
 -- directory; usernames in Unicode NFKC, as Django stores them.
+-- The new check holds for every new event; the old one held for every
+-- event there is, so there is nothing to scan (NOT VALID).
 ALTER TABLE audit_events ALTER COLUMN user_id DROP NOT NULL, -- null: login.failed for a name of no account
     DROP CONSTRAINT audit_events_action_check,
     ADD CONSTRAINT audit_events_action_check CHECK (action IN ('patient.create', 'patient.read', 'patient.update',
         'patient.delete', 'patient.list', 'mapping.create', 'mapping.delete', 'mapping.list', 'doctor.create',
         'doctor.update', 'doctor.delete', 'login', 'login.failed', 'refresh.reused', 'logout', 'logout.all',
-        'password.change'));
+        'password.change')) NOT VALID;
 -- An account's run of failed logins is read from its latest events of these
 -- kinds, however many other events it has.
 CREATE INDEX audit_events_logins ON audit_events (user_id, id) WHERE action IN ('login', 'login.failed', 'password.change');
@@ -236,6 +238,9 @@ BEGIN
     WHERE n.user_id = u.id AND n.name = lower(u.username) AND u.username <> normalize(u.username, NFKC);
     UPDATE users SET username = normalize(username, NFKC) WHERE username <> normalize(username, NFKC);
 END $$;
+-- From now on the database refuses any other form, from an older server
+-- still running during an upgrade too.
+ALTER TABLE users ADD CONSTRAINT users_username_nfkc CHECK (username = normalize(username, NFKC));
 
 -- login_wait is the per-account lock: how many seconds the account's next
 -- login must still wait (0 or less: none). After `after` failed logins in a
