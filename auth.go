@@ -27,6 +27,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -60,8 +61,6 @@ func newPasswords(iterations, concurrency int) (*passwords, error) {
 	return p, nil
 }
 
-var errHashBusy = &apiError{status: http.StatusServiceUnavailable, body: detail("Service temporarily unavailable."), retryAfter: 1}
-
 // acquire takes a hashing slot, waiting at most maxWait.
 func (p *passwords) acquire(ctx context.Context) error {
 	select {
@@ -70,7 +69,7 @@ func (p *passwords) acquire(ctx context.Context) error {
 	case <-time.After(p.maxWait):
 	case <-ctx.Done():
 	}
-	return errHashBusy
+	return errUnavailable
 }
 
 // hash returns a fresh Django-format hash of password.
@@ -369,7 +368,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		out.Tokens, _, err = s.startLogin(ctx, tx, u.ID)
 		return err
 	})
-	if _, lost := violation(err, pqerror.UniqueViolation); lost {
+	if pq.As(err, pqerror.UniqueViolation) != nil { // lost a race for a name
 		if err := s.takenNames(ctx, &u, errs); err != nil || len(errs) == 0 {
 			return cmp.Or(err, error(errUnavailable)) // the winner rolled back: try again
 		}
@@ -503,14 +502,13 @@ func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, ver
 // wait does, right password or not: a guess past the limit tells nothing.
 func (s *server) failedLogin(ctx context.Context, r *http.Request, id int64, wrong error) error {
 	info := infoFrom(r)
-	// $1 account or null, $2 LOGIN_LOCK_AFTER, $3 LOGIN_LOCK_S, $4 IP, $5 request id.
-	const q = `WITH w AS (SELECT coalesce(login_wait($1, $2, $3), 0) AS wait),
+	// $1 account (0: none, written as null), $2 LOGIN_LOCK_AFTER, $3 LOGIN_LOCK_S, $4 IP, $5 request id.
+	const q = `WITH w AS (SELECT login_wait($1, $2, $3) AS wait),
 		failed AS (INSERT INTO audit_events (user_id, action, ip, request_id)
-			SELECT $1, 'login.failed', $4, $5 FROM w WHERE wait <= 0)
+			SELECT nullif($1, 0), 'login.failed', $4, $5 FROM w WHERE wait <= 0)
 		SELECT wait FROM w`
 	var wait int
-	account := sql.NullInt64{Int64: id, Valid: id != 0}
-	err := s.db.QueryRowContext(ctx, q, account, s.cfg.lockAfter, s.cfg.lockSeconds, info.clientIP.String(), info.id).Scan(&wait)
+	err := s.db.QueryRowContext(ctx, q, id, s.cfg.lockAfter, s.cfg.lockSeconds, info.clientIP.String(), info.id).Scan(&wait)
 	if err != nil {
 		return fmt.Errorf("record login.failed: %w", err)
 	}

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -1998,7 +1999,7 @@ func TestUsernameStepNormalizes(t *testing.T) {
 	// From then on the database refuses a name in another form, as an older
 	// server still running would write it.
 	_, err := db.ExecContext(ctx, `INSERT INTO users (username, email, name, password) VALUES ('ｃａｒｏｌ', 'c@example.com', 'C', '!')`)
-	if c, ok := violation(err, pqerror.CheckViolation); !ok || c != "users_username_nfkc" {
+	if e := pq.As(err, pqerror.CheckViolation); e == nil || e.Constraint != "users_username_nfkc" {
 		t.Fatalf("insert a full-width username: %v, want users_username_nfkc violated", err)
 	}
 

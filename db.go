@@ -62,11 +62,9 @@ func openDB(ctx context.Context, cfg pq.Config, maxConns int) (*sql.DB, error) {
 func connect(cfg pq.Config, maxConns int) (*sql.DB, error) {
 	// Prepared statements keep one generic plan per connection rather than
 	// planning every call (README, Performance).
-	cfg.Runtime = maps.Clone(cfg.Runtime)
-	if cfg.Runtime == nil {
-		cfg.Runtime = map[string]string{}
-	}
-	cfg.Runtime["plan_cache_mode"] = "force_generic_plan"
+	runtime := map[string]string{"plan_cache_mode": "force_generic_plan"}
+	maps.Copy(runtime, cfg.Runtime) // a setting in DATABASE_URL wins
+	cfg.Runtime = runtime
 	connector, err := pq.NewConnectorConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("database config: %w", err)
@@ -97,25 +95,9 @@ func createDatabase(ctx context.Context, cfg pq.Config) error {
 	return nil
 }
 
-// schemaStep reads the last step applied: 0 for an empty database or one
-// made before steps.
-func schemaStep(ctx context.Context, db interface {
-	QueryRowContext(context.Context, string, ...any) *sql.Row
-}) (int, error) {
-	var step int
-	err := db.QueryRowContext(ctx, `SELECT coalesce(max(step), 0) FROM schema_migrations`).Scan(&step)
-	if pq.As(err, pqerror.UndefinedTable) != nil {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("read schema step: %w", err)
-	}
-	return step, nil
-}
-
-// migrate applies the steps the database lacks, each in one transaction
-// with its record in schema_migrations, so the database is always at a
-// whole step. It returns the step reached.
+// migrate applies the steps the database lacks and returns the step
+// reached: 0 is an empty database, or one made before steps. Under the
+// advisory lock, several migrations at once take turns.
 func migrate(ctx context.Context, db *sql.DB, steps []string) (int, error) {
 	conn, err := db.Conn(ctx)
 	if err != nil {
@@ -126,37 +108,30 @@ func migrate(ctx context.Context, db *sql.DB, steps []string) (int, error) {
 		return 0, fmt.Errorf("lock schema: %w", err)
 	}
 	defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, schemaLockID)
-	at, err := schemaStep(ctx, conn) // read under the lock: another migration may have run
+	var at int
+	err = conn.QueryRowContext(ctx, `SELECT coalesce(max(step), 0) FROM schema_migrations`).Scan(&at)
+	if pq.As(err, pqerror.UndefinedTable) != nil {
+		err = nil
+	}
 	for ; err == nil && at < len(steps); at++ {
-		err = withTx(ctx, conn, func(tx *sql.Tx) error {
-			// A step queued behind a long transaction would queue every
-			// request behind itself: it gives up instead, to be run again.
-			if _, err := tx.ExecContext(ctx, `SET LOCAL lock_timeout = '5s'`); err != nil {
-				return err
-			}
-			if _, err := tx.ExecContext(ctx, steps[at]); err != nil {
-				return err
-			}
-			_, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (step) VALUES ($1)`, at+1)
-			return err
-		})
-		if err != nil {
+		// Sent as one query, a step and its record commit together or not
+		// at all: the database is always at a whole step. A step queued
+		// behind a long transaction would queue every request behind
+		// itself: after lock_timeout it gives up, to be run again.
+		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) VALUES (%d)", steps[at], at+1)
+		if _, err = conn.ExecContext(ctx, q); err != nil {
 			return at, fmt.Errorf("step %d: %w", at+1, err)
 		}
 	}
 	return at, err
 }
 
-// ensureSchema brings the schema to the server's step when the role
-// connected may (the schema's owner); a database already there gets no
-// statement that takes a lock. Any other role finds the schema behind and
-// stops, naming the command that fixes it.
+// ensureSchema brings the schema to the server's step as the role connected
+// may (the schema's owner); a database already there gets no statement that
+// takes a table lock. Any other role finds the schema behind and stops,
+// naming the command that fixes it.
 func ensureSchema(ctx context.Context, db *sql.DB) error {
-	at, err := schemaStep(ctx, db)
-	if err != nil || at >= len(schemaSteps) {
-		return err
-	}
-	_, err = migrate(ctx, db, schemaSteps)
+	at, err := migrate(ctx, db, schemaSteps)
 	if pq.As(err, pqerror.InsufficientPrivilege) != nil {
 		return fmt.Errorf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, at, len(schemaSteps))
 	}
@@ -226,11 +201,8 @@ func pruneLogins(ctx context.Context, db *sql.DB) error {
 	}
 }
 
-// withTx runs fn in a transaction on db (a pool or one connection),
-// committing only when fn succeeds.
-func withTx(ctx context.Context, db interface {
-	BeginTx(context.Context, *sql.TxOptions) (*sql.Tx, error)
-}, fn func(*sql.Tx) error) error {
+// withTx runs fn in a transaction, committing only when fn succeeds.
+func withTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
@@ -246,19 +218,6 @@ func withTx(ctx context.Context, db interface {
 		return fmt.Errorf("%w (%w)", err, ctx.Err())
 	}
 	return err
-}
-
-// loginEnded reports whether err is login_live's refusal (schema.sql).
-func loginEnded(err error) bool {
-	return pq.As(err, "HC401") != nil
-}
-
-// violation reports the constraint err violated when it has the given code.
-func violation(err error, code pqerror.Code) (constraint string, ok bool) {
-	if e := pq.As(err, code); e != nil {
-		return e.Constraint, true
-	}
-	return "", false
 }
 
 // conflicts are the unique keys a client can run into, with the field error

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 
+	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -151,7 +152,7 @@ func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) erro
 		SELECT id FROM d`
 	info := infoFrom(r)
 	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))
-	if _, assigned := violation(err, pqerror.ForeignKeyViolation); assigned {
+	if pq.As(err, pqerror.ForeignKeyViolation) != nil { // still assigned
 		return errDoctorAssigned
 	}
 	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM doctors WHERE id = $1)`, pathID(r))

@@ -66,7 +66,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(64 << 20)
 	}
-	db, err := openDB(ctx, cfg.db, cfg.dbMaxConns)
+	db, err := openDB(ctx, cfg.db, 4*runtime.NumCPU())
 	if err != nil {
 		return err
 	}
@@ -136,11 +136,6 @@ func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	scheme := "http"
-	if cfg.tlsCert != "" {
-		scheme = "https"
-	}
-	logger.Info("serving", "url", scheme+"://"+ln.Addr().String()+"/")
 	stopped := make(chan error, 1)
 	go func() {
 		<-ctx.Done()
@@ -150,8 +145,10 @@ func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger)
 		stopped <- httpServer.Shutdown(shutdownCtx)
 	}()
 	if cfg.tlsCert != "" {
+		logger.Info("serving", "url", "https://"+ln.Addr().String()+"/")
 		err = httpServer.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey)
 	} else {
+		logger.Info("serving", "url", "http://"+ln.Addr().String()+"/")
 		err = httpServer.Serve(ln)
 	}
 	if !errors.Is(err, http.ErrServerClosed) {
@@ -318,7 +315,6 @@ type config struct {
 	debug              bool
 	allowedHosts       []string
 	db                 pq.Config
-	dbMaxConns         int
 	accessTTL          time.Duration
 	refreshTTL         time.Duration
 	corsOrigins        []string
@@ -368,7 +364,6 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 	}
 	cfg := config{
 		addr:               get("ADDR", "127.0.0.1:8000"),
-		dbMaxConns:         4 * runtime.NumCPU(),
 		accessTTL:          time.Duration(num("ACCESS_TOKEN_LIFETIME_MIN", 15, 1, 24*60)) * time.Minute,
 		refreshTTL:         time.Duration(num("REFRESH_TOKEN_LIFETIME_DAYS", 1, 1, 365)) * 24 * time.Hour,
 		loginMaxAgeDays:    num("LOGIN_MAX_AGE_DAYS", 30, 1, 3650),

@@ -834,7 +834,7 @@ func TestSchemaUpgrade(t *testing.T) {
 	}
 	// The database, not the handler, keeps a mapping's owner its patient's.
 	_, err = db.ExecContext(ctx, `INSERT INTO mappings (owner_id, patient_id, doctor_id) VALUES (2, 3, 1)`)
-	if _, ok := violation(err, pqerror.ForeignKeyViolation); !ok {
+	if pq.As(err, pqerror.ForeignKeyViolation) == nil {
 		t.Fatalf("mapping of user 1's patient under owner 2: %v, want a foreign key violation", err)
 	}
 }

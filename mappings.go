@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/http"
 
+	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -78,7 +79,7 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 			SELECT $1, $2, 'mapping.create', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
 	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.userID, info.sessionID, info.clientIP.String(), info.id, patientID, doctorID)
-	if _, fk := violation(err, pqerror.ForeignKeyViolation); !fk && err != errNotFound {
+	if pq.As(err, pqerror.ForeignKeyViolation) == nil && err != errNotFound {
 		return err
 	}
 	// Say which reference is bad: one text for "not yours" and "missing".

@@ -23,6 +23,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/lib/pq"
 	"github.com/lib/pq/pqerror"
 )
 
@@ -478,14 +479,6 @@ func (e fieldErrors) Error() string { return fmt.Sprint(map[string][]string(e)) 
 
 func (e fieldErrors) add(field, msg string) { e[field] = append(e[field], msg) }
 
-// orNil returns e as an error, or nil when it holds no message.
-func (e fieldErrors) orNil() error {
-	if len(e) == 0 {
-		return nil
-	}
-	return e
-}
-
 // detail is the {"detail": …} shape of every non-field error.
 func detail(msg string) map[string]string { return map[string]string{"detail": msg} }
 
@@ -512,8 +505,8 @@ func throttled(wait time.Duration) *apiError {
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	info := infoFrom(r)
 	// A key the statement ran into: the client's conflict.
-	if c, ok := violation(err, pqerror.UniqueViolation); ok && conflicts[c] != nil {
-		err = conflicts[c]
+	if e := pq.As(err, pqerror.UniqueViolation); e != nil && conflicts[e.Constraint] != nil {
+		err = conflicts[e.Constraint]
 	}
 	var fe fieldErrors
 	var ae *apiError
@@ -522,7 +515,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		writeJSON(w, http.StatusBadRequest, fe)
 		return
 	case errors.As(err, &ae):
-	case loginEnded(err):
+	case pq.As(err, "HC401") != nil: // login_live's refusal (schema.sql): the login has ended
 		ae = errAccessInvalid
 	case isUnavailable(err):
 		s.log.Warn("database unavailable", "request_id", info.id, "err", err)

@@ -57,7 +57,10 @@ func readPerson(r *http.Request, doctor bool) (person, error) {
 	} else {
 		p.dateOfBirth, p.phone = f.date("date_of_birth", errs), f.phone("phone", errs)
 	}
-	return p, errs.orNil()
+	if len(errs) > 0 {
+		return p, errs
+	}
+	return p, nil
 }
 
 var patientOrdering = map[string]string{
