@@ -30,7 +30,7 @@ import (
 // maxBody caps every request body; larger ones are answered 413.
 const maxBody = 64 << 10
 
-// ServeHTTP runs every request through the contract's order of checks, first
+// ServeHTTP runs every request through the API's order of checks, first
 // answer wins:
 //
 //	Host (400) → CORS preflight (204) → routing (404, slash redirect, 405)
@@ -500,7 +500,7 @@ func throttled(wait time.Duration) *apiError {
 	return &apiError{status: http.StatusTooManyRequests, body: detail(msg), retryAfter: n}
 }
 
-// fail writes err as the contract's answer, and runs no statement. Causes
+// fail writes err as the API's answer, and runs no statement. Causes
 // the client must not see (driver text, SQL) go to the log only.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	info := infoFrom(r)
