@@ -243,17 +243,12 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 		return claims{}, errTokenFormat
 	}
 	switch {
-	case c.TokenType != tokenType || c.UserID <= 0 || c.SID <= 0 || !isJTI(c.JTI):
+	case c.TokenType != tokenType || c.UserID <= 0 || c.SID <= 0 || len(c.JTI) != 32 || strings.Trim(c.JTI, "0123456789abcdef") != "":
 		return claims{}, errors.New("wrong token type or missing claims")
 	case c.Exp <= now.Unix():
 		return c, errExpired
 	}
 	return c, nil
-}
-
-func isJTI(s string) bool {
-	_, err := hex.DecodeString(s)
-	return len(s) == 32 && err == nil && strings.ToLower(s) == s
 }
 
 var (

@@ -1479,6 +1479,12 @@ func TestEndedLoginRefusedEverywhere(t *testing.T) {
 		{"bad ordering", "GET", "/api/patients/?ordering=nope", nil, nil, 400, `{"ordering": ["Invalid ordering field \"nope\"."]}`},
 		{"invalid body", "POST", "/api/patients/", map[string]any{"first_name": "", "email": "x@example.com"}, nil, 400, `{"first_name": ["This field may not be blank."]}`},
 		{"text/plain", "POST", "/api/patients/", "x", map[string]string{"Content-Type": "text/plain"}, 415, `{"detail": "Unsupported media type \"text/plain\" in request."}`},
+		{"malformed patient id", "GET", "/api/patients/abc/", nil, nil, 404, bodyNotFound},
+		{"malformed patient id, PATCH", "PATCH", "/api/patients/0/", map[string]any{"last_name": "X"}, nil, 404, bodyNotFound},
+		{"malformed doctor id, PUT", "PUT", "/api/doctors/-1/", newDoctor, nil, 404, bodyNotFound},
+		{"malformed doctor id, DELETE", "DELETE", "/api/doctors/99999999999999999999/", nil, nil, 404, bodyNotFound},
+		{"malformed patient id of mappings", "GET", "/api/mappings/x/", nil, nil, 404, bodyNotFound},
+		{"malformed mapping id", "DELETE", "/api/mappings/1.5/", nil, nil, 404, bodyNotFound},
 	}
 	for _, tc := range before {
 		t.Run("refused first: "+tc.name, func(t *testing.T) {

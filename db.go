@@ -88,8 +88,9 @@ func createDatabase(ctx context.Context, cfg pq.Config) error {
 	defer admin.Close()
 	// Identifiers cannot be placeholders; QuoteIdentifier makes the name inert.
 	_, err = admin.ExecContext(ctx, "CREATE DATABASE "+pq.QuoteIdentifier(name))
-	// A duplicate database is no error: another instance created it first.
-	if err != nil && pq.As(err, pqerror.DuplicateDatabase) == nil {
+	// A duplicate database is no error: another instance created it first
+	// (a race PostgreSQL may report either way).
+	if err != nil && pq.As(err, pqerror.DuplicateDatabase, pqerror.UniqueViolation) == nil {
 		return fmt.Errorf("create database: %w", err)
 	}
 	return nil
@@ -244,8 +245,9 @@ func isUnavailable(err error) bool {
 		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &netErr)
 }
 
-// database is the pool, running each query as a prepared statement, so
-// that PostgreSQL plans it once per connection rather than at every call
+// database is the pool, running each query that returns rows as a prepared
+// statement, so that PostgreSQL plans it once per connection rather than at
+// every call
 // (README, Performance). Query texts are built from constants, whitelisted
 // orderings and a bounded number of search terms; the cache stops growing
 // at maxStatements all the same.
@@ -290,13 +292,6 @@ func (d *database) QueryContext(ctx context.Context, query string, args ...any) 
 		return st.QueryContext(ctx, args...)
 	}
 	return d.DB.QueryContext(ctx, query, args...)
-}
-
-func (d *database) ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error) {
-	if st := d.stmt(ctx, query); st != nil {
-		return st.ExecContext(ctx, args...)
-	}
-	return d.DB.ExecContext(ctx, query, args...)
 }
 
 // rowScanner is what *sql.Row and *sql.Rows share.
@@ -376,15 +371,15 @@ func (s *server) unmatched(r *http.Request, err error, exists string, args ...an
 	return errNotFound
 }
 
-// deleteRow runs a DELETE of one row and answers 204, or 404 when nothing
-// was deleted.
+// deleteRow runs a DELETE of one row that returns it and answers 204, or
+// 404 when nothing was deleted.
 func deleteRow(w http.ResponseWriter, r *http.Request, db *database, q string, args ...any) error {
-	res, err := db.ExecContext(r.Context(), q, args...)
+	err := db.QueryRowContext(r.Context(), q, args...).Scan(new(int64))
+	if errors.Is(err, sql.ErrNoRows) {
+		return errNotFound
+	}
 	if err != nil {
 		return fmt.Errorf("delete: %w", err)
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return errNotFound
 	}
 	return noContent(w)
 }

@@ -252,6 +252,22 @@ func TestMigrateCommand(t *testing.T) {
 	if err := run(t.Context(), []string{"migrate", "now"}, env, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "usage") {
 		t.Fatalf("run with two arguments: %v, want a usage error", err)
 	}
+	// Several at once on a database that does not exist yet: all succeed.
+	racing := testDBConfig.Database + "_cmd_race"
+	t.Cleanup(func() {
+		testDB.ExecContext(context.Background(), `DROP DATABASE IF EXISTS `+pq.QuoteIdentifier(racing)+` WITH (FORCE)`)
+	})
+	errs := make(chan error, 4)
+	for range cap(errs) {
+		go func() {
+			errs <- run(t.Context(), []string{"migrate"}, testEnv(map[string]string{"DB_NAME": racing}), io.Discard, io.Discard)
+		}()
+	}
+	for range cap(errs) {
+		if err := <-errs; err != nil {
+			t.Errorf("racing migrate of a missing database: %v", err)
+		}
+	}
 }
 
 // TestMigrateRaceAndFailure: two migrations of an empty database at once

@@ -83,6 +83,9 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
 // caller did not create. It runs before the body is read: the order of
 // checks puts 403 before 415 and 400.
 func (s *server) mayChangeDoctor(r *http.Request) error {
+	if badID(r) { // no statement for an id no row has
+		return errNotFound
+	}
 	info := infoFrom(r)
 	var creator sql.NullInt64
 	// $1 user, $2 login, $3 doctor id.

@@ -324,6 +324,11 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 	if authErr != nil {
 		return authErr
 	}
+	// A malformed {id} names no row: 404 before any statement. Where a
+	// body's checks or a 403 come first, readPerson and mayChangeDoctor say it.
+	if m := r.Method; (m == http.MethodGet || m == http.MethodHead || m == http.MethodDelete) && badID(r) {
+		return errNotFound
+	}
 	return rt.h(w, r)
 }
 
@@ -599,9 +604,11 @@ func parseError(why string) error {
 	return &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
 }
 
+// badID reports an {id} path value that is not a positive integer.
+func badID(r *http.Request) bool { return r.PathValue("id") != "" && pathID(r) == 0 }
+
 // pathID reads the {id} path value, or 0 when it is not a positive integer
-// that fits int64: no row has id 0, so the statement answers 404 in its
-// turn, after the body's checks.
+// that fits int64 (badID).
 func pathID(r *http.Request) int64 {
 	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
 	if err != nil || id < 1 {

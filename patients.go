@@ -60,6 +60,9 @@ func readPerson(r *http.Request, doctor bool) (person, error) {
 	if len(errs) > 0 {
 		return p, errs
 	}
+	if badID(r) { // after the body's checks, before any statement
+		return p, errNotFound
+	}
 	return p, nil
 }
 
