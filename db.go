@@ -111,10 +111,10 @@ func migrate(ctx context.Context, db *sql.DB, steps []string) (int, error) {
 	defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, schemaLockID)
 	var at int
 	err = conn.QueryRowContext(ctx, `SELECT coalesce(max(step), 0) FROM schema_migrations`).Scan(&at)
-	if pq.As(err, pqerror.UndefinedTable) != nil {
-		err = nil
+	if err != nil && pq.As(err, pqerror.UndefinedTable) == nil { // no table yet: step 0
+		return 0, fmt.Errorf("read schema step: %w", err)
 	}
-	for ; err == nil && at < len(steps); at++ {
+	for ; at < len(steps); at++ {
 		// Sent as one query, a step and its record commit together or not
 		// at all: the database is always at a whole step. A step queued
 		// behind a long transaction would queue every request behind
@@ -124,7 +124,7 @@ func migrate(ctx context.Context, db *sql.DB, steps []string) (int, error) {
 			return at, fmt.Errorf("step %d: %w", at+1, err)
 		}
 	}
-	return at, err
+	return at, nil
 }
 
 // ensureSchema brings the schema to the server's step as the role connected
@@ -247,8 +247,7 @@ func isUnavailable(err error) bool {
 
 // database is the pool, running each query that returns rows as a prepared
 // statement, so that PostgreSQL plans it once per connection rather than at
-// every call
-// (README, Performance). Query texts are built from constants, whitelisted
+// every call (README, Performance). Query texts are built from constants, whitelisted
 // orderings and a bounded number of search terms; the cache stops growing
 // at maxStatements all the same.
 type database struct {
@@ -322,12 +321,10 @@ func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, statu
 // noneMatch reports whether an If-None-Match header names tag, or is "*".
 // The comparison is weak (RFC 9110 §13.1.2): W/"7-3" names "7-3".
 func noneMatch(header []string, tag string) bool {
-	for _, t := range strings.Split(strings.Join(header, ","), ",") {
-		if t = strings.TrimPrefix(strings.TrimSpace(t), "W/"); t == "*" || t == tag {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(strings.Split(strings.Join(header, ","), ","), func(t string) bool {
+		t = strings.TrimPrefix(strings.TrimSpace(t), "W/")
+		return t == "*" || t == tag
+	})
 }
 
 // ifMatch returns the strong tags an If-Match header lists, for a statement

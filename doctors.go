@@ -103,6 +103,9 @@ func (s *server) mayChangeDoctor(r *http.Request) error {
 	return nil
 }
 
+// doctorExists tells a write's 412 from its 404 (unmatched): $1 doctor id.
+const doctorExists = `SELECT EXISTS (SELECT 1 FROM doctors WHERE id = $1)`
+
 // handleUpdateDoctor serves PUT and PATCH for the doctor's creator, whom the
 // UPDATE checks again; a doctor deleted in between is a 404.
 func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) error {
@@ -132,7 +135,7 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 	info := infoFrom(r)
 	err = writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
 		pathID(r), in.firstName, in.lastName, in.email, in.specialization, ifMatch(r))
-	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM doctors WHERE id = $1)`, pathID(r))
+	return s.unmatched(r, err, doctorExists, pathID(r))
 }
 
 var errDoctorAssigned = &apiError{status: http.StatusConflict,
@@ -158,5 +161,5 @@ func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) erro
 	if pq.As(err, pqerror.ForeignKeyViolation) != nil { // still assigned
 		return errDoctorAssigned
 	}
-	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM doctors WHERE id = $1)`, pathID(r))
+	return s.unmatched(r, err, doctorExists, pathID(r))
 }

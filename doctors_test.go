@@ -572,7 +572,9 @@ func TestDoctorEvents(t *testing.T) {
 	id := int64(wantObject(t, res, 201)["id"].(float64))
 	wantEvents(t, res, sid, fmt.Sprintf("doctor.create %d", id))
 	res = do(t, s, req{method: "PATCH", path: doctorPath(id), token: a.access, body: map[string]any{"last_name": "Wilson", "first_name": "Gregory"}})
-	wantObject(t, res, 200)
+	if got := wantObject(t, res, 200); got["last_name"] != "Wilson" {
+		t.Fatalf("PATCH: last_name %v, want Wilson; body %s", got["last_name"], res.body)
+	}
 	wantEvents(t, res, sid, fmt.Sprintf("doctor.update %d [last_name]", id))
 	res = do(t, s, req{method: "PATCH", path: doctorPath(id), token: b.access, body: map[string]any{"last_name": "Cuddy"}})
 	wantJSON(t, res, 403, `{"detail": "You do not have permission to perform this action."}`)

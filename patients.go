@@ -121,6 +121,10 @@ func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error 
 	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r))
 }
 
+// patientExists tells a write's 412 from its 404 (unmatched): $1 patient
+// id, $2 user.
+const patientExists = `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $1 AND owner_id = $2)`
+
 // handleUpdatePatient serves PUT and PATCH: PATCH may name any subset of
 // fields, PUT must name the required ones; a field not named keeps its
 // value. The event names the fields whose values changed.
@@ -149,7 +153,7 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 	info := infoFrom(r)
 	err = writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
 		pathID(r), in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone, ifMatch(r))
-	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $1 AND owner_id = $2)`, pathID(r), info.userID)
+	return s.unmatched(r, err, patientExists, pathID(r), info.userID)
 }
 
 // handleDeletePatient deletes a patient; its mappings go with it (ON DELETE
@@ -165,5 +169,5 @@ func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) err
 		SELECT id FROM p`
 	info := infoFrom(r)
 	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))
-	return s.unmatched(r, err, `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $1 AND owner_id = $2)`, pathID(r), info.userID)
+	return s.unmatched(r, err, patientExists, pathID(r), info.userID)
 }
