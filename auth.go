@@ -299,11 +299,18 @@ type tokenPair struct {
 	Access  string `json:"access"`
 }
 
-// startLogin opens a login for userID and issues its first pair.
-func (s *server) startLogin(ctx context.Context, tx *sql.Tx, userID int64) (tokenPair, int64, error) {
+// startLogin opens a login for userID and issues its first pair. It ends
+// the account's runs of failed logins, from the request's source and from
+// every source, and marks the source as one the account logs in from.
+func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64) (tokenPair, int64, error) {
 	var sid int64
-	const q = `INSERT INTO sessions (user_id, expires_at) VALUES ($1, now() + make_interval(days => $2)) RETURNING id`
-	if err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays).Scan(&sid); err != nil {
+	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source.
+	const q = `WITH here AS (INSERT INTO login_attempts AS a (name, source, last_login) VALUES ('#' || $1::bigint, $3, now())
+			ON CONFLICT (name, source) DO UPDATE SET failures = 0, last_login = now()),
+		everywhere AS (UPDATE login_attempts SET failures = 0 WHERE name = '#' || $1 AND source = '')
+		INSERT INTO sessions (user_id, expires_at) VALUES ($1, now() + make_interval(days => $2)) RETURNING id`
+	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, source(infoFrom(r).clientIP)).Scan(&sid)
+	if err != nil {
 		return tokenPair{}, 0, fmt.Errorf("start login: %w", err)
 	}
 	pair, err := s.issuePair(ctx, tx, userID, sid)
@@ -360,7 +367,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("insert user: %w", err)
 		}
 		out.User = u
-		out.Tokens, _, err = s.startLogin(ctx, tx, u.ID)
+		out.Tokens, _, err = s.startLogin(ctx, tx, r, u.ID)
 		return err
 	})
 	if pq.As(err, pqerror.UniqueViolation) != nil { // lost a race for a name
@@ -418,19 +425,23 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	if len(errs) > 0 {
 		return errs
 	}
-	ctx := r.Context()
+	ctx, info := r.Context(), infoFrom(r)
 	var id, version int64
+	var stored string // "" (no account) verifies as the dummy hash does
 	var wait int
-	stored := s.passwords.dummy
 	// PostgreSQL normalizes (NFKC) and lower-cases, as it did for
-	// login_names at registration. $1 login name, $2 LOGIN_LOCK_AFTER, $3 LOGIN_LOCK_S.
-	const q = `SELECT u.id, u.password, u.password_version, login_wait(u.id, $2, $3)
-		FROM login_names n JOIN users u ON u.id = n.user_id WHERE n.name = lower(normalize($1, NFKC))`
-	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&id, &stored, &version, &wait)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+	// login_names at registration. $1 login name, $2 source,
+	// $3 LOGIN_LOCK_AFTER, $4 LOGIN_LOCK_S, $5 LOGIN_LOCK_ACCOUNT_AFTER, $6 LOGIN_MAX_AGE_DAYS.
+	const q = `SELECT coalesce(u.id, 0), coalesce(u.password, ''), coalesce(u.password_version, 0),
+			login_attempt(coalesce('#' || u.id, left(k.name, 254)), $2, $3, $4, $5, $6)
+		FROM (SELECT lower(normalize($1, NFKC)) AS name) k
+		LEFT JOIN login_names n ON n.name = k.name LEFT JOIN users u ON u.id = n.user_id`
+	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), source(info.clientIP), s.cfg.lockAfter, s.cfg.lockSeconds,
+		s.cfg.lockAccountAfter, s.cfg.loginMaxAgeDays).Scan(&id, &stored, &version, &wait)
+	if err != nil {
 		return fmt.Errorf("find user: %w", err)
 	}
-	if wait > 0 { // the account's run of failures: no password is checked, no event written
+	if wait > 0 { // the name's run of failures: no password is checked, no event written
 		return throttled(time.Duration(wait) * time.Second)
 	}
 	// Unknown users are checked against the dummy hash and leave an event
@@ -466,23 +477,18 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, version int64, upgraded *string) (tokenPair, error) {
 	var pair tokenPair
 	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// $1 user, $2 the version checked, $3 an upgraded hash or nil,
-		// $4 LOGIN_LOCK_AFTER, $5 LOGIN_LOCK_S.
+		// $1 user, $2 the version checked, $3 an upgraded hash or nil.
 		const still = `UPDATE users SET password = coalesce($3, password), last_login = now()
-			WHERE id = $1 AND password_version = $2 RETURNING login_wait($1, $4, $5)`
-		var wait int
-		err := tx.QueryRowContext(ctx, still, id, version, upgraded, s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
-		if errors.Is(err, sql.ErrNoRows) {
-			return errBadCredentials
-		}
+			WHERE id = $1 AND password_version = $2`
+		res, err := tx.ExecContext(ctx, still, id, version, upgraded)
 		if err != nil {
 			return fmt.Errorf("recheck password: %w", err)
 		}
-		if wait > 0 { // failures of the same burst came first
-			return throttled(time.Duration(wait) * time.Second)
+		if n, _ := res.RowsAffected(); n != 1 {
+			return errBadCredentials
 		}
 		var sid int64
-		if pair, sid, err = s.startLogin(ctx, tx, id); err != nil {
+		if pair, sid, err = s.startLogin(ctx, tx, r, id); err != nil {
 			return err
 		}
 		return recordAccountEvent(ctx, tx, r, id, sid, "login")
@@ -491,26 +497,37 @@ func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, ver
 }
 
 // failedLogin records a failed login of account id (0 for a name of no
-// account: the same statement, so the same work) and answers wrong. When
-// the account began to wait while the password was being checked (other
-// attempts of a burst failed first), it records nothing and answers as the
-// wait does, right password or not: a guess past the limit tells nothing.
+// account: the same statement, so the same work) and answers wrong.
 func (s *server) failedLogin(ctx context.Context, r *http.Request, id int64, wrong error) error {
 	info := infoFrom(r)
-	// $1 account (0: none, written as null), $2 LOGIN_LOCK_AFTER, $3 LOGIN_LOCK_S, $4 IP, $5 request id.
-	const q = `WITH w AS (SELECT login_wait($1, $2, $3) AS wait),
-		failed AS (INSERT INTO audit_events (user_id, action, ip, request_id)
-			SELECT nullif($1, 0), 'login.failed', $4, $5 FROM w WHERE wait <= 0)
-		SELECT wait FROM w`
-	var wait int
-	err := s.db.QueryRowContext(ctx, q, id, s.cfg.lockAfter, s.cfg.lockSeconds, info.clientIP.String(), info.id).Scan(&wait)
-	if err != nil {
+	// $1 account (0: none, written as null), $2 IP, $3 request id.
+	const q = `INSERT INTO audit_events (user_id, action, ip, request_id) VALUES (nullif($1, 0), 'login.failed', $2, $3)`
+	if _, err := s.db.ExecContext(ctx, q, id, info.clientIP.String(), info.id); err != nil {
 		return fmt.Errorf("record login.failed: %w", err)
 	}
-	if wait > 0 {
-		return throttled(time.Duration(wait) * time.Second)
-	}
 	return wrong
+}
+
+// unlock is "healthcare unlock <name>": it ends every wait of the account
+// the name (username or email, in any form) belongs to, and writes
+// login.unlock in its trail, with no IP and a fresh request id.
+func unlock(ctx context.Context, db *sql.DB, name string, stdout io.Writer) error {
+	// $1 login name, $2 request id.
+	const q = `WITH u AS (SELECT user_id AS id FROM login_names WHERE name = lower(normalize($1, NFKC))),
+		ended AS (UPDATE login_attempts SET failures = 0 WHERE name = (SELECT '#' || id FROM u)),
+		seen AS (INSERT INTO audit_events (user_id, action, ip, request_id) SELECT id, 'login.unlock', '', $2 FROM u)
+		SELECT id FROM u`
+	requestID := newRequestID()
+	var id int64
+	err := db.QueryRowContext(ctx, q, strings.TrimSpace(name), requestID).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("unlock: no account has the name %q", name)
+	}
+	if err != nil {
+		return fmt.Errorf("unlock: %w", err)
+	}
+	fmt.Fprintf(stdout, "account %d (%q) unlocked: login.unlock written, request id %s\n", id, name, requestID)
+	return nil
 }
 
 // refreshClaims reads and verifies the body's refresh token. An expired
@@ -677,22 +694,29 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	var u user
 	var stored string
 	var version int64
-	var wait int
-	// $1 user, $2 login, $3 LOGIN_LOCK_AFTER, $4 LOGIN_LOCK_S.
-	const q = `SELECT id, username, email, name, password, password_version, login_wait(id, $3, $4)
-		FROM users WHERE id = $1 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(ctx, q, info.userID, info.sessionID, s.cfg.lockAfter, s.cfg.lockSeconds).Scan(
-		&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version, &wait)
+	// $1 user, $2 login.
+	const q = `SELECT id, username, email, name, password, password_version FROM users WHERE id = $1 AND login_live($1, $2)`
+	err = s.db.QueryRowContext(ctx, q, info.userID, info.sessionID).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
-	}
-	if wait > 0 { // a wrong old password is a failed login: the same lock holds
-		return throttled(time.Duration(wait) * time.Second)
 	}
 	password := s.newPassword(f, "new_password", u, errs)
 	confirmPassword(f, "new_password_confirm", password, errs)
 	if len(errs) > 0 {
 		return errs
+	}
+	// A wrong old password is a failed login from the caller's source, and
+	// only this source's run can make the change wait: a live login is not
+	// locked out by strangers. $1 user, $2 login, $3 source,
+	// $4 LOGIN_LOCK_AFTER, $5 LOGIN_LOCK_S.
+	const attempt = `SELECT login_attempt('#' || $1::bigint, $3, $4, $5, NULL, 0) WHERE login_live($1, $2)`
+	var wait int
+	err = s.db.QueryRowContext(ctx, attempt, info.userID, info.sessionID, source(info.clientIP), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
+	if err != nil {
+		return fmt.Errorf("count the attempt: %w", err)
+	}
+	if wait > 0 {
+		return throttled(time.Duration(wait) * time.Second)
 	}
 	match, _, err := s.passwords.verify(ctx, old, stored)
 	if err != nil {
@@ -721,20 +745,14 @@ func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed st
 	info := infoFrom(r)
 	var pair tokenPair
 	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// $1 user, $2 login, $3 new hash, $4 the version checked,
-		// $5 LOGIN_LOCK_AFTER, $6 LOGIN_LOCK_S.
-		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)
-			RETURNING login_wait($1, $5, $6)`
-		var wait int
-		err := tx.QueryRowContext(ctx, q, info.userID, info.sessionID, hashed, version, s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
-		if errors.Is(err, sql.ErrNoRows) {
-			return errWrongOldPassword
-		}
+		// $1 user, $2 login, $3 new hash, $4 the version checked.
+		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
+		res, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed, version)
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}
-		if wait > 0 { // failures of the same burst came first
-			return throttled(time.Duration(wait) * time.Second)
+		if n, _ := res.RowsAffected(); n != 1 {
+			return errWrongOldPassword
 		}
 		// A statement of its own, so that its snapshot holds every login
 		// committed before the row lock above was taken.
@@ -742,7 +760,7 @@ func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed st
 		if _, err := tx.ExecContext(ctx, end, info.userID); err != nil {
 			return fmt.Errorf("end logins: %w", err)
 		}
-		if pair, _, err = s.startLogin(ctx, tx, info.userID); err != nil {
+		if pair, _, err = s.startLogin(ctx, tx, r, info.userID); err != nil {
 			return err
 		}
 		return recordAccountEvent(ctx, tx, r, info.userID, info.sessionID, "password.change")

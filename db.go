@@ -174,32 +174,41 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 		REVOKE CREATE ON SCHEMA public FROM PUBLIC, ` + r + `;
 		REVOKE CREATE ON DATABASE ` + pq.QuoteIdentifier(database) + ` FROM ` + r + `;
 		GRANT USAGE ON SCHEMA public TO ` + r + `;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, sessions, refresh_tokens, patients, doctors, mappings TO ` + r + `;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, sessions, refresh_tokens, patients, doctors, mappings, login_attempts TO ` + r + `;
 		GRANT SELECT, INSERT ON audit_events TO ` + r + `;
 		GRANT SELECT ON schema_migrations TO ` + r + `;
 		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
-		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_wait(bigint, int, int), api_time(timestamptz),
-			etag(bigint, integer), changed_fields(text[], text[], text[]) TO ` + r
+		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), lock_wait(int, timestamptz, int, int),
+			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]) TO ` + r
 	_, err = db.ExecContext(ctx, grants) // statements sent together run as one transaction
 	return err
 }
 
 // pruneLogins deletes ended and expired logins, with their refresh tokens,
-// in batches that hold no lock for long. A live login keeps all its refresh
-// tokens, expired ones included: reuse detection reads them, and they go
-// with the login when it ends.
-func pruneLogins(ctx context.Context, db *sql.DB) error {
-	const q = `DELETE FROM sessions WHERE id IN (
-		SELECT id FROM sessions WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`
-	for {
-		res, err := db.ExecContext(ctx, q)
-		if err != nil {
-			return fmt.Errorf("prune logins: %w", err)
-		}
-		if n, _ := res.RowsAffected(); n < 1000 {
-			return nil
+// and runs of failed logins untouched for maxAgeDays, in batches that hold
+// no lock for long. A live login keeps all its refresh tokens, expired ones
+// included: reuse detection reads them, and they go with the login when it
+// ends.
+func pruneLogins(ctx context.Context, db *sql.DB, maxAgeDays int) error {
+	inBatches := func(q string, args ...any) error {
+		for {
+			res, err := db.ExecContext(ctx, q, args...)
+			if err != nil {
+				return fmt.Errorf("prune logins: %w", err)
+			}
+			if n, _ := res.RowsAffected(); n < 1000 {
+				return nil
+			}
 		}
 	}
+	err := inBatches(`DELETE FROM sessions WHERE id IN (
+		SELECT id FROM sessions WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`)
+	if err != nil {
+		return err
+	}
+	// $1 LOGIN_MAX_AGE_DAYS: older failures and logins mark nothing any more.
+	return inBatches(`DELETE FROM login_attempts WHERE (name, source) IN (SELECT name, source FROM login_attempts
+		WHERE greatest(last_failure, last_login) < now() - make_interval(days => $1) LIMIT 1000)`, maxAgeDays)
 }
 
 // withTx runs fn in a transaction, committing only when fn succeeds.
@@ -565,7 +574,7 @@ func scanEvent(row rowScanner) (event, error) {
 
 var auditActions = []string{"patient.create", "patient.read", "patient.update", "patient.delete", "patient.list",
 	"mapping.create", "mapping.delete", "mapping.list", "doctor.create", "doctor.update", "doctor.delete", "login", "login.failed", "refresh.reused", "logout",
-	"logout.all", "password.change"}
+	"logout.all", "password.change", "login.unlock"}
 
 // handleListAudit lists the caller's own events, newest first. user_id = $1
 // holds for every filter: no filter reaches another account's events.

@@ -148,7 +148,7 @@ func TestLeastPrivilege(t *testing.T) {
 			"old_password": b.password, "new_password": "Quiet-Harbor-Meadow-42"}}))
 		wantJSON(t, do(t, s, req{method: "POST", path: "/api/auth/logout/all/", token: b.access}), 401, invalidAccessBody)
 		wantNoContent(t, do(t, s, req{method: "POST", path: "/api/auth/logout/all/", token: changed.Access}))
-		if err := pruneLogins(ctx, db); err != nil {
+		if err := pruneLogins(ctx, db, 30); err != nil {
 			t.Fatalf("prune as %s: %v", role, err)
 		}
 		var left int

@@ -135,11 +135,18 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 	info := infoFrom(r)
 	err = writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
 		pathID(r), in.firstName, in.lastName, in.email, in.specialization, ifMatch(r))
+	if pq.As(err, "HC409") != nil { // doctors_email_frozen (schema.sql)
+		return errDoctorEmailFrozen
+	}
 	return s.unmatched(r, err, doctorExists, pathID(r))
 }
 
-var errDoctorAssigned = &apiError{status: http.StatusConflict,
-	body: detail("This doctor is assigned to patients and cannot be deleted.")}
+var (
+	errDoctorAssigned = &apiError{status: http.StatusConflict,
+		body: detail("This doctor is assigned to patients and cannot be deleted.")}
+	errDoctorEmailFrozen = &apiError{status: http.StatusConflict,
+		body: detail("Other users' patients are assigned to this doctor; its email can no longer change.")}
+)
 
 // handleDeleteDoctor removes a doctor no patient is assigned to. The
 // foreign key (ON DELETE RESTRICT) refuses the delete otherwise, so a

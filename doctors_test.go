@@ -596,3 +596,48 @@ func TestDoctorEvents(t *testing.T) {
 	wantPage(t, do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?doctor=%d", id), token: b.access}), 0, "", "", nil)
 	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?doctor=x", token: a.access}), 400, `{"doctor": ["A valid integer is required."]}`)
 }
+
+// TestDoctorEmailFrozen: once another user's patient is assigned to a
+// doctor, its creator can no longer change its email (409, nothing
+// changes, no event), while the other fields still change; the creator's
+// own assignments freeze nothing.
+func TestDoctorEmailFrozen(t *testing.T) {
+	s := newTestServer(t, nil)
+	creator, other := register(t, s), register(t, s)
+	d, _ := mustCreate(t, s, creator.access, doctorsPath, doctorBody(uniqueName("fz")+"@example.com", "House", "Diagnostics"))
+	own, _ := mustCreate(t, s, creator.access, patientsPath, adaBody("ada@example.com"))
+	mustCreate(t, s, creator.access, mappingsPath, map[string]any{"patient": own, "doctor": d})
+	patch := func(body map[string]any) response {
+		return do(t, s, req{method: "PATCH", path: doctorPath(d), token: creator.access, body: body})
+	}
+	email := uniqueName("own") + "@example.com"
+	wantShape(t, patch(map[string]any{"email": email}), 200, doctorWant(d, "Gregory", "House", email, "Diagnostics"))
+	theirs, _ := mustCreate(t, s, other.access, patientsPath, adaBody("ada@example.com"))
+	mustCreate(t, s, other.access, mappingsPath, map[string]any{"patient": theirs, "doctor": d})
+	before := mustGet(t, s, creator.access, doctorPath(d))
+	const frozen = `{"detail": "Other users' patients are assigned to this doctor; its email can no longer change."}`
+	wantJSON(t, patch(map[string]any{"email": uniqueName("new") + "@example.com"}), 409, frozen)
+	wantJSON(t, do(t, s, req{method: "PUT", path: doctorPath(d), token: creator.access,
+		body: doctorBody(uniqueName("new")+"@example.com", "House", "Diagnostics")}), 409, frozen)
+	wantSame(t, s, creator.access, doctorPath(d), before)
+	var events int
+	if err := testDB.QueryRowContext(t.Context(), `SELECT count(*) FROM audit_events WHERE doctor_id = $1 AND action = 'doctor.update'`, d).Scan(&events); err != nil || events != 1 {
+		t.Fatalf("doctor.update events: %d, %v; want 1 (the change before the freeze)", events, err)
+	}
+	wantShape(t, patch(map[string]any{"email": strings.ToUpper(email), "last_name": "Wilson"}), 200, doctorWant(d, "Gregory", "Wilson", email, "Diagnostics"))
+
+	// An assignment by another user racing an email change: each ends
+	// whole (no deadlock, no 500), and the email is frozen after.
+	for range 10 {
+		d, _ := mustCreate(t, s, creator.access, doctorsPath, doctorBody(uniqueName("rz")+"@example.com", "House", "Diagnostics"))
+		p, _ := mustCreate(t, s, other.access, patientsPath, adaBody(uniqueName("rz")+"@example.com"))
+		out := concurrently(t, s, []req{
+			{method: "POST", path: mappingsPath, token: other.access, body: jsonText(map[string]any{"patient": p, "doctor": d})},
+			{method: "PATCH", path: doctorPath(d), token: creator.access, body: jsonText(map[string]any{"email": uniqueName("rz2") + "@example.com"})},
+		})
+		if out[0].status != 201 || out[1].status != 200 && out[1].status != 409 {
+			t.Fatalf("racing: mapping %d %s, patch %d %s", out[0].status, out[0].body, out[1].status, out[1].body)
+		}
+		wantJSON(t, do(t, s, req{method: "PATCH", path: doctorPath(d), token: creator.access, body: map[string]any{"email": uniqueName("rz3") + "@example.com"}}), 409, frozen)
+	}
+}

@@ -44,8 +44,8 @@ func main() {
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if len(args) > 1 || len(args) == 1 && args[0] != "migrate" {
-		return fmt.Errorf("usage: healthcare [migrate], got %q", args)
+	if len(args) > 0 && !(len(args) == 1 && args[0] == "migrate" || len(args) == 2 && args[0] == "unlock") {
+		return fmt.Errorf("usage: healthcare [migrate | unlock <username>], got %q", args)
 	}
 	dotenv, err := readDotenv(".env")
 	if err != nil {
@@ -74,6 +74,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if len(args) == 1 {
 		return runMigrate(ctx, db, cfg.appRole, stdout)
 	}
+	if len(args) == 2 {
+		if err := ensureSchema(ctx, db); err != nil {
+			return err
+		}
+		return unlock(ctx, db, args[1], stdout)
+	}
 	for _, w := range warnings { // about serving: the key, for one
 		logger.Warn(w)
 	}
@@ -86,7 +92,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	go func() {
 		for {
-			if err := pruneLogins(ctx, db); err != nil {
+			if err := pruneLogins(ctx, db, cfg.loginMaxAgeDays); err != nil {
 				logger.Warn("prune", "err", err)
 			}
 			select {
@@ -332,6 +338,7 @@ type config struct {
 	appRole            string // DB_APP_ROLE: the role migrate grants serving to
 	lockAfter          int    // LOGIN_LOCK_AFTER: failed logins in a row before an account waits
 	lockSeconds        int    // LOGIN_LOCK_S: the first wait
+	lockAccountAfter   int    // LOGIN_LOCK_ACCOUNT_AFTER: failed logins in a row, from all sources, before unknown sources wait
 }
 
 // publishedKeys are SECRET_KEY values that have been shown in this
@@ -382,6 +389,7 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		appRole:            get("DB_APP_ROLE", ""),
 		lockAfter:          num("LOGIN_LOCK_AFTER", 10, 3, 100),
 		lockSeconds:        num("LOGIN_LOCK_S", 60, 1, 3600),
+		lockAccountAfter:   num("LOGIN_LOCK_ACCOUNT_AFTER", 100, 10, 100_000),
 	}
 	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
 	var err error

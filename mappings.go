@@ -3,9 +3,6 @@ package main
 import (
 	"fmt"
 	"net/http"
-
-	"github.com/lib/pq"
-	"github.com/lib/pq/pqerror"
 )
 
 // mapping assigns a doctor to a patient. It belongs to the patient's owner
@@ -55,8 +52,8 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) erro
 
 // handleCreateMapping assigns a doctor to one of the caller's patients. The
 // INSERT selects the patient together with its owner, so another user's
-// patient inserts nothing; the foreign key checks the doctor; the unique key
-// decides a race between two identical requests.
+// patient inserts nothing, and the doctor; the unique key decides a race
+// between two identical requests.
 func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) error {
 	f, err := decodeBody(r)
 	if err != nil {
@@ -74,12 +71,13 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 		WITH m AS (
 			INSERT INTO mappings (owner_id, patient_id, doctor_id)
 			SELECT owner_id, id, $6 FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2)
+				AND EXISTS (SELECT 1 FROM doctors WHERE id = $6 FOR SHARE) -- no email change meanwhile (schema.sql)
 			RETURNING id, patient_id, doctor_id, created_at),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
 			SELECT $1, $2, 'mapping.create', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
 	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.userID, info.sessionID, info.clientIP.String(), info.id, patientID, doctorID)
-	if pq.As(err, pqerror.ForeignKeyViolation) == nil && err != errNotFound {
+	if err != errNotFound {
 		return err
 	}
 	// Say which reference is bad: one text for "not yours" and "missing".

@@ -363,15 +363,21 @@ type rateKey struct {
 	user int64
 }
 
-// ipKey keys IPv6 clients by their /64, which one subscriber usually holds
-// whole: keying single addresses would give each of them 2^64 budgets.
-func ipKey(ip netip.Addr) rateKey {
+// clientKey is the address a client is counted by, in the rate limits and
+// the login lock: an IPv6 client by its /64, which one subscriber usually
+// holds whole (keying single addresses would give each of them 2^64 budgets).
+func clientKey(ip netip.Addr) netip.Addr {
 	if ip.Is6() {
 		p, _ := ip.Prefix(64)
-		ip = p.Addr()
+		return p.Addr()
 	}
-	return rateKey{ip: ip.As16()}
+	return ip
 }
+
+func ipKey(ip netip.Addr) rateKey { return rateKey{ip: clientKey(ip).As16()} }
+
+// source is a client as the login lock keys it.
+func source(ip netip.Addr) string { return clientKey(ip).String() }
 
 // limiter is a sliding-window rate limiter: the count over the last period
 // is estimated from the current fixed window plus the previous one weighted

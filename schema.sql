@@ -276,3 +276,71 @@ CREATE TRIGGER doctors_version BEFORE UPDATE ON doctors FOR EACH ROW EXECUTE FUN
 CREATE FUNCTION etag(id bigint, version integer) RETURNS text LANGUAGE sql STABLE AS $$
     SELECT '"' || id || '-' || version || '"'
 $$;
+
+-- step 4: failed logins per account and source. A row counts one name's
+-- failed logins in a row from one source (the client IP as the rate limiter
+-- keys it), or from every source together (source ''). The name is
+-- '#' || the account's id, whichever of its names was sent, or the
+-- normalized, lower-cased name of no account, so that a name of no account
+-- locks exactly as an account does.
+CREATE TABLE login_attempts (
+    name         text        NOT NULL,
+    source       text        NOT NULL,
+    failures     integer     NOT NULL DEFAULT 0,
+    last_failure timestamptz,
+    last_login   timestamptz, -- the source's last successful login
+    PRIMARY KEY (name, source)
+);
+ALTER TABLE audit_events DROP CONSTRAINT audit_events_action_check,
+    ADD CONSTRAINT audit_events_action_check CHECK (action IN ('patient.create', 'patient.read', 'patient.update',
+        'patient.delete', 'patient.list', 'mapping.create', 'mapping.delete', 'mapping.list', 'doctor.create',
+        'doctor.update', 'doctor.delete', 'login', 'login.failed', 'refresh.reused', 'logout', 'logout.all',
+        'password.change', 'login.unlock')) NOT VALID;
+
+-- lock_wait is the seconds left of the wait after n failures in a row, the
+-- last at last: none below `after`, then `secs`, doubled for every further
+-- failure, up to 16 times (0 or less: none).
+CREATE FUNCTION lock_wait(n int, last timestamptz, after int, secs int) RETURNS int LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN n >= after THEN ceil(extract(epoch FROM last + make_interval(secs => secs * 2 ^ least(n - after, 4)) - now()))::int ELSE 0 END
+$$;
+
+-- login_attempt counts a login attempt as failed before its password is
+-- checked (a success takes it back), unless the name must wait: then it
+-- returns the seconds left and counts nothing. Attempts for one name take
+-- turns (an advisory lock), so of any number at once no more than the
+-- limit are let through. The account-wide ceiling (account_after, NULL to
+-- count this source alone) spares sources that logged in within max_age days.
+CREATE FUNCTION login_attempt(who text, src text, after int, secs int, account_after int, max_age int) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    here login_attempts;
+    everywhere login_attempts;
+    wait int;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext(who));
+    SELECT * INTO here FROM login_attempts WHERE name = who AND source = src;
+    SELECT * INTO everywhere FROM login_attempts WHERE name = who AND source = '';
+    wait := lock_wait(here.failures, here.last_failure, after, secs);
+    IF account_after IS NOT NULL AND NOT coalesce(here.last_login > now() - make_interval(days => max_age), false) THEN
+        wait := greatest(wait, lock_wait(everywhere.failures, everywhere.last_failure, account_after, secs));
+    END IF;
+    IF wait > 0 THEN
+        RETURN wait;
+    END IF;
+    INSERT INTO login_attempts AS a (name, source, failures, last_failure)
+    SELECT who, s, 1, now() FROM unnest(ARRAY[src, CASE WHEN account_after IS NOT NULL THEN '' END]) s WHERE s IS NOT NULL
+    ON CONFLICT (name, source) DO UPDATE SET failures = a.failures + 1, last_failure = now();
+    RETURN 0;
+END $$;
+
+-- Once another user's patient is assigned to a doctor, its email (the
+-- contact those users rely on) no longer changes, whoever writes. A new
+-- mapping holds its doctor FOR SHARE, so the two cannot race past this.
+CREATE FUNCTION doctors_email_frozen() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.email <> OLD.email AND EXISTS (SELECT 1 FROM mappings WHERE doctor_id = OLD.id AND owner_id IS DISTINCT FROM OLD.created_by) THEN
+        RAISE EXCEPTION 'other users rely on the email of doctor %', OLD.id USING ERRCODE = 'HC409';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER doctors_email_frozen BEFORE UPDATE OF email ON doctors FOR EACH ROW EXECUTE FUNCTION doctors_email_frozen();
