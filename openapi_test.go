@@ -362,6 +362,8 @@ func TestOpenAPIShapes(t *testing.T) {
 	dA, dFree, dB := doctor(a.access, 1), doctor(a.access, 2), doctor(b.access, 3)
 	post(a.access, "/api/mappings/", J{"patient": pA, "doctor": dA}, 201)
 	mDel := id(post(a.access, "/api/mappings/", J{"patient": pA, "doctor": dB}, 201))
+	dFrozen := doctor(a.access, 5) // assigned by another user: its email is frozen
+	post(b.access, "/api/mappings/", J{"patient": pB, "doctor": dFrozen}, 201)
 	login := J{"username": a.username, "password": a.password}
 	p1, p2 := post("", "/api/auth/login/", login, 200)["refresh"], post("", "/api/auth/login/", login, 200)["refresh"]
 	// Records for the conditional cases: each read, then changed, so that
@@ -433,6 +435,7 @@ func TestOpenAPIShapes(t *testing.T) {
 		{"PATCH /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dA), token: tok, body: "x", header: text}, 415},
 		{"PATCH /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dB), token: tok, body: J{"last_name": "X"}}, 403},
 		{"DELETE /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dFree), token: tok}, 204},
+		{"PATCH /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dFrozen), token: tok, body: J{"email": "moved-" + a.username + "@example.com"}}, 409},
 		{"DELETE /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dA), token: tok}, 409},
 		{"GET /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dTag), token: tok, header: map[string]string{"If-None-Match": dNow}}, 304},
 		{"PUT /api/doctors/{id}/", req{path: P("/api/doctors/%d/", dTag), token: tok, body: J{"first_name": "Greg", "email": "dr4-" + a.username + "@example.com", "specialization": "Oncology"}, header: map[string]string{"If-Match": dOld}}, 412},
