@@ -610,3 +610,80 @@ func (w lineWriter) Write(p []byte) (int, error) {
 	w.lines <- string(p)
 	return len(p), nil
 }
+
+// TestTwoRolesAsReadmeSays follows README's "Two roles" with an owner that
+// is no superuser and has installed pg_trgm (whose functions belong to the
+// bootstrap superuser, so the owner cannot take them from PUBLIC): migrate
+// grants, the app role starts, cannot make a temporary table, and a search
+// through the trigram index still works.
+func TestTwoRolesAsReadmeSays(t *testing.T) {
+	ctx := t.Context()
+	owner, app := appRole(t), appRole(t)
+	name := testDBConfig.Database + "_tworoles"
+	// README's step 1, as a superuser.
+	if _, err := testDB.ExecContext(ctx, `CREATE DATABASE `+pq.QuoteIdentifier(name)+` OWNER `+pq.QuoteIdentifier(owner)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		testDB.ExecContext(context.Background(), `DROP DATABASE IF EXISTS `+pq.QuoteIdentifier(name)+` WITH (FORCE)`)
+	})
+	cfg := testDBConfig
+	cfg.Database, cfg.User = name, owner
+	asOwner, err := openDB(ctx, cfg, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer asOwner.Close()
+	if _, err := asOwner.ExecContext(ctx, `CREATE EXTENSION IF NOT EXISTS pg_trgm`); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := runMigrate(ctx, asOwner, app, &out); err != nil {
+		t.Fatalf("migrate as the owner: %v", err)
+	}
+	if want := fmt.Sprintf("granted role %q what serving needs\nschema at step %d\n", app, len(schemaSteps)); out.String() != want {
+		t.Fatalf("migrate printed %q, want %q", out.String(), want)
+	}
+	for _, q := range []string{
+		`CREATE INDEX patients_trgm ON patients USING gin (first_name gin_trgm_ops)`,
+		`INSERT INTO users (id, username, email, name, password) VALUES (1, 'a', 'a@example.com', 'A', '!')`,
+		`INSERT INTO patients (owner_id, first_name, email) VALUES (1, 'Abcde', 'p@example.com')`,
+	} {
+		if _, err := asOwner.ExecContext(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	asApp := connectAs(t, asOwner, app)
+	if s, err := ensureSchema(ctx, asApp); err != nil || s.found != len(schemaSteps) || s.role != app {
+		t.Fatalf("start as the app role: %+v, %v", s, err)
+	}
+	if _, err := asApp.ExecContext(ctx, `CREATE TEMP TABLE audit_events (id int)`); pq.As(err, pqerror.InsufficientPrivilege) == nil {
+		t.Fatalf("a temporary table as the app role: %v, want permission denied", err)
+	}
+	conn, err := asApp.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var plan, found string
+	// A table this small is read whole unless the planner must use the index.
+	const search = `SELECT first_name FROM patients WHERE first_name ILIKE '%bcd%'`
+	if _, err := conn.ExecContext(ctx, `SET enable_seqscan = off`); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := conn.QueryContext(ctx, `EXPLAIN `+search)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var line string
+		rows.Scan(&line)
+		plan += line + "\n"
+	}
+	if rows.Close(); !strings.Contains(plan, "Index Scan on patients_trgm") {
+		t.Fatalf("search plan as the app role:\n%s", plan)
+	}
+	if err := conn.QueryRowContext(ctx, search).Scan(&found); err != nil || found != "Abcde" {
+		t.Fatalf("search as the app role: %q, %v", found, err)
+	}
+}
