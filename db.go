@@ -96,10 +96,12 @@ func createDatabase(ctx context.Context, cfg pq.Config) error {
 	return nil
 }
 
-// schemaState is what migrate found and did: start-up logs it.
+// schemaState is what migrate found and did: start-up logs it, and a
+// failed "healthcare migrate" names the owner.
 type schemaState struct {
 	database, role, owner string // owner: the schema's, when the role is not it (nor a member), so may not migrate
 	found, at             int    // the step found and the step reached; 0 is an empty database, or one made before steps
+	applied               []int  // the steps applied, in order
 }
 
 // migrate applies the steps the database lacks. Under the advisory lock,
@@ -133,6 +135,7 @@ func migrate(ctx context.Context, db *sql.DB, steps []string) (s schemaState, er
 	case err != nil && pq.As(err, pqerror.UndefinedTable) == nil: // no table yet: step 0
 		return s, fmt.Errorf("read schema step: %w", err)
 	}
+	s.applied = []int{} // none is "applied: []" in the log, not null
 	for s.at = s.found; s.at < len(steps); s.at++ {
 		// Sent as one query, a step and its record commit together or not
 		// at all: the database is always at a whole step. A step queued
@@ -142,6 +145,7 @@ func migrate(ctx context.Context, db *sql.DB, steps []string) (s schemaState, er
 		if _, err = conn.ExecContext(ctx, q); err != nil {
 			return s, fmt.Errorf("step %d: %w (the schema stays at step %d)", s.at+1, err, s.at)
 		}
+		s.applied = append(s.applied, s.at+1)
 	}
 	return s, nil
 }

@@ -78,11 +78,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	applied := "nothing"
-	if schema.at > schema.found {
-		applied = fmt.Sprintf("steps %d to %d", schema.found+1, schema.at)
-	}
-	logger.Info("schema", "database", schema.database, "role", schema.role, "found_step", schema.found, "applied", applied)
+	logger.Info("schema", "database", schema.database, "role", schema.role, "found_step", schema.found, "applied", schema.applied)
 	for _, w := range warnings { // about serving: the key, for one
 		logger.Warn(w)
 	}
