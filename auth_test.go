@@ -1862,8 +1862,8 @@ func TestUsernameStepNormalizes(t *testing.T) {
 	}
 	add(1, "ＡＤＡ", "ada@example.com")
 	add(2, "bob", "bob@example.com")
-	if step, err := migrate(ctx, db, schemaSteps); err != nil || step != len(schemaSteps) {
-		t.Fatalf("migrate: step %d, %v", step, err)
+	if s, err := migrate(ctx, db, schemaSteps); err != nil || s.at != len(schemaSteps) {
+		t.Fatalf("migrate: step %d, %v", s.at, err)
 	}
 	var names string
 	if err := db.QueryRowContext(ctx, `SELECT (SELECT string_agg(username, ',' ORDER BY id) FROM users) || ' / ' ||
@@ -1881,9 +1881,9 @@ func TestUsernameStepNormalizes(t *testing.T) {
 	db = clash
 	add(1, "ｂｏｂ", "b1@example.com")
 	add(2, "bob", "b2@example.com")
-	step, err := migrate(ctx, clash, schemaSteps)
-	if err == nil || step != 1 || !strings.Contains(err.Error(), "'ｂｏｂ' and 'bob'") {
-		t.Fatalf("migrate with a clash: step %d, %v; want step 1 and an error naming both", step, err)
+	s, err := migrate(ctx, clash, schemaSteps)
+	if err == nil || s.at != 1 || !strings.Contains(err.Error(), "'ｂｏｂ' and 'bob'") {
+		t.Fatalf("migrate with a clash: step %d, %v; want step 1 and an error naming both", s.at, err)
 	}
 	if err := clash.QueryRowContext(ctx, `SELECT string_agg(username, ',' ORDER BY id) FROM users`).Scan(&names); err != nil || names != "ｂｏｂ,bob" {
 		t.Fatalf("after the refused step: %q, %v", names, err)

@@ -186,7 +186,12 @@ func BenchmarkFailedLogin(b *testing.B) {
 		insertUser(b, name, name+"@example.com", djangoHash(b, "the right password", "TimingSaltTimingSalt00", iter))
 		names[strconv.Itoa(iter)] = name
 	}
-	s := newTestServer(b, nil, func(c *config) { c.passwordIterations = minIterations; c.lockAfter = 100; c.lockAccountAfter = 100_000; slowHashes(c) })
+	s := newTestServer(b, nil, func(c *config) {
+		c.passwordIterations = minIterations
+		c.lockAfter = 100
+		c.lockAccountAfter = 100_000
+		slowHashes(c)
+	})
 	if err := s.passwords.raiseFailCost(b.Context(), testDB); err != nil {
 		b.Fatal(err)
 	}

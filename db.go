@@ -96,83 +96,105 @@ func createDatabase(ctx context.Context, cfg pq.Config) error {
 	return nil
 }
 
-// migrate applies the steps the database lacks and returns the step
-// reached: 0 is an empty database, or one made before steps. Under the
-// advisory lock, several migrations at once take turns.
-func migrate(ctx context.Context, db *sql.DB, steps []string) (int, error) {
+// schemaState is what migrate found and did: start-up logs it, and a
+// failed "healthcare migrate" names the owner.
+type schemaState struct {
+	database, role, owner string // owner: the schema's, when the role is not it (nor a member), so may not migrate
+	found, at             int    // the step found and the step reached; 0 is an empty database, or one made before steps
+	applied               []int  // the steps applied, in order
+}
+
+// migrate applies the steps the database lacks. Under the advisory lock,
+// several migrations at once take turns.
+func migrate(ctx context.Context, db *sql.DB, steps []string) (s schemaState, err error) {
 	conn, err := db.Conn(ctx)
 	if err != nil {
-		return 0, err
+		return s, err
 	}
 	defer conn.Close()
+	// Names are unique by lower(): a database whose lower() folds only ASCII
+	// would let "Ädmin" and "ädmin" both register. The schema's owner is
+	// schema_migrations', or the database's until that exists.
+	var folds bool
+	const q = `SELECT current_database(), current_user, lower('Ä') = 'ä', CASE WHEN NOT pg_has_role(o, 'USAGE') THEN pg_get_userbyid(o) ELSE '' END
+		FROM coalesce((SELECT relowner FROM pg_class WHERE relname = 'schema_migrations' AND relnamespace = 'public'::regnamespace), (SELECT datdba FROM pg_database WHERE datname = current_database())) o`
+	if err := conn.QueryRowContext(ctx, q).Scan(&s.database, &s.role, &folds, &s.owner); err != nil {
+		return s, fmt.Errorf("read the database: %w", err)
+	}
+	if !folds {
+		return s, fmt.Errorf(`database %q folds only ASCII letters in lower() (its LC_CTYPE is C, say), so names that differ in case alone would both register: as a superuser, CREATE DATABASE <name> ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' TEMPLATE template0, and point DB_NAME at it`, s.database)
+	}
 	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, schemaLockID); err != nil {
-		return 0, fmt.Errorf("lock schema: %w", err)
+		return s, fmt.Errorf("lock schema: %w", err)
 	}
 	defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, schemaLockID)
-	var at int
-	err = conn.QueryRowContext(ctx, `SELECT coalesce(max(step), 0) FROM schema_migrations`).Scan(&at)
-	if err != nil && pq.As(err, pqerror.UndefinedTable) == nil { // no table yet: step 0
-		return 0, fmt.Errorf("read schema step: %w", err)
+	err = conn.QueryRowContext(ctx, `SELECT coalesce(max(step), 0) FROM schema_migrations`).Scan(&s.found)
+	switch {
+	case pq.As(err, pqerror.InsufficientPrivilege) != nil:
+		return s, fmt.Errorf(`role %q may not read this database's schema: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, s.role, s.role)
+	case err != nil && pq.As(err, pqerror.UndefinedTable) == nil: // no table yet: step 0
+		return s, fmt.Errorf("read schema step: %w", err)
 	}
-	for ; at < len(steps); at++ {
+	s.applied = []int{} // none is "applied: []" in the log, not null
+	for s.at = s.found; s.at < len(steps); s.at++ {
 		// Sent as one query, a step and its record commit together or not
 		// at all: the database is always at a whole step. A step queued
 		// behind a long transaction would queue every request behind
 		// itself: after lock_timeout it gives up, to be run again.
-		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) VALUES (%d)", steps[at], at+1)
+		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) VALUES (%d)", steps[s.at], s.at+1)
 		if _, err = conn.ExecContext(ctx, q); err != nil {
-			return at, fmt.Errorf("step %d: %w", at+1, err)
+			return s, fmt.Errorf("step %d: %w (the schema stays at step %d)", s.at+1, err, s.at)
 		}
+		s.applied = append(s.applied, s.at+1)
 	}
-	return at, nil
+	return s, nil
 }
 
 // ensureSchema brings the schema to the server's step as the role connected
 // may (the schema's owner); a database already there gets no statement that
-// takes a table lock. Any other role finds the schema behind and stops,
-// naming the command that fixes it.
-func ensureSchema(ctx context.Context, db *sql.DB) error {
-	at, err := migrate(ctx, db, schemaSteps)
+// takes a table lock. Any other role that finds the schema behind, or may
+// not read it, stops, naming the command that fixes it.
+func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
+	s, err := migrate(ctx, db, schemaSteps)
 	if pq.As(err, pqerror.InsufficientPrivilege) != nil {
-		return fmt.Errorf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, at, len(schemaSteps))
+		return s, fmt.Errorf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, s.at, len(schemaSteps))
 	}
-	return err
+	return s, err
 }
 
 // grantServing gives role exactly what serving needs, and takes back
 // anything more: read and write on the data tables, only SELECT and INSERT
 // on the audit events, the sequences, and the functions the statements
-// call. It refuses a role that could take more by itself: a superuser, one
-// that can create roles, or a member of a superuser or of whoever owns the
-// database, the schema or anything in it.
+// call; PUBLIC loses TEMPORARY (a temporary table named audit_events would
+// take the role's events) and EXECUTE. It refuses a role that could take
+// more by itself or through another role, and one that still holds more
+// after the grant, by any path (checkServing): nothing is granted then.
 func grantServing(ctx context.Context, db *sql.DB, role string) error {
-	var unfit bool
-	var database string
-	const q = `SELECT r.rolsuper OR r.rolcreaterole OR EXISTS (SELECT 1 FROM pg_roles o
-			WHERE pg_has_role(r.oid, o.oid, 'MEMBER') AND (o.rolsuper OR o.rolname = 'pg_write_all_data' OR o.oid IN (
-				SELECT datdba FROM pg_database WHERE datname = current_database()
-				UNION SELECT nspowner FROM pg_namespace WHERE nspname = 'public'
-				UNION SELECT relowner FROM pg_class WHERE relnamespace = 'public'::regnamespace
-				UNION SELECT proowner FROM pg_proc WHERE pronamespace = 'public'::regnamespace))),
-			current_database()
-		FROM pg_roles r WHERE r.rolname = $1`
-	err := db.QueryRowContext(ctx, q, role).Scan(&unfit, &database)
+	var why, database string
+	// $1 the role: why it is unfit, or ''.
+	const q = `SELECT coalesce(CASE WHEN r.rolsuper THEN 'is a superuser' WHEN r.rolcreaterole THEN 'can create roles' WHEN r.rolreplication THEN 'can replicate the cluster' END,
+			(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m WHERE m.member = r.oid),
+			(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o WHERE o.refobjid = r.oid
+				AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid)), ''), d.datname
+		FROM pg_roles r, pg_database d WHERE r.rolname = $1 AND d.datname = current_database()`
+	err := db.QueryRowContext(ctx, q, role).Scan(&why, &database)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
 	case err != nil:
 		return fmt.Errorf("DB_APP_ROLE: %w", err)
-	case unfit:
-		return fmt.Errorf("DB_APP_ROLE: role %q is a superuser, can create roles, or holds an owner's rights: no grant could limit it", role)
+	case why != "":
+		return fmt.Errorf(`DB_APP_ROLE: role %q %s, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`, role, why)
 	}
 	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
 	// No CREATE anywhere: nothing the role makes can stand in for a table or
-	// a function that another role's statements name.
+	// a function that another role's statements name. The last line lists
+	// every function the statements call, and no other.
 	grants := `REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ` + r + `;
-		REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM ` + r + `;
+		REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC, ` + r + `;
 		REVOKE CREATE ON SCHEMA public FROM PUBLIC, ` + r + `;
-		REVOKE CREATE ON DATABASE ` + pq.QuoteIdentifier(database) + ` FROM ` + r + `;
+		REVOKE CREATE, TEMPORARY ON DATABASE ` + pq.QuoteIdentifier(database) + ` FROM PUBLIC, ` + r + `;
 		GRANT USAGE ON SCHEMA public TO ` + r + `;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, sessions, refresh_tokens, patients, doctors, mappings, login_attempts TO ` + r + `;
 		GRANT SELECT, INSERT ON audit_events TO ` + r + `;
@@ -180,7 +202,36 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
 		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), lock_wait(int, timestamptz, int, int),
 			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]) TO ` + r
-	_, err = db.ExecContext(ctx, grants) // statements sent together run as one transaction
+	return withTx(ctx, db, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, grants); err != nil {
+			return fmt.Errorf("DB_APP_ROLE: %w", err)
+		}
+		return checkServing(ctx, tx, role)
+	})
+}
+
+// checkServing refuses a role that holds any right in the database beyond
+// its own grants (which grantServing has just made exactly serving's), by
+// any path: PUBLIC, a column grant, CREATE in another schema. The functions
+// of an extension stay as it made them: its owner may keep them public.
+func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
+	// $1 the role: the first right it holds beyond its own grants, or ''.
+	const q = `SELECT coalesce(min(x.privilege || ' on ' || x.object), '') FROM pg_roles u, LATERAL (
+			SELECT p, CASE c.relkind WHEN 'S' THEN 'sequence ' ELSE 'table ' END || c.oid::regclass, c.relacl, CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(u.oid, c.oid, p)
+				WHEN p IN ('DELETE', 'TRUNCATE', 'TRIGGER') THEN has_table_privilege(u.oid, c.oid, p) ELSE has_any_column_privilege(u.oid, c.oid, p) END
+			FROM pg_class c, unnest(CASE c.relkind WHEN 'S' THEN '{USAGE,SELECT,UPDATE}' ELSE '{SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER}' END::text[]) p
+			WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+			UNION ALL SELECT 'EXECUTE', 'function ' || f.oid::regprocedure, f.proacl, has_function_privilege(u.oid, f.oid, 'EXECUTE') FROM pg_proc f
+			WHERE f.pronamespace = 'public'::regnamespace AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
+			UNION ALL SELECT 'CREATE', 'schema ' || n.nspname, NULL, has_schema_privilege(u.oid, n.oid, 'CREATE') FROM pg_namespace n
+			UNION ALL SELECT p, 'database ' || current_database(), NULL, has_database_privilege(u.oid, current_database(), p) FROM unnest('{CREATE,TEMPORARY}'::text[]) p
+		) x(privilege, object, acl, held)
+		WHERE u.rolname = $1 AND x.held AND NOT EXISTS (SELECT 1 FROM aclexplode(x.acl) a WHERE a.grantee = u.oid AND a.privilege_type = x.privilege)`
+	var excess string
+	err := tx.QueryRowContext(ctx, q, role).Scan(&excess)
+	if err == nil && excess != "" {
+		err = fmt.Errorf(`DB_APP_ROLE: role %q would still hold %s beyond what serving needs (through PUBLIC, say): revoke it as its owner, then migrate again`, role, excess)
+	}
 	return err
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -72,11 +73,13 @@ func TestLeastPrivilege(t *testing.T) {
 	ctx := t.Context()
 	role := appRole(t)
 	owner := scratchDB(t, "_leastpriv", -1)
-	// What an extension locks away, and a right given by hand before: the
-	// grant must take the one and not give the other.
+	// What an extension locks away, a function PUBLIC may run by default,
+	// and a right given by hand before: the grant must take the last two and
+	// not give the first.
 	for _, q := range []string{
 		`CREATE FUNCTION locked_away() RETURNS int LANGUAGE sql AS 'SELECT 1'`,
 		`REVOKE EXECUTE ON FUNCTION locked_away() FROM PUBLIC`,
+		`CREATE FUNCTION needless() RETURNS int LANGUAGE sql AS 'SELECT 1'`,
 		`GRANT CREATE ON SCHEMA public TO ` + pq.QuoteIdentifier(role),
 		`GRANT CREATE ON DATABASE ` + pq.QuoteIdentifier(testDBConfig.Database+"_leastpriv") + ` TO ` + pq.QuoteIdentifier(role),
 	} {
@@ -92,7 +95,7 @@ func TestLeastPrivilege(t *testing.T) {
 		t.Fatalf("migrate printed %q, want %q", out.String(), want)
 	}
 	db := connectAs(t, owner, role)
-	if err := ensureSchema(ctx, db); err != nil {
+	if _, err := ensureSchema(ctx, db); err != nil {
 		t.Fatalf("ensureSchema as %s: %v", role, err)
 	}
 	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
@@ -172,6 +175,11 @@ func TestLeastPrivilege(t *testing.T) {
 			`CREATE FUNCTION public.lower(varchar) RETURNS text LANGUAGE sql AS $$SELECT 'x'$$`,
 			`CREATE SCHEMA evil`,
 			`SELECT locked_away()`,
+			`SELECT needless()`,
+			// A temporary table comes first in the search path: one named
+			// audit_events would take the session's events.
+			`CREATE TEMP TABLE audit_events (LIKE public.audit_events)`,
+			`CREATE FUNCTION pg_temp.swallow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$`,
 		}
 		for _, table := range []string{"users", "login_names", "sessions", "refresh_tokens", "patients", "doctors", "mappings", "audit_events", "schema_migrations"} {
 			attacks = append(attacks, `ALTER TABLE `+table+` ADD COLUMN evil int`, `DROP TABLE `+table+` CASCADE`, `TRUNCATE `+table+` CASCADE`)
@@ -192,7 +200,7 @@ func TestLeastPrivilege(t *testing.T) {
 		if _, err := owner.ExecContext(ctx, `DELETE FROM schema_migrations WHERE step = $1`, len(schemaSteps)); err != nil {
 			t.Fatal(err)
 		}
-		err := ensureSchema(ctx, db)
+		_, err := ensureSchema(ctx, db)
 		want := fmt.Sprintf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, len(schemaSteps)-1, len(schemaSteps))
 		if err == nil || err.Error() != want {
 			t.Fatalf("ensureSchema as %s: %v, want %q", role, err, want)
@@ -200,27 +208,86 @@ func TestLeastPrivilege(t *testing.T) {
 	})
 }
 
-// TestGrantRefusesPowerfulRoles: a role that could take back what the
-// grant withholds is refused, naming why.
+// TestGrantRefusesPowerfulRoles: migrate refuses a role that could take
+// back what the grant withholds, by itself or through any role it belongs
+// to, naming why; each case is refused by its own rule.
 func TestGrantRefusesPowerfulRoles(t *testing.T) {
 	ctx := t.Context()
-	roles := []string{appRole(t), appRole(t), appRole(t)}
-	db := scratchDB(t, "_refuse", -1)
-	q := func(role string) string { return pq.QuoteIdentifier(role) }
-	for _, setup := range []string{
-		`ALTER ROLE ` + q(roles[0]) + ` CREATEROLE`,
-		`GRANT postgres TO ` + q(roles[1]),
-		`ALTER DATABASE ` + q(testDBConfig.Database+"_refuse") + ` OWNER TO ` + q(roles[2]),
-	} {
-		if _, err := db.ExecContext(ctx, setup); err != nil {
-			t.Fatalf("%s: %v", setup, err)
-		}
+	cases := []struct{ name, setup, why string }{
+		{"superuser", `ALTER ROLE {role} SUPERUSER`, "is a superuser"},
+		{"createrole", `ALTER ROLE {role} CREATEROLE`, "can create roles"},
+		{"replication", `ALTER ROLE {role} REPLICATION`, "can replicate the cluster"},
+		{"member of postgres", `GRANT postgres TO {role}`, "is a member of role postgres"},
+		{"member of a group", `GRANT {group} TO {role}`, "is a member of role {group}"},
+		{"server programs", `GRANT pg_execute_server_program TO {role}`, "is a member of role pg_execute_server_program"},
+		{"database owner", `ALTER DATABASE {database} OWNER TO {role}`, "owns database {database}"},
+		{"table owner", `ALTER TABLE login_names OWNER TO {role}`, "owns table login_names"},
 	}
-	for _, role := range roles {
-		err := grantServing(ctx, db, role)
-		if err == nil || !strings.Contains(err.Error(), "no grant could limit it") {
-			t.Errorf("grant to %s: %v, want a refusal", role, err)
-		}
+	roles := make([]string, len(cases))
+	for i := range cases {
+		roles[i] = appRole(t)
+	}
+	// A group that may do what the grant withholds: UPDATE the audit events.
+	group := appRole(t)
+	db := scratchDB(t, "_refuse", -1)
+	database := testDBConfig.Database + "_refuse"
+	if _, err := db.ExecContext(ctx, `GRANT UPDATE, DELETE, TRUNCATE ON audit_events TO `+group); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			names := strings.NewReplacer("{role}", pq.QuoteIdentifier(roles[i]), "{group}", group, "{database}", database)
+			setup := names.Replace(c.setup)
+			if _, err := db.ExecContext(ctx, setup); err != nil {
+				t.Fatalf("%s: %v", setup, err)
+			}
+			err := runMigrate(ctx, db, roles[i], io.Discard)
+			want := fmt.Sprintf(`migrate: DB_APP_ROLE: role %q %s, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`,
+				roles[i], names.Replace(c.why))
+			if err == nil || err.Error() != want {
+				t.Fatalf("migrate for %s:\n%v\nwant\n%s", roles[i], err, want)
+			}
+		})
+	}
+}
+
+// TestGrantRefusesRightsBeyondServing: rights that reach the role by a path
+// the grant does not take back (PUBLIC, a column, another schema) are found
+// by PostgreSQL's own privilege checks after granting, and refused, naming
+// the first; the refusal grants nothing and takes nothing from PUBLIC.
+func TestGrantRefusesRightsBeyondServing(t *testing.T) {
+	ctx := t.Context()
+	role := appRole(t)
+	db := scratchDB(t, "_beyond", -1)
+	r := pq.QuoteIdentifier(role)
+	for _, c := range []struct{ setup, undo, right string }{
+		{`GRANT UPDATE (ip) ON audit_events TO PUBLIC`, `REVOKE UPDATE (ip) ON audit_events FROM PUBLIC`, "UPDATE on table audit_events"},
+		{`GRANT TRIGGER, REFERENCES ON audit_events TO PUBLIC`, `REVOKE ALL ON audit_events FROM PUBLIC`, "REFERENCES on table audit_events"},
+		{`GRANT INSERT ON schema_migrations TO PUBLIC`, `REVOKE ALL ON schema_migrations FROM PUBLIC`, "INSERT on table schema_migrations"},
+		{`GRANT TRUNCATE ON patients TO PUBLIC`, `REVOKE ALL ON patients FROM PUBLIC`, "TRUNCATE on table patients"},
+		{`GRANT UPDATE ON SEQUENCE users_id_seq TO PUBLIC`, `REVOKE ALL ON SEQUENCE users_id_seq FROM PUBLIC`, "UPDATE on sequence users_id_seq"},
+		{`CREATE SCHEMA extra; GRANT CREATE ON SCHEMA extra TO ` + r, `DROP SCHEMA extra`, "CREATE on schema extra"},
+	} {
+		t.Run(c.right, func(t *testing.T) {
+			if _, err := db.ExecContext(ctx, c.setup); err != nil {
+				t.Fatalf("%s: %v", c.setup, err)
+			}
+			err := runMigrate(ctx, db, role, io.Discard)
+			want := fmt.Sprintf(`migrate: DB_APP_ROLE: role %q would still hold %s beyond what serving needs (through PUBLIC, say): revoke it as its owner, then migrate again`, role, c.right)
+			if err == nil || err.Error() != want {
+				t.Fatalf("migrate:\n%v\nwant\n%s", err, want)
+			}
+			var granted, publicTemp bool
+			if err := db.QueryRowContext(ctx, `SELECT has_table_privilege($1, 'users', 'SELECT'), has_database_privilege('public', current_database(), 'TEMPORARY')`, role).Scan(&granted, &publicTemp); err != nil || granted || !publicTemp {
+				t.Fatalf("after the refusal: the role may read users %v, PUBLIC may make temporary tables %v (%v); want false, true", granted, publicTemp, err)
+			}
+			if _, err := db.ExecContext(ctx, c.undo); err != nil {
+				t.Fatalf("%s: %v", c.undo, err)
+			}
+		})
+	}
+	if err := runMigrate(ctx, db, role, io.Discard); err != nil {
+		t.Fatalf("migrate once the extra rights are gone: %v", err)
 	}
 }
 
@@ -297,9 +364,9 @@ func TestMigrateRaceAndFailure(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			var step int
-			if step, errs[i] = migrate(ctx, db, schemaSteps); errs[i] == nil && step != len(schemaSteps) {
-				errs[i] = fmt.Errorf("reached step %d", step)
+			var s schemaState
+			if s, errs[i] = migrate(ctx, db, schemaSteps); errs[i] == nil && s.at != len(schemaSteps) {
+				errs[i] = fmt.Errorf("reached step %d", s.at)
 			}
 		}()
 	}
@@ -312,9 +379,9 @@ func TestMigrateRaceAndFailure(t *testing.T) {
 		t.Fatalf("steps recorded: %q, %v", steps, err)
 	}
 	bad := append(schemaSteps[:len(schemaSteps):len(schemaSteps)], `CREATE TABLE half_done (id int); SELECT 1/0;`)
-	step, err := migrate(ctx, db, bad)
-	if err == nil || step != len(schemaSteps) || !strings.Contains(err.Error(), fmt.Sprintf("step %d: ", len(bad))) {
-		t.Fatalf("failing step: step %d, %v", step, err)
+	s, err := migrate(ctx, db, bad)
+	if err == nil || s.at != len(schemaSteps) || !strings.Contains(err.Error(), fmt.Sprintf("step %d: ", len(bad))) {
+		t.Fatalf("failing step: step %d, %v", s.at, err)
 	}
 	var half bool
 	if err := db.QueryRowContext(ctx, `SELECT to_regclass('half_done') IS NOT NULL`).Scan(&half); err != nil || half {
@@ -337,9 +404,9 @@ func TestMigrateGivesWayToLongTransaction(t *testing.T) {
 	if _, err := reader.ExecContext(ctx, `LOCK TABLE audit_events IN ACCESS SHARE MODE`); err != nil {
 		t.Fatal(err)
 	}
-	step, err := migrate(ctx, db, schemaSteps)
-	if step != 1 || pq.As(err, pqerror.LockNotAvailable) == nil {
-		t.Fatalf("migrate beside a reader: step %d, %v; want step 1 and a lock timeout", step, err)
+	s, err := migrate(ctx, db, schemaSteps)
+	if s.at != 1 || pq.As(err, pqerror.LockNotAvailable) == nil {
+		t.Fatalf("migrate beside a reader: step %d, %v; want step 1 and a lock timeout", s.at, err)
 	}
 	if _, err := reader.ExecContext(ctx, `SELECT count(*) FROM audit_events`); err != nil {
 		t.Fatalf("the reader after the migration gave up: %v", err)
@@ -411,4 +478,216 @@ func (w *urlWriter) Write(p []byte) (int, error) {
 		w.url <- string(m[1])
 	}
 	return len(p), nil
+}
+
+// TestMigrateRefusesCLocale: a database whose lower() folds only ASCII (here
+// LC_CTYPE C) would let "Ädmin" and "ädmin" both register: migrate and start
+// refuse it, saying how to make a UTF-8 one, and apply no step.
+func TestMigrateRefusesCLocale(t *testing.T) {
+	needDB(t)
+	ctx := t.Context()
+	name := testDBConfig.Database + "_c_locale"
+	if _, err := testDB.ExecContext(ctx, `CREATE DATABASE `+pq.QuoteIdentifier(name)+` ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0`); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		testDB.ExecContext(context.Background(), `DROP DATABASE IF EXISTS `+pq.QuoteIdentifier(name)+` WITH (FORCE)`)
+	})
+	want := fmt.Sprintf(`database %q folds only ASCII letters in lower() (its LC_CTYPE is C, say), so names that differ in case alone would both register: as a superuser, CREATE DATABASE <name> ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' TEMPLATE template0, and point DB_NAME at it`, name)
+	err := run(ctx, []string{"migrate"}, testEnv(map[string]string{"DB_NAME": name}), io.Discard, io.Discard)
+	if err == nil || err.Error() != "migrate: "+want {
+		t.Fatalf("migrate:\n%v\nwant\nmigrate: %s", err, want)
+	}
+	// Were start to accept it, it would serve until the deadline.
+	runCtx, stop := context.WithTimeout(ctx, 20*time.Second)
+	defer stop()
+	err = run(runCtx, nil, testEnv(map[string]string{"DB_NAME": name, "ADDR": "127.0.0.1:0"}), io.Discard, io.Discard)
+	if err == nil || err.Error() != want {
+		t.Fatalf("start:\n%v\nwant\n%s", err, want)
+	}
+	cfg := testDBConfig
+	cfg.Database = name
+	db, err := openDB(ctx, cfg, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var tables int
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace`).Scan(&tables); err != nil || tables != 0 {
+		t.Fatalf("relations made in the refused database: %d, %v", tables, err)
+	}
+}
+
+// TestSchemaMessagesLeadToTheFix: a role that may not read the schema is
+// told to have migrate grant it, never that the schema is at step 0; the
+// migrate of a role that does not own the schema (README's "Run it"
+// database, owned by postgres, then "Two roles") names the owner and the
+// command that works.
+func TestSchemaMessagesLeadToTheFix(t *testing.T) {
+	ctx := t.Context()
+	app, owner := appRole(t), appRole(t)
+	db := scratchDB(t, "_msgs", -1)
+	database, superuser := testDBConfig.Database+"_msgs", testDBConfig.User
+	// README's step 1, on a database that exists already.
+	if _, err := db.ExecContext(ctx, `ALTER SCHEMA public OWNER TO `+pq.QuoteIdentifier(owner)); err != nil {
+		t.Fatal(err)
+	}
+	notOwner := func(role string) string {
+		return fmt.Sprintf(`migrate: the schema of database %q belongs to role %q, not %q: run "DB_USER=%s healthcare migrate", or start from a database that %q owns (README, "Two roles")`,
+			database, superuser, role, superuser, role)
+	}
+	asApp, asOwner := connectAs(t, db, app), connectAs(t, db, owner)
+	for _, c := range []struct {
+		name string
+		err  func() error
+		want string
+	}{
+		{"the app role starts", func() error { _, err := ensureSchema(ctx, asApp); return err },
+			fmt.Sprintf(`role %q may not read this database's schema: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, app, app)},
+		{"the app role migrates", func() error { return runMigrate(ctx, asApp, "", io.Discard) }, notOwner(app)},
+		{"the owner migrates", func() error { return runMigrate(ctx, asOwner, app, io.Discard) }, notOwner(owner)},
+	} {
+		if err := c.err(); err == nil || err.Error() != c.want {
+			t.Errorf("%s:\n%v\nwant\n%s", c.name, err, c.want)
+		}
+	}
+	// Before any table, the database's owner is the schema's.
+	empty := scratchDB(t, "_msgs_empty", 0)
+	if err := runMigrate(ctx, connectAs(t, empty, owner), "", io.Discard); err == nil ||
+		err.Error() != strings.ReplaceAll(notOwner(owner), "_msgs", "_msgs_empty") {
+		t.Errorf("the owner migrates an empty database of another:\n%v", err)
+	}
+}
+
+// TestStartLogsSchema: the first line a server logs names the database, the
+// role, the step found and what start did, before any warning (here: no
+// SECRET_KEY).
+func TestStartLogsSchema(t *testing.T) {
+	needDB(t)
+	name := testDBConfig.Database + "_startlog"
+	t.Cleanup(func() {
+		testDB.ExecContext(context.Background(), `DROP DATABASE IF EXISTS `+pq.QuoteIdentifier(name)+` WITH (FORCE)`)
+	})
+	var all []any // every step, as JSON numbers
+	for i := range schemaSteps {
+		all = append(all, float64(i+1))
+	}
+	for i, want := range []struct {
+		found   int
+		applied []any
+	}{{0, all}, {len(schemaSteps), []any{}}} {
+		ctx, stop := context.WithTimeout(t.Context(), 30*time.Second)
+		log := lineWriter{make(chan string, 100)}
+		done := make(chan error, 1)
+		go func() {
+			done <- run(ctx, nil, testEnv(map[string]string{"DB_NAME": name, "ADDR": "127.0.0.1:0", "SECRET_KEY": ""}), log, io.Discard)
+		}()
+		var lines []string
+		for len(lines) == 0 || !strings.Contains(lines[len(lines)-1], `"msg":"serving"`) {
+			select {
+			case line := <-log.lines:
+				lines = append(lines, line)
+			case err := <-done:
+				t.Fatalf("start %d stopped: %v; logged %q", i+1, err, lines)
+			}
+		}
+		stop()
+		if err := <-done; err != nil {
+			t.Fatalf("start %d: %v", i+1, err)
+		}
+		var first map[string]any
+		if err := json.Unmarshal([]byte(lines[0]), &first); err != nil {
+			t.Fatalf("start %d, first line %q: %v", i+1, lines[0], err)
+		}
+		delete(first, "time")
+		if expect := map[string]any{"level": "INFO", "msg": "schema", "database": name, "role": testDBConfig.User,
+			"found_step": float64(want.found), "applied": want.applied}; !jsonEqual(first, expect) {
+			t.Fatalf("start %d, first line %s, want %v", i+1, lines[0], expect)
+		}
+	}
+}
+
+// lineWriter passes on each record run logs (slog writes one per call).
+type lineWriter struct{ lines chan string }
+
+func (w lineWriter) Write(p []byte) (int, error) {
+	w.lines <- string(p)
+	return len(p), nil
+}
+
+// TestTwoRolesAsReadmeSays follows README's "Two roles" with an owner that
+// is no superuser and has installed pg_trgm (whose functions belong to the
+// bootstrap superuser, so the owner cannot take them from PUBLIC): migrate
+// grants, the app role starts, cannot make a temporary table, and a search
+// through the trigram index still works.
+func TestTwoRolesAsReadmeSays(t *testing.T) {
+	ctx := t.Context()
+	owner, app := appRole(t), appRole(t)
+	name := testDBConfig.Database + "_tworoles"
+	// README's step 1, as a superuser.
+	if _, err := testDB.ExecContext(ctx, `CREATE DATABASE `+pq.QuoteIdentifier(name)+` OWNER `+pq.QuoteIdentifier(owner)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		testDB.ExecContext(context.Background(), `DROP DATABASE IF EXISTS `+pq.QuoteIdentifier(name)+` WITH (FORCE)`)
+	})
+	cfg := testDBConfig
+	cfg.Database, cfg.User = name, owner
+	asOwner, err := openDB(ctx, cfg, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer asOwner.Close()
+	if _, err := asOwner.ExecContext(ctx, `CREATE EXTENSION IF NOT EXISTS pg_trgm`); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := runMigrate(ctx, asOwner, app, &out); err != nil {
+		t.Fatalf("migrate as the owner: %v", err)
+	}
+	if want := fmt.Sprintf("granted role %q what serving needs\nschema at step %d\n", app, len(schemaSteps)); out.String() != want {
+		t.Fatalf("migrate printed %q, want %q", out.String(), want)
+	}
+	for _, q := range []string{
+		`CREATE INDEX patients_trgm ON patients USING gin (first_name gin_trgm_ops)`,
+		`INSERT INTO users (id, username, email, name, password) VALUES (1, 'a', 'a@example.com', 'A', '!')`,
+		`INSERT INTO patients (owner_id, first_name, email) VALUES (1, 'Abcde', 'p@example.com')`,
+	} {
+		if _, err := asOwner.ExecContext(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	asApp := connectAs(t, asOwner, app)
+	if s, err := ensureSchema(ctx, asApp); err != nil || s.found != len(schemaSteps) || s.role != app {
+		t.Fatalf("start as the app role: %+v, %v", s, err)
+	}
+	if _, err := asApp.ExecContext(ctx, `CREATE TEMP TABLE audit_events (id int)`); pq.As(err, pqerror.InsufficientPrivilege) == nil {
+		t.Fatalf("a temporary table as the app role: %v, want permission denied", err)
+	}
+	conn, err := asApp.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var plan, found string
+	// A table this small is read whole unless the planner must use the index.
+	const search = `SELECT first_name FROM patients WHERE first_name ILIKE '%bcd%'`
+	if _, err := conn.ExecContext(ctx, `SET enable_seqscan = off`); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := conn.QueryContext(ctx, `EXPLAIN `+search)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var line string
+		rows.Scan(&line)
+		plan += line + "\n"
+	}
+	if rows.Close(); !strings.Contains(plan, "Index Scan on patients_trgm") {
+		t.Fatalf("search plan as the app role:\n%s", plan)
+	}
+	if err := conn.QueryRowContext(ctx, search).Scan(&found); err != nil || found != "Abcde" {
+		t.Fatalf("search as the app role: %q, %v", found, err)
+	}
 }

@@ -74,17 +74,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if len(args) == 1 {
 		return runMigrate(ctx, db, cfg.appRole, stdout)
 	}
+	schema, err := ensureSchema(ctx, db)
+	if err != nil {
+		return err
+	}
 	if len(args) == 2 {
-		if err := ensureSchema(ctx, db); err != nil {
-			return err
-		}
 		return unlock(ctx, db, args[1], stdout)
 	}
+	logger.Info("schema", "database", schema.database, "role", schema.role, "found_step", schema.found, "applied", schema.applied)
 	for _, w := range warnings { // about serving: the key, for one
 		logger.Warn(w)
-	}
-	if err := ensureSchema(ctx, db); err != nil {
-		return err
 	}
 	srv, err := newServer(cfg, db, logger)
 	if err != nil {
@@ -108,18 +107,21 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 // runMigrate is "healthcare migrate": it applies the missing schema steps,
 // grants DB_APP_ROLE what serving needs, and prints the step reached.
 func runMigrate(ctx context.Context, db *sql.DB, appRole string, stdout io.Writer) error {
-	step, err := migrate(ctx, db, schemaSteps)
-	if err != nil {
-		return fmt.Errorf("migrate: %w (the schema stays at step %d)", err, step)
-	}
-	if appRole != "" {
-		if err := grantServing(ctx, db, appRole); err != nil {
-			return err
+	s, err := migrate(ctx, db, schemaSteps)
+	if err == nil && appRole != "" {
+		if err = grantServing(ctx, db, appRole); err == nil {
+			fmt.Fprintf(stdout, "granted role %q what serving needs\n", appRole)
 		}
-		fmt.Fprintf(stdout, "granted role %q what serving needs\n", appRole)
 	}
-	fmt.Fprintf(stdout, "schema at step %d\n", step)
-	return nil
+	switch {
+	case err == nil:
+		fmt.Fprintf(stdout, "schema at step %d\n", s.at)
+		return nil
+	case s.owner != "": // whatever failed, only the owner can migrate
+		return fmt.Errorf(`migrate: the schema of database %q belongs to role %q, not %q: run "DB_USER=%s healthcare migrate", or start from a database that %q owns (README, "Two roles")`,
+			s.database, s.owner, s.role, s.owner, s.role)
+	}
+	return fmt.Errorf("migrate: %w", err)
 }
 
 // serve answers HTTP on cfg.addr until ctx ends, then lets in-flight

@@ -65,7 +65,7 @@ func runTests(m *testing.M) int {
 	testDBConfig = cfg.db
 	testDB, testDBErr = openDB(ctx, cfg.db, 16)
 	if testDBErr == nil {
-		testDBErr = ensureSchema(ctx, testDB)
+		_, testDBErr = ensureSchema(ctx, testDB)
 	}
 	if testDBErr != nil {
 		fmt.Fprintln(os.Stderr, "test database (is PostgreSQL running on localhost:5432?):", testDBErr)
@@ -826,9 +826,9 @@ func TestSchemaUpgrade(t *testing.T) {
 		}
 	}
 	for range 2 { // the second run must change nothing
-		step, err := migrate(ctx, db, schemaSteps)
-		if err != nil || step != len(schemaSteps) {
-			t.Fatalf("migrate: step %d, %v; want step %d", step, err, len(schemaSteps))
+		s, err := migrate(ctx, db, schemaSteps)
+		if err != nil || s.at != len(schemaSteps) {
+			t.Fatalf("migrate: step %d, %v; want step %d", s.at, err, len(schemaSteps))
 		}
 		check()
 	}
