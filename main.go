@@ -38,14 +38,48 @@ func main() {
 	}
 }
 
-// run starts the server and blocks until ctx ends or a signal arrives, then
-// shuts down gracefully; with the argument "migrate" it brings the schema
-// up to date instead. Tests call it with their own environment.
+// usage is "healthcare help": the commands, and every variable with its
+// default (README lists the bounds).
+const usage = `Usage: healthcare [command]
+  serve                    serve the API (the default)
+  migrate                  bring the schema up to date; with DB_APP_ROLE, grant that role what serving needs
+  unlock <username>        end an account's login lock
+  import-django [--check]  copy a Django service's database (DJANGO_DATABASE_URL) into an empty one
+  version, help (-h, --help)
+Environment variables (default), also read from ./.env:
+  SECRET_KEY (random per run)  ADDR (127.0.0.1:8000)  DEBUG (False)  ALLOWED_HOSTS (localhost,127.0.0.1,[::1])
+  DATABASE_URL (none; overrides DB_*)  DB_NAME (healthcare_db)  DB_USER (postgres)  DB_PASSWORD (none)
+  DB_HOST (localhost)  DB_PORT (5432)  DB_SSLMODE (disable for loopback or a socket, else verify-full)  DB_APP_ROLE (none)
+  ACCESS_TOKEN_LIFETIME_MIN (15)  REFRESH_TOKEN_LIFETIME_DAYS (1)  LOGIN_MAX_AGE_DAYS (30)  REFRESH_REUSE_GRACE_S (10)
+  LOGIN_LOCK_AFTER (10)  LOGIN_LOCK_S (60)  LOGIN_LOCK_ACCOUNT_AFTER (100)  PASSWORD_ITERATIONS (600000)
+  CORS_ALLOWED_ORIGINS (http://localhost:3000,http://127.0.0.1:3000,http://localhost:8080,http://127.0.0.1:8080)
+  TRUSTED_PROXIES (none)  RATE_MAX_KEYS (100000)  RATE_REGISTER (5/hour)  RATE_LOGIN (10/hour)  RATE_ANON (100/hour)
+  RATE_USER (1000/hour)  TLS_CERT_FILE, TLS_KEY_FILE (none)  DJANGO_DATABASE_URL (none; import-django only)
+  GOGC (400)  GOMEMLIMIT (64MiB)
+`
+
+// run carries out the command in args (serve by default) and, serving,
+// blocks until ctx ends or a signal arrives, then shuts down gracefully.
+// Tests call it with their own environment.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if len(args) > 1 || len(args) == 1 && args[0] != "migrate" {
-		return fmt.Errorf("usage: healthcare [migrate], got %q", args)
+	command := "serve"
+	if len(args) > 0 {
+		command = args[0]
+	}
+	switch {
+	case command == "help" || command == "-h" || command == "--help":
+		_, err := io.WriteString(stdout, usage)
+		return err
+	case command == "version":
+		info, _ := debug.ReadBuildInfo() // the module's version as the build stamped it, or (devel)
+		_, err := fmt.Fprintln(stdout, "healthcare", info.Main.Version, info.GoVersion)
+		return err
+	case command == "unlock" || command == "import-django":
+		return fmt.Errorf("%s: not available yet", command)
+	case command != "serve" && command != "migrate" || len(args) > 1:
+		return fmt.Errorf("unknown command %q: healthcare help lists the commands", strings.Join(args, " "))
 	}
 	dotenv, err := readDotenv(".env")
 	if err != nil {
@@ -71,7 +105,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer db.Close()
-	if len(args) == 1 {
+	if command == "migrate" {
 		return runMigrate(ctx, db, cfg.appRole, stdout)
 	}
 	for _, w := range warnings { // about serving: the key, for one
@@ -134,7 +168,7 @@ func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger)
 	}
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
-		return fmt.Errorf("listen: %w", err)
+		return fmt.Errorf("ADDR: %w", err)
 	}
 	stopped := make(chan error, 1)
 	go func() {
@@ -334,9 +368,10 @@ type config struct {
 	lockSeconds        int    // LOGIN_LOCK_S: the first wait
 }
 
-// publishedKeys are SECRET_KEY values that have been shown in this
-// repository: anyone could sign tokens with them.
-var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes"}
+// publishedKeys are every SECRET_KEY value this repository has shown:
+// anyone could sign tokens with them. TestPublishedKeysRefused finds new ones.
+var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes", "test-secret-key-0123456789abcdef-0123456789",
+	"bench-secret-key-0123456789abcdef-0123456789", "ab-secret-key-0123456789abcdef-0123456789", "chaos-secret-key-0123456789abcdef-0123456789"}
 
 // loadConfig reads the configuration README lists, with its defaults and
 // bounds (README lists them). It refuses invalid values, naming the
@@ -382,6 +417,9 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		appRole:            get("DB_APP_ROLE", ""),
 		lockAfter:          num("LOGIN_LOCK_AFTER", 10, 3, 100),
 		lockSeconds:        num("LOGIN_LOCK_S", 60, 1, 3600),
+	}
+	if _, err := net.ResolveTCPAddr("tcp", cfg.addr); err != nil {
+		errs = append(errs, fmt.Errorf("ADDR: want host:port, got %q (%w)", cfg.addr, err))
 	}
 	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
 	var err error
@@ -475,23 +513,19 @@ func dbConfig(get func(key, def string) string) (pq.Config, error) {
 	return cfg, nil
 }
 
-// parseRate reads "5/hour", "100/minute", "10/second", "2/day" (only the
-// period's first letter counts, as in DRF) or "off".
+// parseRate reads "5/hour", "100/minute", "10/second", "2/day" or "off",
+// exactly: a misspelt period must not pass for another one.
 func parseRate(s string) (rate, error) {
-	if strings.EqualFold(s, "off") {
+	if s == "off" {
 		return rate{}, nil
 	}
-	count, period, ok := strings.Cut(s, "/")
-	n, err := strconv.Atoi(count)
-	if !ok || err != nil || n < 1 || n > 1_000_000_000 || period == "" {
-		return rate{}, fmt.Errorf("want N/second, N/minute, N/hour, N/day (N from 1 to 1,000,000,000) or off, got %q", s)
+	count, period, _ := strings.Cut(s, "/")
+	n, err := strconv.ParseUint(count, 10, 32) // digits only: no sign
+	units := map[string]time.Duration{"second": time.Second, "minute": time.Minute, "hour": time.Hour, "day": 24 * time.Hour}
+	if unit, ok := units[period]; ok && err == nil && n >= 1 && n <= 1_000_000_000 {
+		return rate{n: int(n), period: unit}, nil
 	}
-	units := map[byte]time.Duration{'s': time.Second, 'm': time.Minute, 'h': time.Hour, 'd': 24 * time.Hour}
-	unit, ok := units[period[0]]
-	if !ok {
-		return rate{}, fmt.Errorf("unknown period in %q", s)
-	}
-	return rate{n: n, period: unit}, nil
+	return rate{}, fmt.Errorf("want N/second, N/minute, N/hour or N/day (N from 1 to 1,000,000,000) or off, got %q", s)
 }
 
 // readDotenv reads KEY=value lines from path, if it exists: # comments,

@@ -173,7 +173,9 @@ func (s *server) setHeaders(w http.ResponseWriter, r *http.Request, info *reques
 	// every web page read the API's answers.
 	if origin := r.Header.Get("Origin"); s.originAllowed(origin) {
 		h.Set("Access-Control-Allow-Origin", origin)
-		h.Set("Access-Control-Expose-Headers", "ETag") // so that a page can send it back in If-Match
+		// So that a page can send the tag back in If-Match, wait as long as
+		// it is told, and quote the request id.
+		h.Set("Access-Control-Expose-Headers", "ETag, Retry-After, X-Request-Id")
 	}
 }
 
