@@ -157,15 +157,19 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 }
 
 // handleDeletePatient deletes a patient; its mappings go with it (ON DELETE
-// CASCADE), its audit events stay.
+// CASCADE), each with its mapping.delete event, so that ?doctor= finds them;
+// its audit events stay.
 func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) error {
 	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id, $6 If-Match's tags, nil for any.
+	// The mappings read are those before the delete: every part of a
+	// statement sees the same snapshot.
 	const q = `WITH p AS (
 			DELETE FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2)
 				AND ($6::text[] IS NULL OR etag(id, version) = ANY($6))
 			RETURNING id),
-		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
-			SELECT $1, $2, 'patient.delete', id, $3, $4 FROM p)
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
+			SELECT $1, $2, 'patient.delete', id, NULL, $3, $4 FROM p
+			UNION ALL SELECT $1, $2, 'mapping.delete', patient_id, doctor_id, $3, $4 FROM mappings WHERE patient_id IN (SELECT id FROM p))
 		SELECT id FROM p`
 	info := infoFrom(r)
 	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))

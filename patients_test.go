@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -1057,6 +1058,30 @@ func TestAuditEvents(t *testing.T) {
 		wantUnauthorized(t, res, bodyUnauthenticated)
 		wantEvents(t, res, nil)
 	})
+	t.Run("delete with mappings", func(t *testing.T) {
+		r, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Rae", "email": "rae-audit@example.com"})
+		d2, _ := mustCreate(t, s, a.access, "/api/doctors/", map[string]any{"first_name": "Doc", "email": uniqueName("d") + "@example.com", "specialization": "Surgery"})
+		for _, doctor := range []int64{d, d2} {
+			mustCreate(t, s, a.access, "/api/mappings/", map[string]any{"patient": r, "doctor": doctor})
+		}
+		res := as("DELETE", patientPath(r), nil)
+		wantNoContent(t, res)
+		var got []string
+		for _, e := range eventsOf(t, res) {
+			got = append(got, fmt.Sprintf("%s %d %v %v", e.action, *e.patient, jsonText(e.doctor), *e.login))
+		}
+		slices.Sort(got)
+		want := []string{fmt.Sprintf("mapping.delete %d %d %d", r, d, sid), fmt.Sprintf("mapping.delete %d %d %d", r, d2, sid),
+			fmt.Sprintf("patient.delete %d null %d", r, sid)}
+		if !slices.Equal(got, want) {
+			t.Fatalf("events %q, want %q", got, want)
+		}
+		// The trail by doctor finds the mapping removed with the patient.
+		page := wantObject(t, do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?doctor=%d&action=mapping.delete", d2), token: a.access}), 200)
+		if results := page["results"].([]any); len(results) != 1 || results[0].(map[string]any)["patient"] != float64(r) {
+			t.Fatalf("?doctor=%d: %v", d2, page)
+		}
+	})
 	t.Run("mapping delete", func(t *testing.T) {
 		var m int64
 		if err := testDB.QueryRowContext(t.Context(), `SELECT id FROM mappings WHERE patient_id = $1`, p).Scan(&m); err != nil {
@@ -1068,6 +1093,12 @@ func TestAuditEvents(t *testing.T) {
 	})
 	t.Run("account events", func(t *testing.T) {
 		c := register(t, s)
+		// Registering opened the account's first login: its trail says so.
+		results := wantObject(t, do(t, s, req{method: "GET", path: "/api/audit/", token: c.access}), 200)["results"].([]any)
+		if len(results) != 1 || results[0].(map[string]any)["action"] != "login" || results[0].(map[string]any)["patient"] != nil ||
+			results[0].(map[string]any)["login"] != float64(claimInt(t, tokenClaims(t, c.access), "sid")) {
+			t.Fatalf("after register: %v", results)
+		}
 		res := login(t, s, c.username, "a wrong password")
 		wantEvents(t, res, nil, "login.failed")
 		wantEvents(t, login(t, s, uniqueName("nobody"), "a wrong password"), nil, "login.failed")
@@ -1110,7 +1141,7 @@ func TestAuditList(t *testing.T) {
 	}
 	page := list(a.access, "")
 	results := page["results"].([]any)
-	if page["count"] != float64(2) || len(results) != 2 {
+	if page["count"] != float64(3) || len(results) != 3 || results[2].(map[string]any)["action"] != "login" { // register's login
 		t.Fatalf("a's events: %v", page)
 	}
 	newest := results[0].(map[string]any)
