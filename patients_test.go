@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -1166,9 +1167,53 @@ func TestAuditList(t *testing.T) {
 	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=x&login=1.5&action=patient.peek", token: a.access}), 400,
 		`{"patient": ["A valid integer is required."], "login": ["A valid integer is required."],
 		  "action": ["Select a valid choice. patient.peek is not one of the available choices."]}`)
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=0&doctor=-3&login=9223372036854775808", token: a.access}), 400,
+		`{"patient": ["Ensure this value is greater than or equal to 1."], "doctor": ["Ensure this value is greater than or equal to 1."],
+		  "login": ["A valid integer is required."]}`)
 	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?page=3", token: a.access}), 404, bodyInvalidPage)
 	if got := list(a.access, "?action=patient.create&page_size=1"); got["count"] != float64(1) {
 		t.Fatalf("filtered by action: %v", got)
+	}
+}
+
+// TestAuditActionsOneList: auditActions is the one list of actions. The
+// schema's check allows exactly these, the action filter takes exactly
+// these, and openapi.json's enums list exactly these.
+func TestAuditActionsOneList(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	var def string
+	err := testDB.QueryRowContext(t.Context(), `SELECT pg_get_constraintdef(oid) FROM pg_constraint
+		WHERE conrelid = 'audit_events'::regclass AND conname = 'audit_events_action_check'`).Scan(&def)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inSchema []string
+	for _, m := range regexp.MustCompile(`'([^']*)'::text`).FindAllStringSubmatch(def, -1) {
+		inSchema = append(inSchema, m[1])
+	}
+	if !slices.Equal(slices.Sorted(slices.Values(inSchema)), slices.Sorted(slices.Values(auditActions))) {
+		t.Errorf("schema.sql's check allows %q, auditActions lists %q", inSchema, auditActions)
+	}
+	doc, _ := oaLoad(t)
+	var enums [][]any
+	for _, p := range oaArr(doc.operations()["GET /api/audit/"]["parameters"]) {
+		if oaObj(p)["name"] == "action" {
+			enums = append(enums, oaArr(oaObj(oaObj(p)["schema"])["enum"]))
+		}
+	}
+	event := oaObj(oaObj(oaObj(doc.root["components"])["schemas"])["AuditEvent"])
+	enums = append(enums, oaArr(oaObj(oaObj(event["properties"])["action"])["enum"]))
+	for _, enum := range enums {
+		if fmt.Sprint(enum) != fmt.Sprint(auditActions) {
+			t.Errorf("openapi.json's enum %v, want auditActions %v", enum, auditActions)
+		}
+	}
+	if len(enums) != 2 {
+		t.Errorf("found %d action enums in openapi.json, want 2", len(enums))
+	}
+	for _, action := range append(auditActions, inSchema...) {
+		wantObject(t, do(t, s, req{method: "GET", path: "/api/audit/?action=" + url.QueryEscape(action), token: a.access}), 200)
 	}
 }
 
