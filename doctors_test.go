@@ -274,6 +274,9 @@ func TestDoctorOrdering(t *testing.T) {
 			wantJSON(t, res, 400, jsonText(map[string][]string{"ordering": {`Invalid ordering field "` + bad + `".`}}))
 		})
 	}
+	t.Run("created_at sorts the time, not its text", func(t *testing.T) {
+		wantTimeOrder(t, s, a.access, "doctors", doctorsPath+"?search="+tag, ids)
+	})
 }
 
 func TestDoctorValidation(t *testing.T) {

@@ -66,8 +66,10 @@ func readPerson(r *http.Request, doctor bool) (person, error) {
 	return p, nil
 }
 
+// patientOrdering qualifies created_at: the bare name would sort the
+// select list's text of the same name (patientColumns), not the time.
 var patientOrdering = map[string]string{
-	"id": "id", "first_name": "first_name", "last_name": "last_name", "created_at": "created_at",
+	"id": "id", "first_name": "first_name", "last_name": "last_name", "created_at": "patients.created_at",
 }
 
 // Every patient statement writes its audit events itself, in a

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -455,6 +456,31 @@ func TestPatientOrdering(t *testing.T) {
 		})
 	}
 	wantTablesIntact(t)
+	t.Run("created_at sorts the time, not its text", func(t *testing.T) {
+		wantTimeOrder(t, s, a.access, "patients", patientsPath+"?page_size=10", ids)
+	})
+}
+
+// wantTimeOrder sets the created_at of ids[0] and ids[1] (of table) to
+// 10000-01-01 and 9999-12-31, whose text sorts the other way round, and
+// wants path (with ordering=created_at, or -created_at) to sort the time.
+func wantTimeOrder(t *testing.T, s http.Handler, token, table, path string, ids []int64) {
+	t.Helper()
+	_, err := testDB.ExecContext(t.Context(), `UPDATE `+table+` SET created_at = CASE id WHEN $1 THEN timestamptz '10000-01-01Z'
+		ELSE timestamptz '9999-12-31Z' END WHERE id IN ($1, $2)`, ids[0], ids[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { // other tests list the shared doctors: give them times of this age back
+		testDB.ExecContext(context.Background(), `UPDATE `+table+` SET created_at = now() WHERE id IN ($1, $2)`, ids[0], ids[1])
+	})
+	pick := picker(ids)
+	for ordering, want := range map[string][]int64{"created_at": pick(2, 3, 1, 0), "-created_at": pick(0, 1, 3, 2)} {
+		got := resultIDs(t, wantObject(t, do(t, s, req{method: "GET", path: path + "&ordering=" + ordering, token: token}), 200))
+		if !slices.Equal(got, want) {
+			t.Errorf("ordering=%s: %v, want %v", ordering, got, want)
+		}
+	}
 }
 
 func TestPatientValidation(t *testing.T) {
