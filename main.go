@@ -470,7 +470,7 @@ func secretKey(key string) (secret, error) {
 		return random, errors.New("SECRET_KEY is not set: using a random key, so tokens will not survive a restart")
 	case len(key) < 32:
 		return nil, fmt.Errorf("SECRET_KEY: must be at least 32 bytes, got %d", len(key))
-	case len(slices.Compact(slices.Sorted(slices.Values([]byte(key))))) < 10:
+	case len(slices.Compact(slices.Sorted(slices.Values([]rune(key))))) < 10:
 		return nil, errors.New("SECRET_KEY: must have at least 10 distinct characters")
 	case slices.Contains(publishedKeys, key):
 		return nil, errors.New("SECRET_KEY: this key is published in the repository; make your own (README)")
@@ -507,7 +507,9 @@ func dbConfig(get func(key, def string) string) (pq.Config, error) {
 			return cfg, fmt.Errorf("DB_SSLMODE: want disable, allow, prefer, require, verify-ca or verify-full, got %q", cfg.SSLMode)
 		}
 	}
-	// One round trip per query instead of two (no separate prepare step).
+	// A query run unprepared (in a transaction, or past the statement
+	// cache) takes one round trip instead of two; database.stmt prepares
+	// the others once per connection.
 	cfg.BinaryParameters = true
 	cfg.ConnectTimeout = 3 * time.Second
 	return cfg, nil

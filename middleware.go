@@ -738,7 +738,8 @@ func (f fields) matching(key string, required, lower bool, maxLen int, re *regex
 	return nil
 }
 
-// pk reads a primary key given as a JSON integer or a string of digits.
+// pk reads a primary key given as a JSON integer or a string of digits; as
+// in DRF, a leading - is read too, and names no row ("Invalid pk").
 // ok is false when it is unusable; text is the value as the client wrote it,
 // for the "does not exist" message.
 func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {

@@ -1225,6 +1225,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"SECRET_KEY of 31 bytes", map[string]string{"SECRET_KEY": strings.Repeat("k", 31)}, "SECRET_KEY"},
 		{"SECRET_KEY of 32 bytes", map[string]string{"SECRET_KEY": strings.Repeat("0123456789", 3) + "ab"}, ""},
 		{"SECRET_KEY of 9 distinct characters", map[string]string{"SECRET_KEY": strings.Repeat("123456789", 8)}, "SECRET_KEY"},
+		{"SECRET_KEY of 5 distinct characters in 12 distinct bytes", map[string]string{"SECRET_KEY": strings.Repeat("日本語漢字", 3)}, "SECRET_KEY"},
 		{"SECRET_KEY once shown in .env.example", map[string]string{"SECRET_KEY": "change-me-to-a-long-random-string-of-48-bytes"}, "SECRET_KEY"},
 		{"PASSWORD_ITERATIONS above the ceiling", map[string]string{"PASSWORD_ITERATIONS": "10000001"}, "PASSWORD_ITERATIONS"},
 		{"PASSWORD_ITERATIONS at the ceiling", map[string]string{"PASSWORD_ITERATIONS": "10000000"}, ""},

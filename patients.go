@@ -84,6 +84,8 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) erro
 		return err
 	}
 	// $1 user, $2 login, $3 IP, $4 request id, $5 limit, $6 offset, $7… search terms.
+	// page is in the statement twice (the events, the rows), and so is
+	// login_live: each runs once, before any row.
 	where := `owner_id = $1` + p.search(7, "first_name", "last_name", "email")
 	page := `FROM patients WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $5 OFFSET $6`
 	q := `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
