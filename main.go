@@ -73,8 +73,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		_, err := io.WriteString(stdout, usage)
 		return err
 	case command == "version":
-		info, _ := debug.ReadBuildInfo() // the module's version as the build stamped it, or (devel)
-		_, err := fmt.Fprintln(stdout, "healthcare", info.Main.Version, info.GoVersion)
+		version := "(unknown)" // the module's version as go build stamps it from git, or (devel)
+		if info, ok := debug.ReadBuildInfo(); ok {
+			version = info.Main.Version
+		}
+		_, err := fmt.Fprintln(stdout, "healthcare", version, runtime.Version())
 		return err
 	case command == "unlock" || command == "import-django":
 		return fmt.Errorf("%s: not available yet", command)
