@@ -111,6 +111,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if command == "migrate" {
 		return runMigrate(ctx, db, cfg.appRole, stdout)
 	}
+	return runServe(ctx, cfg, db, logger, warnings)
+}
+
+// runServe is "healthcare serve": it brings the schema up to date as the
+// role may, prunes ended logins hourly, and serves until ctx ends.
+func runServe(ctx context.Context, cfg config, db *sql.DB, logger *slog.Logger, warnings []string) error {
 	for _, w := range warnings { // about serving: the key, for one
 		logger.Warn(w)
 	}
@@ -382,9 +388,7 @@ var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes", "t
 func loadConfig(getenv func(string) string) (config, []string, error) {
 	var warnings []string
 	var errs []error
-	get := func(key, def string) string {
-		return cmp.Or(strings.TrimSpace(getenv(key)), def)
-	}
+	get := func(key, def string) string { return cmp.Or(strings.TrimSpace(getenv(key)), def) }
 	num := func(key string, def, lo, hi int) int {
 		v := get(key, strconv.Itoa(def))
 		n, err := strconv.Atoi(v)
