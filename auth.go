@@ -367,8 +367,11 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("insert user: %w", err)
 		}
 		out.User = u
-		out.Tokens, _, err = s.startLogin(ctx, tx, r, u.ID)
-		return err
+		var sid int64
+		if out.Tokens, sid, err = s.startLogin(ctx, tx, r, u.ID); err != nil {
+			return err
+		}
+		return recordAccountEvent(ctx, tx, r, u.ID, sid, "login") // the account's first login
 	})
 	if pq.As(err, pqerror.UniqueViolation) != nil { // lost a race for a name
 		if err := s.takenNames(ctx, &u, errs); err != nil || len(errs) == 0 {

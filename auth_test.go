@@ -2,21 +2,27 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/hmac"
 	"crypto/pbkdf2"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/sha512"
 	"database/sql"
+	"database/sql/driver"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"hash"
+	"io"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -1887,5 +1893,217 @@ func TestUsernameStepNormalizes(t *testing.T) {
 	}
 	if err := clash.QueryRowContext(ctx, `SELECT string_agg(username, ',' ORDER BY id) FROM users`).Scan(&names); err != nil || names != "ｂｏｂ,bob" {
 		t.Fatalf("after the refused step: %q, %v", names, err)
+	}
+}
+
+// stmtLog is every statement a pool ran, in order, with BEGIN, COMMIT and
+// ROLLBACK: what a request asked of PostgreSQL, as the driver saw it.
+type stmtLog struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *stmtLog) add(q string) { l.mu.Lock(); l.lines = append(l.lines, q); l.mu.Unlock() }
+
+// take returns the statements run since the last take.
+func (l *stmtLog) take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := l.lines
+	l.lines = nil
+	return out
+}
+
+// logConnector, logConn, logTx and logStmt pass everything to lib/pq and
+// write each statement to log on the way: prepared or not, in a
+// transaction or not.
+type logConnector struct {
+	driver.Connector
+	log *stmtLog
+}
+
+func (c logConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	conn, err := c.Connector.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &logConn{conn: conn, log: c.log}, nil
+}
+
+type logConn struct {
+	conn driver.Conn
+	log  *stmtLog
+}
+
+func (c *logConn) Prepare(q string) (driver.Stmt, error) {
+	return c.PrepareContext(context.Background(), q)
+}
+func (c *logConn) Close() error { return c.conn.Close() }
+func (c *logConn) Begin() (driver.Tx, error) {
+	return c.BeginTx(context.Background(), driver.TxOptions{})
+}
+
+func (c *logConn) PrepareContext(ctx context.Context, q string) (driver.Stmt, error) {
+	st, err := c.conn.(driver.ConnPrepareContext).PrepareContext(ctx, q)
+	if err != nil {
+		return nil, err
+	}
+	return &logStmt{Stmt: st, q: q, log: c.log}, nil
+}
+
+func (c *logConn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	tx, err := c.conn.(driver.ConnBeginTx).BeginTx(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	c.log.add("BEGIN")
+	return logTx{tx, c.log}, nil
+}
+
+func (c *logConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	c.log.add(q)
+	return c.conn.(driver.QueryerContext).QueryContext(ctx, q, args)
+}
+
+func (c *logConn) ExecContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Result, error) {
+	c.log.add(q)
+	return c.conn.(driver.ExecerContext).ExecContext(ctx, q, args)
+}
+
+func (c *logConn) CheckNamedValue(nv *driver.NamedValue) error {
+	if ch, ok := c.conn.(driver.NamedValueChecker); ok {
+		return ch.CheckNamedValue(nv)
+	}
+	return driver.ErrSkip
+}
+
+type logTx struct {
+	tx  driver.Tx
+	log *stmtLog
+}
+
+func (t logTx) Commit() error   { t.log.add("COMMIT"); return t.tx.Commit() }
+func (t logTx) Rollback() error { t.log.add("ROLLBACK"); return t.tx.Rollback() }
+
+type logStmt struct {
+	driver.Stmt
+	q   string
+	log *stmtLog
+}
+
+func (s *logStmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	s.log.add(s.q)
+	return s.Stmt.(driver.StmtExecContext).ExecContext(ctx, args)
+}
+
+func (s *logStmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	s.log.add(s.q)
+	return s.Stmt.(driver.StmtQueryContext).QueryContext(ctx, args)
+}
+
+// TestEveryPrivateStatementChecksLogin holds the rule that makes logout
+// take effect at once everywhere: on a private route, every statement
+// checks the login (login_live), as the driver sees it. It runs every
+// private route, on the paths that reach its later statements (412s, bad
+// references, an empty list), against a pool that logs each statement, and
+// wants each one to call login_live, except
+//   - a statement inside a transaction whose first statement calls it (the
+//     transaction fails as a whole), and
+//   - patientExists and doctorExists, which only tell a 412 from a 404
+//     after the write's own statement checked the login.
+//
+// A private route that no case runs fails the test too, so a new route or
+// a new statement cannot slip past.
+func TestEveryPrivateStatementChecksLogin(t *testing.T) {
+	needDB(t)
+	connector, err := pq.NewConnectorConfig(testDBConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := &stmtLog{}
+	db := sql.OpenDB(logConnector{connector, log})
+	defer db.Close()
+	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	a, b := register(t, s), register(t, s)
+	p, _ := mustCreate(t, s, a.access, "/api/patients/", map[string]any{"first_name": "Live", "email": uniqueName("live") + "@example.com"})
+	lone, _ := mustCreate(t, s, a.access, "/api/patients/", map[string]any{"first_name": "Lone", "email": uniqueName("lone") + "@example.com"})
+	d, _ := mustCreate(t, s, a.access, "/api/doctors/", map[string]any{"first_name": "Live", "email": uniqueName("live") + "@example.com", "specialization": "Surgery"})
+	free, _ := mustCreate(t, s, a.access, "/api/doctors/", map[string]any{"first_name": "Free", "email": uniqueName("free") + "@example.com", "specialization": "Surgery"})
+	theirs, _ := mustCreate(t, s, b.access, "/api/doctors/", map[string]any{"first_name": "Theirs", "email": uniqueName("theirs") + "@example.com", "specialization": "Surgery"})
+	m, _ := mustCreate(t, s, a.access, "/api/mappings/", map[string]any{"patient": p, "doctor": d})
+	stale := map[string]string{"If-Match": `"1-999"`}
+	P := func(f string, id int64) string { return fmt.Sprintf(f, id) }
+	cases := []struct {
+		method, path string
+		body         any
+		header       map[string]string
+		status       int
+	}{
+		{"GET", "/api/auth/me/", nil, nil, 200},
+		{"GET", "/api/patients/?search=live&ordering=-created_at", nil, nil, 200},
+		{"POST", "/api/patients/", map[string]any{"first_name": "New", "email": uniqueName("new") + "@example.com"}, nil, 201},
+		{"GET", P("/api/patients/%d/", p), nil, nil, 200},
+		{"PUT", P("/api/patients/%d/", p), map[string]any{"first_name": "Live", "email": uniqueName("put") + "@example.com"}, nil, 200},
+		{"PATCH", P("/api/patients/%d/", p), map[string]any{"last_name": "Stale"}, stale, 412},
+		{"DELETE", P("/api/patients/%d/", lone), nil, stale, 412},
+		{"GET", "/api/doctors/?search=live", nil, nil, 200},
+		{"POST", "/api/doctors/", map[string]any{"first_name": "New", "email": uniqueName("new") + "@example.com", "specialization": "Surgery"}, nil, 201},
+		{"GET", P("/api/doctors/%d/", d), nil, nil, 200},
+		{"PUT", P("/api/doctors/%d/", d), map[string]any{"first_name": "Live", "email": uniqueName("put") + "@example.com", "specialization": "Surgery"}, nil, 200},
+		{"PATCH", P("/api/doctors/%d/", d), map[string]any{"last_name": "Stale"}, stale, 412},
+		{"PATCH", P("/api/doctors/%d/", theirs), map[string]any{"last_name": "X"}, nil, 403},
+		{"DELETE", P("/api/doctors/%d/", d), nil, nil, 409},
+		{"DELETE", P("/api/doctors/%d/", free), nil, stale, 412},
+		{"GET", "/api/mappings/", nil, nil, 200},
+		{"POST", "/api/mappings/", map[string]any{"patient": lone, "doctor": 999999999}, nil, 400},
+		{"POST", "/api/mappings/", map[string]any{"patient": lone, "doctor": d}, nil, 201},
+		{"GET", P("/api/mappings/%d/", p), nil, nil, 200},
+		{"GET", P("/api/mappings/%d/", 999999999), nil, nil, 404},
+		{"DELETE", P("/api/mappings/%d/", m), nil, nil, 204},
+		{"DELETE", P("/api/patients/%d/", p), nil, nil, 204},
+		{"GET", "/api/audit/?action=patient.read&patient=1", nil, nil, 200},
+		{"POST", "/api/auth/password/", map[string]any{"old_password": a.password, "new_password": "Quartz-Meadow-Lantern-88",
+			"new_password_confirm": "Quartz-Meadow-Lantern-88"}, nil, 200},
+		{"POST", "/api/auth/logout/all/", nil, nil, 204},
+	}
+	ran := map[string]bool{}
+	token := a.access
+	for _, tc := range cases {
+		t.Run(tc.method+" "+tc.path, func(t *testing.T) {
+			_, pattern := s.mux.Handler(httptest.NewRequest(tc.method, tc.path, nil))
+			ran[pattern] = true
+			log.take()
+			res := do(t, s, req{method: tc.method, path: tc.path, token: token, body: tc.body, header: tc.header})
+			if res.status != tc.status {
+				t.Fatalf("status %d, want %d: %s", res.status, tc.status, res.body)
+			}
+			if tc.path == "/api/auth/password/" {
+				token = pairOf(t, res).Access
+			}
+			checked, inTx := false, false
+			for i, q := range log.take() {
+				switch {
+				case q == "BEGIN":
+					inTx, checked = true, false
+				case q == "COMMIT" || q == "ROLLBACK":
+					inTx = false
+				case strings.Contains(q, "login_live($1, $2)"):
+					checked = true
+				case inTx && checked:
+				case i > 0 && (q == patientExists || q == doctorExists):
+				default:
+					t.Errorf("a statement that does not check the login:\n%s", q)
+				}
+			}
+			if !checked {
+				t.Errorf("no statement checked the login")
+			}
+		})
+	}
+	for _, pattern := range s.routes {
+		method, path, _ := strings.Cut(strings.ReplaceAll(strings.TrimSuffix(pattern, "{$}"), "{id}", "1"), " ")
+		if h, _ := s.mux.Handler(httptest.NewRequest(method, path, nil)); h.(route).access == private && !ran[pattern] {
+			t.Errorf("no case runs the private route %s", pattern)
+		}
 	}
 }

@@ -623,6 +623,8 @@ func scanEvent(row rowScanner) (event, error) {
 	return e, err
 }
 
+// auditActions are every action an event may have, in one list: schema.sql's
+// check, the action filter and openapi.json's enums are tested against it.
 var auditActions = []string{"patient.create", "patient.read", "patient.update", "patient.delete", "patient.list",
 	"mapping.create", "mapping.delete", "mapping.list", "doctor.create", "doctor.update", "doctor.delete", "login", "login.failed", "refresh.reused", "logout",
 	"logout.all", "password.change", "login.unlock"}
@@ -642,6 +644,8 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil {
 				errs.add(key, "A valid integer is required.")
+			} else if n < 1 { // as DRF's min_value: no id or sid is below 1
+				errs.add(key, "Ensure this value is greater than or equal to 1.")
 			}
 			ids[key] = &n
 		}

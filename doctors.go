@@ -35,9 +35,10 @@ func scanDoctor(row rowScanner) (doctor, error) {
 	return d, err
 }
 
+// doctorOrdering qualifies created_at, as patientOrdering does.
 var doctorOrdering = map[string]string{
 	"id": "id", "first_name": "first_name", "last_name": "last_name",
-	"created_at": "created_at", "specialization": "specialization",
+	"created_at": "doctors.created_at", "specialization": "specialization",
 }
 
 func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) error {

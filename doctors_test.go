@@ -274,6 +274,9 @@ func TestDoctorOrdering(t *testing.T) {
 			wantJSON(t, res, 400, jsonText(map[string][]string{"ordering": {`Invalid ordering field "` + bad + `".`}}))
 		})
 	}
+	t.Run("created_at sorts the time, not its text", func(t *testing.T) {
+		wantTimeOrder(t, s, a.access, "doctors", doctorsPath+"?search="+tag, ids)
+	})
 }
 
 func TestDoctorValidation(t *testing.T) {
@@ -582,6 +585,9 @@ func TestDoctorEvents(t *testing.T) {
 	res = do(t, s, req{method: "DELETE", path: doctorPath(id), token: a.access})
 	wantNoContent(t, res)
 	wantEvents(t, res, sid, fmt.Sprintf("doctor.delete %d", id))
+	// a's trail holds another doctor's events too, which the filter must leave out.
+	other, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueName("ev")+"@example.com", "Chase", "Surgery"))
+	wantObject(t, do(t, s, req{method: "PATCH", path: doctorPath(other), token: a.access, body: map[string]any{"last_name": "Foreman"}}), 200)
 
 	page := wantObject(t, do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?doctor=%d", id), token: a.access}), 200)
 	var actions []string

@@ -38,14 +38,51 @@ func main() {
 	}
 }
 
-// run starts the server and blocks until ctx ends or a signal arrives, then
-// shuts down gracefully; with the argument "migrate" it brings the schema
-// up to date instead. Tests call it with their own environment.
+// usage is "healthcare help": the commands, and every variable with its
+// default (README lists the bounds).
+const usage = `Usage: healthcare [command]
+  serve                    serve the API (the default)
+  migrate                  bring the schema up to date; with DB_APP_ROLE, grant that role what serving needs
+  unlock <username>        end an account's login lock
+  import-django [--check]  copy a Django service's database (DJANGO_DATABASE_URL) into an empty one
+  version, help (-h, --help)
+Environment variables (default), also read from ./.env:
+  SECRET_KEY (random per run)  ADDR (127.0.0.1:8000)  DEBUG (False)  ALLOWED_HOSTS (localhost,127.0.0.1,[::1])
+  DATABASE_URL (none; overrides DB_*)  DB_NAME (healthcare_db)  DB_USER (postgres)  DB_PASSWORD (none)
+  DB_HOST (localhost)  DB_PORT (5432)  DB_SSLMODE (disable for loopback or a socket, else verify-full)  DB_APP_ROLE (none)
+  ACCESS_TOKEN_LIFETIME_MIN (15)  REFRESH_TOKEN_LIFETIME_DAYS (1)  LOGIN_MAX_AGE_DAYS (30)  REFRESH_REUSE_GRACE_S (10)
+  LOGIN_LOCK_AFTER (10)  LOGIN_LOCK_S (60)  LOGIN_LOCK_ACCOUNT_AFTER (100)  PASSWORD_ITERATIONS (600000)
+  CORS_ALLOWED_ORIGINS (http://localhost:3000,http://127.0.0.1:3000,http://localhost:8080,http://127.0.0.1:8080)
+  TRUSTED_PROXIES (none)  RATE_MAX_KEYS (100000)  RATE_REGISTER (5/hour)  RATE_LOGIN (10/hour)  RATE_ANON (100/hour)
+  RATE_USER (1000/hour)  TLS_CERT_FILE, TLS_KEY_FILE (none)  DJANGO_DATABASE_URL (none; import-django only)
+  GOGC (400)  GOMEMLIMIT (64MiB)
+`
+
+// run carries out the command in args (serve by default) and, serving,
+// blocks until ctx ends or a signal arrives, then shuts down gracefully.
+// Tests call it with their own environment.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if len(args) > 0 && !(len(args) == 1 && args[0] == "migrate" || len(args) == 2 && args[0] == "unlock") {
-		return fmt.Errorf("usage: healthcare [migrate | unlock <username>], got %q", args)
+	command := "serve"
+	if len(args) > 0 {
+		command = args[0]
+	}
+	valid := map[string]bool{"serve": len(args) <= 1, "migrate": len(args) == 1, "unlock": len(args) == 2,
+		"import-django": len(args) == 1 || len(args) == 2 && args[1] == "--check"}
+	switch {
+	case command == "help" || command == "-h" || command == "--help":
+		_, err := io.WriteString(stdout, usage)
+		return err
+	case command == "version":
+		version := "(unknown)" // the module's version as go build stamps it from git, or (devel)
+		if info, ok := debug.ReadBuildInfo(); ok {
+			version = info.Main.Version
+		}
+		_, err := fmt.Fprintln(stdout, "healthcare", version, runtime.Version())
+		return err
+	case !valid[command]:
+		return fmt.Errorf("unknown command %q: healthcare help lists the commands", strings.Join(args, " "))
 	}
 	dotenv, err := readDotenv(".env")
 	if err != nil {
@@ -59,11 +96,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger := newLogger(stdout, cfg.debug)
 	// Garbage may grow to four times the live heap, within a soft 64 MiB
-	// (README, Performance), unless GOGC or GOMEMLIMIT say otherwise.
+	// while serving (README, Performance), unless GOGC or GOMEMLIMIT say
+	// otherwise; import-django holds the whole original in memory.
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(400)
 	}
-	if getenv("GOMEMLIMIT") == "" {
+	if getenv("GOMEMLIMIT") == "" && command == "serve" {
 		debug.SetMemoryLimit(64 << 20)
 	}
 	db, err := openDB(ctx, cfg.db, 4*runtime.NumCPU())
@@ -71,16 +109,25 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer db.Close()
-	if len(args) == 1 {
+	switch command {
+	case "migrate":
 		return runMigrate(ctx, db, cfg.appRole, stdout)
+	case "import-django":
+		return importDjango(ctx, db, cfg, len(args) == 2, logger, stdout)
 	}
 	schema, err := ensureSchema(ctx, db)
 	if err != nil {
 		return err
 	}
-	if len(args) == 2 {
+	if command == "unlock" {
 		return unlock(ctx, db, args[1], stdout)
 	}
+	return runServe(ctx, cfg, db, logger, schema, warnings)
+}
+
+// runServe is "healthcare serve": it logs what start found, prunes ended
+// logins hourly and serves until ctx ends.
+func runServe(ctx context.Context, cfg config, db *sql.DB, logger *slog.Logger, schema schemaState, warnings []string) error {
 	logger.Info("schema", "database", schema.database, "role", schema.role, "found_step", schema.found, "applied", schema.applied)
 	for _, w := range warnings { // about serving: the key, for one
 		logger.Warn(w)
@@ -142,7 +189,7 @@ func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger)
 	}
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
-		return fmt.Errorf("listen: %w", err)
+		return fmt.Errorf("ADDR: %w", err)
 	}
 	stopped := make(chan error, 1)
 	go func() {
@@ -343,9 +390,10 @@ type config struct {
 	lockAccountAfter   int    // LOGIN_LOCK_ACCOUNT_AFTER: failed logins in a row, from all sources, before unknown sources wait
 }
 
-// publishedKeys are SECRET_KEY values that have been shown in this
-// repository: anyone could sign tokens with them.
-var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes"}
+// publishedKeys are every SECRET_KEY value this repository has shown:
+// anyone could sign tokens with them. TestPublishedKeysRefused finds new ones.
+var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes", "test-secret-key-0123456789abcdef-0123456789",
+	"bench-secret-key-0123456789abcdef-0123456789", "ab-secret-key-0123456789abcdef-0123456789", "chaos-secret-key-0123456789abcdef-0123456789"}
 
 // loadConfig reads the configuration README lists, with its defaults and
 // bounds (README lists them). It refuses invalid values, naming the
@@ -353,9 +401,7 @@ var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes"}
 func loadConfig(getenv func(string) string) (config, []string, error) {
 	var warnings []string
 	var errs []error
-	get := func(key, def string) string {
-		return cmp.Or(strings.TrimSpace(getenv(key)), def)
-	}
+	get := func(key, def string) string { return cmp.Or(strings.TrimSpace(getenv(key)), def) }
 	num := func(key string, def, lo, hi int) int {
 		v := get(key, strconv.Itoa(def))
 		n, err := strconv.Atoi(v)
@@ -392,6 +438,9 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		lockAfter:          num("LOGIN_LOCK_AFTER", 10, 3, 100),
 		lockSeconds:        num("LOGIN_LOCK_S", 60, 1, 3600),
 		lockAccountAfter:   num("LOGIN_LOCK_ACCOUNT_AFTER", 100, 10, 100_000),
+	}
+	if _, err := net.ResolveTCPAddr("tcp", cfg.addr); err != nil {
+		errs = append(errs, fmt.Errorf("ADDR: want host:port, got %q (%w)", cfg.addr, err))
 	}
 	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
 	var err error
@@ -442,7 +491,7 @@ func secretKey(key string) (secret, error) {
 		return random, errors.New("SECRET_KEY is not set: using a random key, so tokens will not survive a restart")
 	case len(key) < 32:
 		return nil, fmt.Errorf("SECRET_KEY: must be at least 32 bytes, got %d", len(key))
-	case len(slices.Compact(slices.Sorted(slices.Values([]byte(key))))) < 10:
+	case len(slices.Compact(slices.Sorted(slices.Values([]rune(key))))) < 10:
 		return nil, errors.New("SECRET_KEY: must have at least 10 distinct characters")
 	case slices.Contains(publishedKeys, key):
 		return nil, errors.New("SECRET_KEY: this key is published in the repository; make your own (README)")
@@ -479,29 +528,27 @@ func dbConfig(get func(key, def string) string) (pq.Config, error) {
 			return cfg, fmt.Errorf("DB_SSLMODE: want disable, allow, prefer, require, verify-ca or verify-full, got %q", cfg.SSLMode)
 		}
 	}
-	// One round trip per query instead of two (no separate prepare step).
+	// A query run unprepared (in a transaction, or past the statement
+	// cache) takes one round trip instead of two; database.stmt prepares
+	// the others once per connection.
 	cfg.BinaryParameters = true
 	cfg.ConnectTimeout = 3 * time.Second
 	return cfg, nil
 }
 
-// parseRate reads "5/hour", "100/minute", "10/second", "2/day" (only the
-// period's first letter counts, as in DRF) or "off".
+// parseRate reads "5/hour", "100/minute", "10/second", "2/day" or "off",
+// exactly: a misspelt period must not pass for another one.
 func parseRate(s string) (rate, error) {
-	if strings.EqualFold(s, "off") {
+	if s == "off" {
 		return rate{}, nil
 	}
-	count, period, ok := strings.Cut(s, "/")
-	n, err := strconv.Atoi(count)
-	if !ok || err != nil || n < 1 || n > 1_000_000_000 || period == "" {
-		return rate{}, fmt.Errorf("want N/second, N/minute, N/hour, N/day (N from 1 to 1,000,000,000) or off, got %q", s)
+	count, period, _ := strings.Cut(s, "/")
+	n, err := strconv.ParseUint(count, 10, 32) // digits only: no sign
+	units := map[string]time.Duration{"second": time.Second, "minute": time.Minute, "hour": time.Hour, "day": 24 * time.Hour}
+	if unit, ok := units[period]; ok && err == nil && n >= 1 && n <= 1_000_000_000 {
+		return rate{n: int(n), period: unit}, nil
 	}
-	units := map[byte]time.Duration{'s': time.Second, 'm': time.Minute, 'h': time.Hour, 'd': 24 * time.Hour}
-	unit, ok := units[period[0]]
-	if !ok {
-		return rate{}, fmt.Errorf("unknown period in %q", s)
-	}
-	return rate{n: n, period: unit}, nil
+	return rate{}, fmt.Errorf("want N/second, N/minute, N/hour or N/day (N from 1 to 1,000,000,000) or off, got %q", s)
 }
 
 // readDotenv reads KEY=value lines from path, if it exists: # comments,

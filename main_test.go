@@ -42,8 +42,9 @@ var (
 	testDBConfig pq.Config
 )
 
-// testSecret is the SECRET_KEY of test servers (and of tokens tests forge).
-const testSecret = "test-secret-key-0123456789abcdef-0123456789"
+// testSecret is the SECRET_KEY of test servers (and of tokens tests forge),
+// new for each run: a key written here would be published, and refused.
+var testSecret = rand.Text() + rand.Text()
 
 func TestMain(m *testing.M) {
 	os.Exit(runTests(m))

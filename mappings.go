@@ -40,7 +40,8 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
-	// $1 user, $2 login, $3 IP, $4 request id, $5 limit, $6 offset.
+	// $1 user, $2 login, $3 IP, $4 request id, $5 limit, $6 offset. As in
+	// the patient list, page and its login_live are in the statement twice.
 	page := `FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
 		WHERE m.owner_id = $1 AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $5 OFFSET $6`
 	q := `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)

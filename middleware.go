@@ -173,7 +173,9 @@ func (s *server) setHeaders(w http.ResponseWriter, r *http.Request, info *reques
 	// every web page read the API's answers.
 	if origin := r.Header.Get("Origin"); s.originAllowed(origin) {
 		h.Set("Access-Control-Allow-Origin", origin)
-		h.Set("Access-Control-Expose-Headers", "ETag") // so that a page can send it back in If-Match
+		// So that a page can send the tag back in If-Match, wait as long as
+		// it is told, and quote the request id.
+		h.Set("Access-Control-Expose-Headers", "ETag, Retry-After, X-Request-Id")
 	}
 }
 
@@ -742,7 +744,8 @@ func (f fields) matching(key string, required, lower bool, maxLen int, re *regex
 	return nil
 }
 
-// pk reads a primary key given as a JSON integer or a string of digits.
+// pk reads a primary key given as a JSON integer or a string of digits; as
+// in DRF, a leading - is read too, and names no row ("Invalid pk").
 // ok is false when it is unusable; text is the value as the client wrote it,
 // for the "does not exist" message.
 func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {

@@ -16,6 +16,7 @@ import (
 	"reflect"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -302,6 +303,22 @@ func TestOptionsNotLimited(t *testing.T) {
 	wantNoContent(t, res)
 }
 
+// TestCORSThrottled: a page from an allowed origin that is throttled can
+// read how long to wait and the request id (contract v5, Headers).
+func TestCORSThrottled(t *testing.T) {
+	s := newTestServer(t, map[string]string{"RATE_ANON": "1/hour"})
+	freezeLimiters(s, tenPast)
+	rq := req{method: "GET", path: "/api/patients/", header: map[string]string{"Origin": "http://localhost:3000"}, remoteAddr: "198.51.100.91:1"}
+	wantJSON(t, do(t, s, rq), http.StatusUnauthorized, bodyUnauthenticated)
+	res := do(t, s, rq)
+	wantThrottled(t, res, tenPastWait)
+	wantHeader(t, res, "Access-Control-Allow-Origin", "http://localhost:3000")
+	wantHeader(t, res, "Access-Control-Expose-Headers", "ETag, Retry-After, X-Request-Id")
+	if res.header.Get("Retry-After") == "" || res.header.Get("X-Request-Id") == "" {
+		t.Fatalf("a 429 without Retry-After or X-Request-Id: %v", res.header)
+	}
+}
+
 // TestCORS: a listed origin is echoed with Vary: Origin on every response,
 // errors included; any other origin gets no CORS header, never a reflection.
 func TestCORS(t *testing.T) {
@@ -344,7 +361,7 @@ func TestCORS(t *testing.T) {
 				res := do(t, s, rq)
 				check(t, res, tc.wantStatus, tc.wantBody)
 				wantHeader(t, res, "Access-Control-Allow-Origin", origin)
-				wantHeader(t, res, "Access-Control-Expose-Headers", "ETag")
+				wantHeader(t, res, "Access-Control-Expose-Headers", "ETag, Retry-After, X-Request-Id")
 				wantVaryOrigin(t, res)
 				if c := res.header.Get("Access-Control-Allow-Credentials"); c != "" {
 					t.Fatalf("Access-Control-Allow-Credentials %q: no credentials header is sent", c)
@@ -1191,6 +1208,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"RATE_USER no period", map[string]string{"RATE_USER": "5/"}, "RATE_USER"},
 		{"RATE_LOGIN off", map[string]string{"RATE_LOGIN": "off"}, ""},
 		{"RATE_REGISTER per day", map[string]string{"RATE_REGISTER": "3/day"}, ""},
+		{"RATE_USER per second", map[string]string{"RATE_USER": "1000000000/second"}, ""},
+		{"RATE_LOGIN per minute", map[string]string{"RATE_LOGIN": "1/minute"}, ""},
 		{"RATE_MAX_KEYS zero", map[string]string{"RATE_MAX_KEYS": "0"}, "RATE_MAX_KEYS"},
 		{"DB_PORT not a number", map[string]string{"DB_PORT": "x"}, "DB_PORT"},
 		{"DB_PORT out of range", map[string]string{"DB_PORT": "70000"}, "DB_PORT"},
@@ -1206,6 +1225,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"SECRET_KEY of 31 bytes", map[string]string{"SECRET_KEY": strings.Repeat("k", 31)}, "SECRET_KEY"},
 		{"SECRET_KEY of 32 bytes", map[string]string{"SECRET_KEY": strings.Repeat("0123456789", 3) + "ab"}, ""},
 		{"SECRET_KEY of 9 distinct characters", map[string]string{"SECRET_KEY": strings.Repeat("123456789", 8)}, "SECRET_KEY"},
+		{"SECRET_KEY of 5 distinct characters in 12 distinct bytes", map[string]string{"SECRET_KEY": strings.Repeat("日本語漢字", 3)}, "SECRET_KEY"},
 		{"SECRET_KEY once shown in .env.example", map[string]string{"SECRET_KEY": "change-me-to-a-long-random-string-of-48-bytes"}, "SECRET_KEY"},
 		{"PASSWORD_ITERATIONS above the ceiling", map[string]string{"PASSWORD_ITERATIONS": "10000001"}, "PASSWORD_ITERATIONS"},
 		{"PASSWORD_ITERATIONS at the ceiling", map[string]string{"PASSWORD_ITERATIONS": "10000000"}, ""},
@@ -1227,6 +1247,26 @@ func TestLoadConfigErrors(t *testing.T) {
 				t.Fatalf("loadConfig accepted %v, want an error naming %s", tc.vars, tc.wantErr)
 			case tc.wantErr != "" && !strings.Contains(err.Error(), tc.wantErr):
 				t.Fatalf("loadConfig: %v, want an error naming %s", err, tc.wantErr)
+			}
+		})
+	}
+	// Only the four periods, spelt out, and off: a near miss is refused with
+	// the forms that would do (contract v5, Operations).
+	for _, v := range []string{"10/hr", "10/h", "10/Hour", "10/minutes", "10/m", "10/sec", "10/ hour", "+10/hour", "10/hour/2",
+		"1000000001/hour", "OFF", "Off", " off/hour", "10"} {
+		t.Run("RATE_LOGIN="+v, func(t *testing.T) {
+			_, _, err := loadConfig(testEnv(map[string]string{"RATE_LOGIN": v}))
+			want := fmt.Sprintf("RATE_LOGIN: want N/second, N/minute, N/hour or N/day (N from 1 to 1,000,000,000) or off, got %q", strings.TrimSpace(v))
+			if err == nil || err.Error() != want {
+				t.Fatalf("loadConfig: %v, want %s", err, want)
+			}
+		})
+	}
+	for _, v := range []string{"foo", "127.0.0.1", "127.0.0.1:99999", "127.0.0.1:-1", ":http-nope"} {
+		t.Run("ADDR="+v, func(t *testing.T) {
+			_, _, err := loadConfig(testEnv(map[string]string{"ADDR": v}))
+			if err == nil || !strings.HasPrefix(err.Error(), fmt.Sprintf("ADDR: want host:port, got %q (", v)) {
+				t.Fatalf("loadConfig: %v, want an error naming ADDR", err)
 			}
 		})
 	}
@@ -1358,6 +1398,51 @@ func (w *startWriter) String() string {
 	return w.buf.String()
 }
 
+// TestCommands: help prints every command and every variable the server
+// reads, with its default; version prints the build's version; anything
+// else is refused before any configuration is read.
+func TestCommands(t *testing.T) {
+	var read []string // every variable loadConfig asks for
+	loadConfig(func(k string) string { read = append(read, k); return "" })
+	for _, arg := range []string{"help", "-h", "--help"} {
+		t.Run(arg, func(t *testing.T) {
+			var out bytes.Buffer
+			if err := run(t.Context(), []string{arg}, testEnv(nil), &out, io.Discard); err != nil || out.String() != usage {
+				t.Fatalf("run %s: %v, printed %q", arg, err, out.String())
+			}
+			want := append([]string{"serve", "migrate", "unlock <username>", "import-django [--check]", "version",
+				"LOGIN_LOCK_ACCOUNT_AFTER (100)", "DJANGO_DATABASE_URL (none; import-django only)", "RATE_LOGIN (10/hour)",
+				"ADDR (127.0.0.1:8000)", "DB_NAME (healthcare_db)", "PASSWORD_ITERATIONS (600000)", "GOGC (400)"}, read...)
+			for _, w := range want {
+				if !strings.Contains(usage, w) {
+					t.Errorf("help does not show %q", w)
+				}
+			}
+		})
+	}
+	var out bytes.Buffer
+	if err := run(t.Context(), []string{"version"}, testEnv(nil), &out, io.Discard); err != nil ||
+		!regexp.MustCompile(`^healthcare \S+ go1\.\d+\S*\n$`).MatchString(out.String()) {
+		t.Fatalf("run version: %v, printed %q", err, out.String())
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"serv"}, `unknown command "serv": healthcare help lists the commands`},
+		{[]string{"migrate", "now"}, `unknown command "migrate now": healthcare help lists the commands`},
+		{[]string{"serve", "--addr=:80"}, `unknown command "serve --addr=:80": healthcare help lists the commands`},
+		{[]string{"unlock", "alice"}, `unlock: not available yet`},
+		{[]string{"import-django", "--check"}, `import-django: not available yet`},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			if err := run(t.Context(), tc.args, testEnv(nil), io.Discard, io.Discard); err == nil || err.Error() != tc.want {
+				t.Fatalf("run: %v, want %s", err, tc.want)
+			}
+		})
+	}
+}
+
 // TestRun starts the real thing with run: refused configurations stop it
 // before it listens; a good one serves and shuts down cleanly when its
 // context ends. It changes directory (for .env), so it is not parallel.
@@ -1400,6 +1485,20 @@ func TestRun(t *testing.T) {
 		log, err := start(t, testEnv(dbVars(map[string]string{"RATE_ANON": "abc"})))
 		if err == nil || !strings.Contains(err.Error(), "RATE_ANON") || strings.Contains(log, "serving") {
 			t.Fatalf("run: %v, want an error naming RATE_ANON; log:\n%s", err, log)
+		}
+	})
+	t.Run("a port in use stops start-up naming ADDR", func(t *testing.T) {
+		needDB(t)
+		t.Chdir(t.TempDir())
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		log, err := start(t, testEnv(dbVars(map[string]string{"ADDR": ln.Addr().String()})))
+		want := "ADDR: listen tcp " + ln.Addr().String() + ": bind: address already in use"
+		if err == nil || err.Error() != want || strings.Contains(log, "serving") {
+			t.Fatalf("run: %v, want %s; log:\n%s", err, want, log)
 		}
 	})
 	t.Run("serves and shuts down gracefully", func(t *testing.T) {
@@ -1707,22 +1806,42 @@ func TestStripTags(t *testing.T) {
 // TestPublishedKeysRefused: every SECRET_KEY value shown in README or
 // .env.example stops start-up, so that copying one cannot let anyone sign
 // tokens.
+//
+// It reads every file of the repository, code, scripts and tests included,
+// for a value given to anything named like a secret (SECRET_KEY=…,
+// "SECRET_KEY": "…", SECRET=…, testSecret = "…"): each must be refused, so
+// a key newly shown anywhere fails here until publishedKeys lists it.
 func TestPublishedKeysRefused(t *testing.T) {
-	keyRE := regexp.MustCompile(`SECRET_KEY=["']?([^\s"'` + "`" + `]+)`)
+	keyRE := regexp.MustCompile(`(?i)\w*secret\w*["']?[ \t]*[:=][ \t]*["'` + "`" + `]?([^\s"'` + "`" + `$(){},;]+)`)
 	var shown []string
-	for _, f := range []string{"README.md", ".env.example"} {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
+	err := filepath.WalkDir(".", func(path string, d os.DirEntry, err error) error {
+		switch {
+		case err != nil:
+			return err
+		case d.IsDir() && d.Name() == ".git":
+			return filepath.SkipDir
+		case d.IsDir() || strings.HasSuffix(path, ".gz"):
+			return nil
 		}
+		data, err := os.ReadFile(path)
 		for _, m := range keyRE.FindAllStringSubmatch(string(data), -1) {
 			shown = append(shown, m[1])
 		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(shown, publishedKeys[0]) { // TestLoadConfigErrors shows it
+		t.Errorf("the scan did not find %q", publishedKeys[0])
+	}
+	for _, line := range []string{"SECRET_KEY=k1", `export SECRET_KEY="k1"`, `SECRET=k1 # x`, `"SECRET_KEY": "k1",`,
+		"const testSecret = `k1`", `secret_key: 'k1'`, `JWT_SECRET = "k1"`} {
+		if m := keyRE.FindStringSubmatch(line); m == nil || m[1] != "k1" {
+			t.Errorf("the scan reads %q as %q, want k1", line, m)
+		}
 	}
 	for _, key := range append(shown, publishedKeys...) {
-		if strings.HasPrefix(key, "$(") { // a command that makes a key, not a key
-			continue
-		}
 		if _, _, err := loadConfig(testEnv(map[string]string{"SECRET_KEY": key})); err == nil || !strings.Contains(err.Error(), "SECRET_KEY") {
 			t.Errorf("SECRET_KEY=%q: %v, want refused", key, err)
 		}

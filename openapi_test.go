@@ -1,13 +1,17 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"cmp"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"mime"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"regexp"
@@ -83,7 +87,8 @@ func oaObj(v any) map[string]any { m, _ := v.(map[string]any); return m }
 // check validates v against the JSON Schema subset the document uses: $ref,
 // type, enum, allOf, oneOf, required, properties,
 // additionalProperties (a schema or false), minProperties, items,
-// minLength, maxLength, pattern, format (date, date-time, uri), minimum. A
+// minLength, maxLength, pattern, format (date, date-time, uri), minimum,
+// maximum. A
 // missing schema allows anything.
 func (d openAPI) check(schema, v any, at string) error {
 	if schema == nil || schema == true {
@@ -161,8 +166,8 @@ func (d openAPI) check(schema, v any, at string) error {
 			return fail("%q is not a %v", v, s["format"])
 		}
 	case float64:
-		if v < num("minimum") {
-			return fail("%v is below %v", v, s["minimum"])
+		if v < num("minimum") || v > num("maximum") {
+			return fail("%v is not from %v to %v", v, s["minimum"], s["maximum"])
 		}
 	}
 	return nil
@@ -315,6 +320,9 @@ func TestOpenAPIRoutes(t *testing.T) {
 			}
 		}
 	})
+	if servers := oaShort(doc.root["servers"]); servers != `[{"url":"/"}]` {
+		t.Errorf("servers = %s, want [{\"url\":\"/\"}]", servers)
+	}
 	t.Run("served", func(t *testing.T) {
 		if !bytes.Equal(openapiJSON, onDisk) {
 			t.Fatal("the embedded openapiJSON differs from openapi.json")
@@ -458,6 +466,9 @@ func TestOpenAPIShapes(t *testing.T) {
 		{"GET /api/audit/", req{path: P("/api/audit/?action=doctor.update&doctor=%d", dA), token: tok}, 200},
 		{"GET /api/audit/", req{path: "/api/audit/?doctor=x", token: tok}, 400},
 		{"GET /api/audit/", req{path: "/api/audit/?page=99", token: tok}, 404},
+		{"GET /api/audit/", req{path: "/api/audit/?patient=0", token: tok}, 400},
+		{"GET /api/audit/", req{path: "/api/audit/?login=9223372036854775808", token: tok}, 400},
+		{"GET /api/audit/", req{path: "/api/audit/?login=9223372036854775807&doctor=1", token: tok}, 200},
 		{"GET /api/schema/", req{}, 200},
 		{"GET /api/schema/", req{header: badHost}, 400},
 		{"GET /healthz", req{}, 200},
@@ -505,6 +516,36 @@ func TestOpenAPIShapes(t *testing.T) {
 	for key := range ops {
 		if !success[key] || !failure[key] {
 			t.Errorf("%s: the table needs a success case and an error case (have success %v, error %v)", key, success[key], failure[key])
+		}
+	}
+}
+
+// TestOpenAPIMalformedHTTP: a request that is not valid HTTP never reaches
+// the API: Go's server answers a plain-text 400, which every operation of
+// the document lists (contract v5, Errors).
+func TestOpenAPIMalformedHTTP(t *testing.T) {
+	doc, _ := oaLoad(t)
+	srv := httptest.NewServer(newTestServer(t, nil))
+	defer srv.Close()
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprint(conn, "GET /api/patients/ HTTP/1.1\r\nHost: localhost\r\nX-Note: a\x01b\r\n\r\n")
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	if ct := res.Header.Get("Content-Type"); res.StatusCode != 400 || !strings.HasPrefix(ct, "text/plain") ||
+		!strings.HasPrefix(string(body), "400 Bad Request") {
+		t.Fatalf("got %d %q %q, want Go's plain-text 400", res.StatusCode, ct, body)
+	}
+	for key, op := range doc.operations() {
+		r, err := doc.resolve(oaObj(op["responses"])["400"])
+		if err != nil || oaObj(r["content"])["text/plain"] == nil {
+			t.Errorf("%s: no text/plain 400 documented (%v)", key, err)
 		}
 	}
 }

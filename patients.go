@@ -66,8 +66,10 @@ func readPerson(r *http.Request, doctor bool) (person, error) {
 	return p, nil
 }
 
+// patientOrdering qualifies created_at: the bare name would sort the
+// select list's text of the same name (patientColumns), not the time.
 var patientOrdering = map[string]string{
-	"id": "id", "first_name": "first_name", "last_name": "last_name", "created_at": "created_at",
+	"id": "id", "first_name": "first_name", "last_name": "last_name", "created_at": "patients.created_at",
 }
 
 // Every patient statement writes its audit events itself, in a
@@ -82,6 +84,8 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) erro
 		return err
 	}
 	// $1 user, $2 login, $3 IP, $4 request id, $5 limit, $6 offset, $7… search terms.
+	// page is in the statement twice (the events, the rows), and so is
+	// login_live: each runs once, before any row.
 	where := `owner_id = $1` + p.search(7, "first_name", "last_name", "email")
 	page := `FROM patients WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $5 OFFSET $6`
 	q := `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
@@ -157,15 +161,19 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 }
 
 // handleDeletePatient deletes a patient; its mappings go with it (ON DELETE
-// CASCADE), its audit events stay.
+// CASCADE), each with its mapping.delete event, so that ?doctor= finds them;
+// its audit events stay.
 func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) error {
 	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id, $6 If-Match's tags, nil for any.
+	// The mappings read are those before the delete: every part of a
+	// statement sees the same snapshot.
 	const q = `WITH p AS (
 			DELETE FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2)
 				AND ($6::text[] IS NULL OR etag(id, version) = ANY($6))
 			RETURNING id),
-		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
-			SELECT $1, $2, 'patient.delete', id, $3, $4 FROM p)
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
+			SELECT $1, $2, 'patient.delete', id, NULL, $3, $4 FROM p
+			UNION ALL SELECT $1, $2, 'mapping.delete', patient_id, doctor_id, $3, $4 FROM mappings WHERE patient_id IN (SELECT id FROM p))
 		SELECT id FROM p`
 	info := infoFrom(r)
 	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))

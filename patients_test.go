@@ -1,12 +1,15 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -453,6 +456,31 @@ func TestPatientOrdering(t *testing.T) {
 		})
 	}
 	wantTablesIntact(t)
+	t.Run("created_at sorts the time, not its text", func(t *testing.T) {
+		wantTimeOrder(t, s, a.access, "patients", patientsPath+"?page_size=10", ids)
+	})
+}
+
+// wantTimeOrder sets the created_at of ids[0] and ids[1] (of table) to
+// 10000-01-01 and 9999-12-31, whose text sorts the other way round, and
+// wants path (with ordering=created_at, or -created_at) to sort the time.
+func wantTimeOrder(t *testing.T, s http.Handler, token, table, path string, ids []int64) {
+	t.Helper()
+	_, err := testDB.ExecContext(t.Context(), `UPDATE `+table+` SET created_at = CASE id WHEN $1 THEN timestamptz '10000-01-01Z'
+		ELSE timestamptz '9999-12-31Z' END WHERE id IN ($1, $2)`, ids[0], ids[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { // other tests list the shared doctors: give them times of this age back
+		testDB.ExecContext(context.Background(), `UPDATE `+table+` SET created_at = now() WHERE id IN ($1, $2)`, ids[0], ids[1])
+	})
+	pick := picker(ids)
+	for ordering, want := range map[string][]int64{"created_at": pick(2, 3, 1, 0), "-created_at": pick(0, 1, 3, 2)} {
+		got := resultIDs(t, wantObject(t, do(t, s, req{method: "GET", path: path + "&ordering=" + ordering, token: token}), 200))
+		if !slices.Equal(got, want) {
+			t.Errorf("ordering=%s: %v, want %v", ordering, got, want)
+		}
+	}
 }
 
 func TestPatientValidation(t *testing.T) {
@@ -1057,6 +1085,30 @@ func TestAuditEvents(t *testing.T) {
 		wantUnauthorized(t, res, bodyUnauthenticated)
 		wantEvents(t, res, nil)
 	})
+	t.Run("delete with mappings", func(t *testing.T) {
+		r, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Rae", "email": "rae-audit@example.com"})
+		d2, _ := mustCreate(t, s, a.access, "/api/doctors/", map[string]any{"first_name": "Doc", "email": uniqueName("d") + "@example.com", "specialization": "Surgery"})
+		for _, doctor := range []int64{d, d2} {
+			mustCreate(t, s, a.access, "/api/mappings/", map[string]any{"patient": r, "doctor": doctor})
+		}
+		res := as("DELETE", patientPath(r), nil)
+		wantNoContent(t, res)
+		var got []string
+		for _, e := range eventsOf(t, res) {
+			got = append(got, fmt.Sprintf("%s %d %v %v", e.action, *e.patient, jsonText(e.doctor), *e.login))
+		}
+		slices.Sort(got)
+		want := []string{fmt.Sprintf("mapping.delete %d %d %d", r, d, sid), fmt.Sprintf("mapping.delete %d %d %d", r, d2, sid),
+			fmt.Sprintf("patient.delete %d null %d", r, sid)}
+		if !slices.Equal(got, want) {
+			t.Fatalf("events %q, want %q", got, want)
+		}
+		// The trail by doctor finds the mapping removed with the patient.
+		page := wantObject(t, do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?doctor=%d&action=mapping.delete", d2), token: a.access}), 200)
+		if results := page["results"].([]any); len(results) != 1 || results[0].(map[string]any)["patient"] != float64(r) {
+			t.Fatalf("?doctor=%d: %v", d2, page)
+		}
+	})
 	t.Run("mapping delete", func(t *testing.T) {
 		var m int64
 		if err := testDB.QueryRowContext(t.Context(), `SELECT id FROM mappings WHERE patient_id = $1`, p).Scan(&m); err != nil {
@@ -1068,6 +1120,12 @@ func TestAuditEvents(t *testing.T) {
 	})
 	t.Run("account events", func(t *testing.T) {
 		c := register(t, s)
+		// Registering opened the account's first login: its trail says so.
+		results := wantObject(t, do(t, s, req{method: "GET", path: "/api/audit/", token: c.access}), 200)["results"].([]any)
+		if len(results) != 1 || results[0].(map[string]any)["action"] != "login" || results[0].(map[string]any)["patient"] != nil ||
+			results[0].(map[string]any)["login"] != float64(claimInt(t, tokenClaims(t, c.access), "sid")) {
+			t.Fatalf("after register: %v", results)
+		}
 		res := login(t, s, c.username, "a wrong password")
 		wantEvents(t, res, nil, "login.failed")
 		wantEvents(t, login(t, s, uniqueName("nobody"), "a wrong password"), nil, "login.failed")
@@ -1110,7 +1168,7 @@ func TestAuditList(t *testing.T) {
 	}
 	page := list(a.access, "")
 	results := page["results"].([]any)
-	if page["count"] != float64(2) || len(results) != 2 {
+	if page["count"] != float64(3) || len(results) != 3 || results[2].(map[string]any)["action"] != "login" { // register's login
 		t.Fatalf("a's events: %v", page)
 	}
 	newest := results[0].(map[string]any)
@@ -1135,9 +1193,53 @@ func TestAuditList(t *testing.T) {
 	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=x&login=1.5&action=patient.peek", token: a.access}), 400,
 		`{"patient": ["A valid integer is required."], "login": ["A valid integer is required."],
 		  "action": ["Select a valid choice. patient.peek is not one of the available choices."]}`)
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=0&doctor=-3&login=9223372036854775808", token: a.access}), 400,
+		`{"patient": ["Ensure this value is greater than or equal to 1."], "doctor": ["Ensure this value is greater than or equal to 1."],
+		  "login": ["A valid integer is required."]}`)
 	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?page=3", token: a.access}), 404, bodyInvalidPage)
 	if got := list(a.access, "?action=patient.create&page_size=1"); got["count"] != float64(1) {
 		t.Fatalf("filtered by action: %v", got)
+	}
+}
+
+// TestAuditActionsOneList: auditActions is the one list of actions. The
+// schema's check allows exactly these, the action filter takes exactly
+// these, and openapi.json's enums list exactly these.
+func TestAuditActionsOneList(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	var def string
+	err := testDB.QueryRowContext(t.Context(), `SELECT pg_get_constraintdef(oid) FROM pg_constraint
+		WHERE conrelid = 'audit_events'::regclass AND conname = 'audit_events_action_check'`).Scan(&def)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inSchema []string
+	for _, m := range regexp.MustCompile(`'([^']*)'::text`).FindAllStringSubmatch(def, -1) {
+		inSchema = append(inSchema, m[1])
+	}
+	if !slices.Equal(slices.Sorted(slices.Values(inSchema)), slices.Sorted(slices.Values(auditActions))) {
+		t.Errorf("schema.sql's check allows %q, auditActions lists %q", inSchema, auditActions)
+	}
+	doc, _ := oaLoad(t)
+	var enums [][]any
+	for _, p := range oaArr(doc.operations()["GET /api/audit/"]["parameters"]) {
+		if oaObj(p)["name"] == "action" {
+			enums = append(enums, oaArr(oaObj(oaObj(p)["schema"])["enum"]))
+		}
+	}
+	event := oaObj(oaObj(oaObj(doc.root["components"])["schemas"])["AuditEvent"])
+	enums = append(enums, oaArr(oaObj(oaObj(event["properties"])["action"])["enum"]))
+	for _, enum := range enums {
+		if fmt.Sprint(enum) != fmt.Sprint(auditActions) {
+			t.Errorf("openapi.json's enum %v, want auditActions %v", enum, auditActions)
+		}
+	}
+	if len(enums) != 2 {
+		t.Errorf("found %d action enums in openapi.json, want 2", len(enums))
+	}
+	for _, action := range append(auditActions, inSchema...) {
+		wantObject(t, do(t, s, req{method: "GET", path: "/api/audit/?action=" + url.QueryEscape(action), token: a.access}), 200)
 	}
 }
 
