@@ -44,8 +44,8 @@ func main() {
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if len(args) > 1 || len(args) == 1 && args[0] != "migrate" {
-		return fmt.Errorf("usage: healthcare [migrate], got %q", args)
+	if cmd := strings.Join(args, " "); cmd != "" && cmd != "migrate" && cmd != "import-django" && cmd != "import-django --check" {
+		return fmt.Errorf("usage: healthcare [migrate | import-django [--check]], got %q", args)
 	}
 	dotenv, err := readDotenv(".env")
 	if err != nil {
@@ -71,6 +71,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer db.Close()
+	if len(args) > 0 && args[0] == "import-django" {
+		return importDjango(ctx, db, cfg, len(args) == 2, logger, stdout)
+	}
 	if len(args) == 1 {
 		return runMigrate(ctx, db, cfg.appRole, stdout)
 	}
@@ -332,6 +335,7 @@ type config struct {
 	appRole            string // DB_APP_ROLE: the role migrate grants serving to
 	lockAfter          int    // LOGIN_LOCK_AFTER: failed logins in a row before an account waits
 	lockSeconds        int    // LOGIN_LOCK_S: the first wait
+	djangoURL          string // DJANGO_DATABASE_URL: import-django's source; it holds a password
 }
 
 // publishedKeys are SECRET_KEY values that have been shown in this
@@ -382,6 +386,7 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		appRole:            get("DB_APP_ROLE", ""),
 		lockAfter:          num("LOGIN_LOCK_AFTER", 10, 3, 100),
 		lockSeconds:        num("LOGIN_LOCK_S", 60, 1, 3600),
+		djangoURL:          get("DJANGO_DATABASE_URL", ""),
 	}
 	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
 	var err error
