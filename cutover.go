@@ -9,7 +9,6 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -20,14 +19,11 @@ import (
 // columns copied and the statement that reads the original's rows under
 // those names (any other column is for the checks only).
 var copies = [4]struct{ table, columns, read string }{
-	{"users", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username,
-		email, coalesce(nullif(btrim(first_name || ' ' || last_name), ''), normalize(username, NFKC)) AS name,
-		CASE WHEN is_active AND password LIKE 'pbkdf2\_sha256$%' THEN password END AS password,
-		date_joined AS created_at, last_login FROM auth_user`},
-	{"patients", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at",
-		`SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
-	{"doctors", "id, first_name, last_name, email, specialization, created_at, updated_at",
-		`SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
+	{"users", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
+		coalesce(nullif(btrim(first_name || ' ' || last_name), ''), normalize(username, NFKC)) AS name, date_joined AS created_at, last_login,
+		CASE WHEN is_active AND password LIKE 'pbkdf2\_sha256$%' THEN password END AS password FROM auth_user`},
+	{"patients", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
+	{"doctors", "id, first_name, last_name, email, specialization, created_at, updated_at", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
 	{"mappings", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
 		m.doctor_id, m.created_at FROM api_patientdoctormap m JOIN api_patient p ON p.id = m.patient_id`}, // its patient's owner
 }
@@ -57,17 +53,16 @@ func importDjango(ctx context.Context, db *sql.DB, cfg config, check bool, logge
 		case err != nil:
 			return fmt.Errorf(`this server's database (run "healthcare migrate" first): %w`, err)
 		case used:
-			return errors.New("this server's database already has users, patients, doctors or mappings: import-django copies into an empty one only")
+			return fmt.Errorf("this server's database already has users, patients, doctors or mappings: import-django copies into an empty one only")
 		case len(r.breaks) > 0:
 			return fmt.Errorf("%d problems (listed above) in rows this server would refuse: correct them in the original and run again; nothing was written", len(r.breaks))
 		case check:
+			fmt.Fprintf(stdout, "every row passes: import-django would copy %d users, %d patients, %d doctors, %d mappings\n", len(rows[0]), len(rows[1]), len(rows[2]), len(rows[3]))
 			return nil
 		}
 		return copyAll(ctx, tx, rows)
 	})
-	if err == nil && check {
-		fmt.Fprintf(stdout, "every row passes: import-django would copy %d users, %d patients, %d doctors, %d mappings\n", len(rows[0]), len(rows[1]), len(rows[2]), len(rows[3]))
-	} else if err == nil {
+	if err == nil && !check {
 		logger.Info("import", "users", len(rows[0]), "patients", len(rows[1]), "doctors", len(rows[2]), "mappings", len(rows[3]), "unusable_passwords", len(r.notes))
 	}
 	return err
@@ -77,12 +72,12 @@ func importDjango(ctx context.Context, db *sql.DB, cfg config, check bool, logge
 // rows of JSON members.
 func readDjango(ctx context.Context, url string) (rows [4][]fields, err error) {
 	if url == "" {
-		return rows, errors.New(`DJANGO_DATABASE_URL is not set: give the original service's database as "postgres://user:password@host/name"`)
+		return rows, fmt.Errorf(`DJANGO_DATABASE_URL is not set: give the original service's database as "postgres://user:password@host/name"`)
 	}
 	// The TLS rules of DATABASE_URL. The URL holds a password: no error quotes it.
 	cfg, err := dbConfig(func(key, def string) string { return cmp.Or(map[string]string{"DATABASE_URL": url}[key], def) })
 	if err != nil {
-		return rows, errors.New("DJANGO_DATABASE_URL: not a valid connection URL")
+		return rows, fmt.Errorf("DJANGO_DATABASE_URL: not a valid connection URL")
 	}
 	src, err := connect(cfg, 1)
 	if err != nil {
@@ -140,28 +135,27 @@ func (r *report) breakf(table string, row fields, format string, a ...any) {
 // surrounding spaces; an email's case aside) breaks the row.
 func (r *report) stored(table string, row fields, errs fieldErrors, read map[string]*string) {
 	for _, key := range []string{"username", "email", "name", "first_name", "last_name", "date_of_birth", "phone", "specialization"} {
-		var was string
-		for _, msg := range errs[key] {
-			r.breakf(table, row, "%s: %s", key, msg)
-		}
-		v, ok := read[key]
-		if !ok || v == nil || len(errs[key]) > 0 || string(row[key]) == "null" || json.Unmarshal(row[key], &was) != nil {
-			continue // refused, or a null date of birth, which stays null
-		} else if was != *v && !(key == "email" && strings.ToLower(was) == *v) {
+		v, was := read[key], ""
+		switch {
+		case len(errs[key]) > 0:
+			r.breakf(table, row, "%s: %s", key, strings.Join(errs[key], " "))
+		case v == nil || string(row[key]) == "null" || json.Unmarshal(row[key], &was) != nil:
+			// not read, or a null date of birth, which stays null
+		case was != *v && !(key == "email" && strings.ToLower(was) == *v):
 			r.breakf(table, row, "%s: %q would be stored as %q", key, was, *v)
+		default:
+			row[key], _ = json.Marshal(v)
 		}
-		row[key], _ = json.Marshal(read[key])
 	}
 }
 
 // unique breaks a row whose value for key (a login name, an email in its
-// scope) an earlier row already has.
+// scope) another row already has; one account's username may be its email.
 func (r *report) unique(seen map[string]json.RawMessage, key, table string, row fields, what string) {
-	if other, ok := seen[key]; ok {
+	if other, ok := seen[key]; ok && string(other) != string(row["id"]) {
 		r.breakf(table, row, "%s (%s %s has it)", what, table, other)
-	} else {
-		seen[key] = row["id"]
 	}
+	seen[key] = row["id"]
 }
 
 // check checks every row with the API's readers (middleware.go), in place:
@@ -172,12 +166,10 @@ func (r *report) check(rows [4][]fields) {
 	for _, u := range rows[0] {
 		errs := fieldErrors{}
 		username := u.username("username", errs)
-		r.stored("auth_user", u, errs, map[string]*string{"username": &username,
-			"email": u.email("email", true, errs), "name": u.text("name", true, 1, 150, errs)})
+		r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": u.email("email", true, errs), "name": u.text("name", true, 1, 150, errs)})
 		r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another account's login name, after NFKC and lower-casing", username))
-		if email := strings.Trim(string(u["email"]), `"`); email != strings.ToLower(username) {
-			r.unique(names, email, "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", email))
-		}
+		email := strings.Trim(string(u["email"]), `"`)
+		r.unique(names, email, "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", email))
 		if string(u["password"]) == "null" {
 			r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (inactive, or not a pbkdf2_sha256 hash)", u["id"]))
 			u["password"], _ = json.Marshal("!" + newSalt()) // Django's unusable form
@@ -188,9 +180,6 @@ func (r *report) check(rows [4][]fields) {
 		r.stored("api_patient", p, errs, map[string]*string{"first_name": p.text("first_name", true, 1, 100, errs),
 			"last_name": p.text("last_name", false, 0, 100, errs), "email": p.email("email", true, errs),
 			"date_of_birth": p.date("date_of_birth", errs), "phone": p.phone("phone", errs)})
-		if string(p["owner_id"]) == "null" {
-			r.breakf("api_patient", p, "created_by_id: null, and every patient here has an owner")
-		}
 		r.unique(emails, string(p["owner_id"])+string(p["email"]), "api_patient", p, "email: A patient with this email already exists (the same owner's)")
 	}
 	for _, d := range rows[2] {
