@@ -29,7 +29,7 @@ CREATE TABLE api_patientdoctormap (id bigserial PRIMARY KEY, created_at timestam
 
 // djangoSource makes a throw-away database of the original's shape (dropped
 // after the test), runs rows in it, and returns its URL.
-func djangoSource(t *testing.T, suffix, rows string) string {
+func djangoSource(t testing.TB, suffix, rows string) string {
 	t.Helper()
 	db := scratchDB(t, suffix, 0)
 	if _, err := db.ExecContext(t.Context(), djangoTables+rows); err != nil {
@@ -41,7 +41,7 @@ func djangoSource(t *testing.T, suffix, rows string) string {
 
 // importInto runs "healthcare import-django" (with args) from source into
 // the database target, as the binary would, and returns what it printed.
-func importInto(t *testing.T, target, source string, args ...string) (string, error) {
+func importInto(t testing.TB, target, source string, args ...string) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
 	env := testEnv(map[string]string{"DB_NAME": target, "DJANGO_DATABASE_URL": source})
@@ -50,7 +50,7 @@ func importInto(t *testing.T, target, source string, args ...string) (string, er
 }
 
 // rowCounts is "users patients doctors mappings login_names audit_events" of db.
-func rowCounts(t *testing.T, db *sql.DB) string {
+func rowCounts(t testing.TB, db *sql.DB) string {
 	t.Helper()
 	var got string
 	err := db.QueryRowContext(t.Context(), `SELECT concat_ws(' ', (SELECT count(*) FROM users), (SELECT count(*) FROM patients),
@@ -204,6 +204,32 @@ func TestImportDjangoSettings(t *testing.T) {
 		out, err := importInto(t, name, url)
 		if err == nil || strings.Contains(err.Error()+out, "Sekrit-pw") || !strings.Contains(err.Error(), "DJANGO_DATABASE_URL") {
 			t.Fatalf("%s: %v\n%s", url, err, out)
+		}
+	}
+}
+
+// BenchmarkImportDjango imports 100,000 patients, each with a mapping, of
+// 1,000 accounts, into a fresh database (README, Moving from the Django
+// service): go test -run '^$' -bench ImportDjango -benchtime 1x .
+func BenchmarkImportDjango(b *testing.B) {
+	source := djangoSource(b, "_bench", `
+		INSERT INTO auth_user SELECT g, '!', NULL, false, 'user' || g, 'First', 'Last', 'user' || g || '@example.com', false, true, now()
+			FROM generate_series(1, 1000) g;
+		INSERT INTO api_patient SELECT g, now(), now(), 1 + g % 1000, 'Pat', 'Ient', 'p' || g || '@example.com',
+			DATE '1950-01-01' + g % 20000, '+1 555 010 ' || lpad((g % 10000)::text, 4, '0') FROM generate_series(1, 100000) g;
+		INSERT INTO api_doctor SELECT g, now(), now(), 'Doc', 'Tor', 'd' || g || '@example.com', 'Cardiology' FROM generate_series(1, 100) g;
+		INSERT INTO api_patientdoctormap SELECT g, now(), now(), g, 1 + g % 100 FROM generate_series(1, 100000) g;`)
+	for i := range b.N {
+		b.StopTimer()
+		target := fmt.Sprintf("_bench%d", i)
+		db := scratchDB(b, target, -1)
+		b.StartTimer()
+		if out, err := importInto(b, testDBConfig.Database+target, source); err != nil {
+			b.Fatalf("import: %v\n%s", err, out)
+		}
+		b.StopTimer()
+		if got := rowCounts(b, db); got != "1000 100000 100 100000 2000 0" {
+			b.Fatalf("imported %s", got)
 		}
 	}
 }

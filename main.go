@@ -59,11 +59,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger := newLogger(stdout, cfg.debug)
 	// Garbage may grow to four times the live heap, within a soft 64 MiB
-	// (README, Performance), unless GOGC or GOMEMLIMIT say otherwise.
+	// while serving (README, Performance), unless GOGC or GOMEMLIMIT say
+	// otherwise; import-django holds the whole original in memory.
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(400)
 	}
-	if getenv("GOMEMLIMIT") == "" {
+	if getenv("GOMEMLIMIT") == "" && len(args) == 0 {
 		debug.SetMemoryLimit(64 << 20)
 	}
 	db, err := openDB(ctx, cfg.db, 4*runtime.NumCPU())
