@@ -192,6 +192,28 @@ func TestImportDjangoRefuses(t *testing.T) {
 	}
 }
 
+// TestImportDjangoTwoAtOnce: of two imports started together into one
+// empty database, exactly one copies; the other finds its rows.
+func TestImportDjangoTwoAtOnce(t *testing.T) {
+	source := djangoSource(t, "_twice", `INSERT INTO auth_user VALUES (1, '!', NULL, false, 'ada', '', '', 'ada@example.com', false, true, now());
+		INSERT INTO api_patient VALUES (1, now(), now(), 1, 'P', '', 'p@example.com', NULL, '');`)
+	target := scratchDB(t, "_twice_target", -1)
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() {
+			_, err := importInto(t, testDBConfig.Database+"_twice_target", source)
+			errs <- err
+		}()
+	}
+	first, second := <-errs, <-errs
+	if (first == nil) == (second == nil) || !strings.Contains(fmt.Sprint(first, second), "already has users, patients, doctors or mappings") {
+		t.Fatalf("two imports at once: %v; %v", first, second)
+	}
+	if got := rowCounts(t, target); got != "1 1 0 0 2 0" {
+		t.Fatalf("after two imports: %s", got)
+	}
+}
+
 // TestImportDjangoSettings: without DJANGO_DATABASE_URL the message names
 // it; a URL's password is never printed.
 func TestImportDjangoSettings(t *testing.T) {
