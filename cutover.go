@@ -162,14 +162,14 @@ func (r *report) unique(seen map[string]json.RawMessage, key, table string, row 
 // what each row becomes is what the API would store. An account without a
 // usable password gets Django's unusable form.
 func (r *report) check(rows [4][]fields) {
+	// Login names; emails: a patient's key starts with its owner, a doctor's with '"'.
 	names, emails := map[string]json.RawMessage{}, map[string]json.RawMessage{}
 	for _, u := range rows[0] {
 		errs := fieldErrors{}
-		username := u.username("username", errs)
-		r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": u.email("email", true, errs), "name": u.text("name", true, 1, 150, errs)})
+		username, email := u.username("username", errs), u.email("email", true, errs)
+		r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": email, "name": u.text("name", true, 1, 150, errs)})
 		r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another account's login name, after NFKC and lower-casing", username))
-		email := strings.Trim(string(u["email"]), `"`)
-		r.unique(names, email, "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", email))
+		r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", deref(email)))
 		if string(u["password"]) == "null" {
 			r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (inactive, or not a pbkdf2_sha256 hash)", u["id"]))
 			u["password"], _ = json.Marshal("!" + newSalt()) // Django's unusable form

@@ -110,6 +110,19 @@ func TestImportDjango(t *testing.T) {
 	if got := rowCounts(t, target); got != "3 3 2 2 6 0" {
 		t.Fatalf("after import: %s", got)
 	}
+	// Accounts as Django kept them, in this server's form; doctors without a
+	// creator; each mapping owned by its patient's owner.
+	var got string
+	err = target.QueryRowContext(t.Context(), `SELECT
+		(SELECT string_agg(concat_ws(':', id, username, name, email, api_time(created_at), api_time(last_login)), ' ' ORDER BY id) FROM users) || ' / ' ||
+		(SELECT string_agg(concat_ws(':', id, email, coalesce(created_by::text, '-')), ' ' ORDER BY id) FROM doctors) || ' / ' ||
+		(SELECT string_agg(concat_ws(':', id, owner_id, patient_id, doctor_id, api_time(created_at)), ' ' ORDER BY id) FROM mappings)`).Scan(&got)
+	want := "3:alice:Alice Liddell:alice@example.com:2021-01-02T03:04:05.654321Z:2024-05-01T10:00:00.123456Z " +
+		"7:bob:Bob:bob@example.com:2021-02-01T00:00:00.000000Z 10:carol:carol:carol@example.com:2021-03-01T00:00:00.000000Z / " +
+		"2:house@example.com:- 8:cuddy@example.com:- / 4:3:5:2:2023-01-01T00:00:00.000000Z 11:10:40:8:2023-01-02T00:00:00.000000Z"
+	if err != nil || got != want {
+		t.Fatalf("imported rows:\n%s, %v\nwant\n%s", got, err, want)
+	}
 	out, err = importInto(t, name, source)
 	if err == nil || !strings.Contains(err.Error(), "already has users, patients, doctors or mappings") {
 		t.Fatalf("second import: %v\n%s", err, out)
