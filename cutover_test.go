@@ -179,6 +179,8 @@ func TestImportDjangoRefuses(t *testing.T) {
 		{"email that is another account's username", `INSERT INTO auth_user VALUES (2, '!', NULL, false, 'ada@example.org', '', '', 'x@example.com', false, true, now()),
 			(3, '!', NULL, false, 'cy', '', '', 'ADA@example.org', false, true, now());`,
 			`auth_user 3: email "ada@example.org" is another account's login name (username or email) (auth_user 2 has it)`},
+		{"username Django's rule refuses", `INSERT INTO auth_user VALUES (2, '!', NULL, false, 'bad name', '', '', 'x@example.com', false, true, now());`,
+			`auth_user 2: username: Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters.`},
 		{"blank email", `INSERT INTO auth_user VALUES (2, '!', NULL, false, 'bo', '', '', '', false, true, now());`,
 			`auth_user 2: email: This field may not be blank.`},
 		{"bad phone", patient(6, "p@example.com", "NULL", "12345"),
