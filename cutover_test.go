@@ -127,6 +127,9 @@ func TestImportDjango(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "already has users, patients, doctors or mappings") {
 		t.Fatalf("second import: %v\n%s", err, out)
 	}
+	if got := rowCounts(t, target); got != "3 3 2 2 6 0" {
+		t.Fatalf("after a second import: %s", got)
+	}
 
 	s := newTestServerOn(t, target, slog.New(slog.NewTextHandler(io.Discard, nil)), nil, func(c *config) { c.passwordIterations = 300_000 })
 	pair := loginPair(t, s, "alice@example.com", oldPassword)
