@@ -388,6 +388,7 @@ type config struct {
 	lockAfter          int    // LOGIN_LOCK_AFTER: failed logins in a row before an account waits
 	lockSeconds        int    // LOGIN_LOCK_S: the first wait
 	lockAccountAfter   int    // LOGIN_LOCK_ACCOUNT_AFTER: failed logins in a row, from all sources, before unknown sources wait
+	djangoURL          string // DJANGO_DATABASE_URL: import-django's source; it holds a password
 }
 
 // publishedKeys are every SECRET_KEY value this repository has shown:
@@ -438,6 +439,7 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		lockAfter:          num("LOGIN_LOCK_AFTER", 10, 3, 100),
 		lockSeconds:        num("LOGIN_LOCK_S", 60, 1, 3600),
 		lockAccountAfter:   num("LOGIN_LOCK_ACCOUNT_AFTER", 100, 10, 100_000),
+		djangoURL:          get("DJANGO_DATABASE_URL", ""),
 	}
 	if _, err := net.ResolveTCPAddr("tcp", cfg.addr); err != nil {
 		errs = append(errs, fmt.Errorf("ADDR: want host:port, got %q (%w)", cfg.addr, err))

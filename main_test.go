@@ -701,7 +701,7 @@ func TestReadyzAsksOncePerSecond(t *testing.T) {
 // scratchDB is a database of its own for a test that changes the schema or
 // the statistics, created with schema.sql's steps up to step (all of them
 // when step is -1) and dropped after the test.
-func scratchDB(t *testing.T, suffix string, step int) *sql.DB {
+func scratchDB(t testing.TB, suffix string, step int) *sql.DB {
 	t.Helper()
 	needDB(t)
 	cfg := testDBConfig

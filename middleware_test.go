@@ -1432,8 +1432,9 @@ func TestCommands(t *testing.T) {
 		{[]string{"serv"}, `unknown command "serv": healthcare help lists the commands`},
 		{[]string{"migrate", "now"}, `unknown command "migrate now": healthcare help lists the commands`},
 		{[]string{"serve", "--addr=:80"}, `unknown command "serve --addr=:80": healthcare help lists the commands`},
-		{[]string{"unlock", "alice"}, `unlock: not available yet`},
-		{[]string{"import-django", "--check"}, `import-django: not available yet`},
+		{[]string{"unlock"}, `unknown command "unlock": healthcare help lists the commands`},
+		{[]string{"unlock", "a", "b"}, `unknown command "unlock a b": healthcare help lists the commands`},
+		{[]string{"import-django", "--force"}, `unknown command "import-django --force": healthcare help lists the commands`},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			if err := run(t.Context(), tc.args, testEnv(nil), io.Discard, io.Discard); err == nil || err.Error() != tc.want {
