@@ -75,12 +75,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		_, err := io.WriteString(stdout, usage)
 		return err
 	case command == "version":
-		version := "(unknown)" // the module's version as go build stamps it from git, or (devel)
-		if info, ok := debug.ReadBuildInfo(); ok {
-			version = info.Main.Version
-		}
-		_, err := fmt.Fprintln(stdout, "healthcare", version, runtime.Version())
-		return err
+		return printVersion(stdout)
 	case !valid[command]:
 		return fmt.Errorf("unknown command %q: healthcare help lists the commands", strings.Join(args, " "))
 	}
@@ -123,6 +118,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return unlock(ctx, db, args[1], stdout)
 	}
 	return runServe(ctx, cfg, db, logger, schema, warnings)
+}
+
+// printVersion is "healthcare version": the module's version as go build
+// stamps it from git, or (devel), and Go's.
+func printVersion(stdout io.Writer) error {
+	version := "(unknown)"
+	if info, ok := debug.ReadBuildInfo(); ok {
+		version = info.Main.Version
+	}
+	_, err := fmt.Fprintln(stdout, "healthcare", version, runtime.Version())
+	return err
 }
 
 // runServe is "healthcare serve": it logs what start found, prunes ended
@@ -412,10 +418,8 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		return n
 	}
 	rateOf := func(key, def string) rate {
-		r, err := parseRate(get(key, def))
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", key, err))
-		}
+		r, err := parseRate(key, get(key, def))
+		errs = append(errs, err) // errors.Join drops a nil
 		return r
 	}
 	cfg := config{
@@ -538,9 +542,9 @@ func dbConfig(get func(key, def string) string) (pq.Config, error) {
 	return cfg, nil
 }
 
-// parseRate reads "5/hour", "100/minute", "10/second", "2/day" or "off",
-// exactly: a misspelt period must not pass for another one.
-func parseRate(s string) (rate, error) {
+// parseRate reads the setting key, "5/hour", "100/minute", "10/second",
+// "2/day" or "off", exactly: a misspelt period must not pass for another one.
+func parseRate(key, s string) (rate, error) {
 	if s == "off" {
 		return rate{}, nil
 	}
@@ -550,7 +554,7 @@ func parseRate(s string) (rate, error) {
 	if unit, ok := units[period]; ok && err == nil && n >= 1 && n <= 1_000_000_000 {
 		return rate{n: int(n), period: unit}, nil
 	}
-	return rate{}, fmt.Errorf("want N/second, N/minute, N/hour or N/day (N from 1 to 1,000,000,000) or off, got %q", s)
+	return rate{}, fmt.Errorf("%s: want N/second, N/minute, N/hour or N/day (N from 1 to 1,000,000,000) or off, got %q", key, s)
 }
 
 // readDotenv reads KEY=value lines from path, if it exists: # comments,
