@@ -305,10 +305,8 @@ type tokenPair struct {
 func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64) (tokenPair, int64, error) {
 	var sid int64
 	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source.
-	const q = `WITH here AS (INSERT INTO login_attempts AS a (name, source, last_login) VALUES ('#' || $1::bigint, $3, now())
-			ON CONFLICT (name, source) DO UPDATE SET failures = 0, last_login = now()),
-		everywhere AS (UPDATE login_attempts SET failures = 0 WHERE name = '#' || $1 AND source = '')
-		INSERT INTO sessions (user_id, expires_at) VALUES ($1, now() + make_interval(days => $2)) RETURNING id`
+	const q = `INSERT INTO sessions (user_id, expires_at)
+		SELECT $1, now() + make_interval(days => $2) FROM login_succeeded('#' || $1::bigint, $3) RETURNING id`
 	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, source(infoFrom(r).clientIP)).Scan(&sid)
 	if err != nil {
 		return tokenPair{}, 0, fmt.Errorf("start login: %w", err)
@@ -436,7 +434,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	// login_names at registration. $1 login name, $2 source,
 	// $3 LOGIN_LOCK_AFTER, $4 LOGIN_LOCK_S, $5 LOGIN_LOCK_ACCOUNT_AFTER, $6 LOGIN_MAX_AGE_DAYS.
 	const q = `SELECT coalesce(u.id, 0), coalesce(u.password, ''), coalesce(u.password_version, 0),
-			login_attempt(coalesce('#' || u.id, left(k.name, 254)), $2, $3, $4, $5, $6)
+			login_attempt(coalesce('#' || u.id, '?' || left(k.name, 254)), $2, $3, $4, $5, $6)
 		FROM (SELECT lower(normalize($1, NFKC)) AS name) k
 		LEFT JOIN login_names n ON n.name = k.name LEFT JOIN users u ON u.id = n.user_id`
 	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), source(info.clientIP), s.cfg.lockAfter, s.cfg.lockSeconds,

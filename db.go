@@ -159,7 +159,22 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 	if pq.As(err, pqerror.InsufficientPrivilege) != nil {
 		return s, fmt.Errorf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, s.at, len(schemaSteps))
 	}
-	return s, err
+	if err != nil {
+		return s, err
+	}
+	// A step migrated without DB_APP_ROLE leaves the serving role without
+	// its new tables: refuse to start, rather than answer 500s.
+	const q = `SELECT coalesce(string_agg(relname, ', ' ORDER BY relname), '') FROM pg_class
+		WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'S') AND NOT CASE relkind WHEN 'S' THEN has_sequence_privilege(oid, 'USAGE')
+			ELSE has_table_privilege(oid, 'SELECT') AND (relname = 'schema_migrations' OR has_table_privilege(oid, 'INSERT')) END`
+	var missing string
+	if err := db.QueryRowContext(ctx, q).Scan(&missing); err != nil {
+		return s, fmt.Errorf("read the role's rights: %w", err)
+	}
+	if missing != "" {
+		return s, fmt.Errorf(`role %q may not use %s: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, s.role, missing, s.role)
+	}
+	return s, nil
 }
 
 // grantServing gives role exactly what serving needs, and takes back
@@ -200,7 +215,7 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 		GRANT SELECT, INSERT ON audit_events TO ` + r + `;
 		GRANT SELECT ON schema_migrations TO ` + r + `;
 		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
-		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), lock_wait(int, timestamptz, int, int),
+		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), lock_wait(int, timestamptz, int, int), login_succeeded(text, text),
 			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]) TO ` + r
 	return withTx(ctx, db, func(tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, grants); err != nil {
@@ -259,7 +274,7 @@ func pruneLogins(ctx context.Context, db *sql.DB, maxAgeDays int) error {
 	}
 	// $1 LOGIN_MAX_AGE_DAYS: older failures and logins mark nothing any more.
 	return inBatches(`DELETE FROM login_attempts WHERE (name, source) IN (SELECT name, source FROM login_attempts
-		WHERE greatest(last_failure, last_login) < now() - make_interval(days => $1) LIMIT 1000)`, maxAgeDays)
+		WHERE greatest(last_failure, last_login) < now() - make_interval(days => $1) LIMIT 1000 FOR UPDATE SKIP LOCKED)`, maxAgeDays)
 }
 
 // withTx runs fn in a transaction, committing only when fn succeeds.

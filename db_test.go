@@ -692,3 +692,27 @@ func TestTwoRolesAsReadmeSays(t *testing.T) {
 		t.Fatalf("search as the app role: %q, %v", found, err)
 	}
 }
+
+// TestStartRefusesMissingGrants: a step migrated without DB_APP_ROLE (as
+// the "behind" message says) leaves the serving role without its new
+// table: start refuses, naming the table and the command, instead of
+// answering 500s.
+func TestStartRefusesMissingGrants(t *testing.T) {
+	ctx := t.Context()
+	role := appRole(t)
+	owner := scratchDB(t, "_grants", -1)
+	if err := runMigrate(ctx, owner, role, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	app := connectAs(t, owner, role)
+	if _, err := ensureSchema(ctx, app); err != nil {
+		t.Fatalf("start after the grant: %v", err)
+	}
+	if _, err := owner.ExecContext(ctx, `REVOKE ALL ON login_attempts FROM `+pq.QuoteIdentifier(role)); err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf(`role %q may not use login_attempts: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, role, role)
+	if _, err := ensureSchema(ctx, app); err == nil || err.Error() != want {
+		t.Fatalf("start without the grant: %v, want %s", err, want)
+	}
+}

@@ -148,7 +148,7 @@ func TestPasswordChangeCountsAsFailedLogin(t *testing.T) {
 
 // TestLoginLockUnknownName: a name of no account locks exactly as an
 // account does, by its normalized, lower-cased form: the answers cannot
-// tell which names exist.
+// tell which names exist. Such a name never counts against an account.
 func TestLoginLockUnknownName(t *testing.T) {
 	s := lockServer(t)
 	a := register(t, s)
@@ -170,7 +170,11 @@ func TestLoginLockUnknownName(t *testing.T) {
 		if strings.Join(got, "\n") != strings.Join(want, "\n") {
 			t.Fatalf("attempts on %q from %s:\n%s\nwant\n%s", tc.name, tc.ip, strings.Join(got, "\n"), strings.Join(want, "\n"))
 		}
+	}	// "#<id>" is no account's name: its failures are its own, not account id's.
+	for range 3 {
+		wantUnauthorized(t, do(t, s, fromIP("198.51.100.32", loginReq(fmt.Sprintf("#%d", a.id), "a wrong password"))), badCredentialsBody)
 	}
+	pairOf(t, do(t, s, fromIP("198.51.100.32", loginReq(a.username, a.password))))
 }
 
 // TestLoginLockBurst: of twenty simultaneous wrong attempts from one source

@@ -280,9 +280,9 @@ $$;
 -- step 4: failed logins per account and source. A row counts one name's
 -- failed logins in a row from one source (the client IP as the rate limiter
 -- keys it), or from every source together (source ''). The name is
--- '#' || the account's id, whichever of its names was sent, or the
--- normalized, lower-cased name of no account, so that a name of no account
--- locks exactly as an account does.
+-- '#' || the account's id, whichever of its names was sent, or '?' || the
+-- normalized, lower-cased name of no account: two spaces that never meet,
+-- and a name of no account locks exactly as an account does.
 CREATE TABLE login_attempts (
     name         text        NOT NULL,
     source       text        NOT NULL,
@@ -291,6 +291,8 @@ CREATE TABLE login_attempts (
     last_login   timestamptz, -- the source's last successful login
     PRIMARY KEY (name, source)
 );
+-- The hourly prune finds rows nobody has touched for LOGIN_MAX_AGE_DAYS.
+CREATE INDEX login_attempts_seen ON login_attempts (greatest(last_failure, last_login));
 ALTER TABLE audit_events DROP CONSTRAINT audit_events_action_check,
     ADD CONSTRAINT audit_events_action_check CHECK (action IN ('patient.create', 'patient.read', 'patient.update',
         'patient.delete', 'patient.list', 'mapping.create', 'mapping.delete', 'mapping.list', 'doctor.create',
@@ -331,6 +333,17 @@ BEGIN
     SELECT who, s, 1, now() FROM unnest(ARRAY[src, CASE WHEN account_after IS NOT NULL THEN '' END]) s WHERE s IS NOT NULL
     ON CONFLICT (name, source) DO UPDATE SET failures = a.failures + 1, last_failure = now();
     RETURN 0;
+END $$;
+
+-- login_succeeded ends who's runs from src and from every source, and marks
+-- src as a source it logs in from. It takes login_attempt's lock first, so
+-- the two never wait for each other's rows in opposite orders.
+CREATE FUNCTION login_succeeded(who text, src text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext(who));
+    INSERT INTO login_attempts AS a (name, source, last_login) VALUES (who, src, now())
+    ON CONFLICT (name, source) DO UPDATE SET failures = 0, last_login = now();
+    UPDATE login_attempts SET failures = 0 WHERE name = who AND source = '';
 END $$;
 
 -- Once another user's patient is assigned to a doctor, its email (the
