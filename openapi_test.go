@@ -454,7 +454,7 @@ func TestOpenAPIShapes(t *testing.T) {
 		{"GET /api/audit/", req{path: "/api/audit/?patient=abc", token: tok}, 400},
 		{"GET /api/audit/", req{path: P("/api/audit/?action=doctor.update&doctor=%d", dA), token: tok}, 200},
 		{"GET /api/audit/", req{path: "/api/audit/?doctor=x", token: tok}, 400},
-		{"GET /api/audit/", req{path: "/api/audit/?page=99", token: tok}, 404},
+		{"GET /api/audit/", req{path: "/api/audit/?cursor=99", token: tok}, 404},
 		{"GET /api/schema/", req{}, 200},
 		{"GET /api/schema/", req{header: badHost}, 400},
 		{"GET /healthz", req{}, 200},
