@@ -573,25 +573,11 @@ var auditActions = []string{"patient.create", "patient.read", "patient.update", 
 	"mapping.create", "mapping.delete", "mapping.list", "doctor.create", "doctor.update", "doctor.delete", "login", "login.failed", "refresh.reused", "logout",
 	"logout.all", "password.change"}
 
-// A cursor is an opaque position in the trail: base64 of "<" and an event
-// id (the events before it: a next page) or of ">" and one (after it: a
-// previous page).
-func cursorAt(dir byte, id int64) string {
-	return base64.RawURLEncoding.EncodeToString(strconv.AppendInt([]byte{dir}, id, 10))
-}
-
-var errInvalidCursor = &apiError{status: http.StatusNotFound, body: detail("Invalid cursor")}
-
-// handleListAudit lists the caller's own events, newest first, a page at a
-// time by cursor (DRF's CursorPagination): a page reads about its own rows
-// through one index, however long the trail. user_id = $1 holds for every
-// filter: no filter reaches another account's events.
-func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
-	q, info := r.URL.Query(), infoFrom(r)
-	p, _ := parseList(url.Values{"page_size": q["page_size"]}, nil, false) // page_size alone never fails
-	// $1 user, $2 login, $3 the page's size and one, $4 the cursor's id,
-	// then each filter given, in this order, from $5.
-	where, args, errs := "user_id = $1", []any{info.userID, info.sessionID, p.size + 1, int64(math.MaxInt64)}, fieldErrors{}
+// auditFilters returns the WHERE of the audit filters q gives: only those,
+// so that each set of filters is its own statement, with a plan that reads
+// its own index. Each value is appended to args, its placeholder next.
+func auditFilters(q url.Values, args []any) (string, []any, error) {
+	where, errs := "user_id = $1", fieldErrors{}
 	for _, fc := range [][2]string{{"patient", "patient_id"}, {"doctor", "doctor_id"}, {"login", "login_id"}, {"action", "action"}} {
 		f, v := fc[0], q.Get(fc[0])
 		n, err := strconv.ParseInt(v, 10, 64)
@@ -602,33 +588,54 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 			errs.add(f, fmt.Sprintf("Select a valid choice. %s is not one of the available choices.", v))
 		case f == "action":
 			args = append(args, v)
-		case err != nil && !errors.Is(err, strconv.ErrRange):
+		case err != nil:
 			errs.add(f, "A valid integer is required.")
 		case n < 1:
 			errs.add(f, "Ensure this value is greater than or equal to 1.")
-		case err != nil:
-			errs.add(f, "Ensure this value is less than or equal to 9223372036854775807.")
 		default:
 			args = append(args, n)
 		}
 		where += fmt.Sprintf(" AND %s = $%d", fc[1], len(args))
 	}
 	if len(errs) > 0 {
-		return errs
+		return "", nil, errs
+	}
+	return where, args, nil
+}
+
+// A cursor is an opaque position in the trail: base64 of "<" and an event
+// id (the events before it: a next page) or of ">" and one (after it: a
+// previous page).
+func cursorAt(dir byte, id int64) string {
+	return base64.RawURLEncoding.EncodeToString(strconv.AppendInt([]byte{dir}, id, 10))
+}
+
+// handleListAudit lists the caller's own events, newest first, a page at a
+// time by cursor (DRF's CursorPagination): a page reads about its own rows
+// through one index, however long the trail. user_id = $1 holds for every
+// filter: no filter reaches another account's events.
+func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
+	q, info := r.URL.Query(), infoFrom(r)
+	p, _ := parseList(url.Values{"page_size": q["page_size"]}, nil, false) // page_size alone never fails
+	// $1 user, $2 login, $3 the page's size and one, $4 the cursor's id,
+	// then each filter given, in this order, from $5.
+	where, args, err := auditFilters(q, []any{info.userID, info.sessionID, p.size + 1, int64(math.MaxInt64)})
+	if err != nil {
+		return err
 	}
 	// Only a cursor in the very form this server writes is read: decoded,
 	// it must encode to the same text.
-	dir, order := byte('<'), "DESC"
+	dir := byte('<')
 	if c := q.Get("cursor"); q.Has("cursor") {
 		b, _ := base64.RawURLEncoding.DecodeString(c)
 		id, err := strconv.ParseInt(string(b[min(1, len(b)):]), 10, 64)
 		if err != nil || id < 1 || b[0] != '<' && b[0] != '>' || cursorAt(b[0], id) != c {
-			return errInvalidCursor
+			return &apiError{status: http.StatusNotFound, body: detail("Invalid cursor")}
 		}
-		if dir, args[3] = b[0], id; dir == '>' {
-			order = "ASC"
-		}
+		dir, args[3] = b[0], id
 	}
+	// dir is '<' or '>', checked above: the comparison, and its order.
+	order := map[byte]string{'<': "DESC", '>': "ASC"}[dir]
 	query := `SELECT id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id FROM audit_events
 		WHERE ` + where + ` AND id ` + string(dir) + ` $4 AND login_live($1, $2) ORDER BY id ` + order + ` LIMIT $3`
 	rows, err := s.db.QueryContext(r.Context(), query, args...)

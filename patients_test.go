@@ -1179,7 +1179,7 @@ func TestAuditList(t *testing.T) {
 		  "action": ["Select a valid choice. patient.peek is not one of the available choices."]}`)
 	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=0&doctor=-7&login=9223372036854775808", token: a.access}), 400,
 		`{"patient": ["Ensure this value is greater than or equal to 1."], "doctor": ["Ensure this value is greater than or equal to 1."],
-		  "login": ["Ensure this value is less than or equal to 9223372036854775807."]}`)
+		  "login": ["A valid integer is required."]}`)
 	if got := list(a.access, "?action=patient.create&page_size=1"); len(got["results"].([]any)) != 1 || got["next"] != nil {
 		t.Fatalf("filtered by action: %v", got)
 	}
