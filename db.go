@@ -470,6 +470,16 @@ func (p listParams) search(first int, columns ...string) string {
 	return sql
 }
 
+// count is a list's count column. A search reads every match to order them,
+// so its page counts them on the way (a window); without one, an index
+// counts the rows alone.
+func (p listParams) count(table, where string) string {
+	if len(p.terms) > 0 {
+		return "count(*) OVER ()"
+	}
+	return "(SELECT count(*) FROM " + table + " WHERE " + where + ")"
+}
+
 // page is a collection GET's body, as DRF's PageNumberPagination writes it.
 type page[T any] struct {
 	Count    int     `json:"count"`
@@ -498,28 +508,22 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 	if len(results) == 0 && p.page > 1 {
 		return errInvalidPage
 	}
-	link := func(n int) *string {
-		if n == 1 {
-			return pageLink(r, "page", "") // as DRF does
-		}
-		return pageLink(r, "page", strconv.Itoa(n))
-	}
 	pg := page[T]{Count: count, Results: results}
 	if p.page*p.size < count {
-		pg.Next = link(p.page + 1)
+		pg.Next = pageLink(r, "page", strconv.Itoa(p.page+1))
 	}
 	if p.page > 1 {
-		pg.Previous = link(p.page - 1)
+		pg.Previous = pageLink(r, "page", strconv.Itoa(p.page-1))
 	}
 	return writeJSON(w, http.StatusOK, pg)
 }
 
-// pageLink is r's own URL, absolute, with key set to value in its query, or
-// without key when value is "".
+// pageLink is r's own URL, absolute, with key set to value in its query.
+// The link to page 1 carries no page parameter, as DRF's.
 func pageLink(r *http.Request, key, value string) *string {
 	q := r.URL.Query()
 	q.Set(key, value)
-	if value == "" {
+	if key == "page" && value == "1" {
 		q.Del(key)
 	}
 	scheme := "http"
