@@ -279,12 +279,13 @@ $$;
 
 -- step 4: pages that cost the same at any size. The audit trail pages by
 -- id; a filter reads one range of its own index (each is paid for on
--- every event written). Search runs on trigram indexes of the searched
+-- every event written), which holds user_id too, so that a generic plan
+-- (which cannot tell one user from another) prefers it to user_id's own. Search runs on trigram indexes of the searched
 -- fields joined by ' ': a term never holds a space, so a term found in the
 -- joined text is found in one field. The extension needs the schema owner.
-CREATE INDEX audit_events_patient ON audit_events (patient_id, id) WHERE patient_id IS NOT NULL;
-CREATE INDEX audit_events_doctor ON audit_events (doctor_id, id) WHERE doctor_id IS NOT NULL;
-CREATE INDEX audit_events_login ON audit_events (login_id, id);
+CREATE INDEX audit_events_patient ON audit_events (user_id, patient_id, id) WHERE patient_id IS NOT NULL;
+CREATE INDEX audit_events_doctor ON audit_events (user_id, doctor_id, id) WHERE doctor_id IS NOT NULL;
+CREATE INDEX audit_events_login ON audit_events (user_id, login_id, id);
 CREATE INDEX audit_events_action ON audit_events (user_id, action, id);
 CREATE EXTENSION IF NOT EXISTS pg_trgm;
 CREATE INDEX patients_search ON patients USING gin ((first_name || ' ' || last_name || ' ' || email) gin_trgm_ops);
