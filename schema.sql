@@ -278,11 +278,12 @@ CREATE FUNCTION etag(id bigint, version integer) RETURNS text LANGUAGE sql STABL
 $$;
 
 -- step 4: pages that cost the same at any size. The audit trail pages by
--- id; a filter reads one range of its own index (each is paid for on
--- every event written), which holds user_id too, so that a generic plan
--- (which cannot tell one user from another) prefers it to user_id's own. Search runs on trigram indexes of the searched
--- fields joined by ' ': a term never holds a space, so a term found in the
--- joined text is found in one field. The extension needs the schema owner.
+-- id; a filter reads one range of its own index (each is paid for on every
+-- event written), which leads with user_id, so that a generic plan (blind
+-- to which user asks) prefers it to user_id's own. Search runs on trigram
+-- indexes of the searched fields joined by ' ': a term never holds a space,
+-- so a term found in the joined text is found in one field. pg_trgm is a
+-- trusted extension: the schema's owner creates it.
 CREATE INDEX audit_events_patient ON audit_events (user_id, patient_id, id) WHERE patient_id IS NOT NULL;
 CREATE INDEX audit_events_doctor ON audit_events (user_id, doctor_id, id) WHERE doctor_id IS NOT NULL;
 CREATE INDEX audit_events_login ON audit_events (user_id, login_id, id);
