@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	_ "embed"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -531,19 +532,27 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 	return p, nil
 }
 
-// search returns " AND (c1 ILIKE $7 OR c2 ILIKE $7) AND (… $8 …)" for first
-// = 7: every term must match one of columns. The terms are the statement's
-// last arguments, from $first.
+// search returns " AND (c1 || ' ' || c2) ILIKE $7 AND (…) ILIKE $8" for
+// first = 7: every term must occur in the columns joined by ' ', the
+// expression a trigram index holds (schema.sql). A term holds no space, so
+// it occurs in the joined text only within one column. The terms are the
+// statement's last arguments, from $first.
 func (p listParams) search(first int, columns ...string) string {
 	var sql string
 	for i := range p.terms {
-		var matches []string
-		for _, c := range columns {
-			matches = append(matches, fmt.Sprintf("%s ILIKE $%d", c, first+i))
-		}
-		sql += " AND (" + strings.Join(matches, " OR ") + ")"
+		sql += fmt.Sprintf(" AND (%s) ILIKE $%d", strings.Join(columns, " || ' ' || "), first+i)
 	}
 	return sql
+}
+
+// count is a list's count column. A search reads every match to order them,
+// so its page counts them on the way (a window); without one, an index
+// counts the rows alone.
+func (p listParams) count(table, where string) string {
+	if len(p.terms) > 0 {
+		return "count(*) OVER ()"
+	}
+	return "(SELECT count(*) FROM " + table + " WHERE " + where + ")"
 }
 
 // page is a collection GET's body, as DRF's PageNumberPagination writes it.
@@ -560,7 +569,6 @@ func (p listParams) offset() int { return (p.page - 1) * p.size }
 // listPage answers a collection GET with the page p asks for: q, run with
 // args, selects the page's rows with the total count in front of each.
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, scan func(rowScanner) (T, error), q string, args ...any) error {
-	info := infoFrom(r)
 	rows, err := db.QueryContext(r.Context(), q, args...)
 	if err != nil {
 		return fmt.Errorf("list: %w", err)
@@ -575,28 +583,30 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 	if len(results) == 0 && p.page > 1 {
 		return errInvalidPage
 	}
-	link := func(n int) *string {
-		q := r.URL.Query()
-		if n == 1 {
-			q.Del("page") // as DRF does
-		} else {
-			q.Set("page", strconv.Itoa(n))
-		}
-		scheme := "http"
-		if info.https {
-			scheme = "https"
-		}
-		u := (&url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}).String()
-		return &u
-	}
 	pg := page[T]{Count: count, Results: results}
 	if p.page*p.size < count {
-		pg.Next = link(p.page + 1)
+		pg.Next = pageLink(r, "page", strconv.Itoa(p.page+1))
 	}
 	if p.page > 1 {
-		pg.Previous = link(p.page - 1)
+		pg.Previous = pageLink(r, "page", strconv.Itoa(p.page-1))
 	}
 	return writeJSON(w, http.StatusOK, pg)
+}
+
+// pageLink is r's own URL, absolute, with key set to value in its query.
+// The link to page 1 carries no page parameter, as DRF's.
+func pageLink(r *http.Request, key, value string) *string {
+	q := r.URL.Query()
+	q.Set(key, value)
+	if key == "page" && value == "1" {
+		q.Del(key)
+	}
+	scheme := "http"
+	if infoFrom(r).https {
+		scheme = "https"
+	}
+	u := (&url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}).String()
+	return &u
 }
 
 // scanFunc makes a function a rowScanner: listPage's scans the count column
@@ -644,42 +654,96 @@ var auditActions = []string{"patient.create", "patient.read", "patient.update", 
 	"mapping.create", "mapping.delete", "mapping.list", "doctor.create", "doctor.update", "doctor.delete", "login", "login.failed", "refresh.reused", "logout",
 	"logout.all", "password.change", "login.unlock"}
 
-// handleListAudit lists the caller's own events, newest first. user_id = $1
-// holds for every filter: no filter reaches another account's events.
+// auditFilters returns the WHERE of the audit filters q gives: only those,
+// so that each set of filters is its own statement, with a plan that reads
+// its own index. Each value is appended to args, its placeholder next.
+func auditFilters(q url.Values, args []any) (string, []any, error) {
+	where, errs := "user_id = $1", fieldErrors{}
+	for _, fc := range [][2]string{{"patient", "patient_id"}, {"doctor", "doctor_id"}, {"login", "login_id"}, {"action", "action"}} {
+		f, v := fc[0], q.Get(fc[0])
+		n, err := strconv.ParseInt(v, 10, 64)
+		switch {
+		case v == "":
+			continue
+		case f == "action" && !slices.Contains(auditActions, v):
+			errs.add(f, fmt.Sprintf("Select a valid choice. %s is not one of the available choices.", v))
+		case f == "action":
+			args = append(args, v)
+		case err != nil:
+			errs.add(f, "A valid integer is required.")
+		case n < 1:
+			errs.add(f, "Ensure this value is greater than or equal to 1.")
+		default:
+			args = append(args, n)
+		}
+		where += fmt.Sprintf(" AND %s = $%d", fc[1], len(args))
+	}
+	if len(errs) > 0 {
+		return "", nil, errs
+	}
+	return where, args, nil
+}
+
+// A cursor is an opaque position in the trail: base64 of "<" and an event
+// id (the events before it: a next page) or of ">" and one (after it: a
+// previous page).
+func cursorAt(dir byte, id int64) string {
+	return base64.RawURLEncoding.EncodeToString(strconv.AppendInt([]byte{dir}, id, 10))
+}
+
+// handleListAudit lists the caller's own events, newest first, a page at a
+// time by cursor (DRF's CursorPagination): a page reads about its own rows
+// through one index, however long the trail. user_id = $1 holds for every
+// filter: no filter reaches another account's events.
 func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
-	q := r.URL.Query()
-	// Pages as for every list; there is no search or ordering to read.
-	p, err := parseList(url.Values{"page": q["page"], "page_size": q["page_size"]}, map[string]string{"id": "id"}, false)
+	q, info := r.URL.Query(), infoFrom(r)
+	p, _ := parseList(url.Values{"page_size": q["page_size"]}, nil, false) // page_size alone never fails
+	// $1 user, $2 login, $3 the page's size and one, $4 the cursor's id,
+	// then each filter given, in this order, from $5.
+	where, args, err := auditFilters(q, []any{info.userID, info.sessionID, p.size + 1, int64(math.MaxInt64)})
 	if err != nil {
 		return err
 	}
-	errs, ids := fieldErrors{}, map[string]*int64{}
-	for _, key := range []string{"patient", "doctor", "login"} {
-		if v := q.Get(key); v != "" {
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil {
-				errs.add(key, "A valid integer is required.")
-			} else if n < 1 { // as DRF's min_value: no id or sid is below 1
-				errs.add(key, "Ensure this value is greater than or equal to 1.")
-			}
-			ids[key] = &n
+	// Only a cursor in the very form this server writes is read: decoded,
+	// it must encode to the same text.
+	dir := byte('<')
+	if c := q.Get("cursor"); q.Has("cursor") {
+		b, _ := base64.RawURLEncoding.DecodeString(c)
+		id, err := strconv.ParseInt(string(b[min(1, len(b)):]), 10, 64)
+		if err != nil || id < 1 || b[0] != '<' && b[0] != '>' || cursorAt(b[0], id) != c {
+			return &apiError{status: http.StatusNotFound, body: detail("Invalid cursor")}
+		}
+		dir, args[3] = b[0], id
+	}
+	// dir is '<' or '>', checked above: the comparison, and its order.
+	order := map[byte]string{'<': "DESC", '>': "ASC"}[dir]
+	query := `SELECT id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id FROM audit_events
+		WHERE ` + where + ` AND id ` + string(dir) + ` $4 AND login_live($1, $2) ORDER BY id ` + order + ` LIMIT $3`
+	rows, err := s.db.QueryContext(r.Context(), query, args...)
+	if err != nil {
+		return fmt.Errorf("list audit: %w", err)
+	}
+	events, err := scanAll(rows, scanEvent)
+	if err != nil {
+		return err
+	}
+	more := len(events) > p.size // beyond this page, in the direction read
+	events = events[:min(len(events), p.size)]
+	if dir == '>' {
+		slices.Reverse(events)
+	}
+	var pg struct {
+		Next     *string `json:"next"`
+		Previous *string `json:"previous"`
+		Results  []event `json:"results"`
+	}
+	if pg.Results = events; len(events) > 0 {
+		if more || dir == '>' {
+			pg.Next = pageLink(r, "cursor", cursorAt('<', events[len(events)-1].ID))
+		}
+		if more && dir == '>' || dir == '<' && q.Has("cursor") {
+			pg.Previous = pageLink(r, "cursor", cursorAt('>', events[0].ID))
 		}
 	}
-	action := q.Get("action")
-	if action != "" && !slices.Contains(auditActions, action) {
-		errs.add("action", fmt.Sprintf("Select a valid choice. %s is not one of the available choices.", action))
-	}
-	if len(errs) > 0 {
-		return errs
-	}
-	// $1 user, $2 login, $3 limit, $4 offset, then the filters, each null
-	// or '' when not given: $5 patient, $6 doctor, $7 login, $8 action.
-	const where = `user_id = $1 AND ($5::bigint IS NULL OR patient_id = $5) AND ($6::bigint IS NULL OR doctor_id = $6)
-		AND ($7::bigint IS NULL OR login_id = $7) AND ($8 = '' OR action = $8)`
-	const query = `SELECT (SELECT count(*) FROM audit_events WHERE ` + where + `),
-			id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id
-		FROM audit_events WHERE ` + where + ` AND login_live($1, $2) ORDER BY id DESC LIMIT $3 OFFSET $4`
-	info := infoFrom(r)
-	return listPage(w, r, s.db, p, scanEvent, query, info.userID, info.sessionID, p.size, p.offset(),
-		ids["patient"], ids["doctor"], ids["login"], action)
+	return writeJSON(w, http.StatusOK, pg)
 }

@@ -48,7 +48,7 @@ func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) error
 	}
 	// $1 user, $2 login, $3 limit, $4 offset, $5… search terms.
 	where := `true` + p.search(5, "first_name", "last_name", "email", "specialization")
-	q := `SELECT (SELECT count(*) FROM doctors WHERE ` + where + `), ` + doctorColumns + `
+	q := `SELECT ` + p.count("doctors", where) + `, ` + doctorColumns + `
 		FROM doctors WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
 	info := infoFrom(r)
 	return listPage(w, r, s.db, p, scanDoctor, q, append([]any{info.userID, info.sessionID, p.size, p.offset()}, p.terms...)...)

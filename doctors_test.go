@@ -596,10 +596,10 @@ func TestDoctorEvents(t *testing.T) {
 		actions = append(actions, fmt.Sprint(ev["action"], " ", ev["doctor"], " ", ev["fields"]))
 	}
 	want := []string{fmt.Sprintf("doctor.delete %d []", id), fmt.Sprintf("doctor.update %d [last_name]", id), fmt.Sprintf("doctor.create %d []", id)}
-	if page["count"] != float64(3) || strings.Join(actions, "; ") != strings.Join(want, "; ") {
-		t.Fatalf("audit ?doctor=%d: count %v, %q; want %q", id, page["count"], actions, want)
+	if page["next"] != nil || strings.Join(actions, "; ") != strings.Join(want, "; ") {
+		t.Fatalf("audit ?doctor=%d: next %v, %q; want %q", id, page["next"], actions, want)
 	}
-	wantPage(t, do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?doctor=%d", id), token: b.access}), 0, "", "", nil)
+	wantJSON(t, do(t, s, req{method: "GET", path: fmt.Sprintf("/api/audit/?doctor=%d", id), token: b.access}), 200, emptyCursorPage)
 	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?doctor=x", token: a.access}), 400, `{"doctor": ["A valid integer is required."]}`)
 }
 

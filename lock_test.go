@@ -170,7 +170,7 @@ func TestLoginLockUnknownName(t *testing.T) {
 		if strings.Join(got, "\n") != strings.Join(want, "\n") {
 			t.Fatalf("attempts on %q from %s:\n%s\nwant\n%s", tc.name, tc.ip, strings.Join(got, "\n"), strings.Join(want, "\n"))
 		}
-	}	// "#<id>" is no account's name: its failures are its own, not account id's.
+	} // "#<id>" is no account's name: its failures are its own, not account id's.
 	for range 3 {
 		wantUnauthorized(t, do(t, s, fromIP("198.51.100.32", loginReq(fmt.Sprintf("#%d", a.id), "a wrong password"))), badCredentialsBody)
 	}

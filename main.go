@@ -400,7 +400,8 @@ type config struct {
 // publishedKeys are every SECRET_KEY value this repository has shown:
 // anyone could sign tokens with them. TestPublishedKeysRefused finds new ones.
 var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes", "test-secret-key-0123456789abcdef-0123456789",
-	"bench-secret-key-0123456789abcdef-0123456789", "ab-secret-key-0123456789abcdef-0123456789", "chaos-secret-key-0123456789abcdef-0123456789"}
+	"bench-secret-key-0123456789abcdef-0123456789", "ab-secret-key-0123456789abcdef-0123456789", "chaos-secret-key-0123456789abcdef-0123456789",
+	"scale-secret-key-0123456789abcdef-0123456789"}
 
 // loadConfig reads the configuration README lists, with its defaults and
 // bounds (README lists them). It refuses invalid values, naming the

@@ -90,7 +90,7 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) erro
 	page := `FROM patients WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $5 OFFSET $6`
 	q := `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
 			SELECT $1, $2, 'patient.list', id, $3, $4 FROM (SELECT id ` + page + `) shown)
-		SELECT (SELECT count(*) FROM patients WHERE ` + where + `), ` + patientColumns + ` ` + page
+		SELECT ` + p.count("patients", where) + `, ` + patientColumns + ` ` + page
 	info := infoFrom(r)
 	args := append([]any{info.userID, info.sessionID, info.clientIP.String(), info.id, p.size, p.offset()}, p.terms...)
 	return listPage(w, r, s.db, p, scanPatient, q, args...)

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -30,6 +32,45 @@ func adaBody(email string) map[string]any {
 }
 
 // patientWant is the wantShape pattern of a patient; id 0 means any id; dob
+// TestSearchAcrossFields: search runs on the fields joined by ' ', so a
+// term must never match across two fields (a literal % or _ bridging the
+// join, or a term spanning it); non-ASCII terms match case-insensitively;
+// terms shorter than a trigram still match.
+func TestSearchAcrossFields(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	rows := []map[string]any{
+		{"first_name": "Zoë", "last_name": "Straße", "email": "zoe@x.org"},
+		{"first_name": "ab", "last_name": "cd", "email": "abcd@y.org"},
+		{"first_name": "a%b", "last_name": "c_d", "email": "pct@y.org"},
+		{"first_name": "Ωmega", "last_name": "ÉLAN", "email": "w@z.org"},
+	}
+	ids := make([]int64, len(rows))
+	for i, r := range rows {
+		ids[i], _ = mustCreate(t, s, a.access, patientsPath, r)
+	}
+	pick := picker(ids)
+	for _, tc := range []struct {
+		search string
+		want   []int64
+	}{
+		{"zoë", pick(0)}, {"ZOË", pick(0)}, {"ß", pick(0)}, {"straße", pick(0)}, {"strasse", pick()}, {"ë", pick(0)},
+		{"ωMEGA", pick(3)}, {"élan", pick(3)}, {"É", pick(3)},
+		{"b%c", pick()}, {"b_c", pick()}, {"b c", pick(1, 2)}, {"ab,cd", pick(1)}, {"abcd", pick(1)},
+		{"%b", pick(2)}, {"c_", pick(2)}, {"_d", pick(2)}, {"%", pick(2)}, {"_", pick(2)},
+		{"a", pick(0, 1, 2, 3)}, {"y.", pick(1, 2)}, {"org cd", pick(1)}, {"zoe@x.org zoë", pick(0)}, {"@x.org straße", pick(0)},
+		{"Zoë Straße", pick(0)}, {"oë s", pick(0)}, {"zoëstraße", pick()},
+	} {
+		t.Run(tc.search, func(t *testing.T) {
+			res := do(t, s, req{method: "GET", path: patientsPath + "?search=" + url.QueryEscape(tc.search), token: a.access})
+			wantPage(t, res, len(tc.want), "", "", tc.want)
+		})
+	}
+	d, _ := mustCreate(t, s, a.access, doctorsPath, doctorBody(uniqueName("d")+"@example.com", "Ærø", "Kardiologie_ß"))
+	wantPage(t, do(t, s, req{method: "GET", path: doctorsPath + "?search=" + url.QueryEscape("ærø gie_ß"), token: a.access}), 1, "", "", []int64{d})
+	wantPage(t, do(t, s, req{method: "GET", path: doctorsPath + "?search=" + url.QueryEscape("ø%k"), token: a.access}), 0, "", "", nil)
+}
+
 // nil means null.
 func patientWant(id int64, first, last, email string, dob any, phone string) string {
 	var idv any = "<id>"
@@ -1168,7 +1209,7 @@ func TestAuditList(t *testing.T) {
 	}
 	page := list(a.access, "")
 	results := page["results"].([]any)
-	if page["count"] != float64(3) || len(results) != 3 || results[2].(map[string]any)["action"] != "login" { // register's login
+	if len(page) != 3 || page["next"] != nil || page["previous"] != nil || len(results) != 3 || results[2].(map[string]any)["action"] != "login" { // register's login
 		t.Fatalf("a's events: %v", page)
 	}
 	newest := results[0].(map[string]any)
@@ -1189,15 +1230,14 @@ func TestAuditList(t *testing.T) {
 			}
 		}
 	}
-	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=" + fmt.Sprint(bp), token: a.access}), 200, emptyPage)
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=" + fmt.Sprint(bp), token: a.access}), 200, emptyCursorPage)
 	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=x&login=1.5&action=patient.peek", token: a.access}), 400,
 		`{"patient": ["A valid integer is required."], "login": ["A valid integer is required."],
 		  "action": ["Select a valid choice. patient.peek is not one of the available choices."]}`)
-	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=0&doctor=-3&login=9223372036854775808", token: a.access}), 400,
+	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?patient=0&doctor=-7&login=9223372036854775808", token: a.access}), 400,
 		`{"patient": ["Ensure this value is greater than or equal to 1."], "doctor": ["Ensure this value is greater than or equal to 1."],
 		  "login": ["A valid integer is required."]}`)
-	wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?page=3", token: a.access}), 404, bodyInvalidPage)
-	if got := list(a.access, "?action=patient.create&page_size=1"); got["count"] != float64(1) {
+	if got := list(a.access, "?action=patient.create&page_size=1"); len(got["results"].([]any)) != 1 || got["next"] != nil {
 		t.Fatalf("filtered by action: %v", got)
 	}
 }
@@ -1241,6 +1281,102 @@ func TestAuditActionsOneList(t *testing.T) {
 	for _, action := range append(auditActions, inSchema...) {
 		wantObject(t, do(t, s, req{method: "GET", path: "/api/audit/?action=" + url.QueryEscape(action), token: a.access}), 200)
 	}
+}
+
+// emptyCursorPage is an audit page with no events.
+const emptyCursorPage = `{"next": null, "previous": null, "results": []}`
+
+// TestAuditCursor: the trail pages by cursor. Following next gives each
+// event once, newest first, every link keeping the filters; an event
+// written during the walk does not shift it; previous walks back page by
+// page, to the event written meanwhile; a cursor the server did not make,
+// in any form, is refused.
+func TestAuditCursor(t *testing.T) {
+	s := newTestServer(t, nil)
+	a, b := register(t, s), register(t, s)
+	p, _ := mustCreate(t, s, a.access, patientsPath, map[string]any{"first_name": "Ada", "email": uniqueName("cursor") + "@example.com"})
+	for range 11 {
+		wantObject(t, do(t, s, req{method: "GET", path: patientPath(p), token: a.access}), 200)
+	}
+	get := func(link string) map[string]any {
+		t.Helper()
+		page := wantObject(t, do(t, s, req{method: "GET", path: strings.TrimPrefix(link, "http://localhost"), token: a.access}), 200)
+		if len(page) != 3 {
+			t.Fatalf("page keys other than next, previous, results: %v", page)
+		}
+		return page
+	}
+	all := resultIDs(t, get(fmt.Sprintf("/api/audit/?page_size=100&patient=%d", p))) // create and 11 reads
+	if len(all) != 12 || !slices.IsSortedFunc(all, func(x, y int64) int { return cmp.Compare(y, x) }) {
+		t.Fatalf("all of the patient's events, newest first: %v", all)
+	}
+	checkLink := func(link any) string {
+		t.Helper()
+		u, err := url.Parse(fmt.Sprint(link))
+		if q := u.Query(); err != nil || u.Host != "localhost" || u.Path != "/api/audit/" || len(q) != 4 || q.Get("patient") != fmt.Sprint(p) ||
+			q.Get("page_size") != "5" || !q.Has("action") || q.Get("action") != "" || q.Get("cursor") == "" {
+			t.Fatalf("link %v: want the filters, page_size and a cursor", link)
+		}
+		return u.String()
+	}
+	// action= is empty, so no filter, but a parameter kept all the same.
+	link, walked, pages := fmt.Sprintf("/api/audit/?patient=%d&page_size=5&action=", p), []int64{}, []map[string]any{}
+	for link != "" {
+		page := get(link)
+		pages = append(pages, page)
+		walked = append(walked, resultIDs(t, page)...)
+		if len(pages) == 1 { // written during the walk: newer than every page
+			wantObject(t, do(t, s, req{method: "GET", path: patientPath(p), token: a.access}), 200)
+		}
+		if link = ""; page["next"] != nil {
+			link = checkLink(page["next"])
+		}
+		if (page["previous"] == nil) != (len(pages) == 1) {
+			t.Fatalf("page %d: previous %v", len(pages), page["previous"])
+		}
+	}
+	if len(pages) != 3 || fmt.Sprint(walked) != fmt.Sprint(all) {
+		t.Fatalf("walked %d pages: %v, want %v", len(pages), walked, all)
+	}
+	// Back from the last page: the second, the first, then the new event.
+	var back [][]int64
+	for prev := pages[2]["previous"]; prev != nil; {
+		page := get(checkLink(prev))
+		back, prev = append(back, resultIDs(t, page)), page["previous"]
+		if page["next"] == nil {
+			t.Fatalf("a page reached back has no next: %v", page)
+		}
+	}
+	if len(back) != 3 || fmt.Sprint(back[:2]) != fmt.Sprint([][]int64{all[5:10], all[:5]}) || len(back[2]) != 1 || back[2][0] <= all[0] {
+		t.Fatalf("walked back %v, want %v, %v, then one event newer than %d", back, all[5:10], all[:5], all[0])
+	}
+	// A cursor of b's trail, used by a, is a position in a's own events.
+	cursorOf := func(link any) string {
+		u, _ := url.Parse(fmt.Sprint(link))
+		return u.Query().Get("cursor")
+	}
+	for range 2 {
+		mustCreate(t, s, b.access, patientsPath, map[string]any{"first_name": "Bea", "email": uniqueName("cursor") + "@example.com"})
+	}
+	bCursor := cursorOf(wantObject(t, do(t, s, req{method: "GET", path: "/api/audit/?page_size=1", token: b.access}), 200)["next"])
+	for _, e := range get("/api/audit/?page_size=100&cursor=" + bCursor)["results"].([]any) {
+		if e := e.(map[string]any); e["patient"] != float64(p) && e["action"] != "login" { // register's login
+			t.Fatalf("b's cursor shows a an event not of a's: %v", e)
+		}
+	}
+
+	first := cursorOf(pages[0]["next"])
+	enc := func(s string) string { return base64.RawURLEncoding.EncodeToString([]byte(s)) }
+	for _, c := range []string{"", "x", "5", first + "A", " " + first, first + "=", first + "\n", "\r" + first,
+		base64.StdEncoding.EncodeToString([]byte("<5")), "PDV", // "<5" with padding; with stray bits (PDU is "<5")
+		enc("<05"), enc("<+5"), enc("<0"), enc("<-1"), enc("=5"), enc("<"), enc("<5 "), enc("<9223372036854775808"),
+		enc("p=5"), base64.StdEncoding.EncodeToString([]byte("r=1&p=5")), "' OR 1=1 --"} {
+		res := do(t, s, req{method: "GET", path: "/api/audit/?cursor=" + url.QueryEscape(c), token: a.access})
+		wantJSON(t, res, 404, `{"detail": "Invalid cursor"}`)
+	}
+	// A cursor in the server's own form pages, whoever wrote it: past the oldest, nothing.
+	oldest := fmt.Sprintf("/api/audit/?patient=%d&cursor=%s", p, enc("<"+fmt.Sprint(all[11])))
+	wantJSON(t, do(t, s, req{method: "GET", path: oldest, token: a.access}), 200, emptyCursorPage)
 }
 
 // TestAuditStolenToken: a user logs in twice and reads different patients
