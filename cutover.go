@@ -93,7 +93,10 @@ func readDjango(ctx context.Context, url string) (rows [4][]fields, err error) {
 	for i, c := range copies {
 		var text []byte
 		err := tx.QueryRowContext(ctx, `SELECT coalesce(json_agg(t ORDER BY id), '[]') FROM (`+c.read+`) t`).Scan(&text)
-		if err != nil || json.Unmarshal(text, &rows[i]) != nil {
+		if err == nil {
+			err = json.Unmarshal(text, &rows[i])
+		}
+		if err != nil {
 			return rows, fmt.Errorf("read %s from the database of DJANGO_DATABASE_URL: %w", c.table, err)
 		}
 	}
