@@ -205,7 +205,8 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
 	// No CREATE anywhere: nothing the role makes can stand in for a table or
 	// a function that another role's statements name. The last line lists
-	// every function the statements call, and no other.
+	// every function the statements call, and login_wait, which the previous
+	// version's instances call during a rolling upgrade.
 	grants := `REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC, ` + r + `;
@@ -217,7 +218,7 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 		GRANT SELECT ON schema_migrations TO ` + r + `;
 		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
 		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), lock_wait(int, timestamptz, int, int), login_succeeded(text, text),
-			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]) TO ` + r
+			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]), login_wait(bigint, int, int) TO ` + r
 	return withTx(ctx, db, func(tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, grants); err != nil {
 			return fmt.Errorf("DB_APP_ROLE: %w", err)
