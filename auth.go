@@ -281,7 +281,7 @@ func (s *server) authenticate(r *http.Request, info *requestInfo) error {
 	if err != nil {
 		return errAccessInvalid
 	}
-	info.userID, info.sessionID = c.UserID, c.SID
+	info.userID, info.loginID = c.UserID, c.SID
 	return nil
 }
 
@@ -307,7 +307,7 @@ func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, us
 	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source.
 	const q = `INSERT INTO sessions (user_id, expires_at)
 		SELECT $1, now() + make_interval(days => $2) FROM login_succeeded('#' || $1::bigint, $3) RETURNING id`
-	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, source(infoFrom(r).clientIP)).Scan(&sid)
+	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(infoFrom(r).clientIP).String()).Scan(&sid)
 	if err != nil {
 		return tokenPair{}, 0, fmt.Errorf("start login: %w", err)
 	}
@@ -330,7 +330,7 @@ func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (
 
 // handleRegister creates an account and its first login.
 func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
-	if wait, ok := s.registerLimit.allow(ipKey(infoFrom(r).clientIP)); !ok {
+	if wait, ok := s.registerLimit.allow(bySource(infoFrom(r).clientIP)); !ok {
 		return throttled(wait)
 	}
 	f, err := decodeBody(r)
@@ -437,7 +437,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 			login_attempt(coalesce('#' || u.id, '?' || left(k.name, 254)), $2, $3, $4, $5, $6)
 		FROM (SELECT lower(normalize($1, NFKC)) AS name) k
 		LEFT JOIN login_names n ON n.name = k.name LEFT JOIN users u ON u.id = n.user_id`
-	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), source(info.clientIP), s.cfg.lockAfter, s.cfg.lockSeconds,
+	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds,
 		s.cfg.lockAccountAfter, s.cfg.loginMaxAgeDays).Scan(&id, &stored, &version, &wait)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
@@ -574,12 +574,12 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("spend refresh token: %w", err)
 		}
 		if n, _ := res.RowsAffected(); n != 1 {
-			return errSpent
+			return errRotated
 		}
 		pair, err = s.issuePair(ctx, tx, c.UserID, c.SID)
 		return err
 	})
-	if errors.Is(err, errSpent) {
+	if errors.Is(err, errRotated) {
 		return s.refusedRefresh(r, c)
 	}
 	if err != nil {
@@ -588,7 +588,7 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, pair)
 }
 
-var errSpent = errors.New("refresh token not spendable")
+var errRotated = errors.New("refresh token not spendable")
 
 // refusedRefresh explains why a signed refresh token (expired or not) could
 // not be spent. A rotated one reused past the grace window was probably
@@ -662,7 +662,7 @@ func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 		INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
 		SELECT $1, $2, 'logout.all', $3, $4 WHERE EXISTS (SELECT 1 FROM ended)`
 	info := infoFrom(r)
-	if _, err := s.db.ExecContext(r.Context(), q, info.userID, info.sessionID, info.clientIP.String(), info.id); err != nil {
+	if _, err := s.db.ExecContext(r.Context(), q, info.userID, info.loginID, info.clientIP.String(), info.id); err != nil {
 		return fmt.Errorf("end logins: %w", err)
 	}
 	return noContent(w)
@@ -676,7 +676,7 @@ func (s *server) handleMe(w http.ResponseWriter, r *http.Request) error {
 	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) (u user, err error) {
 		err = row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
 		return
-	}, q, info.userID, info.sessionID)
+	}, q, info.userID, info.loginID)
 }
 
 var errWrongOldPassword = &apiError{status: http.StatusBadRequest,
@@ -697,7 +697,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	var version int64
 	// $1 user, $2 login.
 	const q = `SELECT id, username, email, name, password, password_version FROM users WHERE id = $1 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(ctx, q, info.userID, info.sessionID).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version)
+	err = s.db.QueryRowContext(ctx, q, info.userID, info.loginID).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
 	}
@@ -712,7 +712,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	// $4 LOGIN_LOCK_AFTER, $5 LOGIN_LOCK_S.
 	const attempt = `SELECT login_attempt('#' || $1::bigint, $3, $4, $5, NULL, 0) WHERE login_live($1, $2)`
 	var wait int
-	err = s.db.QueryRowContext(ctx, attempt, info.userID, info.sessionID, source(info.clientIP), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
+	err = s.db.QueryRowContext(ctx, attempt, info.userID, info.loginID, sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
 	if err != nil {
 		return fmt.Errorf("count the attempt: %w", err)
 	}
@@ -748,7 +748,7 @@ func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed st
 	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		// $1 user, $2 login, $3 new hash, $4 the version checked.
 		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
-		res, err := tx.ExecContext(ctx, q, info.userID, info.sessionID, hashed, version)
+		res, err := tx.ExecContext(ctx, q, info.userID, info.loginID, hashed, version)
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}
@@ -764,7 +764,7 @@ func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed st
 		if pair, _, err = s.startLogin(ctx, tx, r, info.userID); err != nil {
 			return err
 		}
-		return recordAccountEvent(ctx, tx, r, info.userID, info.sessionID, "password.change")
+		return recordAccountEvent(ctx, tx, r, info.userID, info.loginID, "password.change")
 	})
 	return pair, err
 }
@@ -847,7 +847,7 @@ func tooSimilar(password, value string) bool {
 
 // newPassword reads a new password and checks it with Django's validators
 // against the account's names.
-func (s *server) newPassword(f fields, key string, u user, errs fieldErrors) string {
+func (s *server) newPassword(f members, key string, u user, errs fieldErrors) string {
 	password, ok := f.str(key, true, errs)
 	switch {
 	case !ok:
@@ -866,7 +866,7 @@ func (s *server) newPassword(f fields, key string, u user, errs fieldErrors) str
 
 // confirmPassword checks the optional confirmation field key against
 // password, once the body has no other problem.
-func confirmPassword(f fields, key, password string, errs fieldErrors) {
+func confirmPassword(f members, key, password string, errs fieldErrors) {
 	if confirm, given := f.str(key, false, errs); given && len(errs) == 0 && confirm != password {
 		errs.add(key, "Passwords don't match.")
 	}

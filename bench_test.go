@@ -43,7 +43,7 @@ func BenchmarkLimiter(b *testing.B) {
 	l := newLimiter(rate{n: 1 << 30, period: time.Hour}, 100_000)
 	keys := make([]rateKey, 1000)
 	for i := range keys {
-		keys[i] = ipKey(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}))
+		keys[i] = bySource(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}))
 		l.allow(keys[i])
 	}
 	var seq atomic.Uint32

@@ -70,7 +70,7 @@ func importDjango(ctx context.Context, db *sql.DB, cfg config, check bool, logge
 
 // readDjango reads the original's tables (copies) in one snapshot, each as
 // rows of JSON members.
-func readDjango(ctx context.Context, url string) (rows [4][]fields, err error) {
+func readDjango(ctx context.Context, url string) (rows [4][]members, err error) {
 	if url == "" {
 		return rows, fmt.Errorf(`DJANGO_DATABASE_URL is not set: give the original service's database as "postgres://user:password@host/name"`)
 	}
@@ -106,7 +106,7 @@ func readDjango(ctx context.Context, url string) (rows [4][]fields, err error) {
 // copyAll inserts each table's rows in one statement, moves its sequence
 // past the largest id copied, and gives every account its login names as
 // register does.
-func copyAll(ctx context.Context, tx *sql.Tx, rows [4][]fields) error {
+func copyAll(ctx context.Context, tx *sql.Tx, rows [4][]members) error {
 	for i, c := range copies {
 		data, _ := json.Marshal(rows[i]) // valid JSON members in, valid JSON out
 		// Table and column names are the constants above. $1 the rows, as a JSON
@@ -128,7 +128,7 @@ func copyAll(ctx context.Context, tx *sql.Tx, rows [4][]fields) error {
 // said, and the row copied.
 type report struct{ breaks, notes []string }
 
-func (r *report) breakf(table string, row fields, format string, a ...any) {
+func (r *report) breakf(table string, row members, format string, a ...any) {
 	r.breaks = append(r.breaks, fmt.Sprintf("%s %s: ", table, row["id"])+fmt.Sprintf(format, a...))
 }
 
@@ -136,7 +136,7 @@ func (r *report) breakf(table string, row fields, format string, a ...any) {
 // or refused) and keeps what the API would store. Besides the API's own
 // refusals, a value it would store otherwise than Django did (tags,
 // surrounding spaces; an email's case aside) breaks the row.
-func (r *report) stored(table string, row fields, errs fieldErrors, read map[string]*string) {
+func (r *report) stored(table string, row members, errs fieldErrors, read map[string]*string) {
 	for _, key := range []string{"username", "email", "name", "first_name", "last_name", "date_of_birth", "phone", "specialization"} {
 		v, was := read[key], ""
 		switch {
@@ -154,7 +154,7 @@ func (r *report) stored(table string, row fields, errs fieldErrors, read map[str
 
 // unique breaks a row whose value for key (a login name, an email in its
 // scope) another row already has; one account's username may be its email.
-func (r *report) unique(seen map[string]json.RawMessage, key, table string, row fields, what string) {
+func (r *report) unique(seen map[string]json.RawMessage, key, table string, row members, what string) {
 	if other, ok := seen[key]; ok && string(other) != string(row["id"]) {
 		r.breakf(table, row, "%s (%s %s has it)", what, table, other)
 	}
@@ -164,7 +164,7 @@ func (r *report) unique(seen map[string]json.RawMessage, key, table string, row 
 // check checks every row with the API's readers (middleware.go), in place:
 // what each row becomes is what the API would store. An account without a
 // usable password gets Django's unusable form.
-func (r *report) check(rows [4][]fields) {
+func (r *report) check(rows [4][]members) {
 	// Login names; emails: a patient's key starts with its owner, a doctor's with '"'.
 	names, emails := map[string]json.RawMessage{}, map[string]json.RawMessage{}
 	for _, u := range rows[0] {

@@ -701,7 +701,7 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 	p, _ := parseList(url.Values{"page_size": q["page_size"]}, nil, false) // page_size alone never fails
 	// $1 user, $2 login, $3 the page's size and one, $4 the cursor's id,
 	// then each filter given, in this order, from $5.
-	where, args, err := auditFilters(q, []any{info.userID, info.sessionID, p.size + 1, int64(math.MaxInt64)})
+	where, args, err := auditFilters(q, []any{info.userID, info.loginID, p.size + 1, int64(math.MaxInt64)})
 	if err != nil {
 		return err
 	}

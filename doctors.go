@@ -51,7 +51,7 @@ func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) error
 	q := `SELECT ` + p.count("doctors", where) + `, ` + doctorColumns + `
 		FROM doctors WHERE ` + where + ` AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $3 OFFSET $4`
 	info := infoFrom(r)
-	return listPage(w, r, s.db, p, scanDoctor, q, append([]any{info.userID, info.sessionID, p.size, p.offset()}, p.terms...)...)
+	return listPage(w, r, s.db, p, scanDoctor, q, append([]any{info.userID, info.loginID, p.size, p.offset()}, p.terms...)...)
 }
 
 func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) error {
@@ -69,7 +69,7 @@ func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) erro
 			SELECT $1, $2, 'doctor.create', id, $3, $4 FROM d)
 		SELECT * FROM d`
 	info := infoFrom(r)
-	return writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
+	return writeRow(w, r, s.db, http.StatusCreated, scanDoctor, q, info.userID, info.loginID, info.clientIP.String(), info.id,
 		in.firstName, in.lastName, in.email, in.specialization)
 }
 
@@ -77,7 +77,7 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
 	// $1 user, $2 login, $3 doctor id.
 	const q = `SELECT ` + doctorColumns + ` FROM doctors WHERE id = $3 AND login_live($1, $2)`
 	info := infoFrom(r)
-	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, pathID(r))
+	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.loginID, pathID(r))
 }
 
 // mayChangeDoctor answers 404 for a missing doctor and 403 for one the
@@ -91,7 +91,7 @@ func (s *server) mayChangeDoctor(r *http.Request) error {
 	var creator sql.NullInt64
 	// $1 user, $2 login, $3 doctor id.
 	const q = `SELECT created_by FROM doctors WHERE id = $3 AND login_live($1, $2)`
-	err := s.db.QueryRowContext(r.Context(), q, info.userID, info.sessionID, pathID(r)).Scan(&creator)
+	err := s.db.QueryRowContext(r.Context(), q, info.userID, info.loginID, pathID(r)).Scan(&creator)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("find doctor: %w", err)
 	}
@@ -134,7 +134,7 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 			SELECT $1, $2, 'doctor.update', id, changed_fields('{first_name,last_name,email,specialization}', was, now), $3, $4 FROM d)
 		SELECT id, first_name, last_name, email, specialization, created_at, updated_at, etag FROM d`
 	info := infoFrom(r)
-	err = writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
+	err = writeRow(w, r, s.db, http.StatusOK, scanDoctor, q, info.userID, info.loginID, info.clientIP.String(), info.id,
 		pathID(r), in.firstName, in.lastName, in.email, in.specialization, ifMatch(r))
 	if pq.As(err, "HC409") != nil { // doctors_email_frozen (schema.sql)
 		return errDoctorEmailFrozen
@@ -165,7 +165,7 @@ func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) erro
 			SELECT $1, $2, 'doctor.delete', id, $3, $4 FROM d)
 		SELECT id FROM d`
 	info := infoFrom(r)
-	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))
+	err := deleteRow(w, r, s.db, q, info.userID, info.loginID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))
 	if pq.As(err, pqerror.ForeignKeyViolation) != nil { // still assigned
 		return errDoctorAssigned
 	}

@@ -48,7 +48,7 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) erro
 			SELECT DISTINCT $1::bigint, $2::bigint, 'mapping.list', patient_id, $3, $4 FROM (SELECT m.patient_id ` + page + `) shown)
 		SELECT (SELECT count(*) FROM mappings WHERE owner_id = $1), ` + mappingColumns + ` ` + page
 	info := infoFrom(r)
-	return listPage(w, r, s.db, p, scanMapping, q, info.userID, info.sessionID, info.clientIP.String(), info.id, p.size, p.offset())
+	return listPage(w, r, s.db, p, scanMapping, q, info.userID, info.loginID, info.clientIP.String(), info.id, p.size, p.offset())
 }
 
 // handleCreateMapping assigns a doctor to one of the caller's patients. The
@@ -77,7 +77,7 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
 			SELECT $1, $2, 'mapping.create', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
-	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.userID, info.sessionID, info.clientIP.String(), info.id, patientID, doctorID)
+	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.userID, info.loginID, info.clientIP.String(), info.id, patientID, doctorID)
 	if err != errNotFound {
 		return err
 	}
@@ -86,7 +86,7 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 	const check = `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $3 AND owner_id = $1),
 		EXISTS (SELECT 1 FROM doctors WHERE id = $4) WHERE login_live($1, $2)`
 	var patientOK, doctorOK bool
-	err = s.db.QueryRowContext(r.Context(), check, info.userID, info.sessionID, patientID, doctorID).Scan(&patientOK, &doctorOK)
+	err = s.db.QueryRowContext(r.Context(), check, info.userID, info.loginID, patientID, doctorID).Scan(&patientOK, &doctorOK)
 	if err != nil {
 		return fmt.Errorf("check mapping references: %w", err)
 	}
@@ -112,7 +112,7 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 		SELECT ` + mappingColumns + `
 		FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
 		WHERE m.patient_id = $5 AND m.owner_id = $1 AND login_live($1, $2) ORDER BY m.created_at, m.id`
-	rows, err := s.db.QueryContext(r.Context(), q, info.userID, info.sessionID, info.clientIP.String(), info.id, id)
+	rows, err := s.db.QueryContext(r.Context(), q, info.userID, info.loginID, info.clientIP.String(), info.id, id)
 	if err != nil {
 		return fmt.Errorf("list patient mappings: %w", err)
 	}
@@ -128,7 +128,7 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 	const patientQ = `SELECT 1 FROM patients WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)`
 	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) ([]mapping, error) {
 		return out, row.Scan(new(int))
-	}, patientQ, info.userID, info.sessionID, id)
+	}, patientQ, info.userID, info.loginID, id)
 }
 
 func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) error {
@@ -138,5 +138,5 @@ func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) err
 			SELECT $1, $2, 'mapping.delete', patient_id, doctor_id, $3, $4 FROM m)
 		SELECT 1 FROM m`
 	info := infoFrom(r)
-	return deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r))
+	return deleteRow(w, r, s.db, q, info.userID, info.loginID, info.clientIP.String(), info.id, pathID(r))
 }

@@ -58,7 +58,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		s.log.Info("request", "method", r.Method, "route", info.route, "status", sw.status,
 			"bytes", sw.bytes, "duration_ms", float64(time.Since(start).Microseconds())/1000,
-			"user_id", info.userID, "login_id", info.sessionID, "client_ip", info.clientIP.String(),
+			"user_id", info.userID, "login_id", info.loginID, "client_ip", info.clientIP.String(),
 			"request_id", info.id)
 	}()
 	s.setHeaders(sw, r, info)
@@ -229,12 +229,12 @@ func (s *server) trusted(ip netip.Addr) bool {
 // requestInfo is what the layers learn about a request, shared through its
 // context: set up front, completed by authentication, read by the log.
 type requestInfo struct {
-	id        string
-	route     string // the matched pattern, for the log
-	clientIP  netip.Addr
-	https     bool
-	userID    int64
-	sessionID int64 // the login (the tokens' sid)
+	id       string
+	route    string // the matched pattern, for the log
+	clientIP netip.Addr
+	https    bool
+	userID   int64
+	loginID  int64 // the login (the tokens' sid)
 }
 
 type infoKey struct{}
@@ -316,7 +316,7 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 		// library sends along must not break login.
 		authErr = rt.s.authenticate(r, info)
 	}
-	lim, key := rt.s.anonLimit, ipKey(info.clientIP)
+	lim, key := rt.s.anonLimit, bySource(info.clientIP)
 	if info.userID != 0 {
 		lim, key = rt.s.userLimit, rateKey{user: info.userID}
 	}
@@ -340,7 +340,7 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 // answer is wrong, the handler's error for a wrong password.
 func (s *server) countFailures(wrong error, h handler) handler {
 	return func(w http.ResponseWriter, r *http.Request) error {
-		key := ipKey(infoFrom(r).clientIP)
+		key := bySource(infoFrom(r).clientIP)
 		if wait, ok := s.loginLimit.allow(key); !ok {
 			return throttled(wait)
 		}
@@ -358,17 +358,17 @@ type rate struct {
 	period time.Duration
 }
 
-// rateKey identifies a client to a limiter: an address or a user. It holds
-// no pointer, so a full limiter gives the garbage collector nothing to scan.
+// rateKey is what a limiter counts by: a source or a user. It holds no
+// pointer, so a full limiter gives the garbage collector nothing to scan.
 type rateKey struct {
-	ip   [16]byte
-	user int64
+	source [16]byte
+	user   int64
 }
 
-// clientKey is the address a client is counted by, in the rate limits and
-// the login lock: an IPv6 client by its /64, which one subscriber usually
-// holds whole (keying single addresses would give each of them 2^64 budgets).
-func clientKey(ip netip.Addr) netip.Addr {
+// sourceOf is the source a client IP counts as, in the rate limits and the
+// login lock: an IPv6 client by its /64, which one subscriber usually holds
+// whole (keying single addresses would give each of them 2^64 budgets).
+func sourceOf(ip netip.Addr) netip.Addr {
 	if ip.Is6() {
 		p, _ := ip.Prefix(64)
 		return p.Addr()
@@ -376,10 +376,7 @@ func clientKey(ip netip.Addr) netip.Addr {
 	return ip
 }
 
-func ipKey(ip netip.Addr) rateKey { return rateKey{ip: clientKey(ip).As16()} }
-
-// source is a client as the login lock keys it.
-func source(ip netip.Addr) string { return clientKey(ip).String() }
+func bySource(ip netip.Addr) rateKey { return rateKey{source: sourceOf(ip).As16()} }
 
 // limiter is a sliding-window rate limiter: the count over the last period
 // is estimated from the current fixed window plus the previous one weighted
@@ -569,19 +566,19 @@ func noContent(w http.ResponseWriter) error {
 // The field readers below serve every resource's body: each reads one
 // member, checks it as DRF would, and adds any problem to errs.
 
-// fields are a JSON object body's members, read one by one with their
+// members are a JSON object body's members, read one by one with their
 // types checked (encoding/json into a struct would match keys
 // case-insensitively and report only the first error).
-type fields map[string]json.RawMessage
+type members map[string]json.RawMessage
 
 // decodeBody reads a request body as a JSON object. An empty body is {}.
-func decodeBody(r *http.Request) (fields, error) {
+func decodeBody(r *http.Request) (members, error) {
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
 		return nil, fmt.Errorf("read body: %w", err)
 	}
 	if len(bytes.TrimSpace(body)) == 0 {
-		return fields{}, nil
+		return members{}, nil
 	}
 	ct := r.Header.Get("Content-Type")
 	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
@@ -593,7 +590,7 @@ func decodeBody(r *http.Request) (fields, error) {
 		return nil, parseError("invalid UTF-8")
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
-	var f fields
+	var f members
 	err = dec.Decode(&f)
 	var typeErr *json.UnmarshalTypeError
 	if errors.As(err, &typeErr) || err == nil && f == nil { // another JSON value, or null
@@ -628,7 +625,7 @@ func pathID(r *http.Request) int64 {
 // str reads a string member; required adds an error when it is absent. ok
 // is false when the member is absent or unusable, in which case any
 // problem is already in errs.
-func (f fields) str(key string, required bool, errs fieldErrors) (v string, ok bool) {
+func (f members) str(key string, required bool, errs fieldErrors) (v string, ok bool) {
 	raw, present := f[key]
 	switch {
 	case !present:
@@ -649,7 +646,7 @@ func (f fields) str(key string, required bool, errs fieldErrors) (v string, ok b
 
 // required reads a string that must be present and not blank; it is used
 // as sent (passwords and tokens are not trimmed).
-func (f fields) required(key string, errs fieldErrors) string {
+func (f members) required(key string, errs fieldErrors) string {
 	v, ok := f.str(key, true, errs)
 	if ok && strings.TrimSpace(v) == "" {
 		errs.add(key, "This field may not be blank.")
@@ -659,7 +656,7 @@ func (f fields) required(key string, errs fieldErrors) string {
 
 // text reads a free-text member: tags stripped, ends trimmed, then checked
 // for length in characters. nil means absent or invalid.
-func (f fields) text(key string, required bool, minLen, maxLen int, errs fieldErrors) *string {
+func (f members) text(key string, required bool, minLen, maxLen int, errs fieldErrors) *string {
 	v, ok := f.str(key, required, errs)
 	if !ok {
 		return nil
@@ -710,20 +707,20 @@ var emailRE = regexp.MustCompile(`^[-!#$%&'*+/=?^_` + "`" + `{}|~0-9a-z]+(\.[-!#
 var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
 
 // email reads an address, trimmed and lower-cased, at most 254 characters.
-func (f fields) email(key string, required bool, errs fieldErrors) *string {
+func (f members) email(key string, required bool, errs fieldErrors) *string {
 	return f.matching(key, required, true, 254, emailRE, "Enter a valid email address.", errs)
 }
 
 const invalidUsername = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
 
 // username reads Django's username: 1–150 letters, digits and @.+-_.
-func (f fields) username(key string, errs fieldErrors) string {
+func (f members) username(key string, errs fieldErrors) string {
 	return deref(f.matching(key, true, false, 150, usernameRE, invalidUsername, errs))
 }
 
 // matching reads a trimmed (and, if asked, lower-cased) string of at most
 // maxLen characters that re matches; nil means absent or invalid.
-func (f fields) matching(key string, required, lower bool, maxLen int, re *regexp.Regexp, invalid string, errs fieldErrors) *string {
+func (f members) matching(key string, required, lower bool, maxLen int, re *regexp.Regexp, invalid string, errs fieldErrors) *string {
 	v, ok := f.str(key, required, errs)
 	if !ok {
 		return nil
@@ -748,7 +745,7 @@ func (f fields) matching(key string, required, lower bool, maxLen int, re *regex
 // in DRF, a leading - is read too, and names no row ("Invalid pk").
 // ok is false when it is unusable; text is the value as the client wrote it,
 // for the "does not exist" message.
-func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {
+func (f members) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {
 	raw, present := f[key]
 	switch {
 	case !present:
@@ -780,7 +777,7 @@ func (f fields) pk(key string, errs fieldErrors) (id int64, text string, ok bool
 
 // date reads date_of_birth: YYYY-MM-DD, not in the future, not before
 // 1900, or null, read as "". nil means absent or invalid.
-func (f fields) date(key string, errs fieldErrors) *string {
+func (f members) date(key string, errs fieldErrors) *string {
 	if string(f[key]) == "null" {
 		return new(string)
 	}
@@ -809,7 +806,7 @@ var phoneRE = regexp.MustCompile(`^\+?[ ().\-]*([0-9][ ().\-]*){10,15}$`)
 
 // phone reads a phone number as sent, trimmed: empty, or phoneRE's shape in
 // at most 32 characters.
-func (f fields) phone(key string, errs fieldErrors) *string {
+func (f members) phone(key string, errs fieldErrors) *string {
 	v, ok := f.str(key, false, errs)
 	if !ok {
 		return nil

@@ -1050,7 +1050,7 @@ func TestLimiterSlidingWindow(t *testing.T) {
 	t.Run("keys have their own budgets", func(t *testing.T) {
 		l, _ := setup(t)
 		burst(t, l, 10, period+1)
-		for _, k := range []rateKey{{user: 2}, ipKey(netip.MustParseAddr("192.0.2.1")), ipKey(netip.MustParseAddr("2001:db8::1"))} {
+		for _, k := range []rateKey{{user: 2}, bySource(netip.MustParseAddr("192.0.2.1")), bySource(netip.MustParseAddr("2001:db8::1"))} {
 			if _, ok := l.allow(k); !ok {
 				t.Fatalf("key %v refused", k)
 			}
@@ -1168,7 +1168,7 @@ func TestLimiterMaxKeys(t *testing.T) {
 		runtime.ReadMemStats(&before)
 		l := newLimiter(rate{n: 10, period: time.Hour}, keys)
 		for i := range keys {
-			l.allow(ipKey(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})))
+			l.allow(bySource(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})))
 		}
 		runtime.GC()
 		runtime.ReadMemStats(&after)
@@ -1182,7 +1182,7 @@ func TestLimiterMaxKeys(t *testing.T) {
 		l := newLimiter(rate{n: 1000, period: time.Hour}, 10)
 		for i := range 1000 {
 			ip := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 8: byte(i >> 8), 15: byte(i)})
-			l.allow(ipKey(ip))
+			l.allow(bySource(ip))
 		}
 		if n := limiterLen(l); n != 1 {
 			t.Fatalf("len %d, want 1", n)

@@ -92,7 +92,7 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) erro
 			SELECT $1, $2, 'patient.list', id, $3, $4 FROM (SELECT id ` + page + `) shown)
 		SELECT ` + p.count("patients", where) + `, ` + patientColumns + ` ` + page
 	info := infoFrom(r)
-	args := append([]any{info.userID, info.sessionID, info.clientIP.String(), info.id, p.size, p.offset()}, p.terms...)
+	args := append([]any{info.userID, info.loginID, info.clientIP.String(), info.id, p.size, p.offset()}, p.terms...)
 	return listPage(w, r, s.db, p, scanPatient, q, args...)
 }
 
@@ -111,7 +111,7 @@ func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) err
 			SELECT $1, $2, 'patient.create', id, $3, $4 FROM p)
 		SELECT * FROM p`
 	info := infoFrom(r)
-	return writeRow(w, r, s.db, http.StatusCreated, scanPatient, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
+	return writeRow(w, r, s.db, http.StatusCreated, scanPatient, q, info.userID, info.loginID, info.clientIP.String(), info.id,
 		in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone)
 }
 
@@ -122,7 +122,7 @@ func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error 
 			SELECT $1, $2, 'patient.read', id, $3, $4 FROM p)
 		SELECT * FROM p`
 	info := infoFrom(r)
-	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r))
+	return writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.loginID, info.clientIP.String(), info.id, pathID(r))
 }
 
 // patientExists tells a write's 412 from its 404 (unmatched): $1 patient
@@ -155,7 +155,7 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 			SELECT $1, $2, 'patient.update', id, changed_fields('{first_name,last_name,email,date_of_birth,phone}', was, now), $3, $4 FROM p)
 		SELECT id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at, etag FROM p`
 	info := infoFrom(r)
-	err = writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.sessionID, info.clientIP.String(), info.id,
+	err = writeRow(w, r, s.db, http.StatusOK, scanPatient, q, info.userID, info.loginID, info.clientIP.String(), info.id,
 		pathID(r), in.firstName, in.lastName, in.email, in.dateOfBirth, in.phone, ifMatch(r))
 	return s.unmatched(r, err, patientExists, pathID(r), info.userID)
 }
@@ -176,6 +176,6 @@ func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) err
 			UNION ALL SELECT $1, $2, 'mapping.delete', patient_id, doctor_id, $3, $4 FROM mappings WHERE patient_id IN (SELECT id FROM p))
 		SELECT id FROM p`
 	info := infoFrom(r)
-	err := deleteRow(w, r, s.db, q, info.userID, info.sessionID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))
+	err := deleteRow(w, r, s.db, q, info.userID, info.loginID, info.clientIP.String(), info.id, pathID(r), ifMatch(r))
 	return s.unmatched(r, err, patientExists, pathID(r), info.userID)
 }
