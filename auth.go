@@ -305,7 +305,7 @@ type tokenPair struct {
 func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64) (tokenPair, int64, error) {
 	var sid int64
 	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source.
-	const q = `INSERT INTO sessions (user_id, expires_at)
+	const q = `INSERT INTO logins (user_id, expires_at)
 		SELECT $1, now() + make_interval(days => $2) FROM login_succeeded('#' || $1::bigint, $3) RETURNING id`
 	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(infoFrom(r).clientIP).String()).Scan(&sid)
 	if err != nil {
@@ -320,7 +320,7 @@ func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, us
 func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (tokenPair, error) {
 	now := time.Now()
 	refresh := s.signer.newClaims("refresh", userID, sid, now)
-	const q = `INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)`
+	const q = `INSERT INTO refresh_tokens (jti, login_id, expires_at) VALUES ($1, $2, $3)`
 	if _, err := tx.ExecContext(ctx, q, refresh.JTI, sid, time.Unix(refresh.Exp, 0)); err != nil {
 		return tokenPair{}, fmt.Errorf("record refresh token: %w", err)
 	}
@@ -566,9 +566,9 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 		// $1 jti, $2 login, $3 user.
 		const spend = `
 			UPDATE refresh_tokens t SET rotated_at = now()
-			FROM sessions s
-			WHERE t.jti = $1 AND t.session_id = $2 AND t.rotated_at IS NULL AND t.expires_at > now()
-			  AND s.id = t.session_id AND s.user_id = $3 AND s.ended_at IS NULL AND s.expires_at > now()`
+			FROM logins l
+			WHERE t.jti = $1 AND t.login_id = $2 AND t.rotated_at IS NULL AND t.expires_at > now()
+			  AND l.id = t.login_id AND l.user_id = $3 AND l.ended_at IS NULL AND l.expires_at > now()`
 		res, err := tx.ExecContext(ctx, spend, c.JTI, c.SID, c.UserID)
 		if err != nil {
 			return fmt.Errorf("spend refresh token: %w", err)
@@ -598,11 +598,11 @@ func (s *server) refusedRefresh(r *http.Request, c claims) error {
 	// $2 login, $3 grace in seconds, $4 user, $5 IP, $6 request id.
 	const q = `
 		WITH t AS (
-			SELECT t.rotated_at IS NOT NULL OR s.ended_at IS NOT NULL AS spent,
-			       s.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $3) AS reused
-			FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
-			WHERE t.jti = $1 AND t.session_id = $2 AND s.user_id = $4),
-		ended AS (UPDATE sessions SET ended_at = now() WHERE id = $2 AND ended_at IS NULL AND (SELECT reused FROM t) RETURNING id),
+			SELECT t.rotated_at IS NOT NULL OR l.ended_at IS NOT NULL AS spent,
+			       l.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $3) AS reused
+			FROM refresh_tokens t JOIN logins l ON l.id = t.login_id
+			WHERE t.jti = $1 AND t.login_id = $2 AND l.user_id = $4),
+		ended AS (UPDATE logins SET ended_at = now() WHERE id = $2 AND ended_at IS NULL AND (SELECT reused FROM t) RETURNING id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
 			SELECT $4, id, 'refresh.reused', $5, $6 FROM ended)
 		SELECT spent, EXISTS (SELECT 1 FROM ended) FROM t`
@@ -634,13 +634,13 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 	// $1 login, $2 user, $3 jti, $4 IP, $5 request id.
 	const q = `
 		WITH login AS (
-			SELECT id, ended_at IS NULL AS live FROM sessions
-			WHERE id = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM refresh_tokens WHERE jti = $3 AND session_id = $1)
+			SELECT id, ended_at IS NULL AS live FROM logins
+			WHERE id = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM refresh_tokens WHERE jti = $3 AND login_id = $1)
 			FOR UPDATE),
-		ended AS (UPDATE sessions SET ended_at = now() WHERE id = (SELECT id FROM login WHERE live) RETURNING id),
+		ended AS (UPDATE logins SET ended_at = now() WHERE id = (SELECT id FROM login WHERE live) RETURNING id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
 			SELECT $2, id, 'logout', $4, $5 FROM ended)
-		SELECT EXISTS (SELECT 1 FROM login) OR NOT EXISTS (SELECT 1 FROM sessions WHERE id = $1)`
+		SELECT EXISTS (SELECT 1 FROM login) OR NOT EXISTS (SELECT 1 FROM logins WHERE id = $1)`
 	// A login pruned away (its token is ours, its row gone) had ended: 204 again.
 	var ok bool
 	info := infoFrom(r)
@@ -658,7 +658,7 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 	// $1 user, $2 login, $3 IP, $4 request id.
 	const q = `WITH ended AS (
-			UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND login_live($1, $2) RETURNING id)
+			UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND login_live($1, $2) RETURNING id)
 		INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
 		SELECT $1, $2, 'logout.all', $3, $4 WHERE EXISTS (SELECT 1 FROM ended)`
 	info := infoFrom(r)
@@ -757,7 +757,7 @@ func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed st
 		}
 		// A statement of its own, so that its snapshot holds every login
 		// committed before the row lock above was taken.
-		const end = `UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL`
+		const end = `UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL`
 		if _, err := tx.ExecContext(ctx, end, info.userID); err != nil {
 			return fmt.Errorf("end logins: %w", err)
 		}

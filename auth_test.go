@@ -1245,7 +1245,7 @@ func TestTokenRefreshRace(t *testing.T) {
 	wantMe(t, s, winner.Access, a)
 	pairOf(t, refresh(t, s, winner.Refresh))
 	var issued int
-	const q = `SELECT count(*) FROM refresh_tokens WHERE session_id = $1`
+	const q = `SELECT count(*) FROM refresh_tokens WHERE login_id = $1`
 	if err := testDB.QueryRowContext(t.Context(), q, tokenClaims(t, a.refresh)["sid"]).Scan(&issued); err != nil || issued != 3 {
 		t.Fatalf("%d refresh tokens recorded for the login (err %v), want 3", issued, err)
 	}
@@ -1596,7 +1596,7 @@ func TestLoginMaxAge(t *testing.T) {
 	t.Run("an old login ends", func(t *testing.T) {
 		a := register(t, s)
 		pair := pairOf(t, refresh(t, s, a.refresh))
-		if _, err := testDB.ExecContext(t.Context(), `UPDATE sessions SET expires_at = now() - interval '1 second' WHERE id = $1`,
+		if _, err := testDB.ExecContext(t.Context(), `UPDATE logins SET expires_at = now() - interval '1 second' WHERE id = $1`,
 			claimInt(t, tokenClaims(t, pair.Access), "sid")); err != nil {
 			t.Fatal(err)
 		}
@@ -1607,7 +1607,7 @@ func TestLoginMaxAge(t *testing.T) {
 		s := newTestServer(t, map[string]string{"LOGIN_MAX_AGE_DAYS": "2"})
 		a := register(t, s)
 		var days float64
-		err := testDB.QueryRowContext(t.Context(), `SELECT extract(epoch FROM expires_at - created_at) / 86400 FROM sessions WHERE id = $1`,
+		err := testDB.QueryRowContext(t.Context(), `SELECT extract(epoch FROM expires_at - created_at) / 86400 FROM logins WHERE id = $1`,
 			claimInt(t, tokenClaims(t, a.access), "sid")).Scan(&days)
 		if err != nil || days < 1.99 || days > 2.01 {
 			t.Fatalf("login lasts %v days (%v), want 2", days, err)
@@ -1639,7 +1639,7 @@ func TestPrune(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	exec(`UPDATE sessions SET expires_at = now() - interval '1 second' WHERE id = $1`, sid(old))
+	exec(`UPDATE logins SET expires_at = now() - interval '1 second' WHERE id = $1`, sid(old))
 	exec(`UPDATE refresh_tokens SET expires_at = now() - interval '1 day' WHERE jti = $1`, tokenClaims(t, live.refresh)["jti"])
 	if err := pruneLogins(t.Context(), testDB, 30); err != nil {
 		t.Fatal(err)
@@ -1651,14 +1651,14 @@ func TestPrune(t *testing.T) {
 		return n
 	}
 	for _, tc := range []struct {
-		name         string
-		a            account
-		sessions, rt int
+		name       string
+		a          account
+		logins, rt int
 	}{{"live", live, 1, 2}, {"ended", ended, 0, 0}, {"expired", old, 0, 0}} {
-		if n := count(`SELECT count(*) FROM sessions WHERE id = $1`, sid(tc.a)); n != tc.sessions {
-			t.Errorf("%s login: %d sessions rows, want %d", tc.name, n, tc.sessions)
+		if n := count(`SELECT count(*) FROM logins WHERE id = $1`, sid(tc.a)); n != tc.logins {
+			t.Errorf("%s login: %d logins rows, want %d", tc.name, n, tc.logins)
 		}
-		if n := count(`SELECT count(*) FROM refresh_tokens WHERE session_id = $1`, sid(tc.a)); n != tc.rt {
+		if n := count(`SELECT count(*) FROM refresh_tokens WHERE login_id = $1`, sid(tc.a)); n != tc.rt {
 			t.Errorf("%s login: %d refresh tokens, want %d", tc.name, n, tc.rt)
 		}
 	}
@@ -1868,7 +1868,7 @@ func TestUsernameStepNormalizes(t *testing.T) {
 	}
 	add(1, "ＡＤＡ", "ada@example.com")
 	add(2, "bob", "bob@example.com")
-	if s, err := migrate(ctx, db, schemaSteps); err != nil || s.at != len(schemaSteps) {
+	if s, err := migrate(ctx, db, schemaSQL, schemaSteps); err != nil || s.at != len(schemaSteps) {
 		t.Fatalf("migrate: step %d, %v", s.at, err)
 	}
 	var names string
@@ -1887,7 +1887,7 @@ func TestUsernameStepNormalizes(t *testing.T) {
 	db = clash
 	add(1, "ｂｏｂ", "b1@example.com")
 	add(2, "bob", "b2@example.com")
-	s, err := migrate(ctx, clash, schemaSteps)
+	s, err := migrate(ctx, clash, schemaSQL, schemaSteps)
 	if err == nil || s.at != 1 || !strings.Contains(err.Error(), "'ｂｏｂ' and 'bob'") {
 		t.Fatalf("migrate with a clash: step %d, %v; want step 1 and an error naming both", s.at, err)
 	}

@@ -28,12 +28,17 @@ import (
 	"github.com/lib/pq/pqerror"
 )
 
+// schemaSQL is the schema as it is now, which a new database gets whole.
+//
 //go:embed schema.sql
 var schemaSQL string
 
-// schemaSteps are schema.sql's steps, split at its "-- step N" lines:
+//go:embed upgrades.sql
+var upgradesSQL string
+
+// schemaSteps are upgrades.sql's steps, split at its "-- step N" lines:
 // schemaSteps[0] is step 1.
-var schemaSteps = regexp.MustCompile(`(?m)^-- step \d+.*$`).Split(schemaSQL, -1)[1:]
+var schemaSteps = regexp.MustCompile(`(?m)^-- step \d+.*$`).Split(upgradesSQL, -1)[1:]
 
 // schemaLockID names the advisory lock held while steps are applied, so
 // that several instances or migrations starting at once take turns.
@@ -62,8 +67,9 @@ func openDB(ctx context.Context, cfg pq.Config, maxConns int) (*sql.DB, error) {
 // connect opens a pool without touching the network.
 func connect(cfg pq.Config, maxConns int) (*sql.DB, error) {
 	// Prepared statements keep one generic plan per connection rather than
-	// planning every call (README, Performance).
-	runtime := map[string]string{"plan_cache_mode": "force_generic_plan"}
+	// planning every call (README, Performance); api_time writes times in
+	// the zone TimeZone names.
+	runtime := map[string]string{"plan_cache_mode": "force_generic_plan", "TimeZone": "UTC"}
 	maps.Copy(runtime, cfg.Runtime) // a setting in DATABASE_URL wins
 	cfg.Runtime = runtime
 	connector, err := pq.NewConnectorConfig(cfg)
@@ -105,9 +111,10 @@ type schemaState struct {
 	applied               []int  // the steps applied, in order
 }
 
-// migrate applies the steps the database lacks. Under the advisory lock,
-// several migrations at once take turns.
-func migrate(ctx context.Context, db *sql.DB, steps []string) (s schemaState, err error) {
+// migrate applies the steps the database lacks; an empty database gets
+// schema instead (when it is not ""), recorded at every step. Under the
+// advisory lock, several migrations at once take turns.
+func migrate(ctx context.Context, db *sql.DB, schema string, steps []string) (s schemaState, err error) {
 	conn, err := db.Conn(ctx)
 	if err != nil {
 		return s, err
@@ -129,24 +136,35 @@ func migrate(ctx context.Context, db *sql.DB, steps []string) (s schemaState, er
 		return s, fmt.Errorf("lock schema: %w", err)
 	}
 	defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, schemaLockID)
+	var empty bool
 	err = conn.QueryRowContext(ctx, `SELECT coalesce(max(step), 0) FROM schema_migrations`).Scan(&s.found)
 	switch {
 	case pq.As(err, pqerror.InsufficientPrivilege) != nil:
 		return s, fmt.Errorf(`role %q may not read this database's schema: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, s.role, s.role)
-	case err != nil && pq.As(err, pqerror.UndefinedTable) == nil: // no table yet: step 0
+	case err != nil && pq.As(err, pqerror.UndefinedTable) == nil:
 		return s, fmt.Errorf("read schema step: %w", err)
+	case err != nil: // no table yet: step 0, an empty database or one made before steps (users)
+		if err = conn.QueryRowContext(ctx, `SELECT to_regclass('users') IS NULL`).Scan(&empty); err != nil {
+			return s, fmt.Errorf("read schema step: %w", err)
+		}
 	}
 	s.applied = []int{} // none is "applied: []" in the log, not null
-	for s.at = s.found; s.at < len(steps); s.at++ {
+	for s.at = s.found; s.at < len(steps); empty = false {
 		// Sent as one query, a step and its record commit together or not
 		// at all: the database is always at a whole step. A step queued
 		// behind a long transaction would queue every request behind
 		// itself: after lock_timeout it gives up, to be run again.
-		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) VALUES (%d)", steps[s.at], s.at+1)
+		step, last := steps[s.at], s.at+1
+		if empty && schema != "" {
+			step, last = schema, len(steps)
+		}
+		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) SELECT generate_series(%d, %d)", step, s.at+1, last)
 		if _, err = conn.ExecContext(ctx, q); err != nil {
 			return s, fmt.Errorf("step %d: %w (the schema stays at step %d)", s.at+1, err, s.at)
 		}
-		s.applied = append(s.applied, s.at+1)
+		for ; s.at < last; s.at++ {
+			s.applied = append(s.applied, s.at+1)
+		}
 	}
 	return s, nil
 }
@@ -156,7 +174,7 @@ func migrate(ctx context.Context, db *sql.DB, steps []string) (s schemaState, er
 // takes a table lock. Any other role that finds the schema behind, or may
 // not read it, stops, naming the command that fixes it.
 func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
-	s, err := migrate(ctx, db, schemaSteps)
+	s, err := migrate(ctx, db, schemaSQL, schemaSteps)
 	if pq.As(err, pqerror.InsufficientPrivilege) != nil {
 		return s, fmt.Errorf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, s.at, len(schemaSteps))
 	}
@@ -186,14 +204,16 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 // more by itself or through another role, and one that still holds more
 // after the grant, by any path (checkServing): nothing is granted then.
 func grantServing(ctx context.Context, db *sql.DB, role string) error {
-	var why, database string
-	// $1 the role: why it is unfit, or ''.
+	var why, database, v5 string
+	// $1 the role: why it is unfit, or ''; and ", sessions" while step 6's
+	// view for the previous version's instances is there (upgrades.sql).
 	const q = `SELECT coalesce(CASE WHEN r.rolsuper THEN 'is a superuser' WHEN r.rolcreaterole THEN 'can create roles' WHEN r.rolreplication THEN 'can replicate the cluster' END,
 			(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m WHERE m.member = r.oid),
 			(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o WHERE o.refobjid = r.oid
-				AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid)), ''), d.datname
+				AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid)), ''), d.datname,
+			coalesce(', ' || to_regclass('sessions'), '')
 		FROM pg_roles r, pg_database d WHERE r.rolname = $1 AND d.datname = current_database()`
-	err := db.QueryRowContext(ctx, q, role).Scan(&why, &database)
+	err := db.QueryRowContext(ctx, q, role).Scan(&why, &database, &v5)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
@@ -205,20 +225,19 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
 	// No CREATE anywhere: nothing the role makes can stand in for a table or
 	// a function that another role's statements name. The last line lists
-	// every function the statements call, and login_wait, which the previous
-	// version's instances call during a rolling upgrade.
+	// every function the statements call.
 	grants := `REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC, ` + r + `;
 		REVOKE CREATE ON SCHEMA public FROM PUBLIC, ` + r + `;
 		REVOKE CREATE, TEMPORARY ON DATABASE ` + pq.QuoteIdentifier(database) + ` FROM PUBLIC, ` + r + `;
 		GRANT USAGE ON SCHEMA public TO ` + r + `;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, sessions, refresh_tokens, patients, doctors, mappings, login_attempts TO ` + r + `;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, logins, refresh_tokens, patients, doctors, mappings, login_attempts` + v5 + ` TO ` + r + `;
 		GRANT SELECT, INSERT ON audit_events TO ` + r + `;
 		GRANT SELECT ON schema_migrations TO ` + r + `;
 		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
-		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), lock_wait(int, timestamptz, int, int), login_succeeded(text, text),
-			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]), login_wait(bigint, int, int) TO ` + r
+		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), run_wait(int, timestamptz, int, int), login_succeeded(text, text),
+			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]) TO ` + r
 	return withTx(ctx, db, func(tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, grants); err != nil {
 			return fmt.Errorf("DB_APP_ROLE: %w", err)
@@ -269,8 +288,8 @@ func pruneLogins(ctx context.Context, db *sql.DB, maxAgeDays int) error {
 			}
 		}
 	}
-	err := inBatches(`DELETE FROM sessions WHERE id IN (
-		SELECT id FROM sessions WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`)
+	err := inBatches(`DELETE FROM logins WHERE id IN (
+		SELECT id FROM logins WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`)
 	if err != nil {
 		return err
 	}

@@ -20,11 +20,15 @@ import (
 	"github.com/lib/pq/pqerror"
 )
 
-// TestSchemaStepsNumbered: schema.sql's steps are numbered 1, 2, … in order,
-// so the splitter's count is the step a server needs.
+// TestSchemaStepsNumbered: upgrades.sql's steps are numbered 1, 2, … in
+// order, so the splitter's count is the step a server needs; schema.sql
+// holds no step and no history (no ALTER … ADD, DROP, DO or redefinition).
 func TestSchemaStepsNumbered(t *testing.T) {
+	if m := regexp.MustCompile(`(?im)^-- step|\b(ALTER\b.*\bADD|DROP|DO \$|OR REPLACE)\b.*|\bIF (NOT )?EXISTS \w.*`).FindAllString(schemaSQL, -1); len(m) != 1 || m[0] != "IF NOT EXISTS pg_trgm;" {
+		t.Errorf("schema.sql: %q, want only the extension's IF NOT EXISTS", m)
+	}
 	var got []string
-	for _, m := range regexp.MustCompile(`(?m)^-- step (\d+)`).FindAllStringSubmatch(schemaSQL, -1) {
+	for _, m := range regexp.MustCompile(`(?m)^-- step (\d+)`).FindAllStringSubmatch(upgradesSQL, -1) {
 		got = append(got, m[1])
 	}
 	if want := stepList(len(schemaSteps)); strings.Join(got, ",") != want || len(got) == 0 {
@@ -159,7 +163,7 @@ func TestLeastPrivilege(t *testing.T) {
 			t.Fatalf("prune as %s: %v", role, err)
 		}
 		var left int
-		if err := owner.QueryRowContext(ctx, `SELECT count(*) FROM sessions WHERE ended_at IS NOT NULL`).Scan(&left); err != nil || left != 0 {
+		if err := owner.QueryRowContext(ctx, `SELECT count(*) FROM logins WHERE ended_at IS NOT NULL`).Scan(&left); err != nil || left != 0 {
 			t.Fatalf("ended logins after prune: %d, %v", left, err)
 		}
 	})
@@ -185,7 +189,7 @@ func TestLeastPrivilege(t *testing.T) {
 			`CREATE TEMP TABLE audit_events (LIKE public.audit_events)`,
 			`CREATE FUNCTION pg_temp.swallow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$`,
 		}
-		for _, table := range []string{"users", "login_names", "sessions", "refresh_tokens", "patients", "doctors", "mappings", "audit_events", "schema_migrations"} {
+		for _, table := range []string{"users", "login_names", "logins", "refresh_tokens", "patients", "doctors", "mappings", "audit_events", "schema_migrations"} {
 			attacks = append(attacks, `ALTER TABLE `+table+` ADD COLUMN evil int`, `DROP TABLE `+table+` CASCADE`, `TRUNCATE `+table+` CASCADE`)
 		}
 		for _, q := range attacks {
@@ -370,7 +374,7 @@ func TestMigrateRaceAndFailure(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			var s schemaState
-			if s, errs[i] = migrate(ctx, db, schemaSteps); errs[i] == nil && s.at != len(schemaSteps) {
+			if s, errs[i] = migrate(ctx, db, schemaSQL, schemaSteps); errs[i] == nil && s.at != len(schemaSteps) {
 				errs[i] = fmt.Errorf("reached step %d", s.at)
 			}
 		}()
@@ -384,7 +388,7 @@ func TestMigrateRaceAndFailure(t *testing.T) {
 		t.Fatalf("steps recorded: %q, %v", steps, err)
 	}
 	bad := append(schemaSteps[:len(schemaSteps):len(schemaSteps)], `CREATE TABLE half_done (id int); SELECT 1/0;`)
-	s, err := migrate(ctx, db, bad)
+	s, err := migrate(ctx, db, schemaSQL, bad)
 	if err == nil || s.at != len(schemaSteps) || !strings.Contains(err.Error(), fmt.Sprintf("step %d: ", len(bad))) {
 		t.Fatalf("failing step: step %d, %v", s.at, err)
 	}
@@ -409,7 +413,7 @@ func TestMigrateGivesWayToLongTransaction(t *testing.T) {
 	if _, err := reader.ExecContext(ctx, `LOCK TABLE audit_events IN ACCESS SHARE MODE`); err != nil {
 		t.Fatal(err)
 	}
-	s, err := migrate(ctx, db, schemaSteps)
+	s, err := migrate(ctx, db, schemaSQL, schemaSteps)
 	if s.at != 1 || pq.As(err, pqerror.LockNotAvailable) == nil {
 		t.Fatalf("migrate beside a reader: step %d, %v; want step 1 and a lock timeout", s.at, err)
 	}
@@ -432,7 +436,7 @@ func TestStartBesideLongTransaction(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer reader.Rollback()
-	if _, err := reader.ExecContext(ctx, `LOCK TABLE users, login_names, sessions, refresh_tokens, patients, doctors,
+	if _, err := reader.ExecContext(ctx, `LOCK TABLE users, login_names, logins, refresh_tokens, patients, doctors,
 		mappings, audit_events, schema_migrations IN ACCESS SHARE MODE`); err != nil {
 		t.Fatal(err)
 	}

@@ -242,16 +242,16 @@ func TestUnlock(t *testing.T) {
 	}
 }
 
-// TestLockWait: the wait after n failures in a row doubles with every
+// TestRunWait: the wait after n failures in a row doubles with every
 // failure past the limit, up to 16 times, and counts from the last one.
-func TestLockWait(t *testing.T) {
+func TestRunWait(t *testing.T) {
 	needDB(t)
 	for _, tc := range []struct{ n, ago, want int }{
 		{2, 0, 0}, {3, 0, 60}, {4, 0, 120}, {5, 0, 240}, {6, 0, 480}, {7, 0, 960}, {8, 0, 960}, {40, 0, 960},
 		{3, 100, 0}, {4, 100, 20},
 	} {
 		var got int
-		err := testDB.QueryRowContext(t.Context(), `SELECT greatest(lock_wait($1, now() - make_interval(secs => $2), 3, 60), 0)`, tc.n, tc.ago).Scan(&got)
+		err := testDB.QueryRowContext(t.Context(), `SELECT greatest(run_wait($1, now() - make_interval(secs => $2), 3, 60), 0)`, tc.n, tc.ago).Scan(&got)
 		if err != nil || got != tc.want {
 			t.Errorf("%d failures, the last %d s ago: wait %d (%v), want %d", tc.n, tc.ago, got, err, tc.want)
 		}

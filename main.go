@@ -160,7 +160,7 @@ func runServe(ctx context.Context, cfg config, db *sql.DB, logger *slog.Logger, 
 // runMigrate is "healthcare migrate": it applies the missing schema steps,
 // grants DB_APP_ROLE what serving needs, and prints the step reached.
 func runMigrate(ctx context.Context, db *sql.DB, appRole string, stdout io.Writer) error {
-	s, err := migrate(ctx, db, schemaSteps)
+	s, err := migrate(ctx, db, schemaSQL, schemaSteps)
 	if err == nil && appRole != "" {
 		if err = grantServing(ctx, db, appRole); err == nil {
 			fmt.Fprintf(stdout, "granted role %q what serving needs\n", appRole)

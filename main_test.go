@@ -654,7 +654,7 @@ func wantOrderingRefused(t testing.TB, res response, f string) {
 func wantTablesIntact(t testing.TB) {
 	t.Helper()
 	needDB(t)
-	for _, table := range []string{"users", "patients", "doctors", "mappings", "sessions", "refresh_tokens"} {
+	for _, table := range []string{"users", "patients", "doctors", "mappings", "logins", "refresh_tokens"} {
 		var exists bool
 		if err := testDB.QueryRow(`SELECT to_regclass($1) IS NOT NULL`, "public."+table).Scan(&exists); err != nil || !exists {
 			t.Fatalf("table %s: exists %v, err %v", table, exists, err)
@@ -699,8 +699,9 @@ func TestReadyzAsksOncePerSecond(t *testing.T) {
 }
 
 // scratchDB is a database of its own for a test that changes the schema or
-// the statistics, created with schema.sql's steps up to step (all of them
-// when step is -1) and dropped after the test.
+// the statistics, dropped after the test: made by this server (schema.sql)
+// when step is -1, else by upgrades.sql's steps up to step, as the server
+// of that step made a new database.
 func scratchDB(t testing.TB, suffix string, step int) *sql.DB {
 	t.Helper()
 	needDB(t)
@@ -710,10 +711,11 @@ func scratchDB(t testing.TB, suffix string, step int) *sql.DB {
 	if err != nil {
 		t.Fatal(err)
 	}
+	schema := ""
 	if step < 0 {
-		step = len(schemaSteps)
+		schema, step = schemaSQL, len(schemaSteps)
 	}
-	if _, err := migrate(t.Context(), db, schemaSteps[:step]); err != nil {
+	if _, err := migrate(t.Context(), db, schema, schemaSteps[:step]); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -816,7 +818,7 @@ func TestSchemaUpgrade(t *testing.T) {
 			 WHERE conrelid = 'mappings'::regclass AND contype = 'f') || ' / ' ||
 			(SELECT count(*) FROM pg_class WHERE relname = 'patient_counts') || ' ' ||
 			(SELECT count(*) FROM pg_trigger WHERE tgname = 'patients_count') || ' / ' ||
-			(SELECT count(*) FROM sessions WHERE expires_at > now() + interval '29 days') || ' / ' ||
+			(SELECT count(*) FROM logins WHERE expires_at > now() + interval '29 days') || ' / ' ||
 			(SELECT string_agg(id || ':' || password_version || ':' || coalesce(last_login::text, '-'), ' ' ORDER BY id) FROM users) || ' ' ||
 			(SELECT count(*) FROM pg_trigger WHERE tgname = 'users_password_version') || ' / ' ||
 			(SELECT count(*) FROM patients) || ' ' || (SELECT count(*) FROM audit_events) || ' / ' ||
@@ -827,7 +829,7 @@ func TestSchemaUpgrade(t *testing.T) {
 		}
 	}
 	for range 2 { // the second run must change nothing
-		s, err := migrate(ctx, db, schemaSteps)
+		s, err := migrate(ctx, db, schemaSQL, schemaSteps)
 		if err != nil || s.at != len(schemaSteps) {
 			t.Fatalf("migrate: step %d, %v; want step %d", s.at, err, len(schemaSteps))
 		}
