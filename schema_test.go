@@ -1,0 +1,181 @@
+package main
+
+import (
+	"database/sql"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// TestUpgradesReachSchema: databases made by the v4 server (steps 1–4), by
+// the v5 server (steps 1–5) and by the last server before steps
+// (testdata), each with rows in every table, upgraded by this server's
+// migrate with DB_APP_ROLE, have exactly the catalog of a new database
+// made from schema.sql and granted alike (compatObjects aside), and keep
+// every row.
+func TestUpgradesReachSchema(t *testing.T) {
+	role := appRole(t)
+	fresh := scratchDB(t, "_cat_fresh", -1)
+	if err := runMigrate(t.Context(), fresh, role, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	want := catalogOf(t, fresh)
+	for _, c := range []struct {
+		name string
+		step int
+	}{{"v4", 4}, {"v5", 5}, {"before steps", 0}} {
+		t.Run(c.name, func(t *testing.T) {
+			db := scratchDB(t, fmt.Sprintf("_cat_%d", c.step), c.step)
+			if c.step == 0 {
+				before, err := os.ReadFile("testdata/schema-before-steps.sql")
+				if err != nil {
+					t.Fatal(err)
+				}
+				mustExec(t, db, string(before))
+			}
+			fillEveryTable(t, db, c.step)
+			rows := rowsOf(t, db, c.step, false)
+			if err := runMigrate(t.Context(), db, role, io.Discard); err != nil {
+				t.Fatal(err)
+			}
+			if after := rowsOf(t, db, c.step, true); after != rows {
+				t.Errorf("rows before the upgrade:\n%s\nafter:\n%s", rows, after)
+			}
+			got := catalogOf(t, db)
+			for _, key := range compatObjects(t) {
+				if _, ok := got[key]; !ok {
+					t.Errorf("compatibility object %q missing", key)
+				}
+				delete(got, key)
+			}
+			for _, key := range slices.Sorted(maps.Keys(mergeKeys(got, want))) {
+				if got[key] != want[key] {
+					t.Errorf("%s:\n upgraded: %s\n new:      %s", key, got[key], want[key])
+				}
+			}
+		})
+	}
+}
+
+// compatObjects are the catalog keys of the objects the last step keeps
+// for the previous version's instances, listed in its "-- compat:" line:
+// the one difference allowed between an upgraded database and a new one.
+func compatObjects(t *testing.T) []string {
+	t.Helper()
+	m := regexp.MustCompile(`(?m)^-- compat: (.+)$`).FindStringSubmatch(schemaSteps[len(schemaSteps)-1])
+	if m == nil {
+		return nil
+	}
+	return strings.Split(m[1], ", ")
+}
+
+// mergeKeys is a map with the keys of both.
+func mergeKeys(a, b map[string]string) map[string]string {
+	m := maps.Clone(a)
+	maps.Copy(m, b)
+	return m
+}
+
+func mustExec(t *testing.T, db *sql.DB, q string, args ...any) {
+	t.Helper()
+	if _, err := db.ExecContext(t.Context(), q, args...); err != nil {
+		t.Fatalf("%s: %v", q, err)
+	}
+}
+
+// fillEveryTable writes rows in every table a database at step has.
+func fillEveryTable(t *testing.T, db *sql.DB, step int) {
+	t.Helper()
+	mustExec(t, db, `INSERT INTO users (username, email, name, password) VALUES ('ada', 'ada@example.com', 'Ada', '!'), ('bob', 'bob@example.com', 'Bob', '!');
+		UPDATE users SET password = '!!' WHERE id = 2;
+		INSERT INTO login_names (name, user_id) VALUES ('ada', 1), ('ada@example.com', 1), ('bob', 2), ('bob@example.com', 2);
+		INSERT INTO sessions (user_id, expires_at) VALUES (1, now() + interval '1 day'), (2, now() + interval '2 days');
+		UPDATE sessions SET ended_at = now() WHERE id = 2;
+		INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES (repeat('a', 32), 1, now() + interval '1 day'), (repeat('b', 32), 2, now() + interval '2 days');
+		INSERT INTO patients (owner_id, first_name, email) VALUES (1, 'Pat', 'pat@example.com'), (2, 'Sam', 'sam@example.com');
+		INSERT INTO doctors (created_by, first_name, email, specialization) VALUES (1, 'Dee', 'dee@example.com', 'Cardiology');
+		INSERT INTO mappings (owner_id, patient_id, doctor_id) VALUES (1, 1, 1), (2, 2, 1);
+		INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id, at)
+			VALUES (1, 1, 'patient.create', 1, '192.0.2.1', 'r1', now() - interval '1 hour'), (1, 1, 'login', NULL, '192.0.2.1', 'r2', now())`)
+	if step >= 4 {
+		mustExec(t, db, `INSERT INTO login_attempts (name, source, failures, last_failure) VALUES ('#1', '192.0.2.0', 2, now()), ('?eve', '', 1, now())`)
+	}
+}
+
+// rowsOf is every row fillEveryTable wrote, read by the names of the
+// step's schema (sessions, session_id) or of this one (after).
+func rowsOf(t *testing.T, db *sql.DB, step int, after bool) string {
+	t.Helper()
+	q := `SELECT concat_ws(E'\n',
+		(SELECT string_agg(concat_ws(':', id, username, email, password, password_version), ' ' ORDER BY id) FROM users),
+		(SELECT string_agg(concat_ws(':', name, user_id), ' ' ORDER BY name) FROM login_names),
+		(SELECT string_agg(concat_ws(':', id, user_id, created_at, expires_at, ended_at), ' ' ORDER BY id) FROM sessions),
+		(SELECT string_agg(concat_ws(':', jti, session_id, expires_at, rotated_at), ' ' ORDER BY jti) FROM refresh_tokens),
+		(SELECT string_agg(concat_ws(':', id, owner_id, first_name, email, created_at), ' ' ORDER BY id) FROM patients),
+		(SELECT string_agg(concat_ws(':', id, created_by, email, specialization), ' ' ORDER BY id) FROM doctors),
+		(SELECT string_agg(concat_ws(':', id, owner_id, patient_id, doctor_id), ' ' ORDER BY id) FROM mappings),
+		(SELECT string_agg(concat_ws(':', id, at, user_id, login_id, action, patient_id, ip, request_id), ' ' ORDER BY id) FROM audit_events)`
+	if step >= 4 {
+		q += `, (SELECT string_agg(concat_ws(':', name, source, failures, last_failure), ' ' ORDER BY name) FROM login_attempts)`
+	}
+	if after {
+		q = strings.NewReplacer("sessions", "logins", "session_id", "login_id").Replace(q)
+	}
+	var rows string
+	if err := db.QueryRowContext(t.Context(), q+")").Scan(&rows); err != nil {
+		t.Fatal(err)
+	}
+	return rows
+}
+
+// catalogOf describes every object of the public schema, one entry per
+// object keyed "kind name": tables and views, columns (position among the
+// live ones, type, default, NOT NULL, options such as n_distinct),
+// sequences, constraints, indexes, functions, triggers, the extensions,
+// each with its grants, and the steps recorded.
+func catalogOf(t *testing.T, db *sql.DB) map[string]string {
+	t.Helper()
+	acl := func(col string) string {
+		return `(SELECT string_agg(x::text, ',' ORDER BY x::text) FROM unnest(` + col + `) x)`
+	}
+	q := `SELECT CASE c.relkind WHEN 'r' THEN 'table ' WHEN 'v' THEN 'view ' WHEN 'S' THEN 'sequence ' ELSE 'index ' END || c.relname,
+			concat_ws(' | ', c.relowner::regrole, c.reloptions, pg_get_viewdef(c.oid), pg_get_indexdef(c.oid), ` + acl("c.relacl") + `,
+				(SELECT concat_ws(' ', format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcache, s.seqcycle) FROM pg_sequence s WHERE s.seqrelid = c.oid),
+				(SELECT 'owned by ' || d.refobjid::regclass || '.' || d.refobjsubid FROM pg_depend d WHERE c.relkind = 'S' AND d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'a' AND d.refclassid = 'pg_class'::regclass))
+		FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'S', 'i')
+		UNION ALL SELECT 'column ' || c.relname || '.' || a.attname, concat_ws(' | ', row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum), format_type(a.atttypid, a.atttypmod),
+				a.attnotnull, pg_get_expr(d.adbin, d.adrelid), (SELECT array_agg(o ORDER BY o) FROM unnest(a.attoptions) o WHERE o LIKE 'n\_distinct%'), a.attidentity, a.attgenerated, a.attcollation, ` + acl("a.attacl") + `)
+		FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+		WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped
+		UNION ALL SELECT 'constraint ' || conrelid::regclass || '.' || conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+		UNION ALL SELECT 'function ' || p.oid::regprocedure, concat_ws(' | ', p.proowner::regrole, pg_get_functiondef(p.oid), ` + acl("p.proacl") + `) FROM pg_proc p
+		WHERE p.pronamespace = 'public'::regnamespace AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
+		UNION ALL SELECT 'trigger ' || tgname, pg_get_triggerdef(oid) || ' ' || tgenabled::text FROM pg_trigger WHERE NOT tgisinternal
+		UNION ALL SELECT 'extension ' || extname, extversion || ' ' || extnamespace::regnamespace FROM pg_extension
+		UNION ALL SELECT 'schema ' || nspname, concat_ws(' | ', nspowner::regrole, ` + acl("nspacl") + `) FROM pg_namespace WHERE nspname = 'public'
+		UNION ALL SELECT 'database', ` + acl("datacl") + ` FROM pg_database WHERE datname = current_database()
+		UNION ALL SELECT 'steps', string_agg(step::text, ',' ORDER BY step) FROM schema_migrations`
+	rows, err := db.QueryContext(t.Context(), q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	catalog := map[string]string{}
+	for rows.Next() {
+		var key string
+		var def sql.NullString
+		if err := rows.Scan(&key, &def); err != nil {
+			t.Fatal(err)
+		}
+		catalog[key] = def.String
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return catalog
+}
