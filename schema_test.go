@@ -10,6 +10,9 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/lib/pq"
 )
 
 // TestUpgradesReachSchema: databases made by the v4 server (steps 1–4), by
@@ -178,4 +181,159 @@ func catalogOf(t *testing.T, db *sql.DB) map[string]string {
 		t.Fatal(err)
 	}
 	return catalog
+}
+
+// v5Statements are the statements of the previous version (v5, step 5)
+// that name a login by its old names, as its instances send them: each
+// must keep working while they run beside an upgraded database. $n as in
+// v5's auth.go and db.go.
+var v5Statements = map[string]string{
+	"attempt": `SELECT login_attempt('#' || $1::bigint, $2, 3, 60, 10, 30)`,
+	"start": `INSERT INTO sessions (user_id, expires_at)
+		SELECT $1, now() + make_interval(days => $2) FROM login_succeeded('#' || $1::bigint, $3) RETURNING id`,
+	"issue": `INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)`,
+	"live":  `SELECT login_live($1, $2)`,
+	"spend": `UPDATE refresh_tokens t SET rotated_at = now()
+		FROM sessions s
+		WHERE t.jti = $1 AND t.session_id = $2 AND t.rotated_at IS NULL AND t.expires_at > now()
+		  AND s.id = t.session_id AND s.user_id = $3 AND s.ended_at IS NULL AND s.expires_at > now()`,
+	"reused": `WITH t AS (
+			SELECT t.rotated_at IS NOT NULL OR s.ended_at IS NOT NULL AS spent,
+			       s.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $3) AS reused
+			FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+			WHERE t.jti = $1 AND t.session_id = $2 AND s.user_id = $4),
+		ended AS (UPDATE sessions SET ended_at = now() WHERE id = $2 AND ended_at IS NULL AND (SELECT reused FROM t) RETURNING id),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
+			SELECT $4, id, 'refresh.reused', $5, $6 FROM ended)
+		SELECT spent, EXISTS (SELECT 1 FROM ended) FROM t`,
+	"logout": `WITH login AS (
+			SELECT id, ended_at IS NULL AS live FROM sessions
+			WHERE id = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM refresh_tokens WHERE jti = $3 AND session_id = $1)
+			FOR UPDATE),
+		ended AS (UPDATE sessions SET ended_at = now() WHERE id = (SELECT id FROM login WHERE live) RETURNING id),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
+			SELECT $2, id, 'logout', $4, $5 FROM ended)
+		SELECT EXISTS (SELECT 1 FROM login) OR NOT EXISTS (SELECT 1 FROM sessions WHERE id = $1)`,
+	"logoutAll": `WITH ended AS (
+			UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND login_live($1, $2) RETURNING id)
+		INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
+		SELECT $1, $2, 'logout.all', $3, $4 WHERE EXISTS (SELECT 1 FROM ended)`,
+	"endAll": `UPDATE sessions SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL`,
+	"prune": `DELETE FROM sessions WHERE id IN (
+		SELECT id FROM sessions WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`,
+}
+
+// TestRollingUpgradeFromV5: an instance of v5, serving as a role granted
+// as v5's migrate granted it, with its statements prepared (planned before
+// step 6), keeps working once this server has applied step 6, before and
+// after migrate grants the role anew; a refresh token either version
+// issues, the other can spend.
+func TestRollingUpgradeFromV5(t *testing.T) {
+	ctx := t.Context()
+	role := appRole(t)
+	owner := scratchDB(t, "_rolling", 5)
+	r := pq.QuoteIdentifier(role)
+	mustExec(t, owner, `REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC;
+		GRANT USAGE ON SCHEMA public TO `+r+`;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, sessions, refresh_tokens, patients, doctors, mappings, login_attempts TO `+r+`;
+		GRANT SELECT, INSERT ON audit_events TO `+r+`;
+		GRANT SELECT ON schema_migrations TO `+r+`;
+		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO `+r+`;
+		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), lock_wait(int, timestamptz, int, int), login_succeeded(text, text),
+			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]), login_wait(bigint, int, int) TO `+r+`;
+		INSERT INTO users (username, email, name, password) VALUES ('ada', 'ada@example.com', 'Ada', '!')`)
+	conn, err := connectAs(t, owner, role).Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	v5 := map[string]*sql.Stmt{}
+	for name, q := range v5Statements {
+		if v5[name], err = conn.PrepareContext(ctx, q); err != nil {
+			t.Fatalf("prepare %s: %v", name, err)
+		}
+	}
+	spend := func(what, jti string, sid int64) {
+		t.Helper()
+		if res, err := v5["spend"].ExecContext(ctx, jti, sid, 1); err != nil || rowsAffected(res) != 1 {
+			t.Fatalf("v5 spends %s: %v", what, err)
+		}
+	}
+	v5Round(t, v5, 1)
+	var sid, loginID int64
+	if err := v5["start"].QueryRowContext(ctx, 1, 30, "192.0.2.0").Scan(&sid); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v5["issue"].ExecContext(ctx, strings.Repeat("4", 32), sid, time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := migrate(ctx, owner, schemaSQL, schemaSteps); err != nil || !slices.Equal(s.applied, []int{6}) {
+		t.Fatalf("migrate: %+v, %v", s, err)
+	}
+	spend("a token it issued before step 6", strings.Repeat("4", 32), sid)
+	v5Round(t, v5, 2)
+	if err := owner.QueryRowContext(ctx, `INSERT INTO logins (user_id, expires_at) VALUES (1, now() + interval '1 day') RETURNING id`).Scan(&sid); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, owner, `INSERT INTO refresh_tokens (jti, login_id, expires_at) VALUES (repeat('6', 32), $1, now() + interval '1 hour')`, sid)
+	spend("a token this version issued", strings.Repeat("6", 32), sid)
+	if _, err := v5["issue"].ExecContext(ctx, strings.Repeat("5", 32), sid, time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.QueryRowContext(ctx, `SELECT login_id FROM refresh_tokens WHERE jti = repeat('5', 32)`).Scan(&loginID); err != nil || loginID != sid {
+		t.Fatalf("login of the token v5 issued: %d, %v; want %d", loginID, err, sid)
+	}
+	if err := runMigrate(ctx, owner, role, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	v5Round(t, v5, 3)
+}
+
+// rowsAffected is res's count of rows, or -1.
+func rowsAffected(res sql.Result) int64 {
+	n, err := res.RowsAffected()
+	if err != nil {
+		return -1
+	}
+	return n
+}
+
+// v5Round runs v5's statements as one of its instances serves a user: a
+// login attempt, a login, a refresh, the reuse of the rotated token (which
+// ends the login), a logout, a second login ended by logout-all and a
+// password change, then the prune.
+func v5Round(t *testing.T, v5 map[string]*sql.Stmt, round int) {
+	t.Helper()
+	ctx := t.Context()
+	check := func(what string, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("round %d, v5's %s: %v", round, what, err)
+		}
+	}
+	jti := func(n int) string { return fmt.Sprintf("%031d%d", round, n) }
+	expires := time.Now().Add(time.Hour)
+	var wait, sid int64
+	var live, spent, reused, ok bool
+	check("attempt", v5["attempt"].QueryRowContext(ctx, 1, "192.0.2.0").Scan(&wait))
+	check("start", v5["start"].QueryRowContext(ctx, 1, 30, "192.0.2.0").Scan(&sid))
+	_, err := v5["issue"].ExecContext(ctx, jti(1), sid, expires)
+	check("issue", err)
+	check("live", v5["live"].QueryRowContext(ctx, 1, sid).Scan(&live))
+	res, err := v5["spend"].ExecContext(ctx, jti(1), sid, 1)
+	check("spend", err)
+	_, err = v5["issue"].ExecContext(ctx, jti(2), sid, expires)
+	check("issue", err)
+	check("reused", v5["reused"].QueryRowContext(ctx, jti(1), sid, 0.0, 1, "192.0.2.1", "r").Scan(&spent, &reused))
+	check("logout", v5["logout"].QueryRowContext(ctx, sid, 1, jti(2), "192.0.2.1", "r").Scan(&ok))
+	if wait != 0 || !live || rowsAffected(res) != 1 || !spent || !reused || !ok {
+		t.Fatalf("round %d: wait %d, live %v, spent %d, reused %v %v, logout %v", round, wait, live, rowsAffected(res), spent, reused, ok)
+	}
+	check("start", v5["start"].QueryRowContext(ctx, 1, 30, "192.0.2.0").Scan(&sid))
+	_, err = v5["logoutAll"].ExecContext(ctx, 1, sid, "192.0.2.1", "r")
+	check("logout all", err)
+	_, err = v5["endAll"].ExecContext(ctx, 1)
+	check("password change", err)
+	_, err = v5["prune"].ExecContext(ctx)
+	check("prune", err)
 }
