@@ -337,3 +337,57 @@ func v5Round(t *testing.T, v5 map[string]*sql.Stmt, round int) {
 	_, err = v5["prune"].ExecContext(ctx)
 	check("prune", err)
 }
+
+// TestAPITimeZone: api_time writes a time in the connection's TimeZone, as
+// DRF writes it in TIME_ZONE's: "Z" for a zero offset, else ±hh:mm.
+func TestAPITimeZone(t *testing.T) {
+	needDB(t)
+	for zone, want := range map[string]string{
+		"UTC":               "2026-12-07T02:22:49.931696Z",
+		"Asia/Kolkata":      "2026-12-07T07:52:49.931696+05:30",
+		"America/Sao_Paulo": "2026-12-06T23:22:49.931696-03:00",
+		"Europe/London":     "2026-12-07T02:22:49.931696Z",
+	} {
+		cfg := testDBConfig
+		cfg.Runtime = maps.Clone(cfg.Runtime)
+		if cfg.Runtime == nil {
+			cfg.Runtime = map[string]string{}
+		}
+		cfg.Runtime["TimeZone"] = zone
+		db, err := connect(cfg, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got string
+		err = db.QueryRowContext(t.Context(), `SELECT api_time('2026-12-07 02:22:49.931696+00')`).Scan(&got)
+		db.Close()
+		if err != nil || got != want {
+			t.Errorf("TimeZone %s: %q, %v; want %q", zone, got, err, want)
+		}
+	}
+}
+
+// TestAuditEventsStampedByDatabase: an event's time is the transaction's
+// and its id the sequence's, whatever the insert says, for the table's
+// owner too.
+func TestAuditEventsStampedByDatabase(t *testing.T) {
+	needDB(t)
+	ctx := t.Context()
+	conn, err := testDB.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	const insert = `INSERT INTO audit_events (user_id, action, ip, request_id, at) VALUES (NULL, 'login.failed', '192.0.2.1', 'stamp', '2000-01-01')`
+	var id int64
+	var now bool
+	if err := conn.QueryRowContext(ctx, insert+` RETURNING id, at = now()`).Scan(&id, &now); err != nil || !now {
+		t.Fatalf("an event with its own at: at is now() %v, %v", now, err)
+	}
+	forged := strings.Replace(insert, "(user_id,", "(id, user_id,", 1)
+	forged = strings.Replace(forged, "(NULL,", fmt.Sprintf("(%d, NULL,", id+1000), 1)
+	_, err = conn.ExecContext(ctx, forged)
+	if e := pq.As(err, "HC403"); e == nil {
+		t.Fatalf("an event with its own id: %v, want HC403", err)
+	}
+}
