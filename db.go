@@ -112,7 +112,7 @@ type schemaState struct {
 }
 
 // migrate applies the steps the database lacks; an empty database gets
-// schema instead (when it is not ""), recorded at every step. Under the
+// schema instead (when it is not ""), recorded at the last step. Under the
 // advisory lock, several migrations at once take turns.
 func migrate(ctx context.Context, db *sql.DB, schema string, steps []string) (s schemaState, err error) {
 	conn, err := db.Conn(ctx)
@@ -122,11 +122,12 @@ func migrate(ctx context.Context, db *sql.DB, schema string, steps []string) (s 
 	defer conn.Close()
 	// Names are unique by lower(): a database whose lower() folds only ASCII
 	// would let "Ädmin" and "ädmin" both register. The schema's owner is
-	// schema_migrations', or the database's until that exists.
-	var folds bool
-	const q = `SELECT current_database(), current_user, lower('Ä') = 'ä', CASE WHEN NOT pg_has_role(o, 'USAGE') THEN pg_get_userbyid(o) ELSE '' END
+	// schema_migrations', or the database's until that exists. Without
+	// users, the database is empty (or made before steps).
+	var folds, empty bool
+	const q = `SELECT current_database(), current_user, lower('Ä') = 'ä', to_regclass('users') IS NULL, CASE WHEN NOT pg_has_role(o, 'USAGE') THEN pg_get_userbyid(o) ELSE '' END
 		FROM coalesce((SELECT relowner FROM pg_class WHERE relname = 'schema_migrations' AND relnamespace = 'public'::regnamespace), (SELECT datdba FROM pg_database WHERE datname = current_database())) o`
-	if err := conn.QueryRowContext(ctx, q).Scan(&s.database, &s.role, &folds, &s.owner); err != nil {
+	if err := conn.QueryRowContext(ctx, q).Scan(&s.database, &s.role, &folds, &empty, &s.owner); err != nil {
 		return s, fmt.Errorf("read the database: %w", err)
 	}
 	if !folds {
@@ -136,35 +137,28 @@ func migrate(ctx context.Context, db *sql.DB, schema string, steps []string) (s 
 		return s, fmt.Errorf("lock schema: %w", err)
 	}
 	defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, schemaLockID)
-	var empty bool
 	err = conn.QueryRowContext(ctx, `SELECT coalesce(max(step), 0) FROM schema_migrations`).Scan(&s.found)
 	switch {
 	case pq.As(err, pqerror.InsufficientPrivilege) != nil:
 		return s, fmt.Errorf(`role %q may not read this database's schema: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, s.role, s.role)
-	case err != nil && pq.As(err, pqerror.UndefinedTable) == nil:
+	case err != nil && pq.As(err, pqerror.UndefinedTable) == nil: // no table yet: step 0
 		return s, fmt.Errorf("read schema step: %w", err)
-	case err != nil: // no table yet: step 0, an empty database or one made before steps (users)
-		if err = conn.QueryRowContext(ctx, `SELECT to_regclass('users') IS NULL`).Scan(&empty); err != nil {
-			return s, fmt.Errorf("read schema step: %w", err)
-		}
 	}
 	s.applied = []int{} // none is "applied: []" in the log, not null
-	for s.at = s.found; s.at < len(steps); empty = false {
+	for s.at = s.found; s.at < len(steps); s.at++ {
+		step := steps[s.at]
+		if s.at == 0 && empty && schema != "" { // a new database gets the schema as it is now, as the last step
+			step, s.at = schema, len(steps)-1
+		}
 		// Sent as one query, a step and its record commit together or not
 		// at all: the database is always at a whole step. A step queued
 		// behind a long transaction would queue every request behind
 		// itself: after lock_timeout it gives up, to be run again.
-		step, last := steps[s.at], s.at+1
-		if empty && schema != "" {
-			step, last = schema, len(steps)
-		}
-		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) SELECT generate_series(%d, %d)", step, s.at+1, last)
+		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) VALUES (%d)", step, s.at+1)
 		if _, err = conn.ExecContext(ctx, q); err != nil {
 			return s, fmt.Errorf("step %d: %w (the schema stays at step %d)", s.at+1, err, s.at)
 		}
-		for ; s.at < last; s.at++ {
-			s.applied = append(s.applied, s.at+1)
-		}
+		s.applied = append(s.applied, s.at+1)
 	}
 	return s, nil
 }

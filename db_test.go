@@ -205,7 +205,7 @@ func TestLeastPrivilege(t *testing.T) {
 	})
 
 	t.Run("a schema behind stops start-up", func(t *testing.T) {
-		if _, err := owner.ExecContext(ctx, `DELETE FROM schema_migrations WHERE step = $1`, len(schemaSteps)); err != nil {
+		if _, err := owner.ExecContext(ctx, `UPDATE schema_migrations SET step = step - 1 WHERE step = $1`, len(schemaSteps)); err != nil {
 			t.Fatal(err)
 		}
 		_, err := ensureSchema(ctx, db)
@@ -362,8 +362,8 @@ func TestMigrateCommand(t *testing.T) {
 }
 
 // TestMigrateRaceAndFailure: two migrations of an empty database at once
-// both succeed and each step is applied once; a failing step leaves the
-// database at the last whole step.
+// both succeed and the schema is applied once, recorded at the last step; a
+// failing step leaves the database at the last whole step.
 func TestMigrateRaceAndFailure(t *testing.T) {
 	ctx := t.Context()
 	db := scratchDB(t, "_race", 0)
@@ -384,7 +384,7 @@ func TestMigrateRaceAndFailure(t *testing.T) {
 		t.Fatalf("racing migrations: %v, %v", errs[0], errs[1])
 	}
 	var steps string
-	if err := db.QueryRowContext(ctx, `SELECT string_agg(step::text, ',' ORDER BY step) FROM schema_migrations`).Scan(&steps); err != nil || steps != stepList(len(schemaSteps)) {
+	if err := db.QueryRowContext(ctx, `SELECT string_agg(step::text, ',' ORDER BY step) FROM schema_migrations`).Scan(&steps); err != nil || steps != strconv.Itoa(len(schemaSteps)) {
 		t.Fatalf("steps recorded: %q, %v", steps, err)
 	}
 	bad := append(schemaSteps[:len(schemaSteps):len(schemaSteps)], `CREATE TABLE half_done (id int); SELECT 1/0;`)
@@ -577,14 +577,10 @@ func TestStartLogsSchema(t *testing.T) {
 	t.Cleanup(func() {
 		testDB.ExecContext(context.Background(), `DROP DATABASE IF EXISTS `+pq.QuoteIdentifier(name)+` WITH (FORCE)`)
 	})
-	var all []any // every step, as JSON numbers
-	for i := range schemaSteps {
-		all = append(all, float64(i+1))
-	}
 	for i, want := range []struct {
 		found   int
-		applied []any
-	}{{0, all}, {len(schemaSteps), []any{}}} {
+		applied []any // JSON numbers
+	}{{0, []any{float64(len(schemaSteps))}}, {len(schemaSteps), []any{}}} {
 		ctx, stop := context.WithTimeout(t.Context(), 30*time.Second)
 		log := lineWriter{make(chan string, 100)}
 		done := make(chan error, 1)
