@@ -145,20 +145,21 @@ func migrate(ctx context.Context, db *sql.DB, schema string, steps []string) (s 
 		return s, fmt.Errorf("read schema step: %w", err)
 	}
 	s.applied = []int{} // none is "applied: []" in the log, not null
-	for s.at = s.found; s.at < len(steps); s.at++ {
-		step := steps[s.at]
+	for s.at = s.found; s.at < len(steps); {
+		step, next := steps[s.at], s.at+1
 		if s.at == 0 && empty && schema != "" { // a new database gets the schema as it is now, as the last step
-			step, s.at = schema, len(steps)-1
+			step, next = schema, len(steps)
 		}
 		// Sent as one query, a step and its record commit together or not
 		// at all: the database is always at a whole step. A step queued
 		// behind a long transaction would queue every request behind
 		// itself: after lock_timeout it gives up, to be run again.
-		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) VALUES (%d)", step, s.at+1)
+		q := fmt.Sprintf("SET LOCAL lock_timeout = '5s';\n%s;\nINSERT INTO schema_migrations (step) VALUES (%d)", step, next)
 		if _, err = conn.ExecContext(ctx, q); err != nil {
-			return s, fmt.Errorf("step %d: %w (the schema stays at step %d)", s.at+1, err, s.at)
+			return s, fmt.Errorf("step %d: %w (the schema stays at step %d)", next, err, s.at)
 		}
-		s.applied = append(s.applied, s.at+1)
+		s.at = next
+		s.applied = append(s.applied, next)
 	}
 	return s, nil
 }

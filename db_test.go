@@ -566,6 +566,10 @@ func TestSchemaMessagesLeadToTheFix(t *testing.T) {
 		err.Error() != strings.ReplaceAll(notOwner(owner), "_msgs", "_msgs_empty") {
 		t.Errorf("the owner migrates an empty database of another:\n%v", err)
 	}
+	want := fmt.Sprintf(`database schema is at step 0, this server needs step %d: run "healthcare migrate" as the schema owner`, len(schemaSteps))
+	if _, err := ensureSchema(ctx, connectAs(t, empty, app)); err == nil || err.Error() != want {
+		t.Errorf("the app role starts on an empty database:\n%v\nwant\n%s", err, want)
+	}
 }
 
 // TestStartLogsSchema: the first line a server logs names the database, the
