@@ -31,7 +31,7 @@ import (
 	"github.com/lib/pq/pqerror"
 )
 
-// minIterations is Django 5's PBKDF2 work factor; PASSWORD_ITERATIONS may
+// minIterations is Django 4.2's default PBKDF2 work factor; PASSWORD_ITERATIONS may
 // only raise it.
 const minIterations = 600_000
 
