@@ -384,12 +384,12 @@ type args map[string]any
 // statement is one statement of a logged-in request, as its handler states it.
 type statement struct {
 	steps  string  // "done AS (…)", after any step it reads
-	args   args    // the values of the steps' @names, beside the request's (sent)
+	args   args    // the values of the steps' @names beside the request's (sent)
 	events []audit // the audit events it writes
 }
 
-// audit is an event that a statement writes for each row of from, itself
-// itself: it commits with the read or change it records, or neither does,
+// audit is an event that a statement writes for each row of from, itself:
+// it commits with the read or change it records, or neither does,
 // and a statement that shows or changes nothing writes none.
 type audit struct {
 	action                  string
@@ -416,7 +416,8 @@ var atName = regexp.MustCompile(`@[a-z_0-9]+`)
 // done's rows, selected only once login_live says the login is live (it
 // fails the statement with HC401 otherwise, which fail answers 401), which
 // PostgreSQL checks once, before any row (a one-time filter). Each @name
-// becomes $n, $1 the user and $2 the login; @if_match is ifMatch's tags.
+// becomes $n, $1 the user and $2 the login; @id is the path's {id}
+// (pathID) and @if_match the If-Match header's tags (ifMatch).
 func (q statement) sent(r *http.Request) (string, []any) {
 	text := "WITH " + q.steps
 	if len(q.events) > 0 {
@@ -432,7 +433,8 @@ func (q statement) sent(r *http.Request) (string, []any) {
 	text += `
 		SELECT * FROM done WHERE login_live(@user, @login)`
 	info := infoFrom(r)
-	request := args{"user": info.userID, "login": info.loginID, "ip": info.clientIP.String(), "request_id": info.id, "if_match": ifMatch(r)}
+	request := args{"user": info.userID, "login": info.loginID, "ip": info.clientIP.String(), "request_id": info.id,
+		"id": pathID(r), "if_match": ifMatch(r)}
 	numbers, values := map[string]string{"@user": "$1", "@login": "$2"}, []any{info.userID, info.loginID}
 	text = atName.ReplaceAllStringFunc(text, func(n string) string {
 		if numbers[n] == "" {

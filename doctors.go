@@ -72,26 +72,22 @@ func (s *server) handleCreateDoctor(w http.ResponseWriter, r *http.Request) erro
 }
 
 func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
-	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, statement{
-		steps: `done AS (SELECT ` + doctorColumns + ` FROM doctors WHERE id = @id)`,
-		args:  args{"id": pathID(r)},
-	})
+	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, statement{steps: `done AS (SELECT ` + doctorColumns + ` FROM doctors WHERE id = @id)`})
 }
 
-// doctorFound finds a doctor: unmatched tells a write's 412 from its 404 by it.
-func doctorFound(id int64) statement {
-	return statement{steps: `done AS (SELECT 1 FROM doctors WHERE id = @id)`, args: args{"id": id}}
-}
+// doctorFound finds the doctor the path names: unmatched tells a write's
+// 412 from its 404 by it.
+var doctorFound = statement{steps: `done AS (SELECT 1 FROM doctors WHERE id = @id)`}
 
 // mayChangeDoctor answers 404 for a malformed id or a missing doctor, and
 // 403 for one the caller did not create. The order of checks puts it before
 // the body's 415 and 400.
-func (s *server) mayChangeDoctor(r *http.Request, id int64) error {
-	if id == 0 { // no statement for an id no row has
+func (s *server) mayChangeDoctor(r *http.Request) error {
+	if pathID(r) == 0 { // no statement for an id no row has
 		return errNotFound
 	}
 	var creator sql.NullInt64
-	err := s.db.queryRow(r, statement{steps: `done AS (SELECT created_by FROM doctors WHERE id = @id)`, args: args{"id": id}}).Scan(&creator)
+	err := s.db.queryRow(r, statement{steps: `done AS (SELECT created_by FROM doctors WHERE id = @id)`}).Scan(&creator)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return errNotFound
@@ -106,15 +102,13 @@ func (s *server) mayChangeDoctor(r *http.Request, id int64) error {
 // handleUpdateDoctor serves PUT and PATCH for the doctor's creator, whom the
 // UPDATE checks again; a doctor deleted in between is a 404.
 func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) error {
-	id := pathID(r)
-	in, bodyErr := readPerson(r, true)
-	if err := s.mayChangeDoctor(r, id); err != nil {
+	in, bodyErr := readPerson(r, true) // its errors wait: 403 comes first
+	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
 	if bodyErr != nil {
 		return bodyErr
 	}
-	in["id"] = id
 	err := writeRow(w, r, s.db, http.StatusOK, scanDoctor, statement{
 		steps: `before AS (SELECT ` + doctorColumns + ` FROM doctors WHERE id = @id AND created_by = @user AND ` + ifMatches + ` FOR UPDATE),
 		done AS (UPDATE doctors SET first_name = coalesce(@first_name, first_name), last_name = coalesce(@last_name, last_name),
@@ -126,7 +120,7 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 	if pq.As(err, "HC409") != nil { // doctors_email_frozen (schema.sql)
 		return errDoctorEmailFrozen
 	}
-	return unmatched(r, s.db, err, doctorFound(id))
+	return unmatched(r, s.db, err, doctorFound)
 }
 
 var (
@@ -140,17 +134,15 @@ var (
 // foreign key (ON DELETE RESTRICT) refuses the delete otherwise, so a
 // mapping created at the same moment cannot be lost.
 func (s *server) handleDeleteDoctor(w http.ResponseWriter, r *http.Request) error {
-	id := pathID(r)
-	if err := s.mayChangeDoctor(r, id); err != nil {
+	if err := s.mayChangeDoctor(r); err != nil {
 		return err
 	}
 	err := deleteRow(w, r, s.db, statement{
 		steps:  `done AS (DELETE FROM doctors WHERE id = @id AND created_by = @user AND ` + ifMatches + ` RETURNING id)`,
-		args:   args{"id": id},
 		events: []audit{{action: "doctor.delete", doctor: "id"}},
 	})
 	if pq.As(err, pqerror.ForeignKeyViolation) != nil { // still assigned
 		return errDoctorAssigned
 	}
-	return unmatched(r, s.db, err, doctorFound(id))
+	return unmatched(r, s.db, err, doctorFound)
 }

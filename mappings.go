@@ -103,11 +103,9 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 // handlePatientMappings lists one of the caller's patients' mappings, oldest
 // first, as a plain array; another user's patient is a 404.
 func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) error {
-	id := pathID(r)
 	rows, err := s.db.query(r, statement{
 		steps: `done AS (SELECT ` + mappingColumns + ` FROM mappings m` + withDetails + `
 			WHERE m.patient_id = @id AND m.owner_id = @user ORDER BY m.created_at, m.id)`,
-		args:   args{"id": id},
 		events: mappingsShown,
 	})
 	if err != nil {
@@ -118,7 +116,7 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 		return err
 	}
 	if len(out) == 0 { // an empty array for the caller's patient, else 404
-		n, err := s.db.exec(r, patientFound(id))
+		n, err := s.db.exec(r, patientFound)
 		if err != nil {
 			return fmt.Errorf("find patient: %w", err)
 		}
@@ -132,7 +130,6 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) error {
 	return deleteRow(w, r, s.db, statement{
 		steps:  `done AS (DELETE FROM mappings WHERE id = @id AND owner_id = @user RETURNING patient_id, doctor_id)`,
-		args:   args{"id": pathID(r)},
 		events: []audit{{action: "mapping.delete", patient: "patient_id", doctor: "doctor_id"}},
 	})
 }

@@ -72,16 +72,13 @@ func (s *server) handleCreatePatient(w http.ResponseWriter, r *http.Request) err
 func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error {
 	return writeRow(w, r, s.db, http.StatusOK, scanPatient, statement{
 		steps:  `done AS (SELECT ` + patientColumns + ` FROM patients WHERE id = @id AND owner_id = @user)`,
-		args:   args{"id": pathID(r)},
 		events: []audit{{action: "patient.read", patient: "id"}},
 	})
 }
 
-// patientFound finds one of the caller's patients: unmatched tells a
+// patientFound finds the caller's patient the path names: unmatched tells a
 // write's 412 from its 404 by it.
-func patientFound(id int64) statement {
-	return statement{steps: `done AS (SELECT 1 FROM patients WHERE id = @id AND owner_id = @user)`, args: args{"id": id}}
-}
+var patientFound = statement{steps: `done AS (SELECT 1 FROM patients WHERE id = @id AND owner_id = @user)`}
 
 // handleUpdatePatient serves PUT and PATCH: PATCH may name any subset of
 // fields, PUT must name the required ones; a field not named keeps its
@@ -91,11 +88,9 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 	if err != nil {
 		return err
 	}
-	id := pathID(r)
-	if id == 0 { // after the body's checks, before any statement
+	if pathID(r) == 0 { // after the body's checks, before any statement
 		return errNotFound
 	}
-	in["id"] = id
 	err = writeRow(w, r, s.db, http.StatusOK, scanPatient, statement{
 		steps: `before AS (SELECT ` + patientColumns + ` FROM patients WHERE id = @id AND owner_id = @user AND ` + ifMatches + ` FOR UPDATE),
 		done AS (UPDATE patients SET first_name = coalesce(@first_name, first_name), last_name = coalesce(@last_name, last_name),
@@ -105,7 +100,7 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 		args:   in,
 		events: []audit{{action: "patient.update", patient: "done.id", fields: changedFields, from: "done, before"}},
 	})
-	return unmatched(r, s.db, err, patientFound(id))
+	return unmatched(r, s.db, err, patientFound)
 }
 
 // handleDeletePatient deletes a patient; its mappings go with it (ON DELETE
@@ -113,12 +108,10 @@ func (s *server) handleUpdatePatient(w http.ResponseWriter, r *http.Request) err
 // its audit events stay. The mappings read are those before the delete:
 // every part of a statement sees the same snapshot.
 func (s *server) handleDeletePatient(w http.ResponseWriter, r *http.Request) error {
-	id := pathID(r)
 	err := deleteRow(w, r, s.db, statement{
 		steps: `done AS (DELETE FROM patients WHERE id = @id AND owner_id = @user AND ` + ifMatches + ` RETURNING id)`,
-		args:  args{"id": id},
 		events: []audit{{action: "patient.delete", patient: "id"},
 			{action: "mapping.delete", patient: "patient_id", doctor: "doctor_id", from: "mappings WHERE patient_id IN (SELECT id FROM done)"}},
 	})
-	return unmatched(r, s.db, err, patientFound(id))
+	return unmatched(r, s.db, err, patientFound)
 }
