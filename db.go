@@ -432,19 +432,17 @@ func (q statement) sent(r *http.Request) (string, []any) {
 	}
 	text += `
 		SELECT * FROM done WHERE login_live(@user, @login)`
-	info := infoFrom(r)
-	request := args{"user": info.userID, "login": info.loginID, "ip": info.clientIP.String(), "request_id": info.id,
-		"id": pathID(r), "if_match": ifMatch(r)}
+	info, named := infoFrom(r), args{}
+	maps.Copy(named, q.args)
+	maps.Copy(named, args{"user": info.userID, "login": info.loginID, "ip": info.clientIP.String(), "request_id": info.id,
+		"id": pathID(r), "if_match": ifMatch(r)}) // the request's own values win
 	numbers, values := map[string]string{"@user": "$1", "@login": "$2"}, []any{info.userID, info.loginID}
 	text = atName.ReplaceAllStringFunc(text, func(n string) string {
-		if numbers[n] == "" {
-			v, ok := request[n[1:]]
-			if !ok {
-				v, ok = q.args[n[1:]]
-			}
-			if !ok {
-				panic("a statement names " + n + ", which has no value")
-			}
+		v, ok := named[n[1:]]
+		switch {
+		case !ok: // a handler's mistake, which no request can cause
+			panic("a statement names " + n + ", which has no value")
+		case numbers[n] == "": // its first use
 			values = append(values, v)
 			numbers[n] = "$" + strconv.Itoa(len(values))
 		}
