@@ -31,7 +31,7 @@ import (
 	"github.com/lib/pq/pqerror"
 )
 
-// minIterations is Django 5's PBKDF2 work factor; PASSWORD_ITERATIONS may
+// minIterations is Django 4.2's default PBKDF2 work factor; PASSWORD_ITERATIONS may
 // only raise it.
 const minIterations = 600_000
 
@@ -656,13 +656,11 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 
 // handleLogoutAll ends every login of the caller, the asking one included.
 func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
-	// $1 user, $2 login, $3 IP, $4 request id.
-	const q = `WITH ended AS (
-			UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND login_live($1, $2) RETURNING id)
-		INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
-		SELECT $1, $2, 'logout.all', $3, $4 WHERE EXISTS (SELECT 1 FROM ended)`
-	info := infoFrom(r)
-	if _, err := s.db.ExecContext(r.Context(), q, info.userID, info.loginID, info.clientIP.String(), info.id); err != nil {
+	_, err := s.db.exec(r, statement{
+		steps:  `done AS (UPDATE logins SET ended_at = now() WHERE user_id = @user AND ended_at IS NULL RETURNING user_id)`,
+		events: []audit{{action: "logout.all", from: "(SELECT DISTINCT user_id FROM done) ended"}},
+	})
+	if err != nil {
 		return fmt.Errorf("end logins: %w", err)
 	}
 	return noContent(w)
@@ -670,13 +668,10 @@ func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 
 // handleMe returns the caller's account.
 func (s *server) handleMe(w http.ResponseWriter, r *http.Request) error {
-	// $1 user, $2 login.
-	const q = `SELECT id, username, email, name FROM users WHERE id = $1 AND login_live($1, $2)`
-	info := infoFrom(r)
 	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) (u user, err error) {
 		err = row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
 		return
-	}, q, info.userID, info.loginID)
+	}, statement{steps: `done AS (SELECT id, username, email, name FROM users WHERE id = @user)`})
 }
 
 var errWrongOldPassword = &apiError{status: http.StatusBadRequest,

@@ -387,12 +387,116 @@ func (d *database) QueryContext(ctx context.Context, query string, args ...any) 
 // rowScanner is what *sql.Row and *sql.Rows share.
 type rowScanner interface{ Scan(dest ...any) error }
 
-// writeRow runs a statement that returns one row and writes that row with
-// status; no row is a 404. A record with an entity tag (a patient, a
-// doctor) is sent with its ETag, and a GET whose If-None-Match names that
-// tag is answered 304 without a body.
-func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, status int, scan func(rowScanner) (T, error), q string, args ...any) error {
-	v, err := scan(db.QueryRowContext(r.Context(), q, args...))
+// The rules every statement of a logged-in request obeys are written here,
+// once. Its handler states it as a statement: its own SQL, as named steps (a
+// WITH query's), the last named done, whose rows are the answer; its values
+// by name (@id); and the audit events it leaves. sent adds the rest.
+
+// args are a statement's values by name: args{"id": 7} is @id.
+type args map[string]any
+
+// statement is one statement of a logged-in request, as its handler states it.
+type statement struct {
+	steps  string  // "done AS (…)", after any step it reads
+	args   args    // the values of the steps' @names beside the request's (sent)
+	events []audit // the audit events it writes
+}
+
+// audit is an event that a statement writes for each row of from, itself:
+// it commits with the read or change it records, or neither does,
+// and a statement that shows or changes nothing writes none.
+type audit struct {
+	action                  string
+	patient, doctor, fields string // SQL over a row of from; "" is none
+	from                    string // SQL: the rows; "" is done
+}
+
+// ifMatches is the If-Match check of a write's steps: the row's tag (etag,
+// schema.sql) is one the header lists (ifMatch), or it names any version.
+const ifMatches = `(@if_match::text[] IS NULL OR etag(id, version) = ANY(@if_match))`
+
+// changedFields are an update's event's fields: the names of the columns
+// whose values differ between the steps before and done, in their order
+// (never the values); updated_at and etag change with every update.
+const changedFields = `ARRAY(SELECT new.key FROM json_each_text(row_to_json(done)) WITH ORDINALITY new(key, value, n)
+	JOIN json_each_text(row_to_json(before)) old USING (key)
+	WHERE new.value IS DISTINCT FROM old.value AND key NOT IN ('updated_at', 'etag') ORDER BY n)`
+
+// atName is an @name in a statement.
+var atName = regexp.MustCompile(`@[a-z_0-9]+`)
+
+// sent returns q as the database gets it: its steps; one INSERT of its
+// events, with the user, the login, the client IP and the request id; and
+// done's rows, selected only once login_live says the login is live (it
+// fails the statement with HC401 otherwise, which fail answers 401), which
+// PostgreSQL checks once, before any row (a one-time filter). Each @name
+// becomes $n, $1 the user and $2 the login; @id is the path's {id}
+// (pathID) and @if_match the If-Match header's tags (ifMatch).
+func (q statement) sent(r *http.Request) (string, []any) {
+	text := "WITH " + q.steps
+	if len(q.events) > 0 {
+		var each []string
+		for _, e := range q.events {
+			each = append(each, fmt.Sprintf("SELECT %s, %s, %s, %s FROM %s", pq.QuoteLiteral(e.action),
+				cmp.Or(e.patient, "NULL::bigint"), cmp.Or(e.doctor, "NULL::bigint"), cmp.Or(e.fields, "'{}'::text[]"), cmp.Or(e.from, "done")))
+		}
+		text += `,
+		events AS (INSERT INTO audit_events (user_id, login_id, ip, request_id, action, patient_id, doctor_id, fields)
+			SELECT @user, @login, @ip, @request_id, e.* FROM (` + strings.Join(each, " UNION ALL ") + `) e)`
+	}
+	text += `
+		SELECT * FROM done WHERE login_live(@user, @login)`
+	info, named := infoFrom(r), args{}
+	maps.Copy(named, q.args)
+	maps.Copy(named, args{"user": info.userID, "login": info.loginID, "ip": info.clientIP.String(), "request_id": info.id,
+		"id": pathID(r), "if_match": ifMatch(r)}) // the request's own values win
+	numbers, values := map[string]string{"@user": "$1", "@login": "$2"}, []any{info.userID, info.loginID}
+	text = atName.ReplaceAllStringFunc(text, func(n string) string {
+		v, ok := named[n[1:]]
+		switch {
+		case !ok: // a handler's mistake, which no request can cause
+			panic("a statement names " + n + ", which has no value")
+		case numbers[n] == "": // its first use
+			values = append(values, v)
+			numbers[n] = "$" + strconv.Itoa(len(values))
+		}
+		return numbers[n]
+	})
+	return text, values
+}
+
+// query runs q (sent) for its rows.
+func (d *database) query(r *http.Request, q statement) (*sql.Rows, error) {
+	text, values := q.sent(r)
+	return d.QueryContext(r.Context(), text, values...)
+}
+
+// queryRow runs q (sent) for its one row.
+func (d *database) queryRow(r *http.Request, q statement) *sql.Row {
+	text, values := q.sent(r)
+	return d.QueryRowContext(r.Context(), text, values...)
+}
+
+// exec runs q (sent) and counts its rows.
+func (d *database) exec(r *http.Request, q statement) (int, error) {
+	rows, err := d.query(r, q)
+	if err != nil {
+		return 0, err
+	}
+	defer rows.Close()
+	n := 0
+	for rows.Next() {
+		n++
+	}
+	return n, rows.Err()
+}
+
+// writeRow runs q, which returns one row, and writes that row with status;
+// no row is a 404. A record with an entity tag (a patient, a doctor) is sent
+// with its ETag, and a GET whose If-None-Match names that tag is answered
+// 304 without a body.
+func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, status int, scan func(rowScanner) (T, error), q statement) error {
+	v, err := scan(db.queryRow(r, q))
 	if errors.Is(err, sql.ErrNoRows) {
 		return errNotFound
 	}
@@ -409,6 +513,19 @@ func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, statu
 	return writeJSON(w, status, v)
 }
 
+// deleteRow runs q, a DELETE that returns what it deleted, and answers 204,
+// or 404 when nothing was deleted.
+func deleteRow(w http.ResponseWriter, r *http.Request, db *database, q statement) error {
+	n, err := db.exec(r, q)
+	if err != nil {
+		return fmt.Errorf("delete: %w", err)
+	}
+	if n == 0 {
+		return errNotFound
+	}
+	return noContent(w)
+}
+
 // noneMatch reports whether an If-None-Match header names tag, or is "*".
 // The comparison is weak (RFC 9110 §13.1.2): W/"7-3" names "7-3".
 func noneMatch(header []string, tag string) bool {
@@ -418,10 +535,10 @@ func noneMatch(header []string, tag string) bool {
 	})
 }
 
-// ifMatch returns the strong tags an If-Match header lists, for a statement
-// to compare with the record's own (etag() in schema.sql): nil, any version,
-// without the header or with "*". A weak tag never matches, so a header of
-// weak tags alone matches nothing.
+// ifMatch returns the strong tags an If-Match header lists, for ifMatches
+// to compare with the record's own: nil, any version, without the header or
+// with "*". A weak tag never matches, so a header of weak tags alone
+// matches nothing.
 func ifMatch(r *http.Request) pq.StringArray {
 	header := r.Header.Values("If-Match")
 	if len(header) == 0 {
@@ -443,33 +560,20 @@ var errPreconditionFailed = &apiError{status: http.StatusPreconditionFailed,
 	body: detail("The record has changed since you read it.")}
 
 // unmatched turns the 404 of a write that found no row into 412 when the
-// request had If-Match and the record exists (exists, with args, says): the
-// row was there, but in no version the client listed.
-func (s *server) unmatched(r *http.Request, err error, exists string, args ...any) error {
+// request had If-Match and the record exists (found returns it): the row
+// was there, but in no version the client listed.
+func unmatched(r *http.Request, db *database, err error, found statement) error {
 	if err != errNotFound || ifMatch(r) == nil {
 		return err
 	}
-	var found bool
-	if err := s.db.QueryRowContext(r.Context(), exists, args...).Scan(&found); err != nil {
+	n, err := db.exec(r, found)
+	switch {
+	case err != nil:
 		return fmt.Errorf("check the record: %w", err)
-	}
-	if found {
+	case n > 0:
 		return errPreconditionFailed
 	}
 	return errNotFound
-}
-
-// deleteRow runs a DELETE of one row that returns it and answers 204, or
-// 404 when nothing was deleted.
-func deleteRow(w http.ResponseWriter, r *http.Request, db *database, q string, args ...any) error {
-	err := db.QueryRowContext(r.Context(), q, args...).Scan(new(int64))
-	if errors.Is(err, sql.ErrNoRows) {
-		return errNotFound
-	}
-	if err != nil {
-		return fmt.Errorf("delete: %w", err)
-	}
-	return noContent(w)
 }
 
 // scanAll reads every row of rows with scan.
@@ -547,15 +651,14 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 	return p, nil
 }
 
-// search returns " AND (c1 || ' ' || c2) ILIKE $7 AND (…) ILIKE $8" for
-// first = 7: every term must occur in the columns joined by ' ', the
-// expression a trigram index holds (schema.sql). A term holds no space, so
-// it occurs in the joined text only within one column. The terms are the
-// statement's last arguments, from $first.
-func (p listParams) search(first int, columns ...string) string {
+// search returns " AND (c1 || ' ' || c2) ILIKE @term0 AND (…) ILIKE @term1":
+// every term must occur in the columns joined by ' ', the expression a
+// trigram index holds (schema.sql). A term holds no space, so it occurs in
+// the joined text only within one column. args gives the terms' values.
+func (p listParams) search(columns ...string) string {
 	var sql string
 	for i := range p.terms {
-		sql += fmt.Sprintf(" AND (%s) ILIKE $%d", strings.Join(columns, " || ' ' || "), first+i)
+		sql += fmt.Sprintf(" AND (%s) ILIKE @term%d", strings.Join(columns, " || ' ' || "), i)
 	}
 	return sql
 }
@@ -570,21 +673,28 @@ func (p listParams) count(table, where string) string {
 	return "(SELECT count(*) FROM " + table + " WHERE " + where + ")"
 }
 
-// page is a collection GET's body, as DRF's PageNumberPagination writes it.
-type page[T any] struct {
+// args are the values of a list statement's @limit and @offset (the rows
+// before the page) and of its search terms.
+func (p listParams) args() args {
+	a := args{"limit": p.size, "offset": (p.page - 1) * p.size}
+	for i, t := range p.terms {
+		a[fmt.Sprint("term", i)] = t
+	}
+	return a
+}
+
+// listBody is a collection GET's body, as DRF's PageNumberPagination writes it.
+type listBody[T any] struct {
 	Count    int     `json:"count"`
 	Next     *string `json:"next"`
 	Previous *string `json:"previous"`
 	Results  []T     `json:"results"`
 }
 
-// offset is the number of rows before the page.
-func (p listParams) offset() int { return (p.page - 1) * p.size }
-
-// listPage answers a collection GET with the page p asks for: q, run with
-// args, selects the page's rows with the total count in front of each.
-func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, scan func(rowScanner) (T, error), q string, args ...any) error {
-	rows, err := db.QueryContext(r.Context(), q, args...)
+// listPage answers a collection GET with the page list asks for: q's rows
+// are the page's, each with the total count in front.
+func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list listParams, scan func(rowScanner) (T, error), q statement) error {
+	rows, err := db.query(r, q)
 	if err != nil {
 		return fmt.Errorf("list: %w", err)
 	}
@@ -595,17 +705,17 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 	if err != nil {
 		return err
 	}
-	if len(results) == 0 && p.page > 1 {
+	if len(results) == 0 && list.page > 1 {
 		return errInvalidPage
 	}
-	pg := page[T]{Count: count, Results: results}
-	if p.page*p.size < count {
-		pg.Next = pageLink(r, "page", strconv.Itoa(p.page+1))
+	body := listBody[T]{Count: count, Results: results}
+	if list.page*list.size < count {
+		body.Next = pageLink(r, "page", strconv.Itoa(list.page+1))
 	}
-	if p.page > 1 {
-		pg.Previous = pageLink(r, "page", strconv.Itoa(p.page-1))
+	if list.page > 1 {
+		body.Previous = pageLink(r, "page", strconv.Itoa(list.page-1))
 	}
-	return writeJSON(w, http.StatusOK, pg)
+	return writeJSON(w, http.StatusOK, body)
 }
 
 // pageLink is r's own URL, absolute, with key set to value in its query.

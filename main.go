@@ -391,9 +391,9 @@ type config struct {
 	requestTimeout     time.Duration
 	tlsCert, tlsKey    string
 	appRole            string // DB_APP_ROLE: the role migrate grants serving to
-	lockAfter          int    // LOGIN_LOCK_AFTER: failed logins in a row before an account waits
+	lockAfter          int    // LOGIN_LOCK_AFTER: failed logins in a row for a login name from one source before it waits there
 	lockSeconds        int    // LOGIN_LOCK_S: the first wait
-	lockAccountAfter   int    // LOGIN_LOCK_ACCOUNT_AFTER: failed logins in a row, from all sources, before unknown sources wait
+	lockAccountAfter   int    // LOGIN_LOCK_ACCOUNT_AFTER: failed logins in a row for a login name from all sources before unknown sources wait
 	djangoURL          string // DJANGO_DATABASE_URL: import-django's source; it holds a password
 }
 

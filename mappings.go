@@ -17,38 +17,37 @@ type mapping struct {
 	CreatedAt     string  `json:"created_at"`
 }
 
-// mappingColumns select a mapping (m) with its patient (p) and doctor (d),
-// in scanMapping's order.
-const mappingColumns = `m.id, api_time(m.created_at),
-	p.id, p.first_name, p.last_name, p.email, to_char(p.date_of_birth, 'YYYY-MM-DD'), p.phone, api_time(p.created_at), api_time(p.updated_at),
-	d.id, d.first_name, d.last_name, d.email, d.specialization, api_time(d.created_at), api_time(d.updated_at)`
+// mappingColumns select a mapping m with its patient p and doctor d, joined
+// by withDetails, in scanMapping's order.
+const mappingColumns = `m.id, api_time(m.created_at), m.patient_id, m.doctor_id, p.*, d.*`
 
-func scanMapping(row rowScanner) (mapping, error) {
-	var m mapping
-	p, d := &m.PatientDetail, &m.DoctorDetail
-	err := row.Scan(&m.ID, &m.CreatedAt,
-		&p.ID, &p.FirstName, &p.LastName, &p.Email, &p.DateOfBirth, &p.Phone, &p.CreatedAt, &p.UpdatedAt,
-		&d.ID, &d.FirstName, &d.LastName, &d.Email, &d.Specialization, &d.CreatedAt, &d.UpdatedAt)
-	m.Patient, m.Doctor = p.ID, d.ID
+// withDetails joins each mapping m to its patient p and its doctor d, as
+// the patients' and the doctors' own statements select them.
+const withDetails = ` JOIN (SELECT ` + patientColumns + ` FROM patients) p ON p.id = m.patient_id
+	JOIN (SELECT ` + doctorColumns + ` FROM doctors) d ON d.id = m.doctor_id`
+
+func scanMapping(row rowScanner) (m mapping, err error) {
+	dest := append([]any{&m.ID, &m.CreatedAt, &m.Patient, &m.Doctor}, m.PatientDetail.dest()...)
+	err = row.Scan(append(dest, m.DoctorDetail.dest()...)...)
 	return m, err
 }
 
 var mappingOrdering = map[string]string{"id": "m.id", "created_at": "m.created_at"}
 
+// mappingsShown are a list of mappings' events: a mapping.list for each patient shown.
+var mappingsShown = []audit{{action: "mapping.list", patient: "patient_id", from: "(SELECT DISTINCT patient_id FROM done) shown"}}
+
 func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) error {
-	p, err := parseList(r.URL.Query(), mappingOrdering, false)
+	list, err := parseList(r.URL.Query(), mappingOrdering, false)
 	if err != nil {
 		return err
 	}
-	// $1 user, $2 login, $3 IP, $4 request id, $5 limit, $6 offset. As in
-	// the patient list, page and its login_live are in the statement twice.
-	page := `FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
-		WHERE m.owner_id = $1 AND login_live($1, $2) ORDER BY ` + p.orderBy + ` LIMIT $5 OFFSET $6`
-	q := `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
-			SELECT DISTINCT $1::bigint, $2::bigint, 'mapping.list', patient_id, $3, $4 FROM (SELECT m.patient_id ` + page + `) shown)
-		SELECT (SELECT count(*) FROM mappings WHERE owner_id = $1), ` + mappingColumns + ` ` + page
-	info := infoFrom(r)
-	return listPage(w, r, s.db, p, scanMapping, q, info.userID, info.loginID, info.clientIP.String(), info.id, p.size, p.offset())
+	return listPage(w, r, s.db, list, scanMapping, statement{
+		steps: `done AS (SELECT (SELECT count(*) FROM mappings WHERE owner_id = @user), ` + mappingColumns + `
+			FROM mappings m` + withDetails + ` WHERE m.owner_id = @user ORDER BY ` + list.orderBy + ` LIMIT @limit OFFSET @offset)`,
+		args:   list.args(),
+		events: mappingsShown,
+	})
 }
 
 // handleCreateMapping assigns a doctor to one of the caller's patients. The
@@ -66,27 +65,26 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 	if !okP || !okD {
 		return errs
 	}
-	info := infoFrom(r)
-	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id, $6 doctor id.
-	const q = `
-		WITH m AS (
-			INSERT INTO mappings (owner_id, patient_id, doctor_id)
-			SELECT owner_id, id, $6 FROM patients WHERE id = $5 AND owner_id = $1 AND login_live($1, $2)
-				AND EXISTS (SELECT 1 FROM doctors WHERE id = $6 FOR SHARE) -- no email change meanwhile (schema.sql)
+	in := args{"patient": patientID, "doctor": doctorID}
+	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, statement{
+		steps: `m AS (INSERT INTO mappings (owner_id, patient_id, doctor_id)
+			SELECT owner_id, id, @doctor FROM patients WHERE id = @patient AND owner_id = @user
+				AND EXISTS (SELECT 1 FROM doctors WHERE id = @doctor FOR SHARE) -- no email change meanwhile (schema.sql)
 			RETURNING id, patient_id, doctor_id, created_at),
-		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
-			SELECT $1, $2, 'mapping.create', patient_id, doctor_id, $3, $4 FROM m)
-		SELECT ` + mappingColumns + ` FROM m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id`
-	err = writeRow(w, r, s.db, http.StatusCreated, scanMapping, q, info.userID, info.loginID, info.clientIP.String(), info.id, patientID, doctorID)
+		done AS (SELECT ` + mappingColumns + ` FROM m` + withDetails + `)`,
+		args:   in,
+		events: []audit{{action: "mapping.create", patient: "patient_id", doctor: "doctor_id"}},
+	})
 	if err != errNotFound {
 		return err
 	}
 	// Say which reference is bad: one text for "not yours" and "missing".
-	// $1 user, $2 login, $3 patient id, $4 doctor id.
-	const check = `SELECT EXISTS (SELECT 1 FROM patients WHERE id = $3 AND owner_id = $1),
-		EXISTS (SELECT 1 FROM doctors WHERE id = $4) WHERE login_live($1, $2)`
 	var patientOK, doctorOK bool
-	err = s.db.QueryRowContext(r.Context(), check, info.userID, info.loginID, patientID, doctorID).Scan(&patientOK, &doctorOK)
+	err = s.db.queryRow(r, statement{
+		steps: `done AS (SELECT EXISTS (SELECT 1 FROM patients WHERE id = @patient AND owner_id = @user),
+			EXISTS (SELECT 1 FROM doctors WHERE id = @doctor))`,
+		args: in,
+	}).Scan(&patientOK, &doctorOK)
 	if err != nil {
 		return fmt.Errorf("check mapping references: %w", err)
 	}
@@ -105,14 +103,11 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 // handlePatientMappings lists one of the caller's patients' mappings, oldest
 // first, as a plain array; another user's patient is a 404.
 func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) error {
-	id, info := pathID(r), infoFrom(r)
-	// $1 user, $2 login, $3 IP, $4 request id, $5 patient id.
-	const q = `WITH seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, ip, request_id)
-			SELECT $1, $2, 'mapping.list', $5, $3, $4 WHERE EXISTS (SELECT 1 FROM mappings WHERE patient_id = $5 AND owner_id = $1))
-		SELECT ` + mappingColumns + `
-		FROM mappings m JOIN patients p ON p.id = m.patient_id JOIN doctors d ON d.id = m.doctor_id
-		WHERE m.patient_id = $5 AND m.owner_id = $1 AND login_live($1, $2) ORDER BY m.created_at, m.id`
-	rows, err := s.db.QueryContext(r.Context(), q, info.userID, info.loginID, info.clientIP.String(), info.id, id)
+	rows, err := s.db.query(r, statement{
+		steps: `done AS (SELECT ` + mappingColumns + ` FROM mappings m` + withDetails + `
+			WHERE m.patient_id = @id AND m.owner_id = @user ORDER BY m.created_at, m.id)`,
+		events: mappingsShown,
+	})
 	if err != nil {
 		return fmt.Errorf("list patient mappings: %w", err)
 	}
@@ -120,23 +115,21 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 	if err != nil {
 		return err
 	}
-	if len(out) > 0 {
-		return writeJSON(w, http.StatusOK, out)
+	if len(out) == 0 { // an empty array for the caller's patient, else 404
+		n, err := s.db.exec(r, patientFound)
+		if err != nil {
+			return fmt.Errorf("find patient: %w", err)
+		}
+		if n == 0 {
+			return errNotFound
+		}
 	}
-	// No mappings: an empty array for the caller's patient, else 404.
-	// $1 user, $2 login, $3 patient id.
-	const patientQ = `SELECT 1 FROM patients WHERE id = $3 AND owner_id = $1 AND login_live($1, $2)`
-	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) ([]mapping, error) {
-		return out, row.Scan(new(int))
-	}, patientQ, info.userID, info.loginID, id)
+	return writeJSON(w, http.StatusOK, out)
 }
 
 func (s *server) handleDeleteMapping(w http.ResponseWriter, r *http.Request) error {
-	// $1 user, $2 login, $3 IP, $4 request id, $5 mapping id.
-	const q = `WITH m AS (DELETE FROM mappings WHERE id = $5 AND owner_id = $1 AND login_live($1, $2) RETURNING patient_id, doctor_id),
-		seen AS (INSERT INTO audit_events (user_id, login_id, action, patient_id, doctor_id, ip, request_id)
-			SELECT $1, $2, 'mapping.delete', patient_id, doctor_id, $3, $4 FROM m)
-		SELECT 1 FROM m`
-	info := infoFrom(r)
-	return deleteRow(w, r, s.db, q, info.userID, info.loginID, info.clientIP.String(), info.id, pathID(r))
+	return deleteRow(w, r, s.db, statement{
+		steps:  `done AS (DELETE FROM mappings WHERE id = @id AND owner_id = @user RETURNING patient_id, doctor_id)`,
+		events: []audit{{action: "mapping.delete", patient: "patient_id", doctor: "doctor_id"}},
+	})
 }

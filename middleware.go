@@ -327,8 +327,8 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 		return authErr
 	}
 	// A malformed {id} names no row: 404 before any statement. Where a
-	// body's checks or a 403 come first, readPerson and mayChangeDoctor say it.
-	if m := r.Method; (m == http.MethodGet || m == http.MethodHead || m == http.MethodDelete) && badID(r) {
+	// body's checks or a 403 come first, the PUT and PATCH handlers say it.
+	if m := r.Method; (m == http.MethodGet || m == http.MethodHead || m == http.MethodDelete) && r.PathValue("id") != "" && pathID(r) == 0 {
 		return errNotFound
 	}
 	return rt.h(w, r)
@@ -609,11 +609,8 @@ func parseError(why string) error {
 	return &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
 }
 
-// badID reports an {id} path value that is not a positive integer.
-func badID(r *http.Request) bool { return r.PathValue("id") != "" && pathID(r) == 0 }
-
 // pathID reads the {id} path value, or 0 when it is not a positive integer
-// that fits int64 (badID).
+// that fits int64: an id no row has.
 func pathID(r *http.Request) int64 {
 	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
 	if err != nil || id < 1 {
@@ -816,4 +813,30 @@ func (f members) phone(key string, errs fieldErrors) *string {
 		return nil
 	}
 	return &v
+}
+
+// readPerson reads the body that patients and doctors share, a person's
+// (doctor: a doctor's), as its statement's values by name: nil where a
+// field is not given, "" for a null date_of_birth. Only PATCH may leave out
+// the required fields.
+func readPerson(r *http.Request, doctor bool) (args, error) {
+	f, err := decodeBody(r)
+	if err != nil {
+		return nil, err
+	}
+	required, errs := r.Method != http.MethodPatch, fieldErrors{}
+	in := args{
+		"first_name": f.text("first_name", required, 1, 100, errs),
+		"last_name":  f.text("last_name", false, 0, 100, errs),
+		"email":      f.email("email", required, errs),
+	}
+	if doctor {
+		in["specialization"] = f.text("specialization", required, 3, 120, errs)
+	} else {
+		in["date_of_birth"], in["phone"] = f.date("date_of_birth", errs), f.phone("phone", errs)
+	}
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	return in, nil
 }
