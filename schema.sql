@@ -295,9 +295,3 @@ BEGIN
     RETURN NEW;
 END $$;
 CREATE TRIGGER audit_events_stamp BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_events_stamp();
-
--- changed_fields names the fields whose values differ between was and now:
--- an update's event lists names, never values.
-CREATE FUNCTION changed_fields(names text[], was text[], now text[]) RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
-    SELECT ARRAY(SELECT n FROM unnest(names, was, now) AS f(n, a, b) WHERE a IS DISTINCT FROM b)
-$$;

@@ -191,8 +191,9 @@ var v5Statements = map[string]string{
 	"attempt": `SELECT login_attempt('#' || $1::bigint, $2, 3, 60, 10, 30)`,
 	"start": `INSERT INTO sessions (user_id, expires_at)
 		SELECT $1, now() + make_interval(days => $2) FROM login_succeeded('#' || $1::bigint, $3) RETURNING id`,
-	"issue": `INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)`,
-	"live":  `SELECT login_live($1, $2)`,
+	"issue":   `INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)`,
+	"live":    `SELECT login_live($1, $2)`,
+	"changed": `SELECT changed_fields('{first_name,last_name}', $1, $2)`,
 	"spend": `UPDATE refresh_tokens t SET rotated_at = now()
 		FROM sessions s
 		WHERE t.jti = $1 AND t.session_id = $2 AND t.rotated_at IS NULL AND t.expires_at > now()
@@ -320,14 +321,16 @@ func v5Round(t *testing.T, v5 map[string]*sql.Stmt, round int) {
 	_, err := v5["issue"].ExecContext(ctx, jti(1), sid, expires)
 	check("issue", err)
 	check("live", v5["live"].QueryRowContext(ctx, 1, sid).Scan(&live))
+	var changed pq.StringArray
+	check("changed", v5["changed"].QueryRowContext(ctx, pq.StringArray{"Ada", "L"}, pq.StringArray{"Ada", "M"}).Scan(&changed))
 	res, err := v5["spend"].ExecContext(ctx, jti(1), sid, 1)
 	check("spend", err)
 	_, err = v5["issue"].ExecContext(ctx, jti(2), sid, expires)
 	check("issue", err)
 	check("reused", v5["reused"].QueryRowContext(ctx, jti(1), sid, 0.0, 1, "192.0.2.1", "r").Scan(&spent, &reused))
 	check("logout", v5["logout"].QueryRowContext(ctx, sid, 1, jti(2), "192.0.2.1", "r").Scan(&ok))
-	if wait != 0 || !live || rowsAffected(res) != 1 || !spent || !reused || !ok {
-		t.Fatalf("round %d: wait %d, live %v, spent %d, reused %v %v, logout %v", round, wait, live, rowsAffected(res), spent, reused, ok)
+	if wait != 0 || !live || len(changed) != 1 || rowsAffected(res) != 1 || !spent || !reused || !ok {
+		t.Fatalf("round %d: wait %d, live %v, changed %v, spent %d, reused %v %v, logout %v", round, wait, live, changed, rowsAffected(res), spent, reused, ok)
 	}
 	check("start", v5["start"].QueryRowContext(ctx, 1, 30, "192.0.2.0").Scan(&sid))
 	_, err = v5["logoutAll"].ExecContext(ctx, 1, sid, "192.0.2.1", "r")

@@ -443,11 +443,12 @@ BEGIN
 END $$;
 -- The previous version's instances keep running until the last one stops:
 -- they write logins through a view named sessions (granted as logins is),
--- and refresh tokens through a column session_id that a trigger keeps equal
--- to login_id. The next version's first step drops these compatibility
--- objects, the only ones a new database lacks (the catalog test reads this
--- list):
--- compat: view sessions, column refresh_tokens.session_id, trigger refresh_tokens_session_id, function refresh_tokens_session_id()
+-- refresh tokens through a column session_id that a trigger keeps equal to
+-- login_id, and an update's event with changed_fields (step 2), which this
+-- version no longer calls. The next version's first step drops these
+-- compatibility objects, the only ones a new database lacks (the catalog
+-- test reads this list):
+-- compat: view sessions, column refresh_tokens.session_id, trigger refresh_tokens_session_id, function refresh_tokens_session_id(), function changed_fields(text[],text[],text[])
 CREATE VIEW sessions AS SELECT id, user_id, created_at, expires_at, ended_at FROM logins;
 DO $$
 DECLARE grantee regrole;
