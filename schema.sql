@@ -1,10 +1,11 @@
--- The schema as it is now: a new database gets this file whole and is
--- recorded at every step of upgrades.sql, which brings an older database to
--- exactly this. Change both together (a new step there, its result here);
+-- The schema as it is now: a new database gets this file whole, recorded
+-- as the last step of upgrades.sql, whose steps bring an older database to
+-- exactly this. Change both together (a new step there, its result here):
 -- a test compares the catalogs. Constraints live here, not in Go, so the
 -- data stays consistent even when two requests race.
 
--- The steps applied, one row per step, each committed with its step.
+-- One row per step applied, committed with it (this file counts as the
+-- last step), so that a database is always at a whole step.
 CREATE TABLE schema_migrations (
     step       integer     PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
