@@ -199,15 +199,14 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 // more by itself or through another role, and one that still holds more
 // after the grant, by any path (checkServing): nothing is granted then.
 func grantServing(ctx context.Context, db *sql.DB, role string) error {
-	var why, database string
-	var v5 bool
-	// $1 the role: why it is unfit, or ''; the database; whether it keeps
-	// what step 6 keeps for the previous version's instances (upgrades.sql).
+	var why, database, v5 string
+	// $1 the role: why it is unfit, or ''; the database; and, while step 6's
+	// objects for the previous version's instances are there, "sessions".
 	const q = `SELECT coalesce(CASE WHEN r.rolsuper THEN 'is a superuser' WHEN r.rolcreaterole THEN 'can create roles' WHEN r.rolreplication THEN 'can replicate the cluster' END,
 			(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m WHERE m.member = r.oid),
 			(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o WHERE o.refobjid = r.oid
 				AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid)), ''), d.datname,
-			to_regclass('sessions') IS NOT NULL
+			coalesce(to_regclass('sessions')::text, '')
 		FROM pg_roles r, pg_database d WHERE r.rolname = $1 AND d.datname = current_database()`
 	err := db.QueryRowContext(ctx, q, role).Scan(&why, &database, &v5)
 	switch {
@@ -234,7 +233,7 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
 		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), run_wait(int, timestamptz, int, int), login_succeeded(text, text),
 			api_time(timestamptz), etag(bigint, integer) TO ` + r
-	if v5 {
+	if v5 != "" { // upgrades.sql, step 6
 		grants += `; GRANT SELECT, INSERT, UPDATE, DELETE ON sessions TO ` + r + `; GRANT EXECUTE ON FUNCTION changed_fields(text[], text[], text[]) TO ` + r
 	}
 	return withTx(ctx, db, func(tx *sql.Tx) error {
