@@ -124,7 +124,7 @@ func TestImportDjango(t *testing.T) {
 		t.Fatalf("imported rows:\n%s, %v\nwant\n%s", got, err, want)
 	}
 	out, err = importInto(t, name, source)
-	if err == nil || !strings.Contains(err.Error(), "already has users, patients, doctors or mappings") {
+	if err == nil || !strings.Contains(err.Error(), "already holds users, patients, doctors or mappings") {
 		t.Fatalf("second import: %v\n%s", err, out)
 	}
 	if got := rowCounts(t, target); got != "3 3 2 2 6 0" {
@@ -224,7 +224,7 @@ func TestImportDjangoTwoAtOnce(t *testing.T) {
 		}()
 	}
 	first, second := <-errs, <-errs
-	if (first == nil) == (second == nil) || !strings.Contains(fmt.Sprint(first, second), "already has users, patients, doctors or mappings") {
+	if (first == nil) == (second == nil) || !strings.Contains(fmt.Sprint(first, second), "already holds users, patients, doctors or mappings") {
 		t.Fatalf("two imports at once: %v; %v", first, second)
 	}
 	if got := rowCounts(t, target); got != "1 1 0 0 2 0" {

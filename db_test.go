@@ -58,7 +58,7 @@ func connectAs(t *testing.T, db *sql.DB, role string) *sql.DB {
 		t.Fatal(err)
 	}
 	cfg.User = role
-	app, err := openDB(t.Context(), cfg, 4)
+	app, err := openDB(t.Context(), cfg, 4, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,7 +316,7 @@ func TestMigrateCommand(t *testing.T) {
 		}
 		cfg := testDBConfig
 		cfg.Database = name
-		db, err := openDB(t.Context(), cfg, 1)
+		db, err := openDB(t.Context(), cfg, 1, slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -512,7 +512,7 @@ func TestMigrateRefusesCLocale(t *testing.T) {
 	}
 	cfg := testDBConfig
 	cfg.Database = name
-	db, err := openDB(ctx, cfg, 1)
+	db, err := openDB(ctx, cfg, 1, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -638,7 +638,7 @@ func TestTwoRolesAsReadmeSays(t *testing.T) {
 	})
 	cfg := testDBConfig
 	cfg.Database, cfg.User = name, owner
-	asOwner, err := openDB(ctx, cfg, 2)
+	asOwner, err := openDB(ctx, cfg, 2, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1895,7 +1895,7 @@ func TestDatabaseTLS(t *testing.T) {
 // the pool is closed, so a statement would answer 503.
 func TestEndedLoginCountsAgainstItsUser(t *testing.T) {
 	needDB(t)
-	db, err := openDB(t.Context(), testDBConfig, 2)
+	db, err := openDB(t.Context(), testDBConfig, 2, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
