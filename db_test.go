@@ -600,6 +600,11 @@ func TestStartLogsSchema(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Fatalf("start %d: %v", i+1, err)
 		}
+		if created := fmt.Sprintf(`"msg":"created database","database":%q`, name); i == 0 && !strings.Contains(lines[0], created) {
+			t.Fatalf("start 1, first line %s, want %s", lines[0], created)
+		} else if i == 0 {
+			lines = lines[1:] // then what start found and did
+		}
 		var first map[string]any
 		if err := json.Unmarshal([]byte(lines[0]), &first); err != nil {
 			t.Fatalf("start %d, first line %q: %v", i+1, lines[0], err)
