@@ -7,9 +7,7 @@ package main
 import (
 	"cmp"
 	"context"
-	"crypto/sha256"
 	"database/sql"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,16 +19,17 @@ import (
 )
 
 // copies are this server's tables in the order they are filled: the
-// original's table, its times, the columns copied and the statement that
-// reads the original's rows under those names (any other column is for the
-// checks only; a doctor's created_by is set by the check).
-var copies = [4]struct{ table, django, times, columns, read string }{
-	{"users", "auth_user", "created_at last_login", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
+// original's table, the columns copied and the statement that reads the
+// original's rows under those names (any other column is for the checks
+// only; a doctor's created_by is set by the check).
+var copies = [4]struct{ table, django, columns, read string }{
+	{"users", "auth_user", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
 		coalesce(nullif(btrim(first_name || ' ' || last_name), ''), normalize(username, NFKC)) AS name, date_joined AS created_at, last_login,
-		password, is_active, is_superuser, is_staff FROM auth_user`},
-	{"patients", "api_patient", "created_at updated_at", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
-	{"doctors", "api_doctor", "created_at updated_at", "id, first_name, last_name, email, specialization, created_at, updated_at, created_by", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
-	{"mappings", "api_patientdoctormap", "created_at", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
+		password, is_superuser OR is_staff AS admin, CASE WHEN NOT is_active THEN 'inactive' WHEN password NOT LIKE 'pbkdf2\_sha256$%' THEN 'another hasher, or unusable in Django'
+			WHEN password !~ '^pbkdf2_sha256\$([1-9][0-9]{0,6}|10000000)\$[^$]+\$[A-Za-z0-9+/]{43}=$' THEN 'a malformed or unverifiable hash' END AS unusable FROM auth_user`}, // as passwords.verify reads a hash
+	{"patients", "api_patient", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
+	{"doctors", "api_doctor", "id, first_name, last_name, email, specialization, created_at, updated_at, created_by", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
+	{"mappings", "api_patientdoctormap", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
 		m.doctor_id, m.created_at FROM api_patientdoctormap m LEFT JOIN api_patient p ON p.id = m.patient_id`}, // its patient's owner
 }
 
@@ -200,12 +199,11 @@ func (r *report) unique(seen map[string]json.RawMessage, key, table string, row 
 // usable password gets Django's unusable form; every doctor, the account
 // named creator (if any) as its creator.
 func (r *report) check(rows [4][]members, creator string) {
-	ids := [4]map[string]bool{}
+	ids := [4]map[int64]bool{}
 	for i, c := range copies {
-		ids[i] = map[string]bool{}
+		ids[i] = make(map[int64]bool, len(rows[i]))
 		for _, row := range rows[i] {
-			ids[i][string(row["id"])] = true
-			r.sane(c.django, row, strings.Fields(c.times))
+			ids[i][r.sane(c.django, row)] = true
 		}
 	}
 	// Login names; emails: a patient's key starts with its owner, a doctor's with '"'.
@@ -255,59 +253,38 @@ func (r *report) checkUser(u members, names map[string]json.RawMessage) string {
 	r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": email, "name": u.text("name", true, 1, 150, errs)})
 	r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another account's login name, after NFKC and lower-casing", username))
 	r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", deref(email)))
-	if why := unusable(u); why != "" {
+	if why := ""; json.Unmarshal(u["unusable"], &why) == nil && why != "" {
 		r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (%s)", u["id"], why))
 		u["password"], _ = json.Marshal("!" + newSalt()) // Django's unusable form
 		r.unusable++
 	}
-	if string(u["is_superuser"]) == "true" || string(u["is_staff"]) == "true" {
+	if string(u["admin"]) == "true" {
 		r.notes = append(r.notes, fmt.Sprintf("auth_user %s: a Django superuser or staff account, copied as an ordinary user (this server has no admin)", u["id"]))
 	}
 	return username
 }
 
-// unusable says why an account's password cannot log in here, as
-// passwords.verify reads a hash, or "" when it can.
-func unusable(u members) string {
-	var hash string
-	json.Unmarshal(u["password"], &hash)
-	algo, rest, _ := strings.Cut(hash, "$")
-	iterText, rest, _ := strings.Cut(rest, "$")
-	salt, dkText, _ := strings.Cut(rest, "$")
-	iter, iterErr := strconv.Atoi(iterText)
-	dk, dkErr := base64.StdEncoding.DecodeString(dkText)
-	switch {
-	case string(u["is_active"]) != "true":
-		return "inactive"
-	case algo != "pbkdf2_sha256":
-		return "another hasher, or unusable in Django"
-	case iterErr != nil || iter < 1 || iter > maxIterations || dkErr != nil || len(dk) != sha256.Size || salt == "":
-		return "a malformed or unverifiable hash"
-	}
-	return ""
-}
-
-// sane breaks a row whose id is outside 1 … 2^53 − 1 (the integers every
-// JSON client reads exactly), or one of whose times is not in the years
-// 1–9999 whatever the zone (last_login may be null).
-func (r *report) sane(table string, row members, times []string) {
-	if id, err := strconv.ParseInt(string(row["id"]), 10, 64); err != nil || id < 1 || id > 1<<53-1 {
+// sane returns a row's id, and breaks it if the id is outside 1 … 2^53 − 1
+// (the integers every JSON client reads exactly) or a time is not in the
+// years 1–9999 whatever the zone (last_login may be null).
+func (r *report) sane(table string, row members) int64 {
+	id, err := strconv.ParseInt(string(row["id"]), 10, 64)
+	if err != nil || id < 1 || id > 1<<53-1 {
 		r.breakf(table, row, "id: not from 1 to 2^53 − 1")
 	}
-	for _, key := range times {
-		var t time.Time
-		if key == "last_login" && string(row[key]) == "null" {
-			continue
-		}
-		if json.Unmarshal(row[key], &t) != nil || t.Add(-14*time.Hour).Year() < 1 || t.Add(14*time.Hour).Year() > 9999 {
+	for _, key := range [3]string{"created_at", "updated_at", "last_login"} {
+		var t time.Time // null leaves it at year 1, 00:00 UTC: refused
+		if err := t.UnmarshalJSON(row[key]); row[key] != nil && (err != nil || t.Add(-14*time.Hour).Year() < 1 || t.Add(14*time.Hour).Year() > 9999) &&
+			!(key == "last_login" && string(row[key]) == "null") {
 			r.breakf(table, row, "%s: %s is not a time in the years 1–9999", key, row[key])
 		}
 	}
+	return id
 }
 
 // exists breaks a row whose reference key (id) names no row of table.
-func (r *report) exists(table string, row members, key string, id json.RawMessage, ids map[string]bool, target string) {
-	if !ids[string(id)] {
+func (r *report) exists(table string, row members, key string, id json.RawMessage, ids map[int64]bool, target string) {
+	if n, err := strconv.ParseInt(string(id), 10, 64); err != nil || !ids[n] {
 		r.breakf(table, row, "%s: %s %s does not exist", key, target, id)
 	}
 }
