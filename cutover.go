@@ -9,75 +9,105 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"strconv"
 	"strings"
+	"time"
 )
 
-// copies are this server's tables in the order they are filled, with the
-// columns copied and the statement that reads the original's rows under
-// those names (any other column is for the checks only).
-var copies = [4]struct{ table, columns, read string }{
-	{"users", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
+// copies are this server's tables in the order they are filled: the
+// original's table, the columns copied and the statement that reads the
+// original's rows under those names (any other column is for the checks
+// only; a doctor's created_by is set by the check).
+var copies = [4]struct{ table, django, columns, read string }{
+	{"users", "auth_user", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
 		coalesce(nullif(btrim(first_name || ' ' || last_name), ''), normalize(username, NFKC)) AS name, date_joined AS created_at, last_login,
-		CASE WHEN is_active AND password LIKE 'pbkdf2\_sha256$%' THEN password END AS password FROM auth_user`},
-	{"patients", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
-	{"doctors", "id, first_name, last_name, email, specialization, created_at, updated_at", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
-	{"mappings", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
-		m.doctor_id, m.created_at FROM api_patientdoctormap m JOIN api_patient p ON p.id = m.patient_id`}, // its patient's owner
+		password, is_superuser OR is_staff AS admin, CASE WHEN NOT is_active THEN 'inactive' WHEN password NOT LIKE 'pbkdf2\_sha256$%' THEN 'another hasher, or unusable in Django'
+			WHEN password !~ '^pbkdf2_sha256\$([1-9][0-9]{0,6}|10000000)\$[^$]+\$[A-Za-z0-9+/]{43}=$' THEN 'a malformed or unverifiable hash' END AS unusable FROM auth_user`}, // as passwords.verify reads a hash
+	{"patients", "api_patient", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
+	{"doctors", "api_doctor", "id, first_name, last_name, email, specialization, created_at, updated_at, created_by", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
+	{"mappings", "api_patientdoctormap", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
+		m.doctor_id, m.created_at FROM api_patientdoctormap m LEFT JOIN api_patient p ON p.id = m.patient_id`}, // its patient's owner
 }
 
-// importDjango is "healthcare import-django [--check]" (README, Moving from
-// the Django service): it reads the original in one snapshot, checks every
-// row, and copies them all in one transaction. check stops before writing.
-func importDjango(ctx context.Context, db *sql.DB, cfg config, check bool, logger *slog.Logger, stdout io.Writer) error {
+// importDjango is "healthcare import-django [--check] [--doctor-creator
+// <username>]" (README, Moving from the Django service): it reads the
+// original in one snapshot, checks every row, and copies them all in one
+// transaction. --check stops before writing.
+func importDjango(ctx context.Context, db *sql.DB, cfg config, args importArgs, logger *slog.Logger, stdout io.Writer) error {
 	rows, err := readDjango(ctx, cfg.djangoURL)
 	if err != nil {
 		return err
 	}
 	r := &report{}
-	r.check(rows)
+	r.check(rows, args.creator)
 	fmt.Fprint(stdout, strings.Join(append(r.breaks, r.notes...), "\n")+"\n")
-	if !check {
+	if !args.check {
 		if _, err := ensureSchema(ctx, db); err != nil {
 			return err
 		}
 	}
 	err = withTx(ctx, db, func(tx *sql.Tx) error {
-		// A second import waits at the lock for the first, then finds its rows.
-		const q = `LOCK TABLE users, login_names, patients, doctors, mappings IN EXCLUSIVE MODE;
-			SELECT EXISTS (SELECT FROM users) OR EXISTS (SELECT FROM patients) OR EXISTS (SELECT FROM doctors) OR EXISTS (SELECT FROM mappings)`
-		var used bool
-		switch err := tx.QueryRowContext(ctx, q).Scan(&used); {
-		case err != nil:
-			return fmt.Errorf(`this server's database (run "healthcare migrate" first): %w`, err)
-		case used:
-			return fmt.Errorf("this server's database already has users, patients, doctors or mappings: import-django copies into an empty one only")
+		if err := targetReady(ctx, tx); err != nil {
+			return err
+		}
+		switch {
 		case len(r.breaks) > 0:
 			return fmt.Errorf("%d problems (listed above) in rows this server would refuse: correct them in the original and run again; nothing was written", len(r.breaks))
-		case check:
+		case args.check:
 			fmt.Fprintf(stdout, "every row passes: import-django would copy %d users, %d patients, %d doctors, %d mappings\n", len(rows[0]), len(rows[1]), len(rows[2]), len(rows[3]))
 			return nil
 		}
 		return copyAll(ctx, tx, rows)
 	})
-	if err == nil && !check {
-		logger.Info("import", "users", len(rows[0]), "patients", len(rows[1]), "doctors", len(rows[2]), "mappings", len(rows[3]), "unusable_passwords", len(r.notes))
+	if err == nil && !args.check {
+		logger.Info("import", "users", len(rows[0]), "patients", len(rows[1]), "doctors", len(rows[2]), "mappings", len(rows[3]), "unusable_passwords", r.unusable)
 	}
 	return err
+}
+
+// targetReady refuses a target the import could not fill: behind the
+// server's step, a role that may not write it, or rows already there.
+func targetReady(ctx context.Context, tx *sql.Tx) error {
+	// The rights the copy uses: INSERT, and setval on the sequences.
+	const q = `SELECT current_user, (SELECT coalesce(max(step), 0) FROM schema_migrations), coalesce((SELECT string_agg(p, ', ') FROM
+		(SELECT 'INSERT on ' || t FROM unnest('{users,login_names,patients,doctors,mappings}'::text[]) t WHERE NOT has_table_privilege(t, 'INSERT')
+		UNION ALL SELECT 'UPDATE on ' || s FROM unnest('{users,patients,doctors,mappings}'::text[]) t, pg_get_serial_sequence(t, 'id') s
+		WHERE NOT has_sequence_privilege(s, 'UPDATE')) m(p)), '')`
+	var role, missing string
+	var step int
+	switch err := tx.QueryRowContext(ctx, q).Scan(&role, &step, &missing); {
+	case err != nil:
+		return fmt.Errorf(`this server's database (run "healthcare migrate" as the schema owner first): %w`, err)
+	case step != len(schemaSteps):
+		return fmt.Errorf(`database schema is at step %d, import-django needs step %d: run "healthcare migrate" as the schema owner`, step, len(schemaSteps))
+	case missing != "":
+		return fmt.Errorf(`role %q may not write this server's tables (%s): the schema owner runs import-django, as it runs migrate`, role, missing)
+	}
+	// A second import waits at the lock for the first, then finds its rows.
+	const used = `LOCK TABLE users, login_names, patients, doctors, mappings IN EXCLUSIVE MODE;
+		SELECT EXISTS (SELECT FROM users) OR EXISTS (SELECT FROM patients) OR EXISTS (SELECT FROM doctors) OR EXISTS (SELECT FROM mappings)`
+	var full bool
+	if err := tx.QueryRowContext(ctx, used).Scan(&full); err != nil || full {
+		return cmp.Or(err, errors.New(`this server's database already holds users, patients, doctors or mappings (an earlier import?): `+
+			`import-django copies into an empty database only; to start over, point DB_NAME at a new empty database and run it again`))
+	}
+	return nil
 }
 
 // readDjango reads the original's tables (copies) in one snapshot, each as
 // rows of JSON members.
 func readDjango(ctx context.Context, url string) (rows [4][]members, err error) {
 	if url == "" {
-		return rows, fmt.Errorf(`DJANGO_DATABASE_URL is not set: give the original service's database as "postgres://user:password@host/name"`)
+		return rows, fmt.Errorf(`DJANGO_DATABASE_URL is not set: give the original service's database as postgres://user:password@host/name or host=… user=… password='…' dbname=…`)
 	}
-	// The TLS rules of DATABASE_URL. The URL holds a password: no error quotes it.
-	cfg, err := dbConfig(func(key, def string) string { return cmp.Or(map[string]string{"DATABASE_URL": url}[key], def) })
+	// The rules of DATABASE_URL, and times read in UTC.
+	cfg, err := dbConfig(func(key, def string) string { return cmp.Or(map[string]string{"DJANGO_DATABASE_URL": url}[key], def) }, "DJANGO_DATABASE_URL")
 	if err != nil {
-		return rows, fmt.Errorf("DJANGO_DATABASE_URL: not a valid connection URL")
+		return rows, err
 	}
 	src, err := connect(cfg, 1)
 	if err != nil {
@@ -126,7 +156,10 @@ func copyAll(ctx context.Context, tx *sql.Tx, rows [4][]members) error {
 
 // report is what the checks found: a break stops the import; a note is
 // said, and the row copied.
-type report struct{ breaks, notes []string }
+type report struct {
+	breaks, notes []string
+	unusable      int // accounts copied without a usable password
+}
 
 func (r *report) breakf(table string, row members, format string, a ...any) {
 	r.breaks = append(r.breaks, fmt.Sprintf("%s %s: ", table, row["id"])+fmt.Sprintf(format, a...))
@@ -163,19 +196,22 @@ func (r *report) unique(seen map[string]json.RawMessage, key, table string, row 
 
 // check checks every row with the API's readers (middleware.go), in place:
 // what each row becomes is what the API would store. An account without a
-// usable password gets Django's unusable form.
-func (r *report) check(rows [4][]members) {
+// usable password gets Django's unusable form; every doctor, the account
+// named creator (if any) as its creator.
+func (r *report) check(rows [4][]members, creator string) {
+	ids := [4]map[int64]bool{}
+	for i, c := range copies {
+		ids[i] = make(map[int64]bool, len(rows[i]))
+		for _, row := range rows[i] {
+			ids[i][r.sane(c.django, row)] = true
+		}
+	}
 	// Login names; emails: a patient's key starts with its owner, a doctor's with '"'.
 	names, emails := map[string]json.RawMessage{}, map[string]json.RawMessage{}
+	createdBy := json.RawMessage("null")
 	for _, u := range rows[0] {
-		errs := fieldErrors{}
-		username, email := u.username("username", errs), u.email("email", true, errs)
-		r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": email, "name": u.text("name", true, 1, 150, errs)})
-		r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another account's login name, after NFKC and lower-casing", username))
-		r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", deref(email)))
-		if string(u["password"]) == "null" {
-			r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (inactive, or not a pbkdf2_sha256 hash)", u["id"]))
-			u["password"], _ = json.Marshal("!" + newSalt()) // Django's unusable form
+		if username := r.checkUser(u, names); creator != "" && strings.EqualFold(username, creator) {
+			createdBy = u["id"]
 		}
 	}
 	for _, p := range rows[1] {
@@ -184,6 +220,7 @@ func (r *report) check(rows [4][]members) {
 			"last_name": p.text("last_name", false, 0, 100, errs), "email": p.email("email", true, errs),
 			"date_of_birth": p.date("date_of_birth", errs), "phone": p.phone("phone", errs)})
 		r.unique(emails, string(p["owner_id"])+string(p["email"]), "api_patient", p, "email: A patient with this email already exists (the same owner's)")
+		r.exists("api_patient", p, "created_by_id", p["owner_id"], ids[0], "auth_user")
 	}
 	for _, d := range rows[2] {
 		errs := fieldErrors{}
@@ -191,5 +228,65 @@ func (r *report) check(rows [4][]members) {
 			"last_name": d.text("last_name", false, 0, 100, errs), "email": d.email("email", true, errs),
 			"specialization": d.text("specialization", true, 3, 120, errs)})
 		r.unique(emails, string(d["email"]), "api_doctor", d, "email: A doctor with this email already exists")
+		d["created_by"] = createdBy
+	}
+	for _, m := range rows[3] {
+		r.exists("api_patientdoctormap", m, "patient_id", m["patient_id"], ids[1], "api_patient")
+		r.exists("api_patientdoctormap", m, "doctor_id", m["doctor_id"], ids[2], "api_doctor")
+	}
+	switch {
+	case creator != "" && string(createdBy) == "null":
+		r.breaks = append(r.breaks, fmt.Sprintf("--doctor-creator: no account in auth_user has the username %q", creator))
+	case creator == "" && len(rows[2]) > 0:
+		r.notes = append(r.notes, fmt.Sprintf("api_doctor: the %d doctors are copied with no creator, so nobody can change or delete them: "+
+			"--doctor-creator <username> makes that account their creator", len(rows[2])))
+	}
+}
+
+// checkUser checks an account: its names as register would, its password
+// (an unusable one is listed and replaced by Django's unusable form), and
+// the Django rights that do not carry over. It returns the username as the
+// API stores it.
+func (r *report) checkUser(u members, names map[string]json.RawMessage) string {
+	errs := fieldErrors{}
+	username, email := u.username("username", errs), u.email("email", true, errs)
+	r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": email, "name": u.text("name", true, 1, 150, errs)})
+	r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another account's login name, after NFKC and lower-casing", username))
+	r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", deref(email)))
+	if why := ""; json.Unmarshal(u["unusable"], &why) == nil && why != "" {
+		r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (%s)", u["id"], why))
+		u["password"], _ = json.Marshal("!" + newSalt()) // Django's unusable form
+		r.unusable++
+	}
+	if string(u["admin"]) == "true" {
+		r.notes = append(r.notes, fmt.Sprintf("auth_user %s: a Django superuser or staff account, copied as an ordinary user (this server has no admin)", u["id"]))
+	}
+	return username
+}
+
+// sane returns a row's id, and breaks it if the id is outside 1 … 2^53 − 1
+// (the integers every JSON client reads exactly) or a time is not in the
+// years 1–9999 whatever the zone (last_login may be null).
+func (r *report) sane(table string, row members) int64 {
+	id, err := strconv.ParseInt(string(row["id"]), 10, 64)
+	if err != nil || id < 1 || id > 1<<53-1 {
+		r.breakf(table, row, "id: not from 1 to 2^53 − 1")
+	}
+	for _, key := range [3]string{"created_at", "updated_at", "last_login"} {
+		var t time.Time // null leaves it at year 1, 00:00 UTC: refused
+		if row[key] == nil || key == "last_login" && string(row[key]) == "null" {
+			continue // not this table's, or never logged in
+		}
+		if t.UnmarshalJSON(row[key]) != nil || t.Add(-14*time.Hour).Year() < 1 || t.Add(14*time.Hour).Year() > 9999 {
+			r.breakf(table, row, "%s: %s is not a time in the years 1–9999", key, row[key])
+		}
+	}
+	return id
+}
+
+// exists breaks a row whose reference key (id) names no row of table.
+func (r *report) exists(table string, row members, key string, id json.RawMessage, ids map[int64]bool, target string) {
+	if n, err := strconv.ParseInt(string(id), 10, 64); err != nil || !ids[n] {
+		r.breakf(table, row, "%s: %s %s does not exist", key, target, id)
 	}
 }

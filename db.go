@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"math"
 	"net"
@@ -44,16 +45,20 @@ var schemaSteps = regexp.MustCompile(`(?m)^-- step \d+.*$`).Split(upgradesSQL, -
 // that several instances or migrations starting at once take turns.
 const schemaLockID = 7_201_418_305
 
-// openDB connects to the database cfg names, creating it when it is
-// missing and the role may.
-func openDB(ctx context.Context, cfg pq.Config, maxConns int) (*sql.DB, error) {
+// openDB connects to the database cfg names, creating it (and saying so)
+// when it is missing and the role may; for a role that may not, it is
+// missing, not a permission error.
+func openDB(ctx context.Context, cfg pq.Config, maxConns int, logger *slog.Logger) (*sql.DB, error) {
 	db, err := connect(cfg, maxConns)
 	if err != nil {
 		return nil, err
 	}
 	err = db.PingContext(ctx)
-	if pq.As(err, pqerror.InvalidCatalogName) != nil {
-		if err = createDatabase(ctx, cfg); err == nil {
+	if missing := pq.As(err, pqerror.InvalidCatalogName); missing != nil {
+		if err = createDatabase(ctx, cfg); pq.As(err, pqerror.InsufficientPrivilege) != nil {
+			err = missing
+		} else if err == nil {
+			logger.Info("created database", "database", cfg.Database, "host", cfg.Host)
 			err = db.PingContext(ctx)
 		}
 	}

@@ -62,7 +62,7 @@ func connectAs(t *testing.T, db *sql.DB, role string) *sql.DB {
 		t.Fatal(err)
 	}
 	cfg.User = role
-	app, err := openDB(t.Context(), cfg, 4)
+	app, err := openDB(t.Context(), cfg, 4, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -315,12 +315,16 @@ func TestMigrateCommand(t *testing.T) {
 		if err := run(t.Context(), []string{"migrate"}, env, &out, io.Discard); err != nil {
 			t.Fatalf("run %d: %v", i+1, err)
 		}
-		if want := fmt.Sprintf("schema at step %d\n", len(schemaSteps)); out.String() != want {
+		want := fmt.Sprintf("schema at step %d\n", len(schemaSteps))
+		if i == 0 { // the database was missing: run made it, and said so
+			want = fmt.Sprintf(`"msg":"created database","database":%q,"host":%q}`+"\n", name, testDBConfig.Host) + want
+		}
+		if got := regexp.MustCompile(`^\{"time":"[^"]+","level":"INFO",`).ReplaceAllString(out.String(), ""); got != want {
 			t.Fatalf("run %d printed %q, want %q", i+1, out.String(), want)
 		}
 		cfg := testDBConfig
 		cfg.Database = name
-		db, err := openDB(t.Context(), cfg, 1)
+		db, err := openDB(t.Context(), cfg, 1, slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -516,7 +520,7 @@ func TestMigrateRefusesCLocale(t *testing.T) {
 	}
 	cfg := testDBConfig
 	cfg.Database = name
-	db, err := openDB(ctx, cfg, 1)
+	db, err := openDB(ctx, cfg, 1, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -604,6 +608,11 @@ func TestStartLogsSchema(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Fatalf("start %d: %v", i+1, err)
 		}
+		if created := fmt.Sprintf(`"msg":"created database","database":%q`, name); i == 0 && !strings.Contains(lines[0], created) {
+			t.Fatalf("start 1, first line %s, want %s", lines[0], created)
+		} else if i == 0 {
+			lines = lines[1:] // then what start found and did
+		}
 		var first map[string]any
 		if err := json.Unmarshal([]byte(lines[0]), &first); err != nil {
 			t.Fatalf("start %d, first line %q: %v", i+1, lines[0], err)
@@ -642,7 +651,7 @@ func TestTwoRolesAsReadmeSays(t *testing.T) {
 	})
 	cfg := testDBConfig
 	cfg.Database, cfg.User = name, owner
-	asOwner, err := openDB(ctx, cfg, 2)
+	asOwner, err := openDB(ctx, cfg, 2, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"database/sql"
 	_ "embed"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -44,11 +45,12 @@ const usage = `Usage: healthcare [command]
   serve                    serve the API (the default)
   migrate                  bring the schema up to date; with DB_APP_ROLE, grant that role what serving needs
   unlock <username>        end an account's login lock
-  import-django [--check]  copy a Django service's database (DJANGO_DATABASE_URL) into an empty one
+  import-django [--check] [--doctor-creator <username>]
+                           copy a Django service's database (DJANGO_DATABASE_URL) into an empty one
   version, help (-h, --help)
 Environment variables (default), also read from ./.env:
   SECRET_KEY (random per run)  ADDR (127.0.0.1:8000)  DEBUG (False)  ALLOWED_HOSTS (localhost,127.0.0.1,[::1])
-  DATABASE_URL (none; overrides DB_*)  DB_NAME (healthcare_db)  DB_USER (postgres)  DB_PASSWORD (none)
+  TIME_ZONE (UTC)  DATABASE_URL (none; a URL or key=value pairs; overrides DB_*)  DB_NAME (healthcare_db)  DB_USER (postgres)  DB_PASSWORD (none)
   DB_HOST (localhost)  DB_PORT (5432)  DB_SSLMODE (disable for loopback or a socket, else verify-full)  DB_APP_ROLE (none)
   ACCESS_TOKEN_LIFETIME_MIN (15)  REFRESH_TOKEN_LIFETIME_DAYS (1)  LOGIN_MAX_AGE_DAYS (30)  REFRESH_REUSE_GRACE_S (10)
   LOGIN_LOCK_AFTER (10)  LOGIN_LOCK_S (60)  LOGIN_LOCK_ACCOUNT_AFTER (100)  PASSWORD_ITERATIONS (600000)
@@ -68,8 +70,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if len(args) > 0 {
 		command = args[0]
 	}
-	valid := map[string]bool{"serve": len(args) <= 1, "migrate": len(args) == 1, "unlock": len(args) == 2,
-		"import-django": len(args) == 1 || len(args) == 2 && args[1] == "--check"}
+	imp, impErr := parseImportArgs(args[min(1, len(args)):])
+	valid := map[string]bool{"serve": len(args) <= 1, "migrate": len(args) == 1, "unlock": len(args) == 2, "import-django": impErr == nil}
 	switch {
 	case command == "help" || command == "-h" || command == "--help":
 		_, err := io.WriteString(stdout, usage)
@@ -99,7 +101,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if getenv("GOMEMLIMIT") == "" && command == "serve" {
 		debug.SetMemoryLimit(64 << 20)
 	}
-	db, err := openDB(ctx, cfg.db, 4*runtime.NumCPU())
+	db, err := openDB(ctx, cfg.db, 4*runtime.NumCPU(), logger)
 	if err != nil {
 		return err
 	}
@@ -108,7 +110,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case "migrate":
 		return runMigrate(ctx, db, cfg.appRole, stdout)
 	case "import-django":
-		return importDjango(ctx, db, cfg, len(args) == 2, logger, stdout)
+		return importDjango(ctx, db, cfg, imp, logger, stdout)
 	}
 	schema, err := ensureSchema(ctx, db)
 	if err != nil {
@@ -120,12 +122,21 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return runServe(ctx, cfg, db, logger, schema, warnings)
 }
 
-// printVersion is "healthcare version": the module's version as go build
-// stamps it from git, or (devel), and Go's.
+// printVersion is "healthcare version": the module's version and commit as
+// go build stamps them from git ("(modified)": the tree had changes), and Go's.
 func printVersion(stdout io.Writer) error {
-	version := "(unknown)"
-	if info, ok := debug.ReadBuildInfo(); ok {
-		version = info.Main.Version
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		info = &debug.BuildInfo{Main: debug.Module{Version: "(unknown)"}}
+	}
+	version := info.Main.Version
+	for _, s := range info.Settings {
+		switch {
+		case s.Key == "vcs.revision":
+			version += " commit " + s.Value
+		case s.Key == "vcs.modified" && s.Value == "true":
+			version += " (modified)"
+		}
 	}
 	_, err := fmt.Fprintln(stdout, "healthcare", version, runtime.Version())
 	return err
@@ -175,6 +186,23 @@ func runMigrate(ctx context.Context, db *sql.DB, appRole string, stdout io.Write
 			s.database, s.owner, s.role, s.owner, s.role)
 	}
 	return fmt.Errorf("migrate: %w", err)
+}
+
+// importArgs are import-django's flags: [--check] [--doctor-creator <username>].
+type importArgs struct {
+	check   bool   // check every row, write nothing
+	creator string // the imported account that becomes every imported doctor's creator
+}
+
+func parseImportArgs(args []string) (a importArgs, err error) {
+	flags := flag.NewFlagSet("import-django", flag.ContinueOnError)
+	flags.SetOutput(io.Discard)
+	flags.BoolVar(&a.check, "check", false, "")
+	flags.StringVar(&a.creator, "doctor-creator", "", "")
+	if err = flags.Parse(args); err == nil && flags.NArg() > 0 {
+		err = errors.New("unexpected argument")
+	}
+	return a, err
 }
 
 // serve answers HTTP on cfg.addr until ctx ends, then lets in-flight
@@ -299,8 +327,8 @@ func (s *server) addRoutes() {
 
 	handle("POST /api/auth/register/{$}", public, s.handleRegister)
 	handle("POST /api/auth/login/{$}", public, s.countFailures(errBadCredentials, s.handleLogin))
-	handle("POST /api/auth/token/refresh/{$}", public, s.handleRefresh)
-	handle("POST /api/auth/logout/{$}", public, s.handleLogout)
+	handle("POST /api/auth/token/refresh/{$}", refreshing, s.handleRefresh)
+	handle("POST /api/auth/logout/{$}", refreshing, s.handleLogout)
 	handle("POST /api/auth/logout/all/{$}", private, s.handleLogoutAll)
 	handle("POST /api/auth/password/{$}", private, s.countFailures(errWrongOldPassword, s.handleChangePassword))
 	handle("GET /api/auth/me/{$}", private, s.handleMe)
@@ -462,7 +490,7 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
 		errs = append(errs, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both or neither"))
 	}
-	cfg.db, err = dbConfig(get)
+	cfg.db, err = dbConfig(get, "DATABASE_URL")
 	return cfg, warnings, errors.Join(append(errs, err)...)
 }
 
@@ -506,16 +534,26 @@ func secretKey(key string) (secret, error) {
 	return secret(key), nil
 }
 
-// dbConfig builds the connection settings from DATABASE_URL, or else DB_*.
-// TLS is off by default only for a loopback host or a Unix socket, and
-// verified everywhere else; an sslmode in DATABASE_URL wins.
-func dbConfig(get func(key, def string) string) (pq.Config, error) {
-	url := get("DATABASE_URL", "")
+// dbConfig builds the connection settings from the variable key (a URL or
+// key=value pairs, as libpq reads them), or else DB_*, in TIME_ZONE. TLS is
+// off by default only for a loopback host or a Unix socket, and verified
+// everywhere else; an sslmode in the value wins.
+func dbConfig(get func(key, def string) string, key string) (pq.Config, error) {
+	url := get(key, "")
 	cfg, err := pq.NewConfig(url)
-	if err != nil {
-		// The URL holds the password: say nothing of it.
-		return cfg, errors.New("DATABASE_URL: not a valid connection URL")
+	// An unencoded /, ? or # in a URL's password starts its path, query or
+	// fragment: a part of the password would be read as the host or the
+	// database, and printed. No message quotes the value: it holds a password.
+	_, rest, isURL := strings.Cut(url, "://")
+	i := strings.IndexAny(rest, "/?#")
+	if err != nil || strings.HasPrefix(url, "postgres") && isURL && i >= 0 && strings.ContainsAny(rest[i:], "@#") {
+		return cfg, fmt.Errorf(`%s: cannot be read; want a URL, postgres://user:password@host:port/name with reserved characters percent-encoded, or key=value pairs, host=… user=… password='…' dbname=…`, key)
 	}
+	tz := get("TIME_ZONE", "UTC")
+	if _, err := time.LoadLocation(tz); err != nil || tz == "Local" {
+		return cfg, fmt.Errorf("TIME_ZONE: want an IANA time zone name such as UTC or Asia/Kolkata, got %q", tz)
+	}
+	cfg.Runtime["TimeZone"] = tz // api_time writes times with this zone's offset
 	if url == "" {
 		port, err := strconv.ParseUint(get("DB_PORT", "5432"), 10, 16)
 		if err != nil || port == 0 {

@@ -64,7 +64,7 @@ func runTests(m *testing.M) int {
 	}
 	ctx := context.Background()
 	testDBConfig = cfg.db
-	testDB, testDBErr = openDB(ctx, cfg.db, 16)
+	testDB, testDBErr = openDB(ctx, cfg.db, 16, slog.New(slog.DiscardHandler))
 	if testDBErr == nil {
 		_, testDBErr = ensureSchema(ctx, testDB)
 	}
@@ -679,7 +679,7 @@ func TestHealthAndReady(t *testing.T) {
 // asks again and hears that the database is gone.
 func TestReadyzAsksOncePerSecond(t *testing.T) {
 	needDB(t)
-	db, err := openDB(t.Context(), testDBConfig, 2)
+	db, err := openDB(t.Context(), testDBConfig, 2, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -707,7 +707,7 @@ func scratchDB(t testing.TB, suffix string, step int) *sql.DB {
 	needDB(t)
 	cfg := testDBConfig
 	cfg.Database += suffix
-	db, err := openDB(t.Context(), cfg, 2)
+	db, err := openDB(t.Context(), cfg, 2, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

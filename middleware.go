@@ -276,9 +276,10 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 type access int
 
 const (
-	public  access = iota // no token needed; the anonymous limit applies
-	private               // a valid access token needed; the user limit applies
-	probe                 // health checks: no token, no limit
+	public     access = iota // no token needed; the anonymous limit applies
+	private                  // a valid access token needed; the user limit applies
+	probe                    // health checks: no token, no limit
+	refreshing               // public, but a refresh token with a valid signature counts against its user's limit
 )
 
 // handler is a route's work: it writes only success, and returns any other
@@ -315,6 +316,13 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 		// Public routes ignore Authorization: an expired token that a client
 		// library sends along must not break login.
 		authErr = rt.s.authenticate(r, info)
+	}
+	// A clinic behind one address must not share one anonymous budget for
+	// its refreshes: a signed refresh token is its user's (a forged one is not).
+	if rt.access == refreshing {
+		if c, err := rt.s.refreshClaims(r); err == nil || err == errExpired {
+			info.userID = c.UserID
+		}
 	}
 	lim, key := rt.s.anonLimit, bySource(info.clientIP)
 	if info.userID != 0 {
@@ -577,6 +585,7 @@ func decodeBody(r *http.Request) (members, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read body: %w", err)
 	}
+	r.Body = io.NopCloser(bytes.NewReader(body)) // for a second reading (route.serve)
 	if len(bytes.TrimSpace(body)) == 0 {
 		return members{}, nil
 	}
