@@ -163,93 +163,124 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 	if err != nil {
 		return s, err
 	}
-	// A step migrated without DB_APP_ROLE leaves the serving role without
-	// its new tables: refuse to start, rather than answer 500s.
-	const q = `SELECT coalesce(string_agg(relname, ', ' ORDER BY relname), '') FROM pg_class
-		WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'S') AND NOT CASE relkind WHEN 'S' THEN has_sequence_privilege(oid, 'USAGE')
-			ELSE has_table_privilege(oid, 'SELECT') AND (relname = 'schema_migrations' OR has_table_privilege(oid, 'INSERT')) END`
-	var missing string
-	if err := db.QueryRowContext(ctx, q).Scan(&missing); err != nil {
-		return s, fmt.Errorf("read the role's rights: %w", err)
-	}
-	if missing != "" {
-		return s, fmt.Errorf(`role %q may not use %s: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, s.role, missing, s.role)
+	// A role that does not own the schema serves with what migrate granted
+	// it (DB_APP_ROLE): granted since, or taken since, a right stops the start.
+	if s.owner != "" {
+		problem, err := checkServing(ctx, db, s.role)
+		if err == nil && problem != "" {
+			err = errors.New(problem)
+		}
+		return s, err
 	}
 	return s, nil
 }
 
-// grantServing gives role exactly what serving needs, and takes back
-// anything more: read and write on the data tables, only SELECT and INSERT
-// on the audit events, the sequences, and the functions the statements
-// call; PUBLIC loses TEMPORARY (a temporary table named audit_events would
-// take the role's events) and EXECUTE. It refuses a role that could take
-// more by itself or through another role, and one that still holds more
-// after the grant, by any path (checkServing): nothing is granted then.
+// servingRights are every right the serving role needs and all it may
+// hold, each "privileges ON objects" (a function's types without spaces):
+// migrate grants them, with USAGE on the sequences, and every start checks
+// them. INSERT on the audit events is by column, never id or at: an
+// event's id and time are the database's. The functions are those the
+// statements call, and login_wait, which the previous version's instances
+// call during a rolling upgrade.
+var servingRights = []string{
+	"SELECT, INSERT, UPDATE, DELETE ON TABLE users, login_names, sessions, refresh_tokens, patients, doctors, mappings, login_attempts",
+	"SELECT ON TABLE audit_events, schema_migrations",
+	"INSERT (user_id), INSERT (login_id), INSERT (action), INSERT (patient_id), INSERT (doctor_id), INSERT (fields), INSERT (ip), INSERT (request_id) ON TABLE audit_events",
+	"USAGE ON SCHEMA public",
+	"EXECUTE ON FUNCTION login_live(bigint,bigint), login_attempt(text,text,integer,integer,integer,integer), lock_wait(integer,timestamp with time zone,integer,integer)",
+	"EXECUTE ON FUNCTION login_succeeded(text,text), api_time(timestamp with time zone), etag(bigint,integer), changed_fields(text[],text[],text[]), login_wait(bigint,integer,integer)",
+}
+
+// grantServing gives role exactly servingRights, and takes back what the
+// schema's owner gave beyond them; PUBLIC loses TEMPORARY (a temporary
+// table named audit_events would take the role's events) and EXECUTE. It
+// refuses a role that still holds more, or less, after the grant, by any
+// path and whoever granted it (checkServing): nothing is granted then.
 func grantServing(ctx context.Context, db *sql.DB, role string) error {
-	var why, database string
-	// $1 the role: why it is unfit, or ''.
-	const q = `SELECT coalesce(CASE WHEN r.rolsuper THEN 'is a superuser' WHEN r.rolcreaterole THEN 'can create roles' WHEN r.rolreplication THEN 'can replicate the cluster' END,
-			(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m WHERE m.member = r.oid),
-			(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o WHERE o.refobjid = r.oid
-				AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid)), ''), d.datname
-		FROM pg_roles r, pg_database d WHERE r.rolname = $1 AND d.datname = current_database()`
-	err := db.QueryRowContext(ctx, q, role).Scan(&why, &database)
+	var database string
+	err := db.QueryRowContext(ctx, `SELECT current_database() FROM pg_roles WHERE rolname = $1`, role).Scan(&database)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
 	case err != nil:
 		return fmt.Errorf("DB_APP_ROLE: %w", err)
-	case why != "":
-		return fmt.Errorf(`DB_APP_ROLE: role %q %s, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`, role, why)
 	}
 	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
 	// No CREATE anywhere: nothing the role makes can stand in for a table or
-	// a function that another role's statements name. The last line lists
-	// every function the statements call, and login_wait, which the previous
-	// version's instances call during a rolling upgrade.
+	// a function that another role's statements name.
 	grants := `REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC, ` + r + `;
 		REVOKE CREATE ON SCHEMA public FROM PUBLIC, ` + r + `;
 		REVOKE CREATE, TEMPORARY ON DATABASE ` + pq.QuoteIdentifier(database) + ` FROM PUBLIC, ` + r + `;
-		GRANT USAGE ON SCHEMA public TO ` + r + `;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, sessions, refresh_tokens, patients, doctors, mappings, login_attempts TO ` + r + `;
-		GRANT SELECT, INSERT ON audit_events TO ` + r + `;
-		GRANT SELECT ON schema_migrations TO ` + r + `;
-		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
-		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), lock_wait(int, timestamptz, int, int), login_succeeded(text, text),
-			api_time(timestamptz), etag(bigint, integer), changed_fields(text[], text[], text[]), login_wait(bigint, int, int) TO ` + r
+		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r
+	for _, g := range servingRights {
+		grants += ";\nGRANT " + g + " TO " + r
+	}
 	return withTx(ctx, db, func(tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, grants); err != nil {
 			return fmt.Errorf("DB_APP_ROLE: %w", err)
 		}
-		return checkServing(ctx, tx, role)
+		problem, err := checkServing(ctx, tx, role)
+		if err == nil && problem != "" {
+			err = errors.New("DB_APP_ROLE: " + problem)
+		}
+		return err
 	})
 }
 
-// checkServing refuses a role that holds any right in the database beyond
-// its own grants (which grantServing has just made exactly serving's), by
-// any path: PUBLIC, a column grant, CREATE in another schema. The functions
-// of an extension stay as it made them: its owner may keep them public.
-func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
-	// $1 the role: the first right it holds beyond its own grants, or ''.
-	const q = `SELECT coalesce(min(x.privilege || ' on ' || x.object), '') FROM pg_roles u, LATERAL (
-			SELECT p, CASE c.relkind WHEN 'S' THEN 'sequence ' ELSE 'table ' END || c.oid::regclass, c.relacl, CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(u.oid, c.oid, p)
-				WHEN p IN ('DELETE', 'TRUNCATE', 'TRIGGER') THEN has_table_privilege(u.oid, c.oid, p) ELSE has_any_column_privilege(u.oid, c.oid, p) END
-			FROM pg_class c, unnest(CASE c.relkind WHEN 'S' THEN '{USAGE,SELECT,UPDATE}' ELSE '{SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER}' END::text[]) p
-			WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-			UNION ALL SELECT 'EXECUTE', 'function ' || f.oid::regprocedure, f.proacl, has_function_privilege(u.oid, f.oid, 'EXECUTE') FROM pg_proc f
-			WHERE f.pronamespace = 'public'::regnamespace AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
-			UNION ALL SELECT 'CREATE', 'schema ' || n.nspname, NULL, has_schema_privilege(u.oid, n.oid, 'CREATE') FROM pg_namespace n
-			UNION ALL SELECT p, 'database ' || current_database(), NULL, has_database_privilege(u.oid, current_database(), p) FROM unnest('{CREATE,TEMPORARY}'::text[]) p
-		) x(privilege, object, acl, held)
-		WHERE u.rolname = $1 AND x.held AND NOT EXISTS (SELECT 1 FROM aclexplode(x.acl) a WHERE a.grantee = u.oid AND a.privilege_type = x.privilege)`
-	var excess string
-	err := tx.QueryRowContext(ctx, q, role).Scan(&excess)
-	if err == nil && excess != "" {
-		err = fmt.Errorf(`DB_APP_ROLE: role %q would still hold %s beyond what serving needs (through PUBLIC, say): revoke it as its owner, then migrate again`, role, excess)
+// checkServing says what makes role unfit to serve, or "": a power no
+// grant could limit, then the first right it holds, by effect, beyond
+// servingRights (whoever granted it, by any path: PUBLIC, a column, a
+// parameter, any schema it may use), then the first it lacks. Extensions'
+// functions stay as their owner made them: they may stay public.
+func checkServing(ctx context.Context, q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}, role string) (string, error) {
+	// $1 the role, $2 servingRights. A right held is spelled as GRANT
+	// spells it, with its ACL (or the default one) to find who granted it.
+	const check = `WITH u AS (SELECT * FROM pg_roles WHERE rolname = $1),
+		want AS (SELECT p || ' ON ' || m[2] || ' ' || o AS item FROM unnest($2::text[]) g, regexp_match(g, '^(.*?) ON (\S+) (.*)$') m,
+				unnest(string_to_array(m[1], ', ')) p, unnest(string_to_array(m[3], ', ')) o
+			UNION ALL SELECT 'USAGE ON SEQUENCE ' || oid::regclass FROM pg_class WHERE relkind = 'S' AND relnamespace = 'public'::regnamespace),
+		ns AS (SELECT n.oid FROM pg_namespace n, u WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, 'USAGE')),
+		held AS (SELECT p || ' ON ' || CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass AS item, p, coalesce(c.relacl, acldefault('r', c.relowner)) AS acl
+			FROM pg_class c, unnest(CASE c.relkind WHEN 'S' THEN '{USAGE,SELECT,UPDATE}' ELSE '{SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER}' END::text[]) p, u
+			WHERE c.relnamespace IN (SELECT oid FROM ns) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+				AND CASE c.relkind WHEN 'S' THEN has_sequence_privilege(u.oid, c.oid, p) ELSE has_table_privilege(u.oid, c.oid, p) END
+			UNION ALL SELECT p || ' (' || quote_ident(a.attname) || ') ON TABLE ' || c.oid::regclass, p, a.attacl
+			FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped, unnest('{SELECT,INSERT,UPDATE,REFERENCES}'::text[]) p, u
+			WHERE c.relnamespace IN (SELECT oid FROM ns) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+				AND has_column_privilege(u.oid, c.oid, a.attnum, p) AND NOT has_table_privilege(u.oid, c.oid, p)
+			UNION ALL SELECT 'EXECUTE ON FUNCTION ' || f.oid::regprocedure, 'EXECUTE', coalesce(f.proacl, acldefault('f', f.proowner)) FROM pg_proc f, u
+			WHERE f.pronamespace IN (SELECT oid FROM ns) AND has_function_privilege(u.oid, f.oid, 'EXECUTE')
+				AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
+			UNION ALL SELECT p || ' ON SCHEMA ' || quote_ident(n.nspname), p, coalesce(n.nspacl, acldefault('n', n.nspowner)) FROM pg_namespace n, unnest('{USAGE,CREATE}'::text[]) p, u
+			WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, p)
+			UNION ALL SELECT p || ' ON DATABASE ' || quote_ident(d.datname), p, coalesce(d.datacl, acldefault('d', d.datdba)) FROM pg_database d, unnest('{CREATE,TEMPORARY}'::text[]) p, u
+			WHERE d.datname = current_database() AND has_database_privilege(u.oid, d.oid, p)
+			UNION ALL SELECT p || ' ON PARAMETER ' || a.parname, p, a.paracl FROM pg_parameter_acl a, unnest('{SET,ALTER SYSTEM}'::text[]) p, u
+			WHERE has_parameter_privilege(u.oid, a.parname, p))
+		SELECT coalesce(coalesce(
+			(SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' END FROM u),
+			(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m, u WHERE m.member = u.oid),
+			(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o, u, pg_database d WHERE d.datname = current_database()
+				AND o.refobjid = u.oid AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid))
+			) || ', so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")',
+			(SELECT 'holds ' || h.item || ' beyond what serving needs' || coalesce((SELECT format(', granted to %s by role "%s": run "REVOKE %s FROM %s" as role "%2$s"',
+					CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE 'it' END, pg_get_userbyid(a.grantor), h.item, CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident($1) END)
+				FROM aclexplode(h.acl) a WHERE a.privilege_type = h.p AND a.grantee IN (0, u.oid) LIMIT 1), ': revoke it as its owner')
+			FROM held h, u WHERE h.item NOT IN (SELECT item FROM want) ORDER BY h.item LIMIT 1),
+			(SELECT format('lacks %s, which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner', item, $1)
+			FROM want WHERE item NOT IN (SELECT item FROM held) ORDER BY item LIMIT 1), '')`
+	var problem string
+	if err := q.QueryRowContext(ctx, check, role, pq.StringArray(servingRights)).Scan(&problem); err != nil {
+		return "", fmt.Errorf("read the rights of role %q: %w", role, err)
 	}
-	return err
+	if problem != "" {
+		problem = fmt.Sprintf("role %q %s", role, problem)
+	}
+	return problem, nil
 }
 
 // pruneLogins deletes ended and expired logins, with their refresh tokens,
@@ -706,9 +737,10 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	// Only a cursor in the very form this server writes is read: decoded,
-	// it must encode to the same text.
+	// it must encode to the same text. One that is not URL encoding at all
+	// (dropped by Query) is no cursor of ours either.
 	dir := byte('<')
-	if c := q.Get("cursor"); q.Has("cursor") {
+	if c := q.Get("cursor"); q.Has("cursor") || strings.Contains("&"+r.URL.RawQuery, "&cursor=") {
 		b, _ := base64.RawURLEncoding.DecodeString(c)
 		id, err := strconv.ParseInt(string(b[min(1, len(b)):]), 10, 64)
 		if err != nil || id < 1 || b[0] != '<' && b[0] != '>' || cursorAt(b[0], id) != c {

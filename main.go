@@ -24,6 +24,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unicode"
@@ -244,6 +245,7 @@ type server struct {
 	signer    *signer
 	passwords *passwords
 	ready     readiness
+	hopWarned atomic.Int64 // when warnHop last logged, in Unix seconds
 
 	commonPasswords map[string]struct{}
 	registerLimit   *limiter

@@ -213,13 +213,26 @@ func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 	https := r.TLS != nil || strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https")
 	hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
 	for i := len(hops) - 1; i >= 0 && s.trusted(ip); i-- {
-		hop, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
-		if err != nil {
-			break // a malformed hop: stop at the last address we could trust
+		h := strings.TrimSpace(hops[i])
+		hop, err := netip.ParseAddr(h)
+		if ap, err2 := netip.ParseAddrPort(h); err2 == nil { // as some proxies write it: ip:port, [ipv6]:port
+			hop, err = ap.Addr(), nil
+		}
+		if err != nil { // no address: stop at the last address we could trust
+			s.warnHop(h)
+			break
 		}
 		ip = hop.Unmap().WithZone("")
 	}
 	return ip, https
+}
+
+// warnHop logs an X-Forwarded-For hop that is no address, at most once a
+// minute: a proxy that writes such hops makes all its clients one source.
+func (s *server) warnHop(hop string) {
+	if last, now := s.hopWarned.Load(), time.Now().Unix(); hop != "" && now-last >= 60 && s.hopWarned.CompareAndSwap(last, now) {
+		s.log.Warn("X-Forwarded-For hop is no address: the request counts as the proxy's own", "hop", hop[:min(len(hop), 100)])
+	}
 }
 
 func (s *server) trusted(ip netip.Addr) bool {
