@@ -90,18 +90,22 @@ func (p *passwords) encode(password, salt string) (string, error) {
 	return fmt.Sprintf("pbkdf2_sha256$%d$%s$%s", p.iterations, salt, base64.StdEncoding.EncodeToString(dk)), nil
 }
 
-// check takes a hashing slot, then has count count the attempt (or refuse
-// it: a wait) and return the stored hash, and verifies password against it.
-// The slot comes first: an attempt shed for want of one (503) was never
-// counted, so a flood that saturates hashing slows a user, never locks one out.
-func (p *passwords) check(ctx context.Context, password string, count func() (string, error)) (ok, stale bool, err error) {
+// check takes a hashing slot, then has count count the attempt and return
+// the stored hash and the wait the attempt's runs impose (then no password
+// is checked), and verifies password against the hash. The slot comes
+// first: an attempt shed for want of one (503) was never counted, so a
+// flood that saturates hashing slows a user, never locks one out.
+func (p *passwords) check(ctx context.Context, password string, count func() (string, int, error)) (ok, stale bool, err error) {
 	if err := p.acquire(ctx); err != nil {
 		return false, false, err
 	}
 	defer func() { <-p.slots }()
-	encoded, err := count()
-	if err != nil {
-		return false, false, err
+	encoded, wait, err := count()
+	switch {
+	case err != nil:
+		return false, false, fmt.Errorf("count the attempt: %w", err)
+	case wait > 0:
+		return false, false, throttled(time.Duration(wait) * time.Second)
 	}
 	return p.verify(password, encoded)
 }
@@ -151,9 +155,7 @@ func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	if err := db.QueryRowContext(ctx, q, maxIterations).Scan(&most); err != nil {
 		return fmt.Errorf("stored password costs: %w", err)
 	}
-	if most.Int64 > p.failCost.Load() {
-		p.failCost.Store(most.Int64)
-	}
+	p.failCost.Store(max(most.Int64, p.failCost.Load()))
 	return nil
 }
 
@@ -456,17 +458,10 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	// Unknown users are checked against the dummy hash ("" verifies as it
 	// does) and leave an event with no account: the same work and the same
 	// answer, so neither timing nor a commit's flush reveals which exist.
-	match, stale, err := s.passwords.check(ctx, password, func() (stored string, err error) {
-		var wait int
+	match, stale, err := s.passwords.check(ctx, password, func() (stored string, wait int, err error) {
 		err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds,
 			s.cfg.lockAccountAfter, s.cfg.loginMaxAgeDays).Scan(&id, &stored, &version, &wait)
-		if err != nil {
-			return "", fmt.Errorf("find user: %w", err)
-		}
-		if wait > 0 { // the name's run of failures: no password is checked, no event written
-			return "", throttled(time.Duration(wait) * time.Second)
-		}
-		return stored, nil
+		return stored, wait, err
 	})
 	if err != nil {
 		return err
@@ -730,16 +725,10 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	// a live login is not locked out by strangers. $1 user, $2 login,
 	// $3 source, $4 LOGIN_LOCK_AFTER, $5 LOGIN_LOCK_S.
 	const attempt = `SELECT login_attempt(lower(username), $3, $4, $5, NULL, 0) FROM users WHERE id = $1 AND login_live($1, $2)`
-	match, _, err := s.passwords.check(ctx, old, func() (string, error) {
+	match, _, err := s.passwords.check(ctx, old, func() (string, int, error) {
 		var wait int
 		err := s.db.QueryRowContext(ctx, attempt, info.userID, info.loginID, sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
-		if err != nil {
-			return "", fmt.Errorf("count the attempt: %w", err)
-		}
-		if wait > 0 {
-			return "", throttled(time.Duration(wait) * time.Second)
-		}
-		return stored, nil
+		return stored, wait, err
 	})
 	if err != nil {
 		return err

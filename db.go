@@ -166,13 +166,9 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 	// A role that does not own the schema serves with what migrate granted
 	// it (DB_APP_ROLE): granted since, or taken since, a right stops the start.
 	if s.owner != "" {
-		problem, err := checkServing(ctx, db, s.role)
-		if err == nil && problem != "" {
-			err = errors.New(problem)
-		}
-		return s, err
+		err = withTx(ctx, db, func(tx *sql.Tx) error { return checkServing(ctx, tx, s.role) })
 	}
-	return s, nil
+	return s, err
 }
 
 // servingRights are every right the serving role needs and all it may
@@ -221,66 +217,52 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 		if _, err := tx.ExecContext(ctx, grants); err != nil {
 			return fmt.Errorf("DB_APP_ROLE: %w", err)
 		}
-		problem, err := checkServing(ctx, tx, role)
-		if err == nil && problem != "" {
-			err = errors.New("DB_APP_ROLE: " + problem)
-		}
-		return err
+		return checkServing(ctx, tx, role)
 	})
 }
 
-// checkServing says what makes role unfit to serve, or "": a power no
-// grant could limit, then the first right it holds, by effect, beyond
-// servingRights (whoever granted it, by any path: PUBLIC, a column, a
-// parameter, any schema it may use), then the first it lacks. Extensions'
-// functions stay as their owner made them: they may stay public.
-func checkServing(ctx context.Context, q interface {
-	QueryRowContext(context.Context, string, ...any) *sql.Row
-}, role string) (string, error) {
-	// $1 the role, $2 servingRights. A right held is spelled as GRANT
-	// spells it, with its ACL (or the default one) to find who granted it.
+// checkServing refuses role for a power no grant could limit, then for the
+// first right it holds, by effect, beyond servingRights (whoever granted it,
+// by any path: PUBLIC, a column, a parameter, any schema it may use), then
+// for the first it lacks. Extensions' functions stay as their owner made
+// them: they may stay public.
+func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
+	// $1 the role, $2 servingRights. A right held is spelled as GRANT spells
+	// it, with its ACL (or the default one) to say who granted it. ns: the
+	// schemas whose objects the role can reach.
 	const check = `WITH u AS (SELECT * FROM pg_roles WHERE rolname = $1),
-		want AS (SELECT p || ' ON ' || m[2] || ' ' || o AS item FROM unnest($2::text[]) g, regexp_match(g, '^(.*?) ON (\S+) (.*)$') m,
-				unnest(string_to_array(m[1], ', ')) p, unnest(string_to_array(m[3], ', ')) o
-			UNION ALL SELECT 'USAGE ON SEQUENCE ' || oid::regclass FROM pg_class WHERE relkind = 'S' AND relnamespace = 'public'::regnamespace),
-		ns AS (SELECT n.oid FROM pg_namespace n, u WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, 'USAGE')),
+		want AS (SELECT p || ' ON ' || m[2] || ' ' || o AS item FROM unnest($2::text[]) g, regexp_match(g, '^(.*?) ON (\S+) (.*)$') m, unnest(string_to_array(m[1], ', ')) p,
+			unnest(string_to_array(m[3], ', ')) o UNION ALL SELECT 'USAGE ON SEQUENCE ' || oid::regclass FROM pg_class WHERE relkind = 'S' AND relnamespace = 'public'::regnamespace),
+		ns AS (SELECT n.* FROM pg_namespace n, u WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, 'USAGE')),
 		held AS (SELECT p || ' ON ' || CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass AS item, p, coalesce(c.relacl, acldefault('r', c.relowner)) AS acl
-			FROM pg_class c, unnest(CASE c.relkind WHEN 'S' THEN '{USAGE,SELECT,UPDATE}' ELSE '{SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER}' END::text[]) p, u
-			WHERE c.relnamespace IN (SELECT oid FROM ns) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-				AND CASE c.relkind WHEN 'S' THEN has_sequence_privilege(u.oid, c.oid, p) ELSE has_table_privilege(u.oid, c.oid, p) END
-			UNION ALL SELECT p || ' (' || quote_ident(a.attname) || ') ON TABLE ' || c.oid::regclass, p, a.attacl
-			FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped, unnest('{SELECT,INSERT,UPDATE,REFERENCES}'::text[]) p, u
-			WHERE c.relnamespace IN (SELECT oid FROM ns) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-				AND has_column_privilege(u.oid, c.oid, a.attnum, p) AND NOT has_table_privilege(u.oid, c.oid, p)
-			UNION ALL SELECT 'EXECUTE ON FUNCTION ' || f.oid::regprocedure, 'EXECUTE', coalesce(f.proacl, acldefault('f', f.proowner)) FROM pg_proc f, u
-			WHERE f.pronamespace IN (SELECT oid FROM ns) AND has_function_privilege(u.oid, f.oid, 'EXECUTE')
-				AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
+			FROM ns JOIN pg_class c ON c.relnamespace = ns.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S'), u, unnest(CASE c.relkind WHEN 'S' THEN '{USAGE,SELECT,UPDATE}'
+				ELSE '{SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER}' END::text[]) p WHERE CASE c.relkind WHEN 'S' THEN has_sequence_privilege(u.oid, c.oid, p) ELSE has_table_privilege(u.oid, c.oid, p) END
+			UNION ALL SELECT p || ' (' || quote_ident(a.attname) || ') ON TABLE ' || c.oid::regclass, p, a.attacl FROM ns JOIN pg_class c ON c.relnamespace = ns.oid JOIN pg_attribute a ON a.attrelid = c.oid AND a.attacl IS NOT NULL,
+				u, unnest('{SELECT,INSERT,UPDATE,REFERENCES}'::text[]) p WHERE has_column_privilege(u.oid, c.oid, a.attnum, p) AND NOT has_table_privilege(u.oid, c.oid, p)
+			UNION ALL SELECT 'EXECUTE ON FUNCTION ' || f.oid::regprocedure, 'EXECUTE', coalesce(f.proacl, acldefault('f', f.proowner)) FROM ns JOIN pg_proc f ON f.pronamespace = ns.oid, u
+			WHERE has_function_privilege(u.oid, f.oid, 'EXECUTE') AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
 			UNION ALL SELECT p || ' ON SCHEMA ' || quote_ident(n.nspname), p, coalesce(n.nspacl, acldefault('n', n.nspowner)) FROM pg_namespace n, unnest('{USAGE,CREATE}'::text[]) p, u
 			WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, p)
 			UNION ALL SELECT p || ' ON DATABASE ' || quote_ident(d.datname), p, coalesce(d.datacl, acldefault('d', d.datdba)) FROM pg_database d, unnest('{CREATE,TEMPORARY}'::text[]) p, u
 			WHERE d.datname = current_database() AND has_database_privilege(u.oid, d.oid, p)
-			UNION ALL SELECT p || ' ON PARAMETER ' || a.parname, p, a.paracl FROM pg_parameter_acl a, unnest('{SET,ALTER SYSTEM}'::text[]) p, u
-			WHERE has_parameter_privilege(u.oid, a.parname, p))
-		SELECT coalesce(coalesce(
-			(SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' END FROM u),
-			(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m, u WHERE m.member = u.oid),
-			(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o, u, pg_database d WHERE d.datname = current_database()
-				AND o.refobjid = u.oid AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid))
+			UNION ALL SELECT p || ' ON PARAMETER ' || a.parname, p, a.paracl FROM pg_parameter_acl a, unnest('{SET,ALTER SYSTEM}'::text[]) p, u WHERE has_parameter_privilege(u.oid, a.parname, p))
+		SELECT 'role "' || $1 || '" ' || coalesce(coalesce((SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' END FROM u),
+				(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m, u WHERE m.member = u.oid),
+				(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o, u, pg_database d WHERE d.datname = current_database()
+					AND o.refobjid = u.oid AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid))
 			) || ', so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")',
 			(SELECT 'holds ' || h.item || ' beyond what serving needs' || coalesce((SELECT format(', granted to %s by role "%s": run "REVOKE %s FROM %s" as role "%2$s"',
 					CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE 'it' END, pg_get_userbyid(a.grantor), h.item, CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident($1) END)
-				FROM aclexplode(h.acl) a WHERE a.privilege_type = h.p AND a.grantee IN (0, u.oid) LIMIT 1), ': revoke it as its owner')
-			FROM held h, u WHERE h.item NOT IN (SELECT item FROM want) ORDER BY h.item LIMIT 1),
-			(SELECT format('lacks %s, which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner', item, $1)
-			FROM want WHERE item NOT IN (SELECT item FROM held) ORDER BY item LIMIT 1), '')`
-	var problem string
-	if err := q.QueryRowContext(ctx, check, role, pq.StringArray(servingRights)).Scan(&problem); err != nil {
-		return "", fmt.Errorf("read the rights of role %q: %w", role, err)
+				FROM aclexplode(h.acl) a WHERE a.privilege_type = h.p AND a.grantee IN (0, u.oid) LIMIT 1), ': revoke it as its owner') FROM held h, u WHERE h.item NOT IN (SELECT item FROM want) ORDER BY h.item LIMIT 1),
+			(SELECT format('lacks %s, which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner', item, $1) FROM want WHERE item NOT IN (SELECT item FROM held) ORDER BY item LIMIT 1))`
+	var problem sql.NullString
+	if err := tx.QueryRowContext(ctx, check, role, pq.StringArray(servingRights)).Scan(&problem); err != nil {
+		return fmt.Errorf("read the rights of role %q: %w", role, err)
 	}
-	if problem != "" {
-		problem = fmt.Sprintf("role %q %s", role, problem)
+	if problem.Valid {
+		return errors.New(problem.String)
 	}
-	return problem, nil
+	return nil
 }
 
 // pruneLogins deletes ended and expired logins, with their refresh tokens,

@@ -35,7 +35,7 @@ func TestSchemaStepsNumbered(t *testing.T) {
 // appRole creates a fresh LOGIN NOSUPERUSER role for the test and drops it
 // after; call it before scratchDB, so that the database (and the grants in
 // it) goes first.
-func appRole(t *testing.T) string {
+func appRole(t testing.TB) string {
 	t.Helper()
 	needDB(t)
 	role := uniqueName("hc_app_")
@@ -51,7 +51,7 @@ func appRole(t *testing.T) string {
 }
 
 // connectAs opens db's database as role.
-func connectAs(t *testing.T, db *sql.DB, role string) *sql.DB {
+func connectAs(t testing.TB, db *sql.DB, role string) *sql.DB {
 	t.Helper()
 	cfg := testDBConfig
 	if err := db.QueryRowContext(t.Context(), `SELECT current_database()`).Scan(&cfg.Database); err != nil {
@@ -251,7 +251,7 @@ func TestGrantRefusesPowerfulRoles(t *testing.T) {
 				t.Fatalf("%s: %v", setup, err)
 			}
 			err := runMigrate(ctx, db, roles[i], io.Discard)
-			want := fmt.Sprintf(`migrate: DB_APP_ROLE: role %q %s, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`,
+			want := fmt.Sprintf(`migrate: role %q %s, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`,
 				roles[i], names.Replace(c.why))
 			if err == nil || err.Error() != want {
 				t.Fatalf("migrate for %s:\n%v\nwant\n%s", roles[i], err, want)
@@ -306,7 +306,7 @@ func TestGrantRefusesRightsBeyondServing(t *testing.T) {
 				}
 			}()
 			err := runMigrate(ctx, db, role, io.Discard)
-			if want := fmt.Sprintf(`migrate: DB_APP_ROLE: role %q %s`, role, c.why); err == nil || err.Error() != want {
+			if want := fmt.Sprintf(`migrate: role %q %s`, role, c.why); err == nil || err.Error() != want {
 				t.Fatalf("migrate:\n%v\nwant\n%s", err, want)
 			}
 			var granted, publicTemp bool

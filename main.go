@@ -245,7 +245,7 @@ type server struct {
 	signer    *signer
 	passwords *passwords
 	ready     readiness
-	hopWarned atomic.Int64 // when warnHop last logged, in Unix seconds
+	hopWarned atomic.Int64 // when clientIP last logged a hop that is no address, in Unix seconds
 
 	commonPasswords map[string]struct{}
 	registerLimit   *limiter

@@ -218,21 +218,17 @@ func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 		if ap, err2 := netip.ParseAddrPort(h); err2 == nil { // as some proxies write it: ip:port, [ipv6]:port
 			hop, err = ap.Addr(), nil
 		}
-		if err != nil { // no address: stop at the last address we could trust
-			s.warnHop(h)
-			break
+		// A hop that is no address makes every client of that proxy one
+		// source: said in the log, at most once a minute.
+		if last, now := s.hopWarned.Load(), time.Now().Unix(); err != nil && h != "" && now-last >= 60 && s.hopWarned.CompareAndSwap(last, now) {
+			s.log.Warn("X-Forwarded-For hop is no address: the request counts as the proxy's own", "hop", h[:min(len(h), 100)])
+		}
+		if err != nil {
+			break // stop at the last address we could trust
 		}
 		ip = hop.Unmap().WithZone("")
 	}
 	return ip, https
-}
-
-// warnHop logs an X-Forwarded-For hop that is no address, at most once a
-// minute: a proxy that writes such hops makes all its clients one source.
-func (s *server) warnHop(hop string) {
-	if last, now := s.hopWarned.Load(), time.Now().Unix(); hop != "" && now-last >= 60 && s.hopWarned.CompareAndSwap(last, now) {
-		s.log.Warn("X-Forwarded-For hop is no address: the request counts as the proxy's own", "hop", hop[:min(len(hop), 100)])
-	}
 }
 
 func (s *server) trusted(ip netip.Addr) bool {
