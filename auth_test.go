@@ -1825,23 +1825,16 @@ func TestPasswordWrittenElsewhere(t *testing.T) {
 		"operator":     `UPDATE users SET password = $2 WHERE id = $1 AND $3 <> ''`,
 	} {
 		t.Run(name, func(t *testing.T) {
-			s := newTestServer(t, nil)
-			s.passwords.maxWait = time.Minute
+			s := newTestServer(t, nil, func(c *config) { c.passwordIterations = 3_000_000; slowHashes(c) })
 			user := uniqueName("elsewhere")
-			id := insertUser(t, user, user+"@example.com", djangoHash(t, oldPassword, "SaltSaltSaltSaltSalt01", testIterations/2))
-			// With every hashing slot taken, the login reads the account and
-			// then waits to verify; the password changes meanwhile.
-			for range cap(s.passwords.slots) {
-				s.passwords.slots <- struct{}{}
-			}
+			// A stale hash slow to verify: the login reads the account and
+			// verifies for a while; the password changes meanwhile.
+			id := insertUser(t, user, user+"@example.com", djangoHash(t, oldPassword, "SaltSaltSaltSaltSalt01", 2_000_000))
 			racing := make(chan response, 1)
 			go func() { racing <- login(t, s, user, oldPassword) }()
-			time.Sleep(300 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond)
 			if _, err := testDB.ExecContext(t.Context(), q, id, djangoHash(t, newPassword, "NewSaltNewSaltNewSalt1", testIterations), storedHash(t, id)); err != nil {
 				t.Fatalf("change the password: %v", err)
-			}
-			for range cap(s.passwords.slots) {
-				<-s.passwords.slots
 			}
 			wantUnauthorized(t, <-racing, badCredentialsBody)
 			wantUnauthorized(t, login(t, s, user, oldPassword), badCredentialsBody)
