@@ -739,8 +739,9 @@ func TestStartChecksRights(t *testing.T) {
 			`is a member of role pg_write_all_data, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`},
 		{"UPDATE on the events", `GRANT UPDATE ON audit_events TO ` + r,
 			fmt.Sprintf(`holds UPDATE ON TABLE audit_events beyond what serving needs, granted to it by role %q: run "REVOKE UPDATE ON TABLE audit_events FROM %s" as role %q`, testDBConfig.User, role, testDBConfig.User)},
-		{"a parameter", `GRANT SET ON PARAMETER session_replication_role TO PUBLIC`,
-			fmt.Sprintf(`holds SET ON PARAMETER session_replication_role beyond what serving needs, granted to PUBLIC by role %q: run "REVOKE SET ON PARAMETER session_replication_role FROM PUBLIC" as role %q`, testDBConfig.User, testDBConfig.User)},
+		// Parameters are the cluster's: granted to this role alone, so that no other test sees it.
+		{"a parameter", `GRANT SET ON PARAMETER session_replication_role TO ` + r,
+			fmt.Sprintf(`holds SET ON PARAMETER session_replication_role beyond what serving needs, granted to it by role %q: run "REVOKE SET ON PARAMETER session_replication_role FROM %s" as role %q`, testDBConfig.User, role, testDBConfig.User)},
 		{"login_live", `REVOKE EXECUTE ON FUNCTION login_live(bigint, bigint) FROM ` + r, "lacks EXECUTE ON FUNCTION login_live(bigint,bigint), " + migrateHint},
 		{"a table", `REVOKE ALL ON login_attempts FROM ` + r, "lacks DELETE ON TABLE login_attempts, " + migrateHint},
 		{"a column", `REVOKE INSERT (request_id) ON audit_events FROM ` + r, "lacks INSERT (request_id) ON TABLE audit_events, " + migrateHint},
@@ -759,7 +760,7 @@ func TestStartChecksRights(t *testing.T) {
 				t.Fatalf("start:\n%v\nwant\nrole %q %s", err, role, c.want)
 			}
 			// Undone (migrate alone cannot take back a membership or a parameter's right).
-			owner.ExecContext(ctx, `REVOKE pg_write_all_data FROM `+r+`; REVOKE SET ON PARAMETER session_replication_role FROM PUBLIC`)
+			owner.ExecContext(ctx, `REVOKE pg_write_all_data FROM `+r+`; REVOKE SET ON PARAMETER session_replication_role FROM `+r)
 		})
 	}
 }
