@@ -90,26 +90,43 @@ func (p *passwords) encode(password, salt string) (string, error) {
 	return fmt.Sprintf("pbkdf2_sha256$%d$%s$%s", p.iterations, salt, base64.StdEncoding.EncodeToString(dk)), nil
 }
 
+// check takes a hashing slot, then has count count the attempt and return
+// the stored hash and the wait the attempt's runs impose (then no password
+// is checked), and verifies password against the hash. The slot comes
+// first: an attempt shed for want of one (503) was never counted, so a
+// flood that saturates hashing slows a user, never locks one out.
+func (p *passwords) check(ctx context.Context, password string, count func() (string, int, error)) (ok, stale bool, err error) {
+	if err := p.acquire(ctx); err != nil {
+		return false, false, err
+	}
+	defer func() { <-p.slots }()
+	encoded, wait, err := count()
+	switch {
+	case err != nil:
+		return false, false, fmt.Errorf("count the attempt: %w", err)
+	case wait > 0:
+		return false, false, throttled(time.Duration(wait) * time.Second)
+	}
+	return p.verify(password, encoded)
+}
+
 // verify checks password against a stored Django hash, at the hash's own
 // iteration count, and reports whether it should be re-hashed at ours. A
 // failed check is padded to failCost iterations, so that neither an unknown
 // name nor a migrated hash's count shows in the time a refusal takes.
-func (p *passwords) verify(ctx context.Context, password, encoded string) (ok, stale bool, err error) {
+func (p *passwords) verify(password, encoded string) (ok, stale bool, err error) {
 	algo, rest, _ := strings.Cut(encoded, "$")
 	iterText, rest, _ := strings.Cut(rest, "$")
 	salt, dkText, _ := strings.Cut(rest, "$")
 	iter, iterErr := strconv.Atoi(iterText)
 	want, dkErr := base64.StdEncoding.DecodeString(dkText)
 	if algo != "pbkdf2_sha256" || iterErr != nil || iter < 1 || iter > maxIterations || dkErr != nil || len(want) != sha256.Size || salt == "" {
-		// An unusable hash (Django's "!…", another hasher, a damaged row)
-		// matches no password, at the cost of a wrong one.
-		_, _, err := p.verify(ctx, password, p.dummy)
+		// An unusable hash (Django's "!…", another hasher, a damaged row, a
+		// count past maxIterations) matches no password, at the cost of a
+		// wrong one, and raises no one's failCost.
+		_, _, err := p.verify(password, p.dummy)
 		return false, false, err
 	}
-	if err := p.acquire(ctx); err != nil {
-		return false, false, err
-	}
-	defer func() { <-p.slots }()
 	p.runs.Add(1)
 	for cost := p.failCost.Load(); int64(iter) > cost && !p.failCost.CompareAndSwap(cost, int64(iter)); {
 		cost = p.failCost.Load()
@@ -132,13 +149,13 @@ func (p *passwords) verify(ctx context.Context, password, encoded string) (ok, s
 // so that the first failed login on a migrated account is padded too.
 func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	var most sql.NullInt64
-	const q = `SELECT max(split_part(password, '$', 2)::int) FROM users WHERE password ~ '^pbkdf2_sha256\$[0-9]{1,8}\$'`
-	if err := db.QueryRowContext(ctx, q).Scan(&most); err != nil {
+	// Only hashes verify would check count: $1 maxIterations.
+	const q = `SELECT max(n) FROM (SELECT split_part(password, '$', 2)::int AS n FROM users
+		WHERE password ~ '^pbkdf2_sha256\$[0-9]{1,8}\$[^$]+\$[A-Za-z0-9+/]{43}=$') h WHERE n <= $1`
+	if err := db.QueryRowContext(ctx, q, maxIterations).Scan(&most); err != nil {
 		return fmt.Errorf("stored password costs: %w", err)
 	}
-	if n := min(most.Int64, maxIterations); n > p.failCost.Load() {
-		p.failCost.Store(n)
-	}
+	p.failCost.Store(max(most.Int64, p.failCost.Load()))
 	return nil
 }
 
@@ -300,13 +317,15 @@ type tokenPair struct {
 }
 
 // startLogin opens a login for userID and issues its first pair. It ends
-// the account's runs of failed logins, from the request's source and from
-// every source, and marks the source as one the account logs in from.
+// the runs of both the user's login names, from the request's source and
+// from every source, and marks the source as one the user logs in from
+// (in the order of the names, so that two logins take their locks alike).
 func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64) (tokenPair, int64, error) {
 	var sid int64
 	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source.
 	const q = `INSERT INTO logins (user_id, expires_at)
-		SELECT $1, now() + make_interval(days => $2) FROM login_succeeded('#' || $1::bigint, $3) RETURNING id`
+		SELECT $1, now() + make_interval(days => $2)
+		FROM (SELECT count(login_succeeded(name, $3)) FROM (SELECT name FROM login_names WHERE user_id = $1 ORDER BY name) n) ended RETURNING id`
 	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(infoFrom(r).clientIP).String()).Scan(&sid)
 	if err != nil {
 		return tokenPair{}, 0, fmt.Errorf("start login: %w", err)
@@ -428,27 +447,22 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	}
 	ctx, info := r.Context(), infoFrom(r)
 	var id, version int64
-	var stored string // "" (no account) verifies as the dummy hash does
-	var wait int
 	// PostgreSQL normalizes (NFKC) and lower-cases, as it did for
-	// login_names at registration. $1 login name, $2 source,
-	// $3 LOGIN_LOCK_AFTER, $4 LOGIN_LOCK_S, $5 LOGIN_LOCK_ACCOUNT_AFTER, $6 LOGIN_MAX_AGE_DAYS.
+	// login_names at registration; the run is the name's, whoever it names.
+	// $1 login name, $2 source, $3 LOGIN_LOCK_AFTER, $4 LOGIN_LOCK_S,
+	// $5 LOGIN_LOCK_ACCOUNT_AFTER, $6 LOGIN_MAX_AGE_DAYS.
 	const q = `SELECT coalesce(u.id, 0), coalesce(u.password, ''), coalesce(u.password_version, 0),
-			login_attempt(coalesce('#' || u.id, '?' || left(k.name, 254)), $2, $3, $4, $5, $6)
+			login_attempt(left(k.name, 254), $2, $3, $4, $5, $6)
 		FROM (SELECT lower(normalize($1, NFKC)) AS name) k
 		LEFT JOIN login_names n ON n.name = k.name LEFT JOIN users u ON u.id = n.user_id`
-	err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds,
-		s.cfg.lockAccountAfter, s.cfg.loginMaxAgeDays).Scan(&id, &stored, &version, &wait)
-	if err != nil {
-		return fmt.Errorf("find user: %w", err)
-	}
-	if wait > 0 { // the name's run of failures: no password is checked, no event written
-		return throttled(time.Duration(wait) * time.Second)
-	}
-	// Unknown users are checked against the dummy hash and leave an event
-	// with no account: the same work and the same answer, so neither timing
-	// nor a commit's flush reveals which accounts exist.
-	match, stale, err := s.passwords.verify(ctx, password, stored)
+	// Unknown users are checked against the dummy hash ("" verifies as it
+	// does) and leave an event with no account: the same work and the same
+	// answer, so neither timing nor a commit's flush reveals which exist.
+	match, stale, err := s.passwords.check(ctx, password, func() (stored string, wait int, err error) {
+		err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds,
+			s.cfg.lockAccountAfter, s.cfg.loginMaxAgeDays).Scan(&id, &stored, &version, &wait)
+		return stored, wait, err
+	})
 	if err != nil {
 		return err
 	}
@@ -509,13 +523,13 @@ func (s *server) failedLogin(ctx context.Context, r *http.Request, id int64, wro
 	return wrong
 }
 
-// unlock is "healthcare unlock <name>": it ends every wait of the account
-// the name (username or email, in any form) belongs to, and writes
+// unlock is "healthcare unlock <name>": it ends every wait of both names of
+// the user the name (username or email, in any form) belongs to, and writes
 // login.unlock in its trail, with no IP and a fresh request id.
 func unlock(ctx context.Context, db *sql.DB, name string, stdout io.Writer) error {
 	// $1 login name, $2 request id.
 	const q = `WITH u AS (SELECT user_id AS id FROM login_names WHERE name = lower(normalize($1, NFKC))),
-		ended AS (UPDATE login_attempts SET failures = 0 WHERE name = (SELECT '#' || id FROM u)),
+		ended AS (UPDATE login_attempts SET failures = 0 WHERE name IN (SELECT name FROM login_names WHERE user_id = (SELECT id FROM u))),
 		seen AS (INSERT INTO audit_events (user_id, action, ip, request_id) SELECT id, 'login.unlock', '', $2 FROM u)
 		SELECT id FROM u`
 	requestID := newRequestID()
@@ -701,20 +715,16 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	if len(errs) > 0 {
 		return errs
 	}
-	// A wrong old password is a failed login from the caller's source, and
-	// only this source's run can make the change wait: a live login is not
-	// locked out by strangers. $1 user, $2 login, $3 source,
-	// $4 LOGIN_LOCK_AFTER, $5 LOGIN_LOCK_S.
-	const attempt = `SELECT login_attempt('#' || $1::bigint, $3, $4, $5, NULL, 0) WHERE login_live($1, $2)`
-	var wait int
-	err = s.db.QueryRowContext(ctx, attempt, info.userID, info.loginID, sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
-	if err != nil {
-		return fmt.Errorf("count the attempt: %w", err)
-	}
-	if wait > 0 {
-		return throttled(time.Duration(wait) * time.Second)
-	}
-	match, _, err := s.passwords.verify(ctx, old, stored)
+	// A wrong old password is a failed login of the username from the
+	// caller's source, and only this source's run can make the change wait:
+	// a live login is not locked out by strangers. $1 user, $2 login,
+	// $3 source, $4 LOGIN_LOCK_AFTER, $5 LOGIN_LOCK_S.
+	const attempt = `SELECT login_attempt(lower(username), $3, $4, $5, NULL, 0) FROM users WHERE id = $1 AND login_live($1, $2)`
+	match, _, err := s.passwords.check(ctx, old, func() (string, int, error) {
+		var wait int
+		err := s.db.QueryRowContext(ctx, attempt, info.userID, info.loginID, sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
+		return stored, wait, err
+	})
 	if err != nil {
 		return err
 	}

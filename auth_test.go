@@ -1392,6 +1392,45 @@ func TestAuthRegisterRateLimit(t *testing.T) {
 		body: map[string]string{"username": a.username, "password": a.password}}))
 }
 
+// TestUnverifiableHashCostsNothing: a stored value the server cannot verify
+// (more than 10,000,000 iterations, another hasher, malformed) never logs in
+// and never raises failCost, at start or when a login meets it: no failed
+// login is padded beyond PASSWORD_ITERATIONS for its sake. A verifiable
+// hash of more iterations does raise it.
+func TestUnverifiableHashCostsNothing(t *testing.T) {
+	ctx := t.Context()
+	db := scratchDB(t, "_unverifiable", -1)
+	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	dk := base64.StdEncoding.EncodeToString(make([]byte, 32))
+	add := func(name, hash string) {
+		t.Helper()
+		const q = `WITH u AS (INSERT INTO users (username, email, name, password) VALUES ($1::text, $1::text || '@example.com', 'U', $2) RETURNING id)
+			INSERT INTO login_names (name, user_id) SELECT n, id FROM u, unnest(ARRAY[$1::text, $1::text || '@example.com']) n`
+		if _, err := db.ExecContext(ctx, q, name, hash); err != nil {
+			t.Fatal(err)
+		}
+	}
+	odd := map[string]string{"huge": "pbkdf2_sha256$99999999$SaltSaltSalt$" + dk, "over": "pbkdf2_sha256$10000001$SaltSaltSalt$" + dk,
+		"argon": "argon2$argon2id$v=19$m=102400,t=2,p=8$c2FsdA$aGFzaA", "short": "pbkdf2_sha256$700000$SaltSaltSalt$AAAA", "bang": "!unusable"}
+	for name, hash := range odd {
+		add(name, hash)
+	}
+	if err := s.passwords.raiseFailCost(ctx, db); err != nil || s.passwords.failCost.Load() != testIterations {
+		t.Fatalf("failCost at start %d (%v), want PASSWORD_ITERATIONS %d", s.passwords.failCost.Load(), err, testIterations)
+	}
+	for name := range odd {
+		runs := s.passwords.runs.Load()
+		wantUnauthorized(t, login(t, s, name, "any password at all"), badCredentialsBody)
+		if got, cost := s.passwords.runs.Load()-runs, s.passwords.failCost.Load(); got != 1 || cost != testIterations {
+			t.Fatalf("a login on %q: %d hashes, failCost %d; want 1 and %d", name, got, cost, testIterations)
+		}
+	}
+	add("costlier", djangoHash(t, "the right password", "SaltSaltSaltSaltSalt02", 2*testIterations))
+	if err := s.passwords.raiseFailCost(ctx, db); err != nil || s.passwords.failCost.Load() != 2*testIterations {
+		t.Fatalf("failCost with a verifiable costlier hash %d (%v), want %d", s.passwords.failCost.Load(), err, 2*testIterations)
+	}
+}
+
 func TestAuthHashingBound(t *testing.T) {
 	s := newTestServer(t, nil)
 	a := register(t, s)
@@ -1786,23 +1825,16 @@ func TestPasswordWrittenElsewhere(t *testing.T) {
 		"operator":     `UPDATE users SET password = $2 WHERE id = $1 AND $3 <> ''`,
 	} {
 		t.Run(name, func(t *testing.T) {
-			s := newTestServer(t, nil)
-			s.passwords.maxWait = time.Minute
+			s := newTestServer(t, nil, func(c *config) { c.passwordIterations = 3_000_000; slowHashes(c) })
 			user := uniqueName("elsewhere")
-			id := insertUser(t, user, user+"@example.com", djangoHash(t, oldPassword, "SaltSaltSaltSaltSalt01", testIterations/2))
-			// With every hashing slot taken, the login reads the account and
-			// then waits to verify; the password changes meanwhile.
-			for range cap(s.passwords.slots) {
-				s.passwords.slots <- struct{}{}
-			}
+			// A stale hash slow to verify: the login reads the account and
+			// verifies for a while; the password changes meanwhile.
+			id := insertUser(t, user, user+"@example.com", djangoHash(t, oldPassword, "SaltSaltSaltSaltSalt01", 2_000_000))
 			racing := make(chan response, 1)
 			go func() { racing <- login(t, s, user, oldPassword) }()
-			time.Sleep(300 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond)
 			if _, err := testDB.ExecContext(t.Context(), q, id, djangoHash(t, newPassword, "NewSaltNewSaltNewSalt1", testIterations), storedHash(t, id)); err != nil {
 				t.Fatalf("change the password: %v", err)
-			}
-			for range cap(s.passwords.slots) {
-				<-s.passwords.slots
 			}
 			wantUnauthorized(t, <-racing, badCredentialsBody)
 			wantUnauthorized(t, login(t, s, user, oldPassword), badCredentialsBody)

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -203,5 +205,28 @@ func BenchmarkFailedLogin(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkStartAsServingRole is what a start as the serving role asks of
+// the database: a new pool, ensureSchema (the step, and the rights check of
+// checkServing), closed again (go test -run '^$' -bench StartAsServingRole).
+func BenchmarkStartAsServingRole(b *testing.B) {
+	role := appRole(b)
+	owner := scratchDB(b, "_startbench", -1)
+	if err := runMigrate(b.Context(), owner, role, io.Discard); err != nil {
+		b.Fatal(err)
+	}
+	cfg := testDBConfig
+	cfg.Database, cfg.User = testDBConfig.Database+"_startbench", role
+	for b.Loop() {
+		db, err := openDB(b.Context(), cfg, 1, slog.New(slog.DiscardHandler))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := ensureSchema(b.Context(), db); err != nil {
+			b.Fatal(err)
+		}
+		db.Close()
 	}
 }

@@ -181,67 +181,78 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 	if err != nil {
 		return s, err
 	}
-	// A step migrated without DB_APP_ROLE leaves the serving role without
-	// its new tables: refuse to start, rather than answer 500s.
-	const q = `SELECT coalesce(string_agg(relname, ', ' ORDER BY relname), '') FROM pg_class
-		WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'S') AND NOT CASE relkind WHEN 'S' THEN has_sequence_privilege(oid, 'USAGE')
-			ELSE has_table_privilege(oid, 'SELECT') AND (relname = 'schema_migrations' OR has_table_privilege(oid, 'INSERT')) END`
-	var missing string
-	if err := db.QueryRowContext(ctx, q).Scan(&missing); err != nil {
-		return s, fmt.Errorf("read the role's rights: %w", err)
+	// A role that does not own the schema serves with what migrate granted
+	// it (DB_APP_ROLE): granted since, or taken since, a right stops the start.
+	if s.owner != "" {
+		err = withTx(ctx, db, func(tx *sql.Tx) error { return checkServing(ctx, tx, s.role) })
 	}
-	if missing != "" {
-		return s, fmt.Errorf(`role %q may not use %s: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, s.role, missing, s.role)
-	}
-	return s, nil
+	return s, err
 }
 
-// grantServing gives role exactly what serving needs, and takes back
-// anything more: read and write on the data tables, only SELECT and INSERT
-// on the audit events, the sequences, and the functions the statements
-// call; PUBLIC loses TEMPORARY (a temporary table named audit_events would
-// take the role's events) and EXECUTE. It refuses a role that could take
-// more by itself or through another role, and one that still holds more
-// after the grant, by any path (checkServing): nothing is granted then.
+// servingRights are every right the serving role needs and all it may
+// hold, each "privileges ON objects" (a function's types without spaces):
+// migrate grants them, with USAGE on the sequences, and every start checks
+// them. INSERT on the audit events is by column, never id or at: an
+// event's id and time are the database's. The functions are those the
+// statements call.
+var servingRights = []string{
+	"SELECT, INSERT, UPDATE, DELETE ON TABLE users, login_names, logins, refresh_tokens, patients, doctors, mappings, login_attempts",
+	"SELECT ON TABLE audit_events, schema_migrations",
+	"INSERT (user_id), INSERT (login_id), INSERT (action), INSERT (patient_id), INSERT (doctor_id), INSERT (fields), INSERT (ip), INSERT (request_id) ON TABLE audit_events",
+	"USAGE ON SCHEMA public",
+	"EXECUTE ON FUNCTION login_live(bigint,bigint), login_attempt(text,text,integer,integer,integer,integer), run_wait(integer,timestamp with time zone,integer,integer)",
+	"EXECUTE ON FUNCTION login_succeeded(text,text), api_time(timestamp with time zone), etag(bigint,integer)",
+}
+
+// compatRights are the serving rights on what upgrades.sql's step 6 keeps
+// for the previous version's instances during a rolling upgrade, while it
+// is there: they are part of the serving set until a later step drops it.
+var compatRights = []string{"SELECT, INSERT, UPDATE, DELETE ON TABLE sessions", "EXECUTE ON FUNCTION changed_fields(text[],text[],text[])"}
+
+// servingRightsIn returns servingRights, and compatRights while their
+// objects are there.
+func servingRightsIn(ctx context.Context, tx *sql.Tx) ([]string, error) {
+	var compat bool
+	if err := tx.QueryRowContext(ctx, `SELECT to_regclass('sessions') IS NOT NULL`).Scan(&compat); err != nil {
+		return nil, fmt.Errorf("read the schema: %w", err)
+	}
+	if compat {
+		return append(slices.Clone(servingRights), compatRights...), nil
+	}
+	return servingRights, nil
+}
+
+// grantServing gives role exactly servingRights, and takes back what the
+// schema's owner gave beyond them; PUBLIC loses TEMPORARY (a temporary
+// table named audit_events would take the role's events) and EXECUTE. It
+// refuses a role that still holds more, or less, after the grant, by any
+// path and whoever granted it (checkServing): nothing is granted then.
 func grantServing(ctx context.Context, db *sql.DB, role string) error {
-	var why, database, v5 string
-	// $1 the role: why it is unfit, or ''; the database; and, while step 6's
-	// objects for the previous version's instances are there, "sessions".
-	const q = `SELECT coalesce(CASE WHEN r.rolsuper THEN 'is a superuser' WHEN r.rolcreaterole THEN 'can create roles' WHEN r.rolreplication THEN 'can replicate the cluster' END,
-			(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m WHERE m.member = r.oid),
-			(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o WHERE o.refobjid = r.oid
-				AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid)), ''), d.datname,
-			coalesce(to_regclass('sessions')::text, '')
-		FROM pg_roles r, pg_database d WHERE r.rolname = $1 AND d.datname = current_database()`
-	err := db.QueryRowContext(ctx, q, role).Scan(&why, &database, &v5)
+	var database string
+	err := db.QueryRowContext(ctx, `SELECT current_database() FROM pg_roles WHERE rolname = $1`, role).Scan(&database)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
 	case err != nil:
 		return fmt.Errorf("DB_APP_ROLE: %w", err)
-	case why != "":
-		return fmt.Errorf(`DB_APP_ROLE: role %q %s, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`, role, why)
 	}
 	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
 	// No CREATE anywhere: nothing the role makes can stand in for a table or
-	// a function that another role's statements name. The last line lists
-	// every function the statements call.
+	// a function that another role's statements name.
 	grants := `REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ` + r + `;
 		REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC, ` + r + `;
 		REVOKE CREATE ON SCHEMA public FROM PUBLIC, ` + r + `;
 		REVOKE CREATE, TEMPORARY ON DATABASE ` + pq.QuoteIdentifier(database) + ` FROM PUBLIC, ` + r + `;
-		GRANT USAGE ON SCHEMA public TO ` + r + `;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON users, login_names, logins, refresh_tokens, patients, doctors, mappings, login_attempts TO ` + r + `;
-		GRANT SELECT, INSERT ON audit_events TO ` + r + `;
-		GRANT SELECT ON schema_migrations TO ` + r + `;
-		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r + `;
-		GRANT EXECUTE ON FUNCTION login_live(bigint, bigint), login_attempt(text, text, int, int, int, int), run_wait(int, timestamptz, int, int), login_succeeded(text, text),
-			api_time(timestamptz), etag(bigint, integer) TO ` + r
-	if v5 != "" { // upgrades.sql, step 6
-		grants += `; GRANT SELECT, INSERT, UPDATE, DELETE ON sessions TO ` + r + `; GRANT EXECUTE ON FUNCTION changed_fields(text[], text[], text[]) TO ` + r
-	}
+		GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ` + r
 	return withTx(ctx, db, func(tx *sql.Tx) error {
+		rights, err := servingRightsIn(ctx, tx)
+		if err != nil {
+			return err
+		}
+		for _, g := range rights {
+			grants += ";\nGRANT " + g + " TO " + r
+		}
 		if _, err := tx.ExecContext(ctx, grants); err != nil {
 			return fmt.Errorf("DB_APP_ROLE: %w", err)
 		}
@@ -249,29 +260,52 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 	})
 }
 
-// checkServing refuses a role that holds any right in the database beyond
-// its own grants (which grantServing has just made exactly serving's), by
-// any path: PUBLIC, a column grant, CREATE in another schema. The functions
-// of an extension stay as it made them: its owner may keep them public.
+// checkServing refuses role for a power no grant could limit, then for the
+// first right it holds, by effect, beyond servingRights (whoever granted it,
+// by any path: PUBLIC, a column, a parameter, any schema it may use), then
+// for the first it lacks. Extensions' functions stay as their owner made
+// them: they may stay public.
 func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
-	// $1 the role: the first right it holds beyond its own grants, or ''.
-	const q = `SELECT coalesce(min(x.privilege || ' on ' || x.object), '') FROM pg_roles u, LATERAL (
-			SELECT p, CASE c.relkind WHEN 'S' THEN 'sequence ' ELSE 'table ' END || c.oid::regclass, c.relacl, CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(u.oid, c.oid, p)
-				WHEN p IN ('DELETE', 'TRUNCATE', 'TRIGGER') THEN has_table_privilege(u.oid, c.oid, p) ELSE has_any_column_privilege(u.oid, c.oid, p) END
-			FROM pg_class c, unnest(CASE c.relkind WHEN 'S' THEN '{USAGE,SELECT,UPDATE}' ELSE '{SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER}' END::text[]) p
-			WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-			UNION ALL SELECT 'EXECUTE', 'function ' || f.oid::regprocedure, f.proacl, has_function_privilege(u.oid, f.oid, 'EXECUTE') FROM pg_proc f
-			WHERE f.pronamespace = 'public'::regnamespace AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
-			UNION ALL SELECT 'CREATE', 'schema ' || n.nspname, NULL, has_schema_privilege(u.oid, n.oid, 'CREATE') FROM pg_namespace n
-			UNION ALL SELECT p, 'database ' || current_database(), NULL, has_database_privilege(u.oid, current_database(), p) FROM unnest('{CREATE,TEMPORARY}'::text[]) p
-		) x(privilege, object, acl, held)
-		WHERE u.rolname = $1 AND x.held AND NOT EXISTS (SELECT 1 FROM aclexplode(x.acl) a WHERE a.grantee = u.oid AND a.privilege_type = x.privilege)`
-	var excess string
-	err := tx.QueryRowContext(ctx, q, role).Scan(&excess)
-	if err == nil && excess != "" {
-		err = fmt.Errorf(`DB_APP_ROLE: role %q would still hold %s beyond what serving needs (through PUBLIC, say): revoke it as its owner, then migrate again`, role, excess)
+	// $1 the role, $2 servingRights. A right held is spelled as GRANT spells
+	// it, with its ACL (or the default one) to say who granted it. ns: the
+	// schemas whose objects the role can reach.
+	const check = `WITH u AS (SELECT * FROM pg_roles WHERE rolname = $1),
+		want AS (SELECT p || ' ON ' || m[2] || ' ' || o AS item FROM unnest($2::text[]) g, regexp_match(g, '^(.*?) ON (\S+) (.*)$') m, unnest(string_to_array(m[1], ', ')) p,
+			unnest(string_to_array(m[3], ', ')) o UNION ALL SELECT 'USAGE ON SEQUENCE ' || oid::regclass FROM pg_class WHERE relkind = 'S' AND relnamespace = 'public'::regnamespace),
+		ns AS (SELECT n.* FROM pg_namespace n, u WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, 'USAGE')),
+		held AS (SELECT p || ' ON ' || CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass AS item, p, coalesce(c.relacl, acldefault('r', c.relowner)) AS acl
+			FROM ns JOIN pg_class c ON c.relnamespace = ns.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S'), u, unnest(CASE c.relkind WHEN 'S' THEN '{USAGE,SELECT,UPDATE}'
+				ELSE '{SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER}' END::text[]) p WHERE CASE c.relkind WHEN 'S' THEN has_sequence_privilege(u.oid, c.oid, p) ELSE has_table_privilege(u.oid, c.oid, p) END
+			UNION ALL SELECT p || ' (' || quote_ident(a.attname) || ') ON TABLE ' || c.oid::regclass, p, a.attacl FROM ns JOIN pg_class c ON c.relnamespace = ns.oid JOIN pg_attribute a ON a.attrelid = c.oid AND a.attacl IS NOT NULL,
+				u, unnest('{SELECT,INSERT,UPDATE,REFERENCES}'::text[]) p WHERE has_column_privilege(u.oid, c.oid, a.attnum, p) AND NOT has_table_privilege(u.oid, c.oid, p)
+			UNION ALL SELECT 'EXECUTE ON FUNCTION ' || f.oid::regprocedure, 'EXECUTE', coalesce(f.proacl, acldefault('f', f.proowner)) FROM ns JOIN pg_proc f ON f.pronamespace = ns.oid, u
+			WHERE has_function_privilege(u.oid, f.oid, 'EXECUTE') AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
+			UNION ALL SELECT p || ' ON SCHEMA ' || quote_ident(n.nspname), p, coalesce(n.nspacl, acldefault('n', n.nspowner)) FROM pg_namespace n, unnest('{USAGE,CREATE}'::text[]) p, u
+			WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, p)
+			UNION ALL SELECT p || ' ON DATABASE ' || quote_ident(d.datname), p, coalesce(d.datacl, acldefault('d', d.datdba)) FROM pg_database d, unnest('{CREATE,TEMPORARY}'::text[]) p, u
+			WHERE d.datname = current_database() AND has_database_privilege(u.oid, d.oid, p)
+			UNION ALL SELECT p || ' ON PARAMETER ' || a.parname, p, a.paracl FROM pg_parameter_acl a, unnest('{SET,ALTER SYSTEM}'::text[]) p, u WHERE has_parameter_privilege(u.oid, a.parname, p))
+		SELECT 'role "' || $1 || '" ' || coalesce(coalesce((SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' END FROM u),
+				(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m, u WHERE m.member = u.oid),
+				(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o, u, pg_database d WHERE d.datname = current_database()
+					AND o.refobjid = u.oid AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid))
+			) || ', so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")',
+			(SELECT 'holds ' || h.item || ' beyond what serving needs' || coalesce((SELECT format(', granted to %s by role "%s": run "REVOKE %s FROM %s" as role "%2$s"',
+					CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE 'it' END, pg_get_userbyid(a.grantor), h.item, CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident($1) END)
+				FROM aclexplode(h.acl) a WHERE a.privilege_type = h.p AND a.grantee IN (0, u.oid) LIMIT 1), ': revoke it as its owner') FROM held h, u WHERE h.item NOT IN (SELECT item FROM want) ORDER BY h.item LIMIT 1),
+			(SELECT format('lacks %s, which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner', item, $1) FROM want WHERE item NOT IN (SELECT item FROM held) ORDER BY item LIMIT 1))`
+	rights, err := servingRightsIn(ctx, tx)
+	if err != nil {
+		return err
 	}
-	return err
+	var problem sql.NullString
+	if err := tx.QueryRowContext(ctx, check, role, pq.StringArray(rights)).Scan(&problem); err != nil {
+		return fmt.Errorf("read the rights of role %q: %w", role, err)
+	}
+	if problem.Valid {
+		return errors.New(problem.String)
+	}
+	return nil
 }
 
 // pruneLogins deletes ended and expired logins, with their refresh tokens,
@@ -838,9 +872,10 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	// Only a cursor in the very form this server writes is read: decoded,
-	// it must encode to the same text.
+	// it must encode to the same text. One that is not URL encoding at all
+	// (dropped by Query) is no cursor of ours either.
 	dir := byte('<')
-	if c := q.Get("cursor"); q.Has("cursor") {
+	if c := q.Get("cursor"); q.Has("cursor") || strings.Contains("&"+r.URL.RawQuery, "&cursor=") {
 		b, _ := base64.RawURLEncoding.DecodeString(c)
 		id, err := strconv.ParseInt(string(b[min(1, len(b)):]), 10, 64)
 		if err != nil || id < 1 || b[0] != '<' && b[0] != '>' || cursorAt(b[0], id) != c {

@@ -39,7 +39,7 @@ func TestSchemaStepsNumbered(t *testing.T) {
 // appRole creates a fresh LOGIN NOSUPERUSER role for the test and drops it
 // after; call it before scratchDB, so that the database (and the grants in
 // it) goes first.
-func appRole(t *testing.T) string {
+func appRole(t testing.TB) string {
 	t.Helper()
 	needDB(t)
 	role := uniqueName("hc_app_")
@@ -55,7 +55,7 @@ func appRole(t *testing.T) string {
 }
 
 // connectAs opens db's database as role.
-func connectAs(t *testing.T, db *sql.DB, role string) *sql.DB {
+func connectAs(t testing.TB, db *sql.DB, role string) *sql.DB {
 	t.Helper()
 	cfg := testDBConfig
 	if err := db.QueryRowContext(t.Context(), `SELECT current_database()`).Scan(&cfg.Database); err != nil {
@@ -188,6 +188,11 @@ func TestLeastPrivilege(t *testing.T) {
 			// audit_events would take the session's events.
 			`CREATE TEMP TABLE audit_events (LIKE public.audit_events)`,
 			`CREATE FUNCTION pg_temp.swallow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$`,
+			// An event's id and time are the database's: none planted past
+			// every page, none back-dated.
+			`INSERT INTO audit_events (id, user_id, action, ip, request_id) VALUES (9223372036854775807, 1, 'login', '', 'planted')`,
+			`INSERT INTO audit_events (at, user_id, action, ip, request_id) VALUES ('2000-01-01', 1, 'login', '', 'planted')`,
+			`SET session_replication_role = replica`,
 		}
 		for _, table := range []string{"users", "login_names", "logins", "refresh_tokens", "patients", "doctors", "mappings", "audit_events", "schema_migrations"} {
 			attacks = append(attacks, `ALTER TABLE `+table+` ADD COLUMN evil int`, `DROP TABLE `+table+` CASCADE`, `TRUNCATE `+table+` CASCADE`)
@@ -250,7 +255,7 @@ func TestGrantRefusesPowerfulRoles(t *testing.T) {
 				t.Fatalf("%s: %v", setup, err)
 			}
 			err := runMigrate(ctx, db, roles[i], io.Discard)
-			want := fmt.Sprintf(`migrate: DB_APP_ROLE: role %q %s, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`,
+			want := fmt.Sprintf(`migrate: role %q %s, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`,
 				roles[i], names.Replace(c.why))
 			if err == nil || err.Error() != want {
 				t.Fatalf("migrate for %s:\n%v\nwant\n%s", roles[i], err, want)
@@ -260,37 +265,57 @@ func TestGrantRefusesPowerfulRoles(t *testing.T) {
 }
 
 // TestGrantRefusesRightsBeyondServing: rights that reach the role by a path
-// the grant does not take back (PUBLIC, a column, another schema) are found
-// by PostgreSQL's own privilege checks after granting, and refused, naming
-// the first; the refusal grants nothing and takes nothing from PUBLIC.
+// the grant does not take back (PUBLIC, a column, another schema, a
+// parameter, another grantor) are found by PostgreSQL's own privilege
+// checks after granting, and refused, naming the first, who granted it and
+// the command that takes it back; the refusal grants nothing and takes
+// nothing from PUBLIC.
 func TestGrantRefusesRightsBeyondServing(t *testing.T) {
 	ctx := t.Context()
-	role := appRole(t)
+	role, grantor := appRole(t), appRole(t)
 	db := scratchDB(t, "_beyond", -1)
-	r := pq.QuoteIdentifier(role)
-	for _, c := range []struct{ setup, undo, right string }{
-		{`GRANT UPDATE (ip) ON audit_events TO PUBLIC`, `REVOKE UPDATE (ip) ON audit_events FROM PUBLIC`, "UPDATE on table audit_events"},
-		{`GRANT TRIGGER, REFERENCES ON audit_events TO PUBLIC`, `REVOKE ALL ON audit_events FROM PUBLIC`, "REFERENCES on table audit_events"},
-		{`GRANT INSERT ON schema_migrations TO PUBLIC`, `REVOKE ALL ON schema_migrations FROM PUBLIC`, "INSERT on table schema_migrations"},
-		{`GRANT TRUNCATE ON patients TO PUBLIC`, `REVOKE ALL ON patients FROM PUBLIC`, "TRUNCATE on table patients"},
-		{`GRANT UPDATE ON SEQUENCE users_id_seq TO PUBLIC`, `REVOKE ALL ON SEQUENCE users_id_seq FROM PUBLIC`, "UPDATE on sequence users_id_seq"},
-		{`CREATE SCHEMA extra; GRANT CREATE ON SCHEMA extra TO ` + r, `DROP SCHEMA extra`, "CREATE on schema extra"},
+	r, g := pq.QuoteIdentifier(role), pq.QuoteIdentifier(grantor)
+	owner := testDBConfig.User
+	byPublic := func(right string) string {
+		return fmt.Sprintf(`holds %s beyond what serving needs, granted to PUBLIC by role %q: run "REVOKE %s FROM PUBLIC" as role %q`, right, owner, right, owner)
+	}
+	for _, c := range []struct{ setup, undo, why string }{
+		{`GRANT UPDATE (ip) ON audit_events TO PUBLIC`, `REVOKE UPDATE (ip) ON audit_events FROM PUBLIC`, byPublic("UPDATE (ip) ON TABLE audit_events")},
+		{`GRANT INSERT (id) ON audit_events TO PUBLIC`, `REVOKE INSERT (id) ON audit_events FROM PUBLIC`, byPublic("INSERT (id) ON TABLE audit_events")},
+		{`GRANT TRIGGER, REFERENCES ON audit_events TO PUBLIC`, `REVOKE ALL ON audit_events FROM PUBLIC`, byPublic("REFERENCES ON TABLE audit_events")},
+		{`GRANT INSERT ON schema_migrations TO PUBLIC`, `REVOKE ALL ON schema_migrations FROM PUBLIC`, byPublic("INSERT ON TABLE schema_migrations")},
+		{`GRANT TRUNCATE ON patients TO PUBLIC`, `REVOKE ALL ON patients FROM PUBLIC`, byPublic("TRUNCATE ON TABLE patients")},
+		{`GRANT UPDATE ON SEQUENCE users_id_seq TO PUBLIC`, `REVOKE ALL ON SEQUENCE users_id_seq FROM PUBLIC`, byPublic("UPDATE ON SEQUENCE users_id_seq")},
+		{`CREATE SCHEMA extra; GRANT CREATE ON SCHEMA extra TO ` + r, `DROP SCHEMA extra`,
+			fmt.Sprintf(`holds CREATE ON SCHEMA extra beyond what serving needs, granted to it by role %q: run "REVOKE CREATE ON SCHEMA extra FROM %s" as role %q`, owner, role, owner)},
+		// Another schema: a function anyone may run, as its owner.
+		{`CREATE SCHEMA extra; GRANT USAGE ON SCHEMA extra TO PUBLIC;
+			CREATE FUNCTION extra.erase() RETURNS void LANGUAGE sql SECURITY DEFINER AS 'DELETE FROM public.mappings'`, `DROP SCHEMA extra CASCADE`,
+			byPublic("EXECUTE ON FUNCTION extra.erase()")},
+		// A parameter: with session_replication_role, no trigger fires.
+		{`GRANT SET ON PARAMETER session_replication_role TO ` + r, `REVOKE SET ON PARAMETER session_replication_role FROM ` + r,
+			fmt.Sprintf(`holds SET ON PARAMETER session_replication_role beyond what serving needs, granted to it by role %q: run "REVOKE SET ON PARAMETER session_replication_role FROM %s" as role %q`, owner, role, owner)},
+		// Another grantor, holding GRANT OPTION: the owner's REVOKE leaves its grant.
+		{`GRANT UPDATE, DELETE ON audit_events TO ` + g + ` WITH GRANT OPTION; SET ROLE ` + g + `; GRANT DELETE ON audit_events TO ` + r + `; RESET ROLE`,
+			`REVOKE ALL ON audit_events FROM ` + g + ` CASCADE`,
+			fmt.Sprintf(`holds DELETE ON TABLE audit_events beyond what serving needs, granted to it by role %q: run "REVOKE DELETE ON TABLE audit_events FROM %s" as role %q`, grantor, role, grantor)},
 	} {
-		t.Run(c.right, func(t *testing.T) {
+		t.Run(c.why, func(t *testing.T) {
 			if _, err := db.ExecContext(ctx, c.setup); err != nil {
 				t.Fatalf("%s: %v", c.setup, err)
 			}
+			defer func() {
+				if _, err := db.ExecContext(ctx, c.undo); err != nil {
+					t.Fatalf("%s: %v", c.undo, err)
+				}
+			}()
 			err := runMigrate(ctx, db, role, io.Discard)
-			want := fmt.Sprintf(`migrate: DB_APP_ROLE: role %q would still hold %s beyond what serving needs (through PUBLIC, say): revoke it as its owner, then migrate again`, role, c.right)
-			if err == nil || err.Error() != want {
+			if want := fmt.Sprintf(`migrate: role %q %s`, role, c.why); err == nil || err.Error() != want {
 				t.Fatalf("migrate:\n%v\nwant\n%s", err, want)
 			}
 			var granted, publicTemp bool
 			if err := db.QueryRowContext(ctx, `SELECT has_table_privilege($1, 'users', 'SELECT'), has_database_privilege('public', current_database(), 'TEMPORARY')`, role).Scan(&granted, &publicTemp); err != nil || granted || !publicTemp {
 				t.Fatalf("after the refusal: the role may read users %v, PUBLIC may make temporary tables %v (%v); want false, true", granted, publicTemp, err)
-			}
-			if _, err := db.ExecContext(ctx, c.undo); err != nil {
-				t.Fatalf("%s: %v", c.undo, err)
 			}
 		})
 	}
@@ -710,27 +735,46 @@ func TestTwoRolesAsReadmeSays(t *testing.T) {
 	}
 }
 
-// TestStartRefusesMissingGrants: a step migrated without DB_APP_ROLE (as
-// the "behind" message says) leaves the serving role without its new
-// table: start refuses, naming the table and the command, instead of
-// answering 500s.
-func TestStartRefusesMissingGrants(t *testing.T) {
+// TestStartChecksRights: every start as a role that does not own the
+// schema runs migrate's check. A right granted since migrate (a membership,
+// a table's, a parameter's) or one taken since (a table's, EXECUTE on a
+// function the statements call, as when a step was migrated without
+// DB_APP_ROLE) refuses the start, naming the right and the command.
+func TestStartChecksRights(t *testing.T) {
 	ctx := t.Context()
 	role := appRole(t)
 	owner := scratchDB(t, "_grants", -1)
-	if err := runMigrate(ctx, owner, role, io.Discard); err != nil {
-		t.Fatal(err)
-	}
+	r := pq.QuoteIdentifier(role)
+	migrateHint := fmt.Sprintf(`which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, role)
 	app := connectAs(t, owner, role)
-	if _, err := ensureSchema(ctx, app); err != nil {
-		t.Fatalf("start after the grant: %v", err)
-	}
-	if _, err := owner.ExecContext(ctx, `REVOKE ALL ON login_attempts FROM `+pq.QuoteIdentifier(role)); err != nil {
-		t.Fatal(err)
-	}
-	want := fmt.Sprintf(`role %q may not use login_attempts: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, role, role)
-	if _, err := ensureSchema(ctx, app); err == nil || err.Error() != want {
-		t.Fatalf("start without the grant: %v, want %s", err, want)
+	for _, c := range []struct{ name, change, want string }{
+		{"pg_write_all_data", `GRANT pg_write_all_data TO ` + r,
+			`is a member of role pg_write_all_data, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`},
+		{"UPDATE on the events", `GRANT UPDATE ON audit_events TO ` + r,
+			fmt.Sprintf(`holds UPDATE ON TABLE audit_events beyond what serving needs, granted to it by role %q: run "REVOKE UPDATE ON TABLE audit_events FROM %s" as role %q`, testDBConfig.User, role, testDBConfig.User)},
+		// Parameters are the cluster's: granted to this role alone, so that no other test sees it.
+		{"a parameter", `GRANT SET ON PARAMETER session_replication_role TO ` + r,
+			fmt.Sprintf(`holds SET ON PARAMETER session_replication_role beyond what serving needs, granted to it by role %q: run "REVOKE SET ON PARAMETER session_replication_role FROM %s" as role %q`, testDBConfig.User, role, testDBConfig.User)},
+		{"login_live", `REVOKE EXECUTE ON FUNCTION login_live(bigint, bigint) FROM ` + r, "lacks EXECUTE ON FUNCTION login_live(bigint,bigint), " + migrateHint},
+		{"a table", `REVOKE ALL ON login_attempts FROM ` + r, "lacks DELETE ON TABLE login_attempts, " + migrateHint},
+		{"a column", `REVOKE INSERT (request_id) ON audit_events FROM ` + r, "lacks INSERT (request_id) ON TABLE audit_events, " + migrateHint},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if err := runMigrate(ctx, owner, role, io.Discard); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := ensureSchema(ctx, app); err != nil {
+				t.Fatalf("start after the grant: %v", err)
+			}
+			if _, err := owner.ExecContext(ctx, c.change); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := ensureSchema(ctx, app); err == nil || err.Error() != fmt.Sprintf("role %q %s", role, c.want) {
+				t.Fatalf("start:\n%v\nwant\nrole %q %s", err, role, c.want)
+			}
+			// Undone (migrate alone cannot take back a membership or a parameter's right).
+			owner.ExecContext(ctx, `REVOKE pg_write_all_data FROM `+r+`; REVOKE SET ON PARAMETER session_replication_role FROM `+r)
+		})
 	}
 }
 

@@ -25,6 +25,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unicode"
@@ -272,6 +273,7 @@ type server struct {
 	signer    *signer
 	passwords *passwords
 	ready     readiness
+	hopWarned atomic.Int64 // when clientIP last logged a hop that is no address, in Unix seconds
 
 	commonPasswords map[string]struct{}
 	registerLimit   *limiter

@@ -213,9 +213,18 @@ func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 	https := r.TLS != nil || strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https")
 	hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
 	for i := len(hops) - 1; i >= 0 && s.trusted(ip); i-- {
-		hop, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
+		h := strings.TrimSpace(hops[i])
+		hop, err := netip.ParseAddr(h)
+		if ap, err2 := netip.ParseAddrPort(h); err2 == nil { // as some proxies write it: ip:port, [ipv6]:port
+			hop, err = ap.Addr(), nil
+		}
+		// A hop that is no address makes every client of that proxy one
+		// source: said in the log, at most once a minute.
+		if last, now := s.hopWarned.Load(), time.Now().Unix(); err != nil && h != "" && now-last >= 60 && s.hopWarned.CompareAndSwap(last, now) {
+			s.log.Warn("X-Forwarded-For hop is no address: the request counts as the proxy's own", "hop", h[:min(len(h), 100)])
+		}
 		if err != nil {
-			break // a malformed hop: stop at the last address we could trust
+			break // stop at the last address we could trust
 		}
 		ip = hop.Unmap().WithZone("")
 	}

@@ -860,6 +860,22 @@ func TestClientIPKeys(t *testing.T) {
 			{"10.0.0.1:1", "5.6.7.13", false},
 			{"5.6.7.13:1", "", true},
 		}},
+		{"a hop with a port is its address", "10.0.0.0/8", []step{
+			{"10.0.0.1:1", "5.6.7.15:41234", false},
+			{"10.0.0.1:1", "9.9.9.9, 5.6.7.15:1001, 10.0.0.7:80", false},
+			{"5.6.7.15:1", "", true},
+		}},
+		{"an IPv6 hop with a port is its /64", "10.0.0.0/8", []step{
+			{"10.0.0.1:1", "[2001:db8:7:7::1]:443", false},
+			{"10.0.0.1:1", "[2001:db8:7:7::2]:8443", false},
+			{"[2001:db8:7:7::3]:1", "", true},
+		}},
+		{"a hop that is no address is the proxy's own request", "10.0.0.0/8", []step{
+			{"10.0.0.1:1", "unknown", false},
+			{"10.0.0.1:2", "5.6.7.16, _hidden", false},
+			{"10.0.0.1:3", "", true},
+			{"10.0.0.2:1", "5.6.7.16:x", false},
+		}},
 		{"IPv4-mapped trusted proxy", "10.0.0.0/8", []step{
 			{"[::ffff:10.0.0.1]:1", "5.6.7.14", false},
 			{"[::ffff:10.0.0.1]:1", "5.6.7.14", false},
@@ -895,6 +911,38 @@ func TestClientIPKeys(t *testing.T) {
 		}
 		wantJSON(t, do(t, s, req{method: "GET", path: "/api/auth/me/"}), 401, bodyUnauthenticated)
 	})
+}
+
+// TestClientIPBadHopWarns: a hop that is no address is logged, naming it,
+// at most once a minute.
+func TestClientIPBadHopWarns(t *testing.T) {
+	needDB(t)
+	var log bytes.Buffer
+	s := newTestServerOn(t, testDB, slog.New(slog.NewTextHandler(&log, nil)), map[string]string{"TRUSTED_PROXIES": "10.0.0.0/8"})
+	send := func(xff string) {
+		rq := req{method: "GET", path: "/api/auth/me/", remoteAddr: "10.0.0.1:1", header: map[string]string{"X-Forwarded-For": xff}}
+		wantJSON(t, do(t, s, rq), http.StatusUnauthorized, bodyUnauthenticated)
+	}
+	warnings := func() (lines []string) {
+		for _, l := range strings.Split(log.String(), "\n") {
+			if strings.Contains(l, "level=WARN") {
+				lines = append(lines, l)
+			}
+		}
+		return lines
+	}
+	send("unknown")
+	send("_obfuscated")
+	send("203.0.113.9:443")
+	want := `level=WARN msg="X-Forwarded-For hop is no address: the request counts as the proxy's own" hop=unknown`
+	if w := warnings(); len(w) != 1 || !strings.Contains(w[0], want) {
+		t.Fatalf("warnings %q, want one with %s", w, want)
+	}
+	s.hopWarned.Add(-60) // a minute later
+	send("_obfuscated")
+	if w := warnings(); len(w) != 2 || !strings.HasSuffix(w[1], "hop=_obfuscated") {
+		t.Fatalf("warnings a minute later %q, want a second naming _obfuscated", w)
+	}
 }
 
 // mwClock is a fake clock for a limiter, starting at the start of a fixed

@@ -1379,6 +1379,54 @@ func TestAuditCursor(t *testing.T) {
 	wantJSON(t, do(t, s, req{method: "GET", path: oldest, token: a.access}), 200, emptyCursorPage)
 }
 
+// TestAuditCursorKeepsFilters: next links from ?login= and ?doctor= keep
+// their filter, so that a walk a page at a time shows that login's (that
+// doctor's) events and no other, exactly those one page of all shows.
+func TestAuditCursorKeepsFilters(t *testing.T) {
+	s := newTestServer(t, nil)
+	a := register(t, s)
+	mine, other := loginPair(t, s, a.username, a.password), loginPair(t, s, a.username, a.password)
+	pid, _ := mustCreate(t, s, other.Access, patientsPath, map[string]any{"first_name": "P", "email": uniqueName("keep") + "@example.com"})
+	did, _ := mustCreate(t, s, mine.Access, doctorsPath, doctorBody(uniqueName("d")+"@example.com", "House", "Nephrology"))
+	otherDoctor, _ := mustCreate(t, s, other.Access, doctorsPath, doctorBody(uniqueName("d")+"@example.com", "Grey", "Surgery"))
+	for _, token := range []string{mine.Access, other.Access, mine.Access, other.Access} {
+		wantObject(t, do(t, s, req{method: "GET", path: patientPath(pid), token: token}), 200)
+		wantObject(t, do(t, s, req{method: "PATCH", path: doctorPath(did), token: token, body: map[string]any{"last_name": uniqueName("L")}}), 200)
+		wantObject(t, do(t, s, req{method: "PATCH", path: doctorPath(otherDoctor), token: token, body: map[string]any{"last_name": uniqueName("L")}}), 200)
+	}
+	for _, filter := range []string{
+		fmt.Sprintf("login=%d", claimInt(t, tokenClaims(t, mine.Access), "sid")),
+		fmt.Sprintf("doctor=%d", did),
+	} {
+		key, value, _ := strings.Cut(filter, "=")
+		all := resultIDs(t, wantObject(t, do(t, s, req{method: "GET", path: "/api/audit/?page_size=100&" + filter, token: a.access}), 200))
+		var walked []int64
+		for link := "/api/audit/?page_size=2&" + filter; link != ""; {
+			page := wantObject(t, do(t, s, req{method: "GET", path: strings.TrimPrefix(link, "http://localhost"), token: a.access}), 200)
+			for _, e := range page["results"].([]any) {
+				if got := fmt.Sprint(e.(map[string]any)[key]); got != value {
+					t.Fatalf("?%s, page %s: an event with %s %s", filter, link, key, got)
+				}
+			}
+			walked = append(walked, resultIDs(t, page)...)
+			link = ""
+			if page["next"] != nil {
+				u, err := url.Parse(page["next"].(string))
+				if link = page["next"].(string); err != nil || u.Query().Get(key) != value {
+					t.Fatalf("?%s: next link %s drops the filter", filter, link)
+				}
+			}
+		}
+		if len(all) < 5 || fmt.Sprint(walked) != fmt.Sprint(all) {
+			t.Fatalf("?%s: walked %v, want %v (five or more)", filter, walked, all)
+		}
+	}
+	// A cursor that is not URL encoding is no cursor of ours: never page 1.
+	for _, q := range []string{"cursor=%%%", "page_size=2&cursor=%zz", "cursor=%"} {
+		wantJSON(t, do(t, s, req{method: "GET", path: "/api/audit/?" + q, token: a.access}), 404, `{"detail": "Invalid cursor"}`)
+	}
+}
+
 // TestAuditStolenToken: a user logs in twice and reads different patients
 // with each login; ?login=<sid> lists exactly that login's reads.
 func TestAuditStolenToken(t *testing.T) {
