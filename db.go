@@ -335,6 +335,9 @@ type database struct {
 
 const maxStatements = 500
 
+// customPlan makes a transaction's statements planned with their arguments.
+const customPlan = `SET LOCAL plan_cache_mode = force_custom_plan`
+
 // stmt returns query's prepared statement, or nil to run it unprepared (a
 // full cache, or a failed prepare, whose error the query itself will meet).
 func (d *database) stmt(ctx context.Context, query string) *sql.Stmt {
@@ -546,13 +549,9 @@ func (p listParams) search(first int, columns ...string) string {
 	return sql
 }
 
-// count is a list's count column. A search reads every match to order them,
-// so its page counts them on the way (a window); without one, an index
-// counts the rows alone.
+// count is a list's count column: its own scan, so that a page with a
+// LIMIT stops after its rows, and a count through an index reads no row.
 func (p listParams) count(table, where string) string {
-	if len(p.terms) > 0 {
-		return "count(*) OVER ()"
-	}
 	return "(SELECT count(*) FROM " + table + " WHERE " + where + ")"
 }
 
@@ -568,16 +567,36 @@ type page[T any] struct {
 func (p listParams) offset() int { return (p.page - 1) * p.size }
 
 // listPage answers a collection GET with the page p asks for: q, run with
-// args, selects the page's rows with the total count in front of each.
+// args, selects the page's rows with the total count in front of each. A
+// search runs in a transaction planned with its terms (README, Performance):
+// a generic plan, blind to them, may read a whole table for one match.
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, scan func(rowScanner) (T, error), q string, args ...any) error {
-	rows, err := db.QueryContext(r.Context(), q, args...)
-	if err != nil {
-		return fmt.Errorf("list: %w", err)
-	}
 	var count int
-	results, err := scanAll(rows, func(row rowScanner) (T, error) {
-		return scan(scanFunc(func(dest ...any) error { return row.Scan(append([]any{&count}, dest...)...) }))
-	})
+	var results []T
+	read := func(rows *sql.Rows, err error) error {
+		if err != nil {
+			return fmt.Errorf("list: %w", err)
+		}
+		results, err = scanAll(rows, func(row rowScanner) (T, error) {
+			return scan(scanFunc(func(dest ...any) error { return row.Scan(append([]any{&count}, dest...)...) }))
+		})
+		return err
+	}
+	ctx := r.Context()
+	var err error
+	if len(p.terms) == 0 {
+		err = read(db.QueryContext(ctx, q, args...))
+	} else {
+		err = withTx(ctx, db.DB, func(tx *sql.Tx) error {
+			if _, err := tx.ExecContext(ctx, customPlan); err != nil {
+				return err
+			}
+			if st := db.stmt(ctx, q); st != nil {
+				return read(tx.StmtContext(ctx, st).QueryContext(ctx, args...))
+			}
+			return read(tx.QueryContext(ctx, q, args...))
+		})
+	}
 	if err != nil {
 		return err
 	}
