@@ -587,11 +587,12 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p lis
 	if len(p.terms) == 0 {
 		err = read(db.QueryContext(ctx, q, args...))
 	} else {
+		st := db.stmt(ctx, q) // before the transaction, which holds a connection
 		err = withTx(ctx, db.DB, func(tx *sql.Tx) error {
 			if _, err := tx.ExecContext(ctx, customPlan); err != nil {
 				return err
 			}
-			if st := db.stmt(ctx, q); st != nil {
+			if st != nil {
 				return read(tx.StmtContext(ctx, st).QueryContext(ctx, args...))
 			}
 			return read(tx.QueryContext(ctx, q, args...))

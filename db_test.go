@@ -795,3 +795,87 @@ func explain(t *testing.T, conn *sql.Conn, q string) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// TestSearchPlannedWithTerms: a search's statement, as the server sends it
+// and in the transaction listPage runs it in (customPlan), reads the trigram
+// index for a rare term, with the table's column statistics missing or
+// fresh, the match the newest row (a walk in id order reads every row).
+func TestSearchPlannedWithTerms(t *testing.T) {
+	ctx := t.Context()
+	db := scratchDB(t, "_searchplans", -1)
+	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	a := register(t, s)
+	for _, q := range []string{
+		`INSERT INTO doctors (first_name, last_name, email, specialization) SELECT 'Christopher', 'Okafor', 'christopher.okafor' || g || '@example.com', 'Oncology'
+			FROM generate_series(1, 30000) g`,
+		`INSERT INTO patients (owner_id, first_name, last_name, email) SELECT $1, 'Alexandra', 'Vandermeer', 'alexandra.vandermeer' || g || '@example.com'
+			FROM generate_series(1, 30000) g`,
+	} {
+		args := []any{a.id}
+		if !strings.Contains(q, "$1") {
+			args = nil
+		}
+		if _, err := db.ExecContext(ctx, q, args...); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	conn, err := db.Conn(ctx) // plan_cache_mode=force_generic_plan, as every connection (connect)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	want := map[string]string{ // request → the index its plan must read
+		"/api/doctors/?search=okafor30000": "doctors_search", "/api/doctors/?search=christopher,okafor30000&ordering=last_name": "doctors_search",
+		"/api/patients/?search=vandermeer30000": "patients_search", "/api/patients/?search=alexandra+vandermeer30000&ordering=-created_at": "patients_search",
+	}
+	for _, stats := range []string{"VACUUM", "ANALYZE"} { // sizes but no column statistics; then both
+		if _, err := conn.ExecContext(ctx, stats); err != nil {
+			t.Fatal(err)
+		}
+		for path, index := range want {
+			s.db.stmts.Clear()
+			if got := wantObject(t, do(t, s, req{method: "GET", path: path, token: a.access}), 200); got["count"] != 1.0 {
+				t.Errorf("%s: count %v, want 1", path, got["count"])
+			}
+			s.db.stmts.Range(func(k, _ any) bool {
+				q := k.(string)
+				if !strings.Contains(q, "ILIKE") {
+					return true
+				}
+				conn.ExecContext(ctx, `DEALLOCATE ALL`)
+				if _, err := conn.ExecContext(ctx, "PREPARE q AS "+q); err != nil {
+					t.Fatalf("%s: %v", q, err)
+				}
+				var n int
+				conn.QueryRowContext(ctx, `SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = 'q'`).Scan(&n)
+				terms := strings.FieldsFunc(path[strings.Index(path, "=")+1:strings.IndexAny(path+"&", "&")], func(r rune) bool { return r == ',' || r == '+' })
+				args := strings.Repeat(fmt.Sprintf("'%d',", a.id), n-len(terms))
+				for _, term := range terms {
+					args += "'%" + term + "%',"
+				}
+				tx, err := conn.BeginTx(ctx, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer tx.Rollback()
+				if _, err := tx.ExecContext(ctx, customPlan); err != nil {
+					t.Fatal(err)
+				}
+				rows, err := tx.QueryContext(ctx, "EXPLAIN EXECUTE q("+strings.TrimSuffix(args, ",")+")")
+				if err != nil {
+					t.Fatal(err)
+				}
+				lines, _ := scanAll(rows, func(r rowScanner) (string, error) {
+					var line string
+					return line, r.Scan(&line)
+				})
+				tx.Rollback()
+				plan := strings.Join(lines, "\n")
+				if !strings.Contains(plan, "Bitmap Index Scan on "+index+" ") || regexp.MustCompile(`Seq Scan|Index Scan using|Index Only Scan`).MatchString(plan) {
+					t.Errorf("after %s, %s: a walk, or no read of %s:\n%s", stats, path, index, plan)
+				}
+				return true
+			})
+		}
+	}
+}
