@@ -541,8 +541,7 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 // expression a trigram index holds (schema.sql). A term holds no space, so
 // it occurs in the joined text only within one column. The terms are the
 // statement's last arguments, from $first.
-func (p listParams) search(first int, columns ...string) string {
-	var sql string
+func (p listParams) search(first int, columns ...string) (sql string) {
 	for i := range p.terms {
 		sql += fmt.Sprintf(" AND (%s) ILIKE $%d", strings.Join(columns, " || ' ' || "), first+i)
 	}
@@ -571,35 +570,33 @@ func (p listParams) offset() int { return (p.page - 1) * p.size }
 // search runs in a transaction planned with its terms (README, Performance):
 // a generic plan, blind to them, may read a whole table for one match.
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, p listParams, scan func(rowScanner) (T, error), q string, args ...any) error {
-	var count int
+	ctx, count := r.Context(), 0
 	var results []T
 	read := func(rows *sql.Rows, err error) error {
-		if err != nil {
-			return fmt.Errorf("list: %w", err)
+		if err == nil {
+			results, err = scanAll(rows, func(row rowScanner) (T, error) {
+				return scan(scanFunc(func(dest ...any) error { return row.Scan(append([]any{&count}, dest...)...) }))
+			})
 		}
-		results, err = scanAll(rows, func(row rowScanner) (T, error) {
-			return scan(scanFunc(func(dest ...any) error { return row.Scan(append([]any{&count}, dest...)...) }))
-		})
 		return err
 	}
-	ctx := r.Context()
 	var err error
 	if len(p.terms) == 0 {
 		err = read(db.QueryContext(ctx, q, args...))
 	} else {
-		st := db.stmt(ctx, q) // before the transaction, which holds a connection
+		st := db.stmt(ctx, q) // prepared before the transaction, which holds a connection
 		err = withTx(ctx, db.DB, func(tx *sql.Tx) error {
 			if _, err := tx.ExecContext(ctx, customPlan); err != nil {
 				return err
 			}
-			if st != nil {
-				return read(tx.StmtContext(ctx, st).QueryContext(ctx, args...))
+			if st == nil { // a full cache
+				return read(tx.QueryContext(ctx, q, args...))
 			}
-			return read(tx.QueryContext(ctx, q, args...))
+			return read(tx.StmtContext(ctx, st).QueryContext(ctx, args...))
 		})
 	}
 	if err != nil {
-		return err
+		return fmt.Errorf("list: %w", err)
 	}
 	if len(results) == 0 && p.page > 1 {
 		return errInvalidPage
