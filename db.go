@@ -391,6 +391,9 @@ type database struct {
 
 const maxStatements = 500
 
+// customPlan makes a transaction's statements planned with their arguments.
+const customPlan = `SET LOCAL plan_cache_mode = force_custom_plan`
+
 // stmt returns query's prepared statement, or nil to run it unprepared (a
 // full cache, or a failed prepare, whose error the query itself will meet).
 func (d *database) stmt(ctx context.Context, query string) *sql.Stmt {
@@ -697,21 +700,16 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 // every term must occur in the columns joined by ' ', the expression a
 // trigram index holds (schema.sql). A term holds no space, so it occurs in
 // the joined text only within one column. args gives the terms' values.
-func (p listParams) search(columns ...string) string {
-	var sql string
+func (p listParams) search(columns ...string) (sql string) {
 	for i := range p.terms {
 		sql += fmt.Sprintf(" AND (%s) ILIKE @term%d", strings.Join(columns, " || ' ' || "), i)
 	}
 	return sql
 }
 
-// count is a list's count column. A search reads every match to order them,
-// so its page counts them on the way (a window); without one, an index
-// counts the rows alone.
+// count is a list's count column: its own scan, so that a page with a
+// LIMIT stops after its rows, and a count through an index reads no row.
 func (p listParams) count(table, where string) string {
-	if len(p.terms) > 0 {
-		return "count(*) OVER ()"
-	}
 	return "(SELECT count(*) FROM " + table + " WHERE " + where + ")"
 }
 
@@ -734,18 +732,34 @@ type listBody[T any] struct {
 }
 
 // listPage answers a collection GET with the page list asks for: q's rows
-// are the page's, each with the total count in front.
+// are the page's, each with the total count in front. A search runs in a
+// transaction planned with its terms (README, Performance): a generic plan,
+// blind to them, may read a whole table for one match.
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list listParams, scan func(rowScanner) (T, error), q statement) error {
-	rows, err := db.query(r, q)
+	ctx, count := r.Context(), 0
+	var results []T
+	read := func(rows *sql.Rows, err error) error {
+		if err == nil {
+			results, err = scanAll(rows, func(row rowScanner) (T, error) {
+				return scan(scanFunc(func(dest ...any) error { return row.Scan(append([]any{&count}, dest...)...) }))
+			})
+		}
+		return err
+	}
+	text, values := q.sent(r)
+	var err error
+	if len(list.terms) == 0 {
+		err = read(db.QueryContext(ctx, text, values...))
+	} else {
+		err = withTx(ctx, db.DB, func(tx *sql.Tx) error {
+			if _, err := tx.ExecContext(ctx, customPlan); err != nil {
+				return err
+			}
+			return read(tx.QueryContext(ctx, text, values...))
+		})
+	}
 	if err != nil {
 		return fmt.Errorf("list: %w", err)
-	}
-	var count int
-	results, err := scanAll(rows, func(row rowScanner) (T, error) {
-		return scan(scanFunc(func(dest ...any) error { return row.Scan(append([]any{&count}, dest...)...) }))
-	})
-	if err != nil {
-		return err
 	}
 	if len(results) == 0 && list.page > 1 {
 		return errInvalidPage

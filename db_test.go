@@ -781,7 +781,7 @@ func TestStartChecksRights(t *testing.T) {
 // TestGenericPlansUseIndexes: the statements the server sends for the audit
 // trail's filters and for doctors by last name, planned as every connection
 // plans them (generic plans, on tables of some size), each read through its
-// own index. (Search plans depend on the data: see README, Performance.)
+// own index. (A search is planned with its terms: TestSearchPlannedWithTerms.)
 func TestGenericPlansUseIndexes(t *testing.T) {
 	ctx := t.Context()
 	db := scratchDB(t, "_indexplans", -1)
@@ -851,4 +851,93 @@ func explain(t *testing.T, conn *sql.Conn, q string) string {
 		t.Fatal(err)
 	}
 	return strings.Join(lines, "\n")
+}
+
+// TestSearchPlannedWithTerms: a search's statement, as the server sends it
+// and in the transaction listPage runs it in (customPlan), reads the trigram
+// index for a rare term, with the table's column statistics missing or
+// fresh, the match the newest row (a walk in id order reads every row).
+func TestSearchPlannedWithTerms(t *testing.T) {
+	ctx := t.Context()
+	db := scratchDB(t, "_searchplans", -1)
+	s := newTestServerOn(t, db, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	a := register(t, s)
+	for _, q := range []string{
+		`INSERT INTO doctors (first_name, last_name, email, specialization) SELECT 'Christopher', 'Okafor', 'christopher.okafor' || g || '@example.com', 'Oncology'
+			FROM generate_series(1, 30000) g`,
+		`INSERT INTO patients (owner_id, first_name, last_name, email) SELECT $1, 'Alexandra', 'Vandermeer', 'alexandra.vandermeer' || g || '@example.com'
+			FROM generate_series(1, 30000) g`,
+	} {
+		args := []any{a.id}
+		if !strings.Contains(q, "$1") {
+			args = nil
+		}
+		if _, err := db.ExecContext(ctx, q, args...); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	cfg := testDBConfig
+	cfg.Database += "_searchplans"
+	cfg.Runtime = map[string]string{"plan_cache_mode": "force_generic_plan"} // as every connection (connect)
+	connector, err := pq.NewConnectorConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := &stmtLog{}
+	logged := sql.OpenDB(logConnector{connector, log})
+	defer logged.Close()
+	s.db = &database{DB: logged}
+	want := map[string]string{ // request → the index its plan must read
+		"/api/doctors/?search=okafor30000": "doctors_search", "/api/doctors/?search=christopher,okafor30000&ordering=last_name": "doctors_search",
+		"/api/patients/?search=vandermeer30000": "patients_search", "/api/patients/?search=alexandra+vandermeer30000&ordering=-created_at": "patients_search",
+	}
+	for _, stats := range []string{"VACUUM", "ANALYZE"} { // sizes but no column statistics; then both
+		if _, err := db.ExecContext(ctx, stats); err != nil {
+			t.Fatal(err)
+		}
+		for path, index := range want {
+			log.take()
+			if got := wantObject(t, do(t, s, req{method: "GET", path: path, token: a.access}), 200); got["count"] != 1.0 {
+				t.Errorf("%s: count %v, want 1", path, got["count"])
+			}
+			var q string
+			sent := log.take()
+			for i, line := range sent {
+				if strings.Contains(line, "ILIKE") {
+					q = line
+					if i < 2 || sent[i-2] != "BEGIN" || sent[i-1] != customPlan {
+						t.Errorf("%s: the search was not sent in a transaction planned with its terms: %q", path, sent[:i])
+					}
+				}
+			}
+			if q == "" {
+				t.Fatalf("%s: no statement with ILIKE was sent", path)
+			}
+			var args []any
+			for _, v := range log.args[q] {
+				args = append(args, v.Value)
+			}
+			// EXPLAIN the very statement and arguments sent, as listPage runs it.
+			tx, err := logged.BeginTx(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := tx.ExecContext(ctx, customPlan); err != nil {
+				t.Fatal(err)
+			}
+			rows, err := tx.QueryContext(ctx, "EXPLAIN "+q, args...)
+			if err != nil {
+				t.Fatalf("%s: EXPLAIN: %v", path, err)
+			}
+			lines, _ := scanAll(rows, func(r rowScanner) (string, error) {
+				var line string
+				return line, r.Scan(&line)
+			})
+			tx.Rollback()
+			plan := strings.Join(lines, "\n")
+			if !strings.Contains(plan, "Bitmap Index Scan on "+index+" ") || regexp.MustCompile(`Seq Scan|Index Scan using|Index Only Scan`).MatchString(plan) {
+				t.Errorf("after %s, %s: a walk, or no read of %s:\n%s", stats, path, index, plan)
+			}
+		}
+	}
 }
