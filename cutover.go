@@ -19,17 +19,17 @@ import (
 )
 
 // copies are this server's tables in the order they are filled: the
-// original's table, the columns copied and the statement that reads the
-// original's rows under those names (any other column is for the checks
-// only; a doctor's created_by is set by the check).
-var copies = [4]struct{ table, django, columns, read string }{
-	{"users", "auth_user", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
+// columns copied and the statement that reads the original's rows under
+// those names (any other column is for the checks only; a doctor's
+// created_by is set by the check).
+var copies = [4]struct{ table, columns, read string }{
+	{"users", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
 		coalesce(nullif(btrim(first_name || ' ' || last_name), ''), normalize(username, NFKC)) AS name, date_joined AS created_at, last_login,
 		password, is_superuser OR is_staff AS admin, CASE WHEN NOT is_active THEN 'inactive' WHEN password NOT LIKE 'pbkdf2\_sha256$%' THEN 'another hasher, or unusable in Django'
 			WHEN password !~ '^pbkdf2_sha256\$([1-9][0-9]{0,6}|10000000)\$[^$]+\$[A-Za-z0-9+/]{43}=$' THEN 'a malformed or unverifiable hash' END AS unusable FROM auth_user`}, // as passwords.verify reads a hash
-	{"patients", "api_patient", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
-	{"doctors", "api_doctor", "id, first_name, last_name, email, specialization, created_at, updated_at, created_by", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
-	{"mappings", "api_patientdoctormap", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
+	{"patients", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
+	{"doctors", "id, first_name, last_name, email, specialization, created_at, updated_at, created_by", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
+	{"mappings", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
 		m.doctor_id, m.created_at FROM api_patientdoctormap m LEFT JOIN api_patient p ON p.id = m.patient_id`}, // its patient's owner
 }
 

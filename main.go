@@ -386,28 +386,36 @@ func handleSchema(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// config is the server's configuration, read from the environment.
+// config is the server's configuration, read from the environment
+// (README lists each variable with its default and bounds).
 type config struct {
-	addr                                        string
-	secretKey                                   secret
-	debug                                       bool
-	allowedHosts                                []string
-	db                                          pq.Config
-	accessTTL, refreshTTL                       time.Duration
-	corsOrigins                                 []string
-	trustedProxies                              []netip.Prefix
+	addr               string
+	secretKey          secret
+	debug              bool
+	allowedHosts       []string
+	corsOrigins        []string
+	trustedProxies     []netip.Prefix
+	db                 pq.Config
+	appRole            string // DB_APP_ROLE: the role migrate grants serving to
+	djangoURL          string // DJANGO_DATABASE_URL: import-django's source; it holds a password
+	tlsCert, tlsKey    string
+	passwordIterations int
+	requestTimeout     time.Duration
+
+	// Token lifetimes, and how late a rotated refresh token may be reused
+	// before that ends its login (REFRESH_REUSE_GRACE_S).
+	accessTTL, refreshTTL, reuseGrace time.Duration
+	loginMaxAgeDays                   int
+
+	// The rate limits, and how many sources or users each keeps.
 	rateRegister, rateLogin, rateAnon, rateUser rate
 	rateMaxKeys                                 int
-	passwordIterations                          int
-	reuseGrace                                  time.Duration
-	loginMaxAgeDays                             int
-	requestTimeout                              time.Duration
-	tlsCert, tlsKey                             string
-	appRole                                     string // DB_APP_ROLE: the role migrate grants serving to
-	lockAfter                                   int    // LOGIN_LOCK_AFTER: failed logins in a row for a login name from one source before it waits there
-	lockSeconds                                 int    // LOGIN_LOCK_S: the first wait
-	lockAccountAfter                            int    // LOGIN_LOCK_ACCOUNT_AFTER: failed logins in a row for a login name from all sources before unknown sources wait
-	djangoURL                                   string // DJANGO_DATABASE_URL: import-django's source; it holds a password
+
+	// The login lock: LOGIN_LOCK_AFTER, failed logins in a row for a login
+	// name from one source before it waits there; LOGIN_LOCK_S, the first
+	// wait; LOGIN_LOCK_ACCOUNT_AFTER, failed logins in a row for a login name
+	// from all sources before unknown sources wait.
+	lockAfter, lockSeconds, lockAccountAfter int
 }
 
 // publishedKeys are every SECRET_KEY value this repository has shown:
