@@ -46,8 +46,7 @@ const usage = `Usage: healthcare [command]
   serve                    serve the API (the default)
   migrate                  bring the schema up to date; with DB_APP_ROLE, grant that role what serving needs
   unlock <username>        end an account's login lock
-  import-django [--check] [--doctor-creator <username>]
-                           copy a Django service's database (DJANGO_DATABASE_URL) into an empty one
+  import-django [--check] [--doctor-creator <username>]  copy a Django service's database (DJANGO_DATABASE_URL) into an empty one
   version, help (-h, --help)
 Environment variables (default), also read from ./.env:
   SECRET_KEY (random per run)  ADDR (127.0.0.1:8000)  DEBUG (False)  ALLOWED_HOSTS (localhost,127.0.0.1,[::1])
@@ -120,16 +119,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if command == "unlock" {
 		return unlock(ctx, db, args[1], stdout)
 	}
-	return runServe(ctx, cfg, db, logger, schema, warnings)
+	return serve(ctx, cfg, db, logger, schema, warnings)
 }
 
 // printVersion is "healthcare version": the module's version and commit as
 // go build stamps them from git ("(modified)": the tree had changes), and Go's.
 func printVersion(stdout io.Writer) error {
-	info, ok := debug.ReadBuildInfo()
-	if !ok {
-		info = &debug.BuildInfo{Main: debug.Module{Version: "(unknown)"}}
-	}
+	info, _ := debug.ReadBuildInfo() // every build of a module (go.mod) has it
 	version := info.Main.Version
 	for _, s := range info.Settings {
 		switch {
@@ -141,32 +137,6 @@ func printVersion(stdout io.Writer) error {
 	}
 	_, err := fmt.Fprintln(stdout, "healthcare", version, runtime.Version())
 	return err
-}
-
-// runServe is "healthcare serve": it logs what start found, prunes ended
-// logins hourly and serves until ctx ends.
-func runServe(ctx context.Context, cfg config, db *sql.DB, logger *slog.Logger, schema schemaState, warnings []string) error {
-	logger.Info("schema", "database", schema.database, "role", schema.role, "found_step", schema.found, "applied", schema.applied)
-	for _, w := range warnings { // about serving: the key, for one
-		logger.Warn(w)
-	}
-	srv, err := newServer(cfg, db, logger)
-	if err != nil {
-		return err
-	}
-	go func() {
-		for {
-			if err := pruneLogins(ctx, db, cfg.loginMaxAgeDays); err != nil {
-				logger.Warn("prune", "err", err)
-			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(time.Hour):
-			}
-		}
-	}()
-	return serve(ctx, cfg, srv, logger)
 }
 
 // runMigrate is "healthcare migrate": it applies the missing schema steps,
@@ -206,13 +176,31 @@ func parseImportArgs(args []string) (a importArgs, err error) {
 	return a, err
 }
 
-// serve answers HTTP on cfg.addr until ctx ends, then lets in-flight
-// requests finish.
-func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger) error {
-	ctx, cancel := context.WithCancel(ctx) // ends the shutdown goroutine when Serve fails
-	defer cancel()
+// serve is "healthcare serve": it logs what start found, prunes ended
+// logins hourly, and answers HTTP on cfg.addr until ctx ends, then lets
+// in-flight requests finish.
+func serve(ctx context.Context, cfg config, db *sql.DB, logger *slog.Logger, schema schemaState, warnings []string) error {
+	logger.Info("schema", "database", schema.database, "role", schema.role, "found_step", schema.found, "applied", schema.applied)
+	for _, w := range warnings { // about serving: the key, for one
+		logger.Warn(w)
+	}
+	srv, err := newServer(cfg, db, logger)
+	if err != nil {
+		return err
+	}
+	go func() {
+		for ctx.Err() == nil {
+			if err := pruneLogins(ctx, db, cfg.loginMaxAgeDays); err != nil {
+				logger.Warn("prune", "err", err)
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Hour):
+			}
+		}
+	}()
 	httpServer := &http.Server{
-		Handler: h,
+		Handler: srv,
 		// Slow clients are cut off: a trickled header or body cannot hold a
 		// connection (and its goroutine) open for long.
 		ReadHeaderTimeout: 5 * time.Second,
@@ -226,14 +214,15 @@ func serve(ctx context.Context, cfg config, h http.Handler, logger *slog.Logger)
 	if err != nil {
 		return fmt.Errorf("ADDR: %w", err)
 	}
+	// When ctx ends, shut down; if Serve fails first, the deferred stop
+	// cancels that, and there is no shutdown to wait for.
 	stopped := make(chan error, 1)
-	go func() {
-		<-ctx.Done()
+	defer context.AfterFunc(ctx, func() {
 		logger.Info("shutting down")
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
 		stopped <- httpServer.Shutdown(shutdownCtx)
-	}()
+	})()
 	if cfg.tlsCert != "" {
 		logger.Info("serving", "url", "https://"+ln.Addr().String()+"/")
 		err = httpServer.ServeTLS(ln, cfg.tlsCert, cfg.tlsKey)
@@ -276,10 +265,8 @@ type server struct {
 	hopWarned atomic.Int64 // when clientIP last logged a hop that is no address, in Unix seconds
 
 	commonPasswords map[string]struct{}
-	registerLimit   *limiter
-	loginLimit      *limiter
-	anonLimit       *limiter
-	userLimit       *limiter
+	// The rate limits of API.md, each keyed by source or by user.
+	registerLimit, loginLimit, anonLimit, userLimit *limiter
 }
 
 // newServer builds the handler for cfg on db.
@@ -399,32 +386,36 @@ func handleSchema(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// config is the server's configuration, read from the environment.
+// config is the server's configuration, read from the environment
+// (README lists each variable with its default and bounds).
 type config struct {
 	addr               string
 	secretKey          secret
 	debug              bool
 	allowedHosts       []string
-	db                 pq.Config
-	accessTTL          time.Duration
-	refreshTTL         time.Duration
 	corsOrigins        []string
 	trustedProxies     []netip.Prefix
-	rateRegister       rate
-	rateLogin          rate
-	rateAnon           rate
-	rateUser           rate
-	rateMaxKeys        int
-	passwordIterations int
-	reuseGrace         time.Duration
-	loginMaxAgeDays    int
-	requestTimeout     time.Duration
-	tlsCert, tlsKey    string
+	db                 pq.Config
 	appRole            string // DB_APP_ROLE: the role migrate grants serving to
-	lockAfter          int    // LOGIN_LOCK_AFTER: failed logins in a row for a login name from one source before it waits there
-	lockSeconds        int    // LOGIN_LOCK_S: the first wait
-	lockAccountAfter   int    // LOGIN_LOCK_ACCOUNT_AFTER: failed logins in a row for a login name from all sources before unknown sources wait
 	djangoURL          string // DJANGO_DATABASE_URL: import-django's source; it holds a password
+	tlsCert, tlsKey    string
+	passwordIterations int
+	requestTimeout     time.Duration
+
+	// Token lifetimes, and how late a rotated refresh token may be reused
+	// before that ends its login (REFRESH_REUSE_GRACE_S).
+	accessTTL, refreshTTL, reuseGrace time.Duration
+	loginMaxAgeDays                   int
+
+	// The rate limits, and how many sources or users each keeps.
+	rateRegister, rateLogin, rateAnon, rateUser rate
+	rateMaxKeys                                 int
+
+	// The login lock: LOGIN_LOCK_AFTER, failed logins in a row for a login
+	// name from one source before it waits there; LOGIN_LOCK_S, the first
+	// wait; LOGIN_LOCK_ACCOUNT_AFTER, failed logins in a row for a login name
+	// from all sources before unknown sources wait.
+	lockAfter, lockSeconds, lockAccountAfter int
 }
 
 // publishedKeys are every SECRET_KEY value this repository has shown:
@@ -436,8 +427,7 @@ var publishedKeys = []string{"change-me-to-a-long-random-string-of-48-bytes", "t
 // loadConfig reads the configuration README lists, with its defaults and
 // bounds (README lists them). It refuses invalid values, naming the
 // variable, and returns warnings to log.
-func loadConfig(getenv func(string) string) (config, []string, error) {
-	var warnings []string
+func loadConfig(getenv func(string) string) (cfg config, warnings []string, err error) {
 	var errs []error
 	get := func(key, def string) string { return cmp.Or(strings.TrimSpace(getenv(key)), def) }
 	num := func(key string, def, lo, hi int) int {
@@ -453,7 +443,7 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		errs = append(errs, err) // errors.Join drops a nil
 		return r
 	}
-	cfg := config{
+	cfg = config{
 		addr:               get("ADDR", "127.0.0.1:8000"),
 		accessTTL:          time.Duration(num("ACCESS_TOKEN_LIFETIME_MIN", 15, 1, 24*60)) * time.Minute,
 		refreshTTL:         time.Duration(num("REFRESH_TOKEN_LIFETIME_DAYS", 1, 1, 365)) * 24 * time.Hour,
@@ -480,15 +470,11 @@ func loadConfig(getenv func(string) string) (config, []string, error) {
 		errs = append(errs, fmt.Errorf("ADDR: want host:port, got %q (%w)", cfg.addr, err))
 	}
 	cfg.trustedProxies, errs = parseProxies(list(get("TRUSTED_PROXIES", "")), errs)
-	var err error
 	if cfg.debug, err = strconv.ParseBool(get("DEBUG", "False")); err != nil {
 		errs = append(errs, fmt.Errorf("DEBUG: want True or False, got %q", get("DEBUG", "")))
 	}
-	if cfg.secretKey, err = secretKey(getenv("SECRET_KEY")); cfg.secretKey == nil {
-		errs = append(errs, err)
-	} else if err != nil {
-		warnings = append(warnings, err.Error())
-	}
+	cfg.secretKey, warnings, err = secretKey(getenv("SECRET_KEY"))
+	errs = append(errs, err)
 	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
 		errs = append(errs, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both or neither"))
 	}
@@ -518,22 +504,22 @@ func parseProxies(items []string, errs []error) ([]netip.Prefix, []error) {
 	return out, errs
 }
 
-// secretKey checks SECRET_KEY. Without one it makes a random key and says
-// so in err; a short, repetitive or published key is refused (nil).
-func secretKey(key string) (secret, error) {
+// secretKey checks SECRET_KEY. Without one it makes a random key and warns
+// so; a short, repetitive or published key is refused.
+func secretKey(key string) (secret, []string, error) {
 	switch {
 	case key == "":
 		random := make(secret, 64)
 		rand.Read(random)
-		return random, errors.New("SECRET_KEY is not set: using a random key, so tokens will not survive a restart")
+		return random, []string{"SECRET_KEY is not set: using a random key, so tokens will not survive a restart"}, nil
 	case len(key) < 32:
-		return nil, fmt.Errorf("SECRET_KEY: must be at least 32 bytes, got %d", len(key))
+		return nil, nil, fmt.Errorf("SECRET_KEY: must be at least 32 bytes, got %d", len(key))
 	case len(slices.Compact(slices.Sorted(slices.Values([]rune(key))))) < 10:
-		return nil, errors.New("SECRET_KEY: must have at least 10 distinct characters")
+		return nil, nil, errors.New("SECRET_KEY: must have at least 10 distinct characters")
 	case slices.Contains(publishedKeys, key):
-		return nil, errors.New("SECRET_KEY: this key is published in the repository; make your own (README)")
+		return nil, nil, errors.New("SECRET_KEY: this key is published in the repository; make your own (README)")
 	}
-	return secret(key), nil
+	return secret(key), nil, nil
 }
 
 // dbConfig builds the connection settings from the variable key (a URL or
