@@ -278,8 +278,7 @@ func migrate(ctx context.Context, db *sql.DB, schema string, steps []string) (s 
 		if _, err = conn.ExecContext(ctx, q); err != nil {
 			return s, fmt.Errorf("step %d: %w (the schema stays at step %d)", next, err, s.at)
 		}
-		s.at = next
-		s.applied = append(s.applied, next)
+		s.at, s.applied = next, append(s.applied, next)
 	}
 	return s, nil
 }
@@ -341,11 +340,7 @@ func servingRightsIn(ctx context.Context, tx *sql.Tx) ([]string, error) {
 // path and whoever granted it (checkServing): nothing is granted then.
 func grantServing(ctx context.Context, db *sql.DB, role string) error {
 	var database string
-	err := db.QueryRowContext(ctx, `SELECT current_database() FROM pg_roles WHERE rolname = $1`, role).Scan(&database)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
-	case err != nil:
+	if err := db.QueryRowContext(ctx, `SELECT current_database()`).Scan(&database); err != nil {
 		return fmt.Errorf("DB_APP_ROLE: %w", err)
 	}
 	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
@@ -365,7 +360,11 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 		for _, g := range rights {
 			grants += ";\nGRANT " + g + " TO " + r
 		}
-		if _, err := tx.ExecContext(ctx, grants); err != nil {
+		_, err = tx.ExecContext(ctx, grants)
+		switch {
+		case pq.As(err, pqerror.UndefinedObject) != nil: // 42704: the role
+			return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
+		case err != nil:
 			return fmt.Errorf("DB_APP_ROLE: %w", err)
 		}
 		return checkServing(ctx, tx, role)
@@ -730,9 +729,6 @@ func ifMatch(r *http.Request) pq.StringArray {
 	return tags
 }
 
-var errPreconditionFailed = &apiError{status: http.StatusPreconditionFailed,
-	body: detail("The record has changed since you read it.")}
-
 // unmatched turns the 404 of a write that found no row into 412 when the
 // request had If-Match and the record exists (found returns it): the row
 // was there, but in no version the client listed.
@@ -745,7 +741,7 @@ func unmatched(r *http.Request, db *database, err error, found statement) error 
 	case err != nil:
 		return fmt.Errorf("check the record: %w", err)
 	case n > 0:
-		return errPreconditionFailed
+		return &apiError{status: http.StatusPreconditionFailed, body: detail("The record has changed since you read it.")}
 	}
 	return errNotFound
 }
@@ -914,12 +910,12 @@ func pageLink(r *http.Request, key, value string) *string {
 	if key == "page" && value == "1" {
 		q.Del(key)
 	}
-	scheme := "http"
+	u := url.URL{Scheme: "http", Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}
 	if infoFrom(r).https {
-		scheme = "https"
+		u.Scheme = "https"
 	}
-	u := (&url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}).String()
-	return &u
+	link := u.String()
+	return &link
 }
 
 // scanFunc makes a function a rowScanner: listPage's scans the count column
