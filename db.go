@@ -29,21 +29,8 @@ import (
 	"github.com/lib/pq/pqerror"
 )
 
-// schemaSQL is the schema as it is now, which a new database gets whole.
-//
-//go:embed schema.sql
-var schemaSQL string
-
-//go:embed upgrades.sql
-var upgradesSQL string
-
-// schemaSteps are upgrades.sql's steps, split at its "-- step N" lines:
-// schemaSteps[0] is step 1.
-var schemaSteps = regexp.MustCompile(`(?m)^-- step \d+.*$`).Split(upgradesSQL, -1)[1:]
-
-// schemaLockID names the advisory lock held while steps are applied, so
-// that several instances or migrations starting at once take turns.
-const schemaLockID = 7_201_418_305
+// The pool: opening it, its statement cache, transactions, and errors that
+// mean the database is unavailable.
 
 // openDB connects to the database cfg names, creating it (and saying so)
 // when it is missing and the role may; for a role that may not, it is
@@ -108,6 +95,134 @@ func createDatabase(ctx context.Context, cfg pq.Config) error {
 	return nil
 }
 
+// database is the pool, running each query that returns rows as a prepared
+// statement, so that PostgreSQL plans it once per connection rather than at
+// every call (README, Performance). Query texts are built from constants,
+// whitelisted orderings and a bounded number of search terms; the cache
+// stops growing at maxStatements all the same.
+type database struct {
+	*sql.DB
+	stmts sync.Map // query text → *sql.Stmt
+	n     atomic.Int32
+}
+
+const maxStatements = 500
+
+// stmt returns query's prepared statement, or nil to run it unprepared (a
+// full cache, or a failed prepare, whose error the query itself will meet).
+func (d *database) stmt(ctx context.Context, query string) *sql.Stmt {
+	if st, ok := d.stmts.Load(query); ok {
+		return st.(*sql.Stmt)
+	}
+	if d.n.Load() >= maxStatements {
+		return nil
+	}
+	st, err := d.DB.PrepareContext(ctx, query)
+	if err != nil {
+		return nil
+	}
+	if prev, loaded := d.stmts.LoadOrStore(query, st); loaded {
+		st.Close() // another request prepared it first
+		return prev.(*sql.Stmt)
+	}
+	d.n.Add(1)
+	return st
+}
+
+func (d *database) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
+	if st := d.stmt(ctx, query); st != nil {
+		return st.QueryRowContext(ctx, args...)
+	}
+	return d.DB.QueryRowContext(ctx, query, args...)
+}
+
+func (d *database) QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+	if st := d.stmt(ctx, query); st != nil {
+		return st.QueryContext(ctx, args...)
+	}
+	return d.DB.QueryContext(ctx, query, args...)
+}
+
+// withTx runs fn in a transaction, committing only when fn succeeds.
+func withTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	defer tx.Rollback()
+	if err = fn(tx); err == nil {
+		err = tx.Commit()
+	}
+	// Past the request's deadline database/sql rolls the transaction back,
+	// and the next statement or the commit says only ErrTxDone: nothing was
+	// written, so the deadline is the cause (503, try again), not a bug.
+	if errors.Is(err, sql.ErrTxDone) && ctx.Err() != nil {
+		return fmt.Errorf("%w (%w)", err, ctx.Err())
+	}
+	return err
+}
+
+// isUnavailable reports whether err means the database cannot be reached
+// (down, restarting, out of connections, or too slow) or cannot take the
+// audit events a request must leave: a 503 the client may retry, not a 500.
+func isUnavailable(err error) bool {
+	if pqErr := pq.As(err); pqErr != nil {
+		switch pqErr.Code.Class() {
+		case "08", "53", "57", "58": // connection, resources, operator intervention, system
+			return true
+		}
+		return pqErr.Table == "audit_events" // an event that cannot be written: the request shows nothing
+	}
+	var netErr net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &netErr)
+}
+
+// pruneLogins deletes ended and expired logins, with their refresh tokens,
+// and runs untouched for maxAgeDays, in batches that hold no lock for long.
+// A live login keeps all its refresh tokens, expired ones included: reuse
+// detection reads them, and they go with the login when it ends.
+func pruneLogins(ctx context.Context, db *sql.DB, maxAgeDays int) error {
+	inBatches := func(q string, args ...any) error {
+		for {
+			res, err := db.ExecContext(ctx, q, args...)
+			if err != nil {
+				return fmt.Errorf("prune logins: %w", err)
+			}
+			if n, _ := res.RowsAffected(); n < 1000 {
+				return nil
+			}
+		}
+	}
+	err := inBatches(`DELETE FROM logins WHERE id IN (
+		SELECT id FROM logins WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`)
+	if err != nil {
+		return err
+	}
+	// $1 LOGIN_MAX_AGE_DAYS: older failures and logins mark nothing any more.
+	return inBatches(`DELETE FROM login_attempts WHERE (name, source) IN (SELECT name, source FROM login_attempts
+		WHERE greatest(last_failure, last_login) < now() - make_interval(days => $1) LIMIT 1000 FOR UPDATE SKIP LOCKED)`, maxAgeDays)
+}
+
+// The schema: schema.sql for a new database, upgrades.sql's steps for an
+// older one, and the rights of the role that serves it.
+
+// schemaSQL is the schema as it is now, which a new database gets whole.
+//
+//go:embed schema.sql
+var schemaSQL string
+
+//go:embed upgrades.sql
+var upgradesSQL string
+
+// schemaSteps are upgrades.sql's steps, split at its "-- step N" lines:
+// schemaSteps[0] is step 1.
+var schemaSteps = regexp.MustCompile(`(?m)^-- step \d+.*$`).Split(upgradesSQL, -1)[1:]
+
+// schemaLockID names the advisory lock held while steps are applied, so
+// that several instances or migrations starting at once take turns.
+const schemaLockID = 7_201_418_305
+
 // schemaState is what migrate found and did: start-up logs it, and a
 // failed "healthcare migrate" names the owner.
 type schemaState struct {
@@ -163,8 +278,7 @@ func migrate(ctx context.Context, db *sql.DB, schema string, steps []string) (s 
 		if _, err = conn.ExecContext(ctx, q); err != nil {
 			return s, fmt.Errorf("step %d: %w (the schema stays at step %d)", next, err, s.at)
 		}
-		s.at = next
-		s.applied = append(s.applied, next)
+		s.at, s.applied = next, append(s.applied, next)
 	}
 	return s, nil
 }
@@ -178,12 +292,9 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 	if pq.As(err, pqerror.InsufficientPrivilege) != nil {
 		return s, fmt.Errorf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, s.at, len(schemaSteps))
 	}
-	if err != nil {
-		return s, err
-	}
 	// A role that does not own the schema serves with what migrate granted
 	// it (DB_APP_ROLE): granted since, or taken since, a right stops the start.
-	if s.owner != "" {
+	if err == nil && s.owner != "" {
 		err = withTx(ctx, db, func(tx *sql.Tx) error { return checkServing(ctx, tx, s.role) })
 	}
 	return s, err
@@ -229,11 +340,7 @@ func servingRightsIn(ctx context.Context, tx *sql.Tx) ([]string, error) {
 // path and whoever granted it (checkServing): nothing is granted then.
 func grantServing(ctx context.Context, db *sql.DB, role string) error {
 	var database string
-	err := db.QueryRowContext(ctx, `SELECT current_database() FROM pg_roles WHERE rolname = $1`, role).Scan(&database)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
-	case err != nil:
+	if err := db.QueryRowContext(ctx, `SELECT current_database()`).Scan(&database); err != nil {
 		return fmt.Errorf("DB_APP_ROLE: %w", err)
 	}
 	r := pq.QuoteIdentifier(role) // identifiers cannot be placeholders
@@ -253,7 +360,11 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 		for _, g := range rights {
 			grants += ";\nGRANT " + g + " TO " + r
 		}
-		if _, err := tx.ExecContext(ctx, grants); err != nil {
+		_, err = tx.ExecContext(ctx, grants)
+		switch {
+		case pq.As(err, pqerror.UndefinedObject) != nil: // 42704: the role
+			return fmt.Errorf("DB_APP_ROLE: role %q does not exist; create it first (README)", role)
+		case err != nil:
 			return fmt.Errorf("DB_APP_ROLE: %w", err)
 		}
 		return checkServing(ctx, tx, role)
@@ -261,38 +372,36 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 }
 
 // checkServing refuses role for a power no grant could limit, then for the
-// first right it holds, by effect, beyond servingRights (whoever granted it,
-// by any path: PUBLIC, a column, a parameter, any schema it may use), then
-// for the first it lacks. Extensions' functions stay as their owner made
-// them: they may stay public.
+// first right it holds beyond servingRights, then for the first it lacks.
+// Without those powers (a superuser, a member of another role, an owner),
+// what a role holds by effect is what the ACLs give it or PUBLIC, whoever
+// granted it, on anything it can reach: a column, a parameter, any schema it
+// may use. Extensions' functions stay as their owner made them.
 func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
-	// $1 the role, $2 servingRights. A right held is spelled as GRANT spells
-	// it, with its ACL (or the default one) to say who granted it. ns: the
-	// schemas whose objects the role can reach.
+	// $1 the role, $2 servingRights. A right is spelled as GRANT spells it:
+	// a privilege, then what, an object's ACL, says it is on.
 	const check = `WITH u AS (SELECT * FROM pg_roles WHERE rolname = $1),
 		want AS (SELECT p || ' ON ' || m[2] || ' ' || o AS item FROM unnest($2::text[]) g, regexp_match(g, '^(.*?) ON (\S+) (.*)$') m, unnest(string_to_array(m[1], ', ')) p,
 			unnest(string_to_array(m[3], ', ')) o UNION ALL SELECT 'USAGE ON SEQUENCE ' || oid::regclass FROM pg_class WHERE relkind = 'S' AND relnamespace = 'public'::regnamespace),
-		ns AS (SELECT n.* FROM pg_namespace n, u WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, 'USAGE')),
-		held AS (SELECT p || ' ON ' || CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass AS item, p, coalesce(c.relacl, acldefault('r', c.relowner)) AS acl
-			FROM ns JOIN pg_class c ON c.relnamespace = ns.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S'), u, unnest(CASE c.relkind WHEN 'S' THEN '{USAGE,SELECT,UPDATE}'
-				ELSE '{SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER}' END::text[]) p WHERE CASE c.relkind WHEN 'S' THEN has_sequence_privilege(u.oid, c.oid, p) ELSE has_table_privilege(u.oid, c.oid, p) END
-			UNION ALL SELECT p || ' (' || quote_ident(a.attname) || ') ON TABLE ' || c.oid::regclass, p, a.attacl FROM ns JOIN pg_class c ON c.relnamespace = ns.oid JOIN pg_attribute a ON a.attrelid = c.oid AND a.attacl IS NOT NULL,
-				u, unnest('{SELECT,INSERT,UPDATE,REFERENCES}'::text[]) p WHERE has_column_privilege(u.oid, c.oid, a.attnum, p) AND NOT has_table_privilege(u.oid, c.oid, p)
-			UNION ALL SELECT 'EXECUTE ON FUNCTION ' || f.oid::regprocedure, 'EXECUTE', coalesce(f.proacl, acldefault('f', f.proowner)) FROM ns JOIN pg_proc f ON f.pronamespace = ns.oid, u
-			WHERE has_function_privilege(u.oid, f.oid, 'EXECUTE') AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
-			UNION ALL SELECT p || ' ON SCHEMA ' || quote_ident(n.nspname), p, coalesce(n.nspacl, acldefault('n', n.nspowner)) FROM pg_namespace n, unnest('{USAGE,CREATE}'::text[]) p, u
-			WHERE n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema' AND has_schema_privilege(u.oid, n.oid, p)
-			UNION ALL SELECT p || ' ON DATABASE ' || quote_ident(d.datname), p, coalesce(d.datacl, acldefault('d', d.datdba)) FROM pg_database d, unnest('{CREATE,TEMPORARY}'::text[]) p, u
-			WHERE d.datname = current_database() AND has_database_privilege(u.oid, d.oid, p)
-			UNION ALL SELECT p || ' ON PARAMETER ' || a.parname, p, a.paracl FROM pg_parameter_acl a, unnest('{SET,ALTER SYSTEM}'::text[]) p, u WHERE has_parameter_privilege(u.oid, a.parname, p))
+		schemas AS (SELECT * FROM pg_namespace WHERE nspname NOT LIKE 'pg\_%' AND nspname <> 'information_schema'),
+		ns AS (SELECT s.oid FROM schemas s, u WHERE has_schema_privilege(u.oid, s.oid, 'USAGE')),
+		acls (what, acl) AS (SELECT CASE relkind WHEN 'S' THEN ' ON SEQUENCE ' ELSE ' ON TABLE ' END || oid::regclass, coalesce(relacl, acldefault(CASE relkind WHEN 'S' THEN 's'::"char" ELSE 'r' END, relowner))
+				FROM pg_class WHERE relnamespace IN (SELECT oid FROM ns) AND relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+			UNION ALL SELECT ' (' || quote_ident(a.attname) || ') ON TABLE ' || c.oid::regclass, a.attacl FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attacl IS NOT NULL
+				WHERE c.relnamespace IN (SELECT oid FROM ns)
+			UNION ALL SELECT ' ON FUNCTION ' || f.oid::regprocedure, coalesce(f.proacl, acldefault('f', f.proowner)) FROM pg_proc f WHERE f.pronamespace IN (SELECT oid FROM ns)
+				AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
+			UNION ALL SELECT ' ON SCHEMA ' || quote_ident(nspname), coalesce(nspacl, acldefault('n', nspowner)) FROM schemas
+			UNION ALL SELECT ' ON DATABASE ' || quote_ident(datname), coalesce(datacl, acldefault('d', datdba)) FROM pg_database WHERE datname = current_database()
+			UNION ALL SELECT ' ON PARAMETER ' || parname, paracl FROM pg_parameter_acl),
+		held AS (SELECT a.privilege_type || what AS item, a.grantee, a.grantor FROM acls, aclexplode(acl) a, u WHERE a.grantee IN (0, u.oid) AND a.privilege_type <> 'CONNECT')
 		SELECT 'role "' || $1 || '" ' || coalesce(coalesce((SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' END FROM u),
 				(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m, u WHERE m.member = u.oid),
 				(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o, u, pg_database d WHERE d.datname = current_database()
 					AND o.refobjid = u.oid AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid))
 			) || ', so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")',
-			(SELECT 'holds ' || h.item || ' beyond what serving needs' || coalesce((SELECT format(', granted to %s by role "%s": run "REVOKE %s FROM %s" as role "%2$s"',
-					CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE 'it' END, pg_get_userbyid(a.grantor), h.item, CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident($1) END)
-				FROM aclexplode(h.acl) a WHERE a.privilege_type = h.p AND a.grantee IN (0, u.oid) LIMIT 1), ': revoke it as its owner') FROM held h, u WHERE h.item NOT IN (SELECT item FROM want) ORDER BY h.item LIMIT 1),
+			(SELECT format('holds %s beyond what serving needs, granted to %s by role "%s": run "REVOKE %s FROM %s" as role "%3$s"', item, CASE grantee WHEN 0 THEN 'PUBLIC' ELSE 'it' END,
+				pg_get_userbyid(grantor), item, CASE grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident($1) END) FROM held WHERE item NOT IN (SELECT item FROM want) ORDER BY item LIMIT 1),
 			(SELECT format('lacks %s, which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner', item, $1) FROM want WHERE item NOT IN (SELECT item FROM held) ORDER BY item LIMIT 1))`
 	rights, err := servingRightsIn(ctx, tx)
 	if err != nil {
@@ -307,130 +416,6 @@ func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
 	}
 	return nil
 }
-
-// pruneLogins deletes ended and expired logins, with their refresh tokens,
-// and runs of failed logins untouched for maxAgeDays, in batches that hold
-// no lock for long. A live login keeps all its refresh tokens, expired ones
-// included: reuse detection reads them, and they go with the login when it
-// ends.
-func pruneLogins(ctx context.Context, db *sql.DB, maxAgeDays int) error {
-	inBatches := func(q string, args ...any) error {
-		for {
-			res, err := db.ExecContext(ctx, q, args...)
-			if err != nil {
-				return fmt.Errorf("prune logins: %w", err)
-			}
-			if n, _ := res.RowsAffected(); n < 1000 {
-				return nil
-			}
-		}
-	}
-	err := inBatches(`DELETE FROM logins WHERE id IN (
-		SELECT id FROM logins WHERE ended_at IS NOT NULL OR expires_at <= now() LIMIT 1000)`)
-	if err != nil {
-		return err
-	}
-	// $1 LOGIN_MAX_AGE_DAYS: older failures and logins mark nothing any more.
-	return inBatches(`DELETE FROM login_attempts WHERE (name, source) IN (SELECT name, source FROM login_attempts
-		WHERE greatest(last_failure, last_login) < now() - make_interval(days => $1) LIMIT 1000 FOR UPDATE SKIP LOCKED)`, maxAgeDays)
-}
-
-// withTx runs fn in a transaction, committing only when fn succeeds.
-func withTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
-	tx, err := db.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("begin: %w", err)
-	}
-	defer tx.Rollback()
-	if err = fn(tx); err == nil {
-		err = tx.Commit()
-	}
-	// Past the request's deadline database/sql rolls the transaction back,
-	// and the next statement or the commit says only ErrTxDone: nothing was
-	// written, so the deadline is the cause (503, try again), not a bug.
-	if errors.Is(err, sql.ErrTxDone) && ctx.Err() != nil {
-		return fmt.Errorf("%w (%w)", err, ctx.Err())
-	}
-	return err
-}
-
-// conflicts are the unique keys a client can run into, with the field error
-// each answers (fail turns the violation into it).
-var conflicts = map[string]fieldErrors{
-	"patients_owner_email":    {"email": {"A patient with this email already exists."}},
-	"doctors_email":           {"email": {"A doctor with this email already exists."}},
-	"mappings_patient_doctor": {"non_field_errors": {"The fields patient, doctor must make a unique set."}},
-}
-
-// isUnavailable reports whether err means the database cannot be reached
-// (down, restarting, out of connections, or too slow) or cannot take the
-// audit events a request must leave: a 503 the client may retry, not a 500.
-func isUnavailable(err error) bool {
-	if pqErr := pq.As(err); pqErr != nil {
-		switch pqErr.Code.Class() {
-		case "08", "53", "57", "58": // connection, resources, operator intervention, system
-			return true
-		}
-		return pqErr.Table == "audit_events" // an event that cannot be written: the request shows nothing
-	}
-	var netErr net.Error
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, driver.ErrBadConn) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &netErr)
-}
-
-// database is the pool, running each query that returns rows as a prepared
-// statement, so that PostgreSQL plans it once per connection rather than at
-// every call (README, Performance). Query texts are built from constants, whitelisted
-// orderings and a bounded number of search terms; the cache stops growing
-// at maxStatements all the same.
-type database struct {
-	*sql.DB
-	stmts sync.Map // query text → *sql.Stmt
-	n     atomic.Int32
-}
-
-const maxStatements = 500
-
-// customPlan makes a transaction's statements planned with their arguments.
-const customPlan = `SET LOCAL plan_cache_mode = force_custom_plan`
-
-// stmt returns query's prepared statement, or nil to run it unprepared (a
-// full cache, or a failed prepare, whose error the query itself will meet).
-func (d *database) stmt(ctx context.Context, query string) *sql.Stmt {
-	if st, ok := d.stmts.Load(query); ok {
-		return st.(*sql.Stmt)
-	}
-	if d.n.Load() >= maxStatements {
-		return nil
-	}
-	st, err := d.DB.PrepareContext(ctx, query)
-	if err != nil {
-		return nil
-	}
-	if prev, loaded := d.stmts.LoadOrStore(query, st); loaded {
-		st.Close() // another request prepared it first
-		return prev.(*sql.Stmt)
-	}
-	d.n.Add(1)
-	return st
-}
-
-func (d *database) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
-	if st := d.stmt(ctx, query); st != nil {
-		return st.QueryRowContext(ctx, args...)
-	}
-	return d.DB.QueryRowContext(ctx, query, args...)
-}
-
-func (d *database) QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
-	if st := d.stmt(ctx, query); st != nil {
-		return st.QueryContext(ctx, args...)
-	}
-	return d.DB.QueryContext(ctx, query, args...)
-}
-
-// rowScanner is what *sql.Row and *sql.Rows share.
-type rowScanner interface{ Scan(dest ...any) error }
 
 // The rules every statement of a logged-in request obeys are written here,
 // once. Its handler states it as a statement: its own SQL, as named steps (a
@@ -528,12 +513,155 @@ func (d *database) exec(r *http.Request, q statement) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer rows.Close()
-	n := 0
-	for rows.Next() {
-		n++
+	found, err := scanAll(rows, func(rowScanner) (bool, error) { return true, nil })
+	return len(found), err
+}
+
+// The audit trail: a user's own events (no patient), and the list of a
+// user's events. Statements write their patients' events themselves (sent).
+
+// recordAccountEvent writes a user's own audit event (no patient), in the
+// transaction of the change it records.
+func recordAccountEvent(ctx context.Context, tx *sql.Tx, r *http.Request, userID, loginID int64, action string) error {
+	info := infoFrom(r)
+	const q = `INSERT INTO audit_events (user_id, login_id, action, ip, request_id) VALUES ($1, $2, $3, $4, $5)`
+	if _, err := tx.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
+		return fmt.Errorf("record %s: %w", action, err)
 	}
-	return n, rows.Err()
+	return nil
+}
+
+// event is one audit event as GET /api/audit/ shows it.
+type event struct {
+	ID        int64          `json:"id"`
+	At        string         `json:"at"`
+	Action    string         `json:"action"`
+	Patient   *int64         `json:"patient"`
+	Doctor    *int64         `json:"doctor"`
+	Fields    pq.StringArray `json:"fields"`
+	Login     *int64         `json:"login"`
+	IP        string         `json:"ip"`
+	RequestID string         `json:"request_id"`
+}
+
+func scanEvent(row rowScanner) (event, error) {
+	var e event
+	err := row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
+	return e, err
+}
+
+// auditActions are every action an event may have, in one list: schema.sql's
+// check, the action filter and openapi.json's enums are tested against it.
+var auditActions = []string{"patient.create", "patient.read", "patient.update", "patient.delete", "patient.list",
+	"mapping.create", "mapping.delete", "mapping.list", "doctor.create", "doctor.update", "doctor.delete", "login", "login.failed", "refresh.reused", "logout",
+	"logout.all", "password.change", "login.unlock"}
+
+// auditFilters returns the WHERE of the audit filters q gives, each value
+// in a as its column's @name: only those, so that each set of filters is its own
+// statement, with a plan that reads its own index.
+func auditFilters(q url.Values, a args) (string, error) {
+	where, errs := "user_id = @user", fieldErrors{}
+	for _, fc := range [][2]string{{"patient", "patient_id"}, {"doctor", "doctor_id"}, {"login", "login_id"}, {"action", "action"}} {
+		f, col, v := fc[0], fc[1], q.Get(fc[0])
+		n, err := strconv.ParseInt(v, 10, 64)
+		switch {
+		case v == "":
+			continue
+		case f == "action" && !slices.Contains(auditActions, v):
+			errs.add(f, fmt.Sprintf("Select a valid choice. %s is not one of the available choices.", v))
+		case f == "action":
+			a[col] = v
+		case err != nil:
+			errs.add(f, "A valid integer is required.")
+		case n < 1:
+			errs.add(f, "Ensure this value is greater than or equal to 1.")
+		default:
+			a[col] = n
+		}
+		where += " AND " + col + " = @" + col
+	}
+	if len(errs) > 0 {
+		return "", errs
+	}
+	return where, nil
+}
+
+// A cursor is an opaque position in the trail: base64 of "<" and an event
+// id (the events before it: a next page) or of ">" and one (after it: a
+// previous page).
+func cursorAt(dir byte, id int64) string {
+	return base64.RawURLEncoding.EncodeToString(strconv.AppendInt([]byte{dir}, id, 10))
+}
+
+// handleListAudit lists the user's own events, newest first, a page at a
+// time by cursor (DRF's CursorPagination): a page reads about its own rows
+// through one index, however long the trail. user_id = @user holds for
+// every filter: no filter reaches another user's events.
+func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	p, _ := parseList(url.Values{"page_size": q["page_size"]}, nil, false) // page_size alone never fails
+	// @limit: the page's size and one, to tell whether there is more.
+	a := args{"limit": p.size + 1, "cursor": int64(math.MaxInt64)}
+	where, err := auditFilters(q, a)
+	if err != nil {
+		return err
+	}
+	// Only a cursor in the very form this server writes is read: decoded,
+	// it must encode to the same text. One that is not URL encoding at all
+	// (dropped by Query) is no cursor of ours either.
+	dir := byte('<')
+	if c := q.Get("cursor"); q.Has("cursor") || strings.Contains("&"+r.URL.RawQuery, "&cursor=") {
+		b, _ := base64.RawURLEncoding.DecodeString(c)
+		id, err := strconv.ParseInt(string(b[min(1, len(b)):]), 10, 64)
+		if err != nil || id < 1 || b[0] != '<' && b[0] != '>' || cursorAt(b[0], id) != c {
+			return &apiError{status: http.StatusNotFound, body: detail("Invalid cursor")}
+		}
+		dir, a["cursor"] = b[0], id
+	}
+	// dir is '<' or '>', checked above: the comparison, and its order.
+	order := map[byte]string{'<': "DESC", '>': "ASC"}[dir]
+	rows, err := s.db.query(r, statement{args: a, steps: `done AS (SELECT id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id FROM audit_events
+		WHERE ` + where + ` AND id ` + string(dir) + ` @cursor ORDER BY id ` + order + ` LIMIT @limit)`})
+	if err != nil {
+		return fmt.Errorf("list audit: %w", err)
+	}
+	events, err := scanAll(rows, scanEvent)
+	if err != nil {
+		return err
+	}
+	more := len(events) > p.size // beyond this page, in the direction read
+	events = events[:min(len(events), p.size)]
+	if dir == '>' {
+		slices.Reverse(events)
+	}
+	var pg struct {
+		Next     *string `json:"next"`
+		Previous *string `json:"previous"`
+		Results  []event `json:"results"`
+	}
+	if pg.Results = events; len(events) > 0 {
+		if more || dir == '>' {
+			pg.Next = pageLink(r, "cursor", cursorAt('<', events[len(events)-1].ID))
+		}
+		if more && dir == '>' || dir == '<' && q.Has("cursor") {
+			pg.Previous = pageLink(r, "cursor", cursorAt('>', events[0].ID))
+		}
+	}
+	return writeJSON(w, http.StatusOK, pg)
+}
+
+// Rows and lists: one record written with its entity tag, a write's 404
+// and 412, and a page of a collection.
+
+// rowScanner is what *sql.Row and *sql.Rows share.
+type rowScanner interface{ Scan(dest ...any) error }
+
+// conflicts are the unique keys a client can run into, with the field error
+// each answers (fail turns the violation into it).
+var conflicts = map[string]fieldErrors{
+	"patients_owner_email":    {"email": {"A patient with this email already exists."}},
+	"doctors_email":           {"email": {"A doctor with this email already exists."}},
+	"mappings_patient_doctor": {"non_field_errors": {"The fields patient, doctor must make a unique set."}},
 }
 
 // writeRow runs q, which returns one row, and writes that row with status;
@@ -601,9 +729,6 @@ func ifMatch(r *http.Request) pq.StringArray {
 	return tags
 }
 
-var errPreconditionFailed = &apiError{status: http.StatusPreconditionFailed,
-	body: detail("The record has changed since you read it.")}
-
 // unmatched turns the 404 of a write that found no row into 412 when the
 // request had If-Match and the record exists (found returns it): the row
 // was there, but in no version the client listed.
@@ -616,7 +741,7 @@ func unmatched(r *http.Request, db *database, err error, found statement) error 
 	case err != nil:
 		return fmt.Errorf("check the record: %w", err)
 	case n > 0:
-		return errPreconditionFailed
+		return &apiError{status: http.StatusPreconditionFailed, body: detail("The record has changed since you read it.")}
 	}
 	return errNotFound
 }
@@ -731,6 +856,9 @@ type listBody[T any] struct {
 	Results  []T     `json:"results"`
 }
 
+// customPlan makes a transaction's statements planned with their arguments.
+const customPlan = `SET LOCAL plan_cache_mode = force_custom_plan`
+
 // listPage answers a collection GET with the page list asks for: q's rows
 // are the page's, each with the total count in front. A search runs in a
 // transaction planned with its terms (README, Performance): a generic plan,
@@ -782,12 +910,12 @@ func pageLink(r *http.Request, key, value string) *string {
 	if key == "page" && value == "1" {
 		q.Del(key)
 	}
-	scheme := "http"
+	u := url.URL{Scheme: "http", Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}
 	if infoFrom(r).https {
-		scheme = "https"
+		u.Scheme = "https"
 	}
-	u := (&url.URL{Scheme: scheme, Host: r.Host, Path: r.URL.Path, RawQuery: q.Encode()}).String()
-	return &u
+	link := u.String()
+	return &link
 }
 
 // scanFunc makes a function a rowScanner: listPage's scans the count column
@@ -795,137 +923,3 @@ func pageLink(r *http.Request, key, value string) *string {
 type scanFunc func(dest ...any) error
 
 func (f scanFunc) Scan(dest ...any) error { return f(dest...) }
-
-// The audit trail: account events, and the list of a caller's events.
-// Patient statements write their own events (patients.go, mappings.go).
-
-// recordAccountEvent writes an account's audit event (no patient), in the
-// transaction of the change it records.
-func recordAccountEvent(ctx context.Context, tx *sql.Tx, r *http.Request, userID, loginID int64, action string) error {
-	info := infoFrom(r)
-	const q = `INSERT INTO audit_events (user_id, login_id, action, ip, request_id) VALUES ($1, $2, $3, $4, $5)`
-	if _, err := tx.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
-		return fmt.Errorf("record %s: %w", action, err)
-	}
-	return nil
-}
-
-// event is one audit event as GET /api/audit/ shows it.
-type event struct {
-	ID        int64          `json:"id"`
-	At        string         `json:"at"`
-	Action    string         `json:"action"`
-	Patient   *int64         `json:"patient"`
-	Doctor    *int64         `json:"doctor"`
-	Fields    pq.StringArray `json:"fields"`
-	Login     *int64         `json:"login"`
-	IP        string         `json:"ip"`
-	RequestID string         `json:"request_id"`
-}
-
-func scanEvent(row rowScanner) (event, error) {
-	var e event
-	err := row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
-	return e, err
-}
-
-// auditActions are every action an event may have, in one list: schema.sql's
-// check, the action filter and openapi.json's enums are tested against it.
-var auditActions = []string{"patient.create", "patient.read", "patient.update", "patient.delete", "patient.list",
-	"mapping.create", "mapping.delete", "mapping.list", "doctor.create", "doctor.update", "doctor.delete", "login", "login.failed", "refresh.reused", "logout",
-	"logout.all", "password.change", "login.unlock"}
-
-// auditFilters returns the WHERE of the audit filters q gives: only those,
-// so that each set of filters is its own statement, with a plan that reads
-// its own index. Each value is appended to args, its placeholder next.
-func auditFilters(q url.Values, args []any) (string, []any, error) {
-	where, errs := "user_id = $1", fieldErrors{}
-	for _, fc := range [][2]string{{"patient", "patient_id"}, {"doctor", "doctor_id"}, {"login", "login_id"}, {"action", "action"}} {
-		f, v := fc[0], q.Get(fc[0])
-		n, err := strconv.ParseInt(v, 10, 64)
-		switch {
-		case v == "":
-			continue
-		case f == "action" && !slices.Contains(auditActions, v):
-			errs.add(f, fmt.Sprintf("Select a valid choice. %s is not one of the available choices.", v))
-		case f == "action":
-			args = append(args, v)
-		case err != nil:
-			errs.add(f, "A valid integer is required.")
-		case n < 1:
-			errs.add(f, "Ensure this value is greater than or equal to 1.")
-		default:
-			args = append(args, n)
-		}
-		where += fmt.Sprintf(" AND %s = $%d", fc[1], len(args))
-	}
-	if len(errs) > 0 {
-		return "", nil, errs
-	}
-	return where, args, nil
-}
-
-// A cursor is an opaque position in the trail: base64 of "<" and an event
-// id (the events before it: a next page) or of ">" and one (after it: a
-// previous page).
-func cursorAt(dir byte, id int64) string {
-	return base64.RawURLEncoding.EncodeToString(strconv.AppendInt([]byte{dir}, id, 10))
-}
-
-// handleListAudit lists the caller's own events, newest first, a page at a
-// time by cursor (DRF's CursorPagination): a page reads about its own rows
-// through one index, however long the trail. user_id = $1 holds for every
-// filter: no filter reaches another account's events.
-func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
-	q, info := r.URL.Query(), infoFrom(r)
-	p, _ := parseList(url.Values{"page_size": q["page_size"]}, nil, false) // page_size alone never fails
-	// $1 user, $2 login, $3 the page's size and one, $4 the cursor's id,
-	// then each filter given, in this order, from $5.
-	where, args, err := auditFilters(q, []any{info.userID, info.loginID, p.size + 1, int64(math.MaxInt64)})
-	if err != nil {
-		return err
-	}
-	// Only a cursor in the very form this server writes is read: decoded,
-	// it must encode to the same text. One that is not URL encoding at all
-	// (dropped by Query) is no cursor of ours either.
-	dir := byte('<')
-	if c := q.Get("cursor"); q.Has("cursor") || strings.Contains("&"+r.URL.RawQuery, "&cursor=") {
-		b, _ := base64.RawURLEncoding.DecodeString(c)
-		id, err := strconv.ParseInt(string(b[min(1, len(b)):]), 10, 64)
-		if err != nil || id < 1 || b[0] != '<' && b[0] != '>' || cursorAt(b[0], id) != c {
-			return &apiError{status: http.StatusNotFound, body: detail("Invalid cursor")}
-		}
-		dir, args[3] = b[0], id
-	}
-	// dir is '<' or '>', checked above: the comparison, and its order.
-	order := map[byte]string{'<': "DESC", '>': "ASC"}[dir]
-	query := `SELECT id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id FROM audit_events
-		WHERE ` + where + ` AND id ` + string(dir) + ` $4 AND login_live($1, $2) ORDER BY id ` + order + ` LIMIT $3`
-	rows, err := s.db.QueryContext(r.Context(), query, args...)
-	if err != nil {
-		return fmt.Errorf("list audit: %w", err)
-	}
-	events, err := scanAll(rows, scanEvent)
-	if err != nil {
-		return err
-	}
-	more := len(events) > p.size // beyond this page, in the direction read
-	events = events[:min(len(events), p.size)]
-	if dir == '>' {
-		slices.Reverse(events)
-	}
-	var pg struct {
-		Next     *string `json:"next"`
-		Previous *string `json:"previous"`
-		Results  []event `json:"results"`
-	}
-	if pg.Results = events; len(events) > 0 {
-		if more || dir == '>' {
-			pg.Next = pageLink(r, "cursor", cursorAt('<', events[len(events)-1].ID))
-		}
-		if more && dir == '>' || dir == '<' && q.Has("cursor") {
-			pg.Previous = pageLink(r, "cursor", cursorAt('>', events[0].ID))
-		}
-	}
-	return writeJSON(w, http.StatusOK, pg)
-}
