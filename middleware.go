@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -35,7 +36,13 @@ const maxBody = 64 << 10
 //
 //	Host (400) → CORS preflight (204) → routing (404, slash redirect, 405)
 //	→ body size (413) → who is asking → rate limit (429) → authentication (401)
+//	→ a malformed {id} of a GET, HEAD or DELETE (404)
 //	→ the handler: permission (403), content type (415), parsing (400), work.
+//
+// A malformed {id} (not a positive int64) is the 404 of a missing row, given
+// where that row's 404 comes but before any statement: in route.serve for
+// GET, HEAD and DELETE; for a patient's PUT or PATCH after the body's 415 and
+// 400; for a doctor's PUT or PATCH before its 403 (mayChangeDoctor).
 //
 // Recovery, the access log and the response headers wrap all of it, so that
 // every answer, even a panic's, is JSON, logged and hardened. The cheap
@@ -86,8 +93,8 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.ContentLength != 0 {
-		// Read the body now, within its cap, so that an oversized body is
-		// refused here rather than after authentication.
+		// Read the body once, here, within its cap, so that an oversized body
+		// is refused before authentication; decodeBody reads it from info.
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
@@ -98,7 +105,7 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, http.StatusBadRequest, detail("Could not read the request body."))
 			return
 		}
-		r.Body = io.NopCloser(bytes.NewReader(body))
+		infoFrom(r).body = body
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.requestTimeout)
 	defer cancel()
@@ -107,13 +114,11 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 
 // unrouted answers a request the mux has no route for, in JSON rather than
 // the mux's plain text: a redirect to the slashed path, 204 for OPTIONS on a
-// known path, 405 with Allow, or 404.
+// known path, 405 with Allow, a redirect to the cleaned path, or 404.
 func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler) {
 	if p := r.URL.Path; strings.HasPrefix(p, "/api/") && !strings.HasSuffix(p, "/") {
 		slashed := r.Clone(r.Context())
-		slashed.URL.Path += "/"
-		slashed.URL.RawPath = ""
-		slashed.URL.ForceQuery = false // "/api/x?" redirects to "/api/x/", without the empty query
+		slashed.URL = &url.URL{Path: p + "/", RawQuery: r.URL.RawQuery} // "/api/x?" goes to "/api/x/", without the empty query
 		if sh, _ := s.mux.Handler(slashed); isRoute(sh) || muxAnswer(sh, slashed).status == http.StatusMethodNotAllowed {
 			w.Header().Set("Location", slashed.URL.RequestURI()) // the path, and "?query" if there is one
 			writeJSON(w, http.StatusPermanentRedirect, detail("Use the path that ends in a slash."))
@@ -186,11 +191,8 @@ func (s *server) originAllowed(origin string) bool {
 // hostAllowed checks Host against ALLOWED_HOSTS, as Django does, so that
 // links built from Host (pagination) cannot be pointed at another site.
 func (s *server) hostAllowed(host string) bool {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-		if strings.Contains(h, ":") {
-			host = "[" + h + "]" // as ALLOWED_HOSTS writes an IPv6 literal
-		}
+	if _, port, err := net.SplitHostPort(host); err == nil {
+		host = host[:len(host)-len(port)-1] // an IPv6 literal keeps its brackets, as ALLOWED_HOSTS writes it
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	// "*" allows any host; ".example.com" allows example.com and its subdomains.
@@ -243,7 +245,8 @@ type requestInfo struct {
 	clientIP netip.Addr
 	https    bool
 	userID   int64
-	loginID  int64 // the login (the tokens' sid)
+	loginID  int64  // the login (the tokens' sid)
+	body     []byte // the request body, read within its cap by dispatch
 }
 
 type infoKey struct{}
@@ -321,15 +324,11 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 		return rt.h(w, r)
 	}
 	var authErr error
-	if rt.access == private {
-		// Public routes ignore Authorization: an expired token that a client
-		// library sends along must not break login.
+	switch rt.access {
+	case private: // public routes ignore Authorization: an expired token sent along must not break login
 		authErr = rt.s.authenticate(r, info)
-	}
-	// A clinic behind one address must not share one anonymous budget for
-	// its refreshes: a signed refresh token is its user's (a forged one is not).
-	if rt.access == refreshing {
-		if c, err := rt.s.refreshClaims(r); err == nil || err == errExpired {
+	case refreshing: // a clinic behind one client IP must not share one anonymous budget for its refreshes
+		if c, err := rt.s.refreshClaims(r); err == nil || err == errExpired { // signed, so its user's
 			info.userID = c.UserID
 		}
 	}
@@ -588,13 +587,10 @@ func noContent(w http.ResponseWriter) error {
 // case-insensitively and report only the first error).
 type members map[string]json.RawMessage
 
-// decodeBody reads a request body as a JSON object. An empty body is {}.
+// decodeBody reads the request body (read by dispatch) as a JSON object. An
+// empty body is {}.
 func decodeBody(r *http.Request) (members, error) {
-	body, err := io.ReadAll(r.Body)
-	if err != nil {
-		return nil, fmt.Errorf("read body: %w", err)
-	}
-	r.Body = io.NopCloser(bytes.NewReader(body)) // for a second reading (route.serve)
+	body := infoFrom(r).body
 	if len(bytes.TrimSpace(body)) == 0 {
 		return members{}, nil
 	}
@@ -609,7 +605,7 @@ func decodeBody(r *http.Request) (members, error) {
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	var f members
-	err = dec.Decode(&f)
+	err := dec.Decode(&f)
 	var typeErr *json.UnmarshalTypeError
 	if errors.As(err, &typeErr) || err == nil && f == nil { // another JSON value, or null
 		return nil, parseError("the body must be a JSON object")
