@@ -538,8 +538,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var ae *apiError
 	switch {
 	case errors.As(err, &fe):
-		writeJSON(w, http.StatusBadRequest, fe)
-		return
+		ae = &apiError{status: http.StatusBadRequest, body: fe}
 	case errors.As(err, &ae):
 	case pq.As(err, "HC401") != nil: // login_live's refusal (schema.sql): the login has ended
 		ae = errAccessInvalid
