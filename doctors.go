@@ -124,8 +124,7 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 }
 
 var (
-	errDoctorAssigned = &apiError{status: http.StatusConflict,
-		body: detail("This doctor is assigned to patients and cannot be deleted.")}
+	errDoctorAssigned    = &apiError{status: http.StatusConflict, body: detail("This doctor is assigned to patients and cannot be deleted.")}
 	errDoctorEmailFrozen = &apiError{status: http.StatusConflict,
 		body: detail("Other users' patients are assigned to this doctor; its email can no longer change.")}
 )

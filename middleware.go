@@ -79,9 +79,9 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, detail("Invalid host header."))
 		return
 	}
-	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
-		s.originAllowed(r.Header.Get("Origin")) {
-		h := w.Header()
+	// A preflight from a listed origin, which setHeaders has echoed back.
+	if h := w.Header(); r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
+		h.Get("Access-Control-Allow-Origin") != "" {
 		h.Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
 		h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
 		h.Set("Access-Control-Max-Age", "86400")
@@ -176,16 +176,12 @@ func (s *server) setHeaders(w http.ResponseWriter, r *http.Request, info *reques
 	h.Add("Vary", "Origin")
 	// Only a listed origin is echoed back; reflecting any origin would let
 	// every web page read the API's answers.
-	if origin := r.Header.Get("Origin"); s.originAllowed(origin) {
+	if origin := r.Header.Get("Origin"); origin != "" && slices.Contains(s.cfg.corsOrigins, origin) {
 		h.Set("Access-Control-Allow-Origin", origin)
 		// So that a page can send the tag back in If-Match, wait as long as
 		// it is told, and quote the request id.
 		h.Set("Access-Control-Expose-Headers", "ETag, Retry-After, X-Request-Id")
 	}
-}
-
-func (s *server) originAllowed(origin string) bool {
-	return origin != "" && slices.Contains(s.cfg.corsOrigins, origin)
 }
 
 // hostAllowed checks Host against ALLOWED_HOSTS, as Django does, so that
@@ -320,11 +316,10 @@ func (rt route) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo) error {
-	if rt.access == probe {
-		return rt.h(w, r)
-	}
 	var authErr error
 	switch rt.access {
+	case probe: // no token, no limit
+		return rt.h(w, r)
 	case private: // public routes ignore Authorization: an expired token sent along must not break login
 		authErr = rt.s.authenticate(r, info)
 	case refreshing: // a clinic behind one client IP must not share one anonymous budget for its refreshes
@@ -342,9 +337,9 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 	if authErr != nil {
 		return authErr
 	}
-	// A malformed {id} names no row: 404 before any statement. Where a
-	// body's checks or a 403 come first, the PUT and PATCH handlers say it.
-	if m := r.Method; (m == http.MethodGet || m == http.MethodHead || m == http.MethodDelete) && r.PathValue("id") != "" && pathID(r) == 0 {
+	// A malformed {id} names no row: 404 before any statement. PUT and PATCH
+	// say it where the body's checks or a 403 come first (ServeHTTP).
+	if m := r.Method; m != http.MethodPut && m != http.MethodPatch && r.PathValue("id") != "" && pathID(r) == 0 {
 		return errNotFound
 	}
 	return rt.h(w, r)
