@@ -197,11 +197,11 @@ func (s *server) hostAllowed(host string) bool {
 	})
 }
 
-// clientIP returns the address the rate limits key on, and whether the
-// request arrived over HTTPS. X-Forwarded-For and X-Forwarded-Proto are only
-// read from a trusted proxy, and then the client is the right-most address
-// not itself a proxy: the left part of the header is whatever the client
-// chose to write.
+// clientIP returns the client IP (the limits key on its source) and whether
+// the request arrived over HTTPS. X-Forwarded-For and X-Forwarded-Proto are
+// only read from a trusted proxy, and then the client IP is the right-most
+// address not itself a proxy: the left part of the header is whatever the
+// client chose to write.
 func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
 	ip := ap.Addr().Unmap().WithZone("")
@@ -229,6 +229,7 @@ func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 	return ip, https
 }
 
+// trusted reports whether ip is in TRUSTED_PROXIES.
 func (s *server) trusted(ip netip.Addr) bool {
 	return slices.ContainsFunc(s.cfg.trustedProxies, func(p netip.Prefix) bool { return p.Contains(ip) })
 }
@@ -377,8 +378,8 @@ type rateKey struct {
 }
 
 // sourceOf is the source a client IP counts as, in the rate limits and the
-// login lock: an IPv6 client by its /64, which one subscriber usually holds
-// whole (keying single addresses would give each of them 2^64 budgets).
+// runs of failed logins: an IPv6 address by its /64, which one subscriber
+// usually holds whole (keying single addresses would give each 2^64 budgets).
 func sourceOf(ip netip.Addr) netip.Addr {
 	if ip.Is6() {
 		p, _ := ip.Prefix(64)
@@ -461,8 +462,8 @@ func (l *limiter) undo(key rateKey) {
 }
 
 // window returns key's counters rolled forward to now, stored in the young
-// generation, and how far into the current fixed window now is. The caller
-// holds l.mu.
+// generation, and how far into the current fixed window now is. allow and
+// undo hold l.mu.
 func (l *limiter) window(key rateKey) (window, time.Duration) {
 	now := l.now().UnixNano()
 	index := now / int64(l.rate.period)
