@@ -80,7 +80,7 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
 var doctorFound = statement{steps: `done AS (SELECT 1 FROM doctors WHERE id = @id)`}
 
 // mayChangeDoctor answers 404 for a malformed id or a missing doctor, and
-// 403 for one the caller did not create. The order of checks puts it before
+// 403 for one the user did not create. The order of checks puts it before
 // the body's 415 and 400.
 func (s *server) mayChangeDoctor(r *http.Request) error {
 	if pathID(r) == 0 { // no statement for an id no row has
@@ -124,8 +124,7 @@ func (s *server) handleUpdateDoctor(w http.ResponseWriter, r *http.Request) erro
 }
 
 var (
-	errDoctorAssigned = &apiError{status: http.StatusConflict,
-		body: detail("This doctor is assigned to patients and cannot be deleted.")}
+	errDoctorAssigned    = &apiError{status: http.StatusConflict, body: detail("This doctor is assigned to patients and cannot be deleted.")}
 	errDoctorEmailFrozen = &apiError{status: http.StatusConflict,
 		body: detail("Other users' patients are assigned to this doctor; its email can no longer change.")}
 )

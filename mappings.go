@@ -50,7 +50,7 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) erro
 	})
 }
 
-// handleCreateMapping assigns a doctor to one of the caller's patients. The
+// handleCreateMapping assigns a doctor to one of the user's patients. The
 // INSERT selects the patient together with its owner, so another user's
 // patient inserts nothing, and the doctor; the unique key decides a race
 // between two identical requests.
@@ -100,7 +100,7 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 	return errs
 }
 
-// handlePatientMappings lists one of the caller's patients' mappings, oldest
+// handlePatientMappings lists one of the user's patients' mappings, oldest
 // first, as a plain array; another user's patient is a 404.
 func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) error {
 	rows, err := s.db.query(r, statement{
@@ -115,7 +115,7 @@ func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) e
 	if err != nil {
 		return err
 	}
-	if len(out) == 0 { // an empty array for the caller's patient, else 404
+	if len(out) == 0 { // an empty array for the user's patient, else 404
 		n, err := s.db.exec(r, patientFound)
 		if err != nil {
 			return fmt.Errorf("find patient: %w", err)

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -35,7 +36,13 @@ const maxBody = 64 << 10
 //
 //	Host (400) → CORS preflight (204) → routing (404, slash redirect, 405)
 //	→ body size (413) → who is asking → rate limit (429) → authentication (401)
+//	→ a malformed {id} of a GET, HEAD or DELETE (404)
 //	→ the handler: permission (403), content type (415), parsing (400), work.
+//
+// A malformed {id} (not a positive int64) is the 404 of a missing row, given
+// where that row's 404 comes but before any statement: in route.serve for
+// GET, HEAD and DELETE; for a patient's PUT or PATCH after the body's 415 and
+// 400; for a doctor's PUT or PATCH before its 403 (mayChangeDoctor).
 //
 // Recovery, the access log and the response headers wrap all of it, so that
 // every answer, even a panic's, is JSON, logged and hardened. The cheap
@@ -72,9 +79,9 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, detail("Invalid host header."))
 		return
 	}
-	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
-		s.originAllowed(r.Header.Get("Origin")) {
-		h := w.Header()
+	// A preflight from a listed origin, which setHeaders has echoed back.
+	if h := w.Header(); r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
+		h.Get("Access-Control-Allow-Origin") != "" {
 		h.Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
 		h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
 		h.Set("Access-Control-Max-Age", "86400")
@@ -86,8 +93,8 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.ContentLength != 0 {
-		// Read the body now, within its cap, so that an oversized body is
-		// refused here rather than after authentication.
+		// Read the body once, here, within its cap, so that an oversized body
+		// is refused before authentication; decodeBody reads it from info.
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
@@ -98,7 +105,7 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, http.StatusBadRequest, detail("Could not read the request body."))
 			return
 		}
-		r.Body = io.NopCloser(bytes.NewReader(body))
+		infoFrom(r).body = body
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.requestTimeout)
 	defer cancel()
@@ -107,13 +114,11 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 
 // unrouted answers a request the mux has no route for, in JSON rather than
 // the mux's plain text: a redirect to the slashed path, 204 for OPTIONS on a
-// known path, 405 with Allow, or 404.
+// known path, 405 with Allow, a redirect to the cleaned path, or 404.
 func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler) {
 	if p := r.URL.Path; strings.HasPrefix(p, "/api/") && !strings.HasSuffix(p, "/") {
 		slashed := r.Clone(r.Context())
-		slashed.URL.Path += "/"
-		slashed.URL.RawPath = ""
-		slashed.URL.ForceQuery = false // "/api/x?" redirects to "/api/x/", without the empty query
+		slashed.URL = &url.URL{Path: p + "/", RawQuery: r.URL.RawQuery} // "/api/x?" goes to "/api/x/", without the empty query
 		if sh, _ := s.mux.Handler(slashed); isRoute(sh) || muxAnswer(sh, slashed).status == http.StatusMethodNotAllowed {
 			w.Header().Set("Location", slashed.URL.RequestURI()) // the path, and "?query" if there is one
 			writeJSON(w, http.StatusPermanentRedirect, detail("Use the path that ends in a slash."))
@@ -171,7 +176,7 @@ func (s *server) setHeaders(w http.ResponseWriter, r *http.Request, info *reques
 	h.Add("Vary", "Origin")
 	// Only a listed origin is echoed back; reflecting any origin would let
 	// every web page read the API's answers.
-	if origin := r.Header.Get("Origin"); s.originAllowed(origin) {
+	if origin := r.Header.Get("Origin"); origin != "" && slices.Contains(s.cfg.corsOrigins, origin) {
 		h.Set("Access-Control-Allow-Origin", origin)
 		// So that a page can send the tag back in If-Match, wait as long as
 		// it is told, and quote the request id.
@@ -179,18 +184,11 @@ func (s *server) setHeaders(w http.ResponseWriter, r *http.Request, info *reques
 	}
 }
 
-func (s *server) originAllowed(origin string) bool {
-	return origin != "" && slices.Contains(s.cfg.corsOrigins, origin)
-}
-
 // hostAllowed checks Host against ALLOWED_HOSTS, as Django does, so that
 // links built from Host (pagination) cannot be pointed at another site.
 func (s *server) hostAllowed(host string) bool {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-		if strings.Contains(h, ":") {
-			host = "[" + h + "]" // as ALLOWED_HOSTS writes an IPv6 literal
-		}
+	if _, port, err := net.SplitHostPort(host); err == nil {
+		host = host[:len(host)-len(port)-1] // an IPv6 literal keeps its brackets, as ALLOWED_HOSTS writes it
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	// "*" allows any host; ".example.com" allows example.com and its subdomains.
@@ -199,11 +197,11 @@ func (s *server) hostAllowed(host string) bool {
 	})
 }
 
-// clientIP returns the address the rate limits key on, and whether the
-// request arrived over HTTPS. X-Forwarded-For and X-Forwarded-Proto are only
-// read from a trusted proxy, and then the client is the right-most address
-// not itself a proxy: the left part of the header is whatever the client
-// chose to write.
+// clientIP returns the client IP (the limits key on its source) and whether
+// the request arrived over HTTPS. X-Forwarded-For and X-Forwarded-Proto are
+// only read from a trusted proxy, and then the client IP is the right-most
+// address not itself a proxy: the left part of the header is whatever the
+// client chose to write.
 func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
 	ip := ap.Addr().Unmap().WithZone("")
@@ -231,6 +229,7 @@ func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 	return ip, https
 }
 
+// trusted reports whether ip is in TRUSTED_PROXIES.
 func (s *server) trusted(ip netip.Addr) bool {
 	return slices.ContainsFunc(s.cfg.trustedProxies, func(p netip.Prefix) bool { return p.Contains(ip) })
 }
@@ -243,7 +242,8 @@ type requestInfo struct {
 	clientIP netip.Addr
 	https    bool
 	userID   int64
-	loginID  int64 // the login (the tokens' sid)
+	loginID  int64  // the login (the tokens' sid)
+	body     []byte // the request body, read within its cap by dispatch
 }
 
 type infoKey struct{}
@@ -317,19 +317,14 @@ func (rt route) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo) error {
-	if rt.access == probe {
-		return rt.h(w, r)
-	}
 	var authErr error
-	if rt.access == private {
-		// Public routes ignore Authorization: an expired token that a client
-		// library sends along must not break login.
+	switch rt.access {
+	case probe: // no token, no limit
+		return rt.h(w, r)
+	case private: // public routes ignore Authorization: an expired token sent along must not break login
 		authErr = rt.s.authenticate(r, info)
-	}
-	// A clinic behind one address must not share one anonymous budget for
-	// its refreshes: a signed refresh token is its user's (a forged one is not).
-	if rt.access == refreshing {
-		if c, err := rt.s.refreshClaims(r); err == nil || err == errExpired {
+	case refreshing: // a clinic behind one client IP must not share one anonymous budget for its refreshes
+		if c, err := rt.s.refreshClaims(r); err == nil || err == errExpired { // signed, so its user's
 			info.userID = c.UserID
 		}
 	}
@@ -343,9 +338,9 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo)
 	if authErr != nil {
 		return authErr
 	}
-	// A malformed {id} names no row: 404 before any statement. Where a
-	// body's checks or a 403 come first, the PUT and PATCH handlers say it.
-	if m := r.Method; (m == http.MethodGet || m == http.MethodHead || m == http.MethodDelete) && r.PathValue("id") != "" && pathID(r) == 0 {
+	// A malformed {id} names no row: 404 before any statement. PUT and PATCH
+	// say it where the body's checks or a 403 come first (ServeHTTP).
+	if m := r.Method; m != http.MethodPut && m != http.MethodPatch && r.PathValue("id") != "" && pathID(r) == 0 {
 		return errNotFound
 	}
 	return rt.h(w, r)
@@ -383,8 +378,8 @@ type rateKey struct {
 }
 
 // sourceOf is the source a client IP counts as, in the rate limits and the
-// login lock: an IPv6 client by its /64, which one subscriber usually holds
-// whole (keying single addresses would give each of them 2^64 budgets).
+// runs of failed logins: an IPv6 address by its /64, which one subscriber
+// usually holds whole (keying single addresses would give each 2^64 budgets).
 func sourceOf(ip netip.Addr) netip.Addr {
 	if ip.Is6() {
 		p, _ := ip.Prefix(64)
@@ -467,8 +462,8 @@ func (l *limiter) undo(key rateKey) {
 }
 
 // window returns key's counters rolled forward to now, stored in the young
-// generation, and how far into the current fixed window now is. The caller
-// holds l.mu.
+// generation, and how far into the current fixed window now is. allow and
+// undo hold l.mu.
 func (l *limiter) window(key rateKey) (window, time.Duration) {
 	now := l.now().UnixNano()
 	index := now / int64(l.rate.period)
@@ -539,8 +534,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var ae *apiError
 	switch {
 	case errors.As(err, &fe):
-		writeJSON(w, http.StatusBadRequest, fe)
-		return
+		ae = &apiError{status: http.StatusBadRequest, body: fe}
 	case errors.As(err, &ae):
 	case pq.As(err, "HC401") != nil: // login_live's refusal (schema.sql): the login has ended
 		ae = errAccessInvalid
@@ -588,13 +582,10 @@ func noContent(w http.ResponseWriter) error {
 // case-insensitively and report only the first error).
 type members map[string]json.RawMessage
 
-// decodeBody reads a request body as a JSON object. An empty body is {}.
+// decodeBody reads the request body (read by dispatch) as a JSON object. An
+// empty body is {}.
 func decodeBody(r *http.Request) (members, error) {
-	body, err := io.ReadAll(r.Body)
-	if err != nil {
-		return nil, fmt.Errorf("read body: %w", err)
-	}
-	r.Body = io.NopCloser(bytes.NewReader(body)) // for a second reading (route.serve)
+	body := infoFrom(r).body
 	if len(bytes.TrimSpace(body)) == 0 {
 		return members{}, nil
 	}
@@ -609,7 +600,7 @@ func decodeBody(r *http.Request) (members, error) {
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	var f members
-	err = dec.Decode(&f)
+	err := dec.Decode(&f)
 	var typeErr *json.UnmarshalTypeError
 	if errors.As(err, &typeErr) || err == nil && f == nil { // another JSON value, or null
 		return nil, parseError("the body must be a JSON object")

@@ -76,7 +76,7 @@ func (s *server) handleGetPatient(w http.ResponseWriter, r *http.Request) error 
 	})
 }
 
-// patientFound finds the caller's patient the path names: unmatched tells a
+// patientFound finds the user's patient the path names: unmatched tells a
 // write's 412 from its 404 by it.
 var patientFound = statement{steps: `done AS (SELECT 1 FROM patients WHERE id = @id AND owner_id = @user)`}
 
