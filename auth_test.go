@@ -1614,8 +1614,9 @@ func TestPasswordChange(t *testing.T) {
 		a := register(t, s)
 		wrong := map[string]any{"old_password": "Not-The-Password-1", "new_password": "Quartz-Meadow-Lantern-88"}
 		for range 3 {
-			wantJSON(t, change(a.access, wrong), http.StatusBadRequest,
-				`{"old_password": ["Your old password was entered incorrectly. Please enter it again."]}`)
+			res := change(a.access, wrong)
+			wantJSON(t, res, http.StatusBadRequest, `{"old_password": ["Your old password was entered incorrectly. Please enter it again."]}`)
+			wantEvents(t, res, nil, "login.failed") // of no login, as a failed login's
 		}
 		wantThrottled(t, change(a.access, wrong), anyWait)
 		wantThrottled(t, login(t, s, a.username, a.password), anyWait)
