@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"cmp"
 	"compress/gzip"
 	"context"
@@ -9,11 +8,9 @@ import (
 	"crypto/pbkdf2"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/subtle"
 	"database/sql"
 	_ "embed"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -52,13 +49,10 @@ type passwords struct {
 
 func newPasswords(iterations, concurrency int) (*passwords, error) {
 	p := &passwords{iterations: iterations, slots: make(chan struct{}, concurrency), maxWait: 2 * time.Second}
-	dummy, err := p.encode("dummy password", newSalt())
-	if err != nil {
-		return nil, err
-	}
-	p.dummy = dummy
 	p.failCost.Store(int64(iterations))
-	return p, nil
+	var err error
+	p.dummy, err = p.encode("dummy password", newSalt())
+	return p, err
 }
 
 // acquire takes a hashing slot, waiting at most maxWait.
@@ -136,7 +130,7 @@ func (p *passwords) verify(password, encoded string) (ok, stale bool, err error)
 		return false, false, fmt.Errorf("pbkdf2: %w", err)
 	}
 	// Constant time, so the comparison leaks nothing about how close a guess was.
-	if subtle.ConstantTimeCompare(got, want) == 1 && encoded != p.dummy {
+	if hmac.Equal(got, want) && encoded != p.dummy {
 		return true, iter < p.iterations, nil
 	}
 	if pad := int(p.failCost.Load()) - iter; pad > 0 {
@@ -213,7 +207,7 @@ func (s *signer) newClaims(tokenType string, userID, sid int64, now time.Time) c
 	var id [16]byte
 	rand.Read(id[:])
 	return claims{TokenType: tokenType, Exp: now.Add(ttl).Unix(), Iat: now.Unix(),
-		JTI: hex.EncodeToString(id[:]), UserID: userID, SID: sid}
+		JTI: fmt.Sprintf("%x", id), UserID: userID, SID: sid}
 }
 
 // sign encodes c as a token.
@@ -275,8 +269,7 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 }
 
 var (
-	errNoCredentials = &apiError{status: http.StatusUnauthorized,
-		body: detail("Authentication credentials were not provided.")}
+	errNoCredentials = &apiError{status: http.StatusUnauthorized, body: detail("Authentication credentials were not provided.")}
 	errBadAuthHeader = &apiError{status: http.StatusUnauthorized,
 		body: map[string]string{"detail": "Authorization header must contain two space-delimited values", "code": "bad_authorization_header"}}
 	errAccessInvalid = &apiError{status: http.StatusUnauthorized, body: map[string]any{
@@ -286,8 +279,7 @@ var (
 		body: map[string]string{"detail": "Token is invalid or expired", "code": "token_not_valid"}}
 	errBlacklisted = &apiError{status: http.StatusUnauthorized,
 		body: map[string]string{"detail": "Token is blacklisted", "code": "token_not_valid"}}
-	errBadCredentials = &apiError{status: http.StatusUnauthorized,
-		body: detail("No active account found with the given credentials")}
+	errBadCredentials = &apiError{status: http.StatusUnauthorized, body: detail("No active account found with the given credentials")}
 )
 
 // authenticate finds who is asking from the access token. Whether its login
@@ -676,10 +668,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	errs := fieldErrors{}
 	old := f.required("old_password", errs)
 	var u user
-	var stored string
-	var version int64
-	err = s.db.queryRow(r, statement{steps: `done AS (SELECT username, email, name, password, password_version FROM users WHERE id = @user)`}).
-		Scan(&u.Username, &u.Email, &u.Name, &stored, &version)
+	err = s.db.queryRow(r, statement{steps: `done AS (SELECT username, email, name FROM users WHERE id = @user)`}).Scan(&u.Username, &u.Email, &u.Name)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
 	}
@@ -689,13 +678,15 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	}
 	// A wrong old password is a failed login of the username from the
 	// request's source, and only this source's run can make the change wait:
-	// a live login is not locked out by strangers.
-	match, _, err := s.passwords.check(r.Context(), old, func() (string, int, error) {
-		var wait int
-		err := s.db.queryRow(r, statement{
-			steps: `done AS (SELECT login_attempt(lower(username), @source, @lock_after, @lock_s, NULL, 0) FROM users WHERE id = @user)`,
-			args:  args{"source": sourceOf(infoFrom(r).clientIP).String(), "lock_after": s.cfg.lockAfter, "lock_s": s.cfg.lockSeconds},
-		}).Scan(&wait)
+	// a live login is not locked out by strangers. The hash is read, as
+	// login reads it, once a hashing slot is taken.
+	var version int64
+	match, _, err := s.passwords.check(r.Context(), old, func() (stored string, wait int, err error) {
+		err = s.db.queryRow(r, statement{
+			steps: `done AS (SELECT password, password_version, login_attempt(lower(username), @source, @lock_after, @lock_s, NULL, 0)
+				FROM users WHERE id = @user)`,
+			args: args{"source": sourceOf(infoFrom(r).clientIP).String(), "lock_after": s.cfg.lockAfter, "lock_s": s.cfg.lockSeconds},
+		}).Scan(&stored, &version, &wait)
 		return stored, wait, err
 	})
 	if err != nil {
@@ -756,11 +747,11 @@ func (s *server) replacePassword(r *http.Request, hashed string, version int64) 
 // Django's list of 19,726 common passwords (django/contrib/auth, BSD-3-Clause).
 //
 //go:embed common-passwords.txt.gz
-var commonPasswordsGz []byte
+var commonPasswordsGz string
 
 // loadCommonPasswords unpacks the embedded list.
 func loadCommonPasswords() (map[string]struct{}, error) {
-	zr, err := gzip.NewReader(bytes.NewReader(commonPasswordsGz))
+	zr, err := gzip.NewReader(strings.NewReader(commonPasswordsGz))
 	if err != nil {
 		return nil, fmt.Errorf("common passwords: %w", err)
 	}
@@ -776,20 +767,18 @@ func loadCommonPasswords() (map[string]struct{}, error) {
 // the whole value and its parts split on non-word characters, each compared
 // with difflib's quick_ratio against 0.7, skipping parts too short to matter.
 func tooSimilar(password, value string) bool {
-	parts := append(strings.FieldsFunc(value, func(r rune) bool {
-		return !(unicode.IsLetter(r) || unicode.IsDigit(r) || r == '_')
-	}), value)
 	pw := []rune(password)
-	for _, part := range parts {
+	for _, part := range append(strings.FieldsFunc(value, func(r rune) bool {
+		return !(unicode.IsLetter(r) || unicode.IsDigit(r) || r == '_')
+	}), value) {
 		pr := []rune(part)
 		if len(pw) >= 10*len(pr) && float64(len(pr)) < 0.35*float64(len(pw)) {
 			continue
 		}
-		avail := map[rune]int{}
+		common, avail := 0, map[rune]int{}
 		for _, r := range pr {
 			avail[r]++
 		}
-		common := 0
 		for _, r := range pw {
 			if avail[r] > 0 {
 				avail[r]--
