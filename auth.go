@@ -140,7 +140,7 @@ func (p *passwords) verify(password, encoded string) (ok, stale bool, err error)
 }
 
 // raiseFailCost sets failCost to the largest iteration count stored in db,
-// so that the first failed login on a migrated account is padded too.
+// so that the first failed login on a migrated user is padded too.
 func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	var most sql.NullInt64
 	// Only hashes verify would check count: $1 maxIterations.
@@ -277,7 +277,8 @@ var (
 		"messages": []map[string]string{{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}}}}
 	errRefreshInvalid = &apiError{status: http.StatusUnauthorized,
 		body: map[string]string{"detail": "Token is invalid or expired", "code": "token_not_valid"}}
-	errBlacklisted = &apiError{status: http.StatusUnauthorized,
+	// A rotated refresh token, or one of an ended login: SimpleJWT's words.
+	errRefreshRefused = &apiError{status: http.StatusUnauthorized,
 		body: map[string]string{"detail": "Token is blacklisted", "code": "token_not_valid"}}
 	errBadCredentials = &apiError{status: http.StatusUnauthorized, body: detail("No active account found with the given credentials")}
 )
@@ -300,7 +301,7 @@ func (s *server) authenticate(r *http.Request, info *requestInfo) error {
 	return nil
 }
 
-// user is an account as the API shows it.
+// user is a registered user as the API shows it.
 type user struct {
 	ID       int64  `json:"id"`
 	Username string `json:"username"`
@@ -338,7 +339,7 @@ func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, us
 	return s.signer.pair(refresh), nil
 }
 
-// handleRegister creates an account and its first login.
+// handleRegister creates a user and its first login.
 func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if wait, ok := s.registerLimit.allow(bySource(infoFrom(r).clientIP)); !ok {
 		return throttled(wait)
@@ -397,9 +398,9 @@ func deref(s *string) string {
 }
 
 // takenNames puts the username in Unicode NFKC, as Django stores it, and
-// adds an error for the username and the email if either already names an
-// account: login_names holds every account's names, normalized and
-// lower-cased, so that a login name always means one account.
+// adds an error for the username and the email if either already names a
+// user: login_names holds every user's names, normalized and lower-cased,
+// so that a login name always means one user.
 func (s *server) takenNames(ctx context.Context, u *user, errs fieldErrors) error {
 	// $1 username, $2 email.
 	const q = `SELECT normalize($1, NFKC), EXISTS (SELECT 1 FROM login_names WHERE name = lower(normalize($1, NFKC))),
@@ -443,7 +444,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		FROM (SELECT lower(normalize($1, NFKC)) AS name) k
 		LEFT JOIN login_names n ON n.name = k.name LEFT JOIN users u ON u.id = n.user_id`
 	// Unknown users are checked against the dummy hash ("" verifies as it
-	// does) and leave an event with no account: the same work and the same
+	// does) and leave an event with no user: the same work and the same
 	// answer, so neither timing nor a commit's flush reveals which exist.
 	match, stale, err := s.passwords.check(ctx, password, func() (stored string, wait int, err error) {
 		err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds,
@@ -476,9 +477,9 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, pair)
 }
 
-// startCheckedLogin starts a login of account id, whose password was
+// startCheckedLogin starts a login of user id, whose password was
 // verified at version; upgraded replaces a stale hash, or is nil. The
-// password checked must still be the account's, locked until commit: a
+// password checked must still be the user's, locked until commit: a
 // password change cannot slip in between and miss this login. Setting
 // last_login marks an upgraded hash as no change (schema.sql's trigger).
 func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, version int64, upgraded *string) (tokenPair, error) {
@@ -598,11 +599,11 @@ func (s *server) refusedRefresh(r *http.Request, c claims) error {
 	if reused {
 		s.log.Warn("refresh token reused; login ended", "user_id", c.UserID, "login_id", c.SID)
 	}
-	return errBlacklisted
+	return errRefreshRefused
 }
 
 // handleLogout ends the login a refresh token (current, rotated or expired)
-// belongs to: its refresh tokens can no longer be spent and login_live
+// belongs to: its refresh tokens can no longer be rotated and login_live
 // refuses its access tokens from now on.
 func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 	c, err := s.refreshClaims(r)
@@ -633,7 +634,7 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 	return noContent(w)
 }
 
-// handleLogoutAll ends every login of the caller, the asking one included.
+// handleLogoutAll ends every login of the user, the asking one included.
 func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 	_, err := s.db.exec(r, statement{
 		steps:  `done AS (UPDATE logins SET ended_at = now() WHERE user_id = @user AND ended_at IS NULL RETURNING user_id)`,
@@ -645,7 +646,7 @@ func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 	return noContent(w)
 }
 
-// handleMe returns the caller's account.
+// handleMe returns the asking user.
 func (s *server) handleMe(w http.ResponseWriter, r *http.Request) error {
 	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) (u user, err error) {
 		err = row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
