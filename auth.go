@@ -316,23 +316,27 @@ type tokenPair struct {
 }
 
 // startLogin opens a login for userID, records its first refresh token and
-// issues its first pair, in one statement that writes its login event when
-// event is set. It ends the runs of both the user's login names, from the
-// request's source and from every source, and marks the source as one the
-// user logs in from (in the order of the names, so that two logins take
-// their locks alike).
-func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64, event bool) (tokenPair, error) {
+// issues its first pair, in one statement that writes the login event. A
+// password change (changed) ends every other login of the user instead:
+// its password.change is the event. It ends the runs of both the user's
+// login names, from the request's source and from every source, and marks
+// the source as one the user logs in from (in the order of the names, so
+// that two logins take their locks alike).
+func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64, changed bool) (tokenPair, error) {
 	info, refresh := infoFrom(r), s.signer.newClaims("refresh", userID, 0, time.Now())
 	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source, $4 jti, $5 its expiry,
-	// $6 event, $7 client IP, $8 request id.
-	const q = `WITH l AS (INSERT INTO logins (user_id, expires_at)
+	// $6 changed, $7 client IP, $8 request id. A statement after the
+	// change's, so that its snapshot holds every login committed before the
+	// change's row lock was taken.
+	const q = `WITH others AS (UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND $6),
+		l AS (INSERT INTO logins (user_id, expires_at)
 			SELECT $1, now() + make_interval(days => $2)
 			FROM (SELECT count(login_succeeded(name, $3)) FROM (SELECT name FROM login_names WHERE user_id = $1 ORDER BY name) n) ended RETURNING id),
 		token AS (INSERT INTO refresh_tokens (jti, login_id, expires_at) SELECT $4, id, $5 FROM l),
-		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id) SELECT $1, id, 'login', $7, $8 FROM l WHERE $6)
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id) SELECT $1, id, 'login', $7, $8 FROM l WHERE NOT $6)
 		SELECT id FROM l`
 	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(info.clientIP).String(), refresh.JTI,
-		time.Unix(refresh.Exp, 0), event, info.clientIP.String(), info.id).Scan(&refresh.SID)
+		time.Unix(refresh.Exp, 0), changed, info.clientIP.String(), info.id).Scan(&refresh.SID)
 	if err != nil {
 		return tokenPair{}, fmt.Errorf("start login: %w", err)
 	}
@@ -375,7 +379,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("insert user: %w", err)
 		}
 		out.User = u
-		out.Tokens, err = s.startLogin(ctx, tx, r, u.ID, true) // the user's first login
+		out.Tokens, err = s.startLogin(ctx, tx, r, u.ID, false) // the user's first login
 		return err
 	})
 	if pq.As(err, pqerror.UniqueViolation) != nil { // lost a race for a name
@@ -495,7 +499,7 @@ func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, ver
 		if n, _ := res.RowsAffected(); n != 1 {
 			return errBadCredentials
 		}
-		pair, err = s.startLogin(ctx, tx, r, id, true)
+		pair, err = s.startLogin(ctx, tx, r, id, false)
 		return err
 	})
 	return pair, err
@@ -713,12 +717,13 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 }
 
 // replacePassword sets the user's new password hash, writing the
-// password.change event, ends every login of the user and starts a new one.
+// password.change event, then ends every login of the user and starts a new
+// one (startLogin).
 // Only the password the old one was checked against (at version) is
 // replaced: of two changes at once, the second finds it gone. (schema.sql's
 // trigger counts the change in password_version.)
 func (s *server) replacePassword(r *http.Request, hashed string, version int64) (tokenPair, error) {
-	ctx, info := r.Context(), infoFrom(r)
+	ctx := r.Context()
 	var pair tokenPair
 	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		text, values := statement{
@@ -733,13 +738,7 @@ func (s *server) replacePassword(r *http.Request, hashed string, version int64) 
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}
-		// A statement of its own, so that its snapshot holds every login
-		// committed before the row lock above was taken.
-		const end = `UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL`
-		if _, err := tx.ExecContext(ctx, end, info.userID); err != nil {
-			return fmt.Errorf("end logins: %w", err)
-		}
-		pair, err = s.startLogin(ctx, tx, r, info.userID, false)
+		pair, err = s.startLogin(ctx, tx, r, infoFrom(r).userID, true)
 		return err
 	})
 	return pair, err
