@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"cmp"
 	"compress/gzip"
 	"context"
@@ -9,11 +8,9 @@ import (
 	"crypto/pbkdf2"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/subtle"
 	"database/sql"
 	_ "embed"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -52,13 +49,10 @@ type passwords struct {
 
 func newPasswords(iterations, concurrency int) (*passwords, error) {
 	p := &passwords{iterations: iterations, slots: make(chan struct{}, concurrency), maxWait: 2 * time.Second}
-	dummy, err := p.encode("dummy password", newSalt())
-	if err != nil {
-		return nil, err
-	}
-	p.dummy = dummy
 	p.failCost.Store(int64(iterations))
-	return p, nil
+	var err error
+	p.dummy, err = p.encode("dummy password", newSalt())
+	return p, err
 }
 
 // acquire takes a hashing slot, waiting at most maxWait.
@@ -136,7 +130,7 @@ func (p *passwords) verify(password, encoded string) (ok, stale bool, err error)
 		return false, false, fmt.Errorf("pbkdf2: %w", err)
 	}
 	// Constant time, so the comparison leaks nothing about how close a guess was.
-	if subtle.ConstantTimeCompare(got, want) == 1 && encoded != p.dummy {
+	if hmac.Equal(got, want) && encoded != p.dummy {
 		return true, iter < p.iterations, nil
 	}
 	if pad := int(p.failCost.Load()) - iter; pad > 0 {
@@ -146,7 +140,7 @@ func (p *passwords) verify(password, encoded string) (ok, stale bool, err error)
 }
 
 // raiseFailCost sets failCost to the largest iteration count stored in db,
-// so that the first failed login on a migrated account is padded too.
+// so that the first failed login on a migrated user is padded too.
 func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	var most sql.NullInt64
 	// Only hashes verify would check count: $1 maxIterations.
@@ -213,7 +207,7 @@ func (s *signer) newClaims(tokenType string, userID, sid int64, now time.Time) c
 	var id [16]byte
 	rand.Read(id[:])
 	return claims{TokenType: tokenType, Exp: now.Add(ttl).Unix(), Iat: now.Unix(),
-		JTI: hex.EncodeToString(id[:]), UserID: userID, SID: sid}
+		JTI: fmt.Sprintf("%x", id), UserID: userID, SID: sid}
 }
 
 // sign encodes c as a token.
@@ -221,6 +215,12 @@ func (s *signer) sign(c claims) string {
 	payload, _ := json.Marshal(c) // a struct of strings and integers cannot fail
 	signed := jwtHeaderB64 + "." + b64.EncodeToString(payload)
 	return signed + "." + b64.EncodeToString(s.mac(signed))
+}
+
+// pair signs refresh with an access token of the same login and time.
+func (s *signer) pair(refresh claims) tokenPair {
+	access := s.newClaims("access", refresh.UserID, refresh.SID, time.Unix(refresh.Iat, 0))
+	return tokenPair{Refresh: s.sign(refresh), Access: s.sign(access)}
 }
 
 func (s *signer) mac(msg string) []byte {
@@ -269,8 +269,7 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 }
 
 var (
-	errNoCredentials = &apiError{status: http.StatusUnauthorized,
-		body: detail("Authentication credentials were not provided.")}
+	errNoCredentials = &apiError{status: http.StatusUnauthorized, body: detail("Authentication credentials were not provided.")}
 	errBadAuthHeader = &apiError{status: http.StatusUnauthorized,
 		body: map[string]string{"detail": "Authorization header must contain two space-delimited values", "code": "bad_authorization_header"}}
 	errAccessInvalid = &apiError{status: http.StatusUnauthorized, body: map[string]any{
@@ -278,10 +277,10 @@ var (
 		"messages": []map[string]string{{"token_class": "AccessToken", "token_type": "access", "message": "Token is invalid or expired"}}}}
 	errRefreshInvalid = &apiError{status: http.StatusUnauthorized,
 		body: map[string]string{"detail": "Token is invalid or expired", "code": "token_not_valid"}}
-	errBlacklisted = &apiError{status: http.StatusUnauthorized,
+	// A rotated refresh token, or one of an ended login: SimpleJWT's words.
+	errRefreshRefused = &apiError{status: http.StatusUnauthorized,
 		body: map[string]string{"detail": "Token is blacklisted", "code": "token_not_valid"}}
-	errBadCredentials = &apiError{status: http.StatusUnauthorized,
-		body: detail("No active account found with the given credentials")}
+	errBadCredentials = &apiError{status: http.StatusUnauthorized, body: detail("No active account found with the given credentials")}
 )
 
 // authenticate finds who is asking from the access token. Whether its login
@@ -302,7 +301,7 @@ func (s *server) authenticate(r *http.Request, info *requestInfo) error {
 	return nil
 }
 
-// user is an account as the API shows it.
+// user is a registered user as the API shows it.
 type user struct {
 	ID       int64  `json:"id"`
 	Username string `json:"username"`
@@ -316,38 +315,35 @@ type tokenPair struct {
 	Access  string `json:"access"`
 }
 
-// startLogin opens a login for userID and issues its first pair. It ends
-// the runs of both the user's login names, from the request's source and
-// from every source, and marks the source as one the user logs in from
-// (in the order of the names, so that two logins take their locks alike).
-func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64) (tokenPair, int64, error) {
-	var sid int64
-	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source.
-	const q = `INSERT INTO logins (user_id, expires_at)
-		SELECT $1, now() + make_interval(days => $2)
-		FROM (SELECT count(login_succeeded(name, $3)) FROM (SELECT name FROM login_names WHERE user_id = $1 ORDER BY name) n) ended RETURNING id`
-	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(infoFrom(r).clientIP).String()).Scan(&sid)
+// startLogin opens a login for userID, records its first refresh token and
+// issues its first pair, in one statement that writes the login event. A
+// password change (changed) ends every other login of the user instead:
+// its password.change is the event. It ends the runs of both the user's
+// login names, from the request's source and from every source, and marks
+// the source as one the user logs in from (in the order of the names, so
+// that two logins take their locks alike).
+func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64, changed bool) (tokenPair, error) {
+	info, refresh := infoFrom(r), s.signer.newClaims("refresh", userID, 0, time.Now())
+	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source, $4 jti, $5 its expiry,
+	// $6 changed, $7 client IP, $8 request id. A statement after the
+	// change's, so that its snapshot holds every login committed before the
+	// change's row lock was taken.
+	const q = `WITH others AS (UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND $6),
+		l AS (INSERT INTO logins (user_id, expires_at)
+			SELECT $1, now() + make_interval(days => $2)
+			FROM (SELECT count(login_succeeded(name, $3)) FROM (SELECT name FROM login_names WHERE user_id = $1 ORDER BY name) n) ended RETURNING id),
+		token AS (INSERT INTO refresh_tokens (jti, login_id, expires_at) SELECT $4, id, $5 FROM l),
+		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id) SELECT $1, id, 'login', $7, $8 FROM l WHERE NOT $6)
+		SELECT id FROM l`
+	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(info.clientIP).String(), refresh.JTI,
+		time.Unix(refresh.Exp, 0), changed, info.clientIP.String(), info.id).Scan(&refresh.SID)
 	if err != nil {
-		return tokenPair{}, 0, fmt.Errorf("start login: %w", err)
+		return tokenPair{}, fmt.Errorf("start login: %w", err)
 	}
-	pair, err := s.issuePair(ctx, tx, userID, sid)
-	return pair, sid, err
+	return s.signer.pair(refresh), nil
 }
 
-// issuePair records a new refresh token of login sid and signs it with a
-// new access token.
-func (s *server) issuePair(ctx context.Context, tx *sql.Tx, userID, sid int64) (tokenPair, error) {
-	now := time.Now()
-	refresh := s.signer.newClaims("refresh", userID, sid, now)
-	const q = `INSERT INTO refresh_tokens (jti, login_id, expires_at) VALUES ($1, $2, $3)`
-	if _, err := tx.ExecContext(ctx, q, refresh.JTI, sid, time.Unix(refresh.Exp, 0)); err != nil {
-		return tokenPair{}, fmt.Errorf("record refresh token: %w", err)
-	}
-	access := s.signer.newClaims("access", userID, sid, now)
-	return tokenPair{Refresh: s.signer.sign(refresh), Access: s.signer.sign(access)}, nil
-}
-
-// handleRegister creates an account and its first login.
+// handleRegister creates a user and its first login.
 func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if wait, ok := s.registerLimit.allow(bySource(infoFrom(r).clientIP)); !ok {
 		return throttled(wait)
@@ -363,7 +359,6 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	password := s.newPassword(f, "password", u, errs)
-	confirmPassword(f, "password_confirm", password, errs)
 	if len(errs) > 0 {
 		return errs
 	}
@@ -384,11 +379,8 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("insert user: %w", err)
 		}
 		out.User = u
-		var sid int64
-		if out.Tokens, sid, err = s.startLogin(ctx, tx, r, u.ID); err != nil {
-			return err
-		}
-		return recordAccountEvent(ctx, tx, r, u.ID, sid, "login") // the account's first login
+		out.Tokens, err = s.startLogin(ctx, tx, r, u.ID, false) // the user's first login
+		return err
 	})
 	if pq.As(err, pqerror.UniqueViolation) != nil { // lost a race for a name
 		if err := s.takenNames(ctx, &u, errs); err != nil || len(errs) == 0 {
@@ -410,9 +402,9 @@ func deref(s *string) string {
 }
 
 // takenNames puts the username in Unicode NFKC, as Django stores it, and
-// adds an error for the username and the email if either already names an
-// account: login_names holds every account's names, normalized and
-// lower-cased, so that a login name always means one account.
+// adds an error for the username and the email if either already names a
+// user: login_names holds every user's names, normalized and lower-cased,
+// so that a login name always means one user.
 func (s *server) takenNames(ctx context.Context, u *user, errs fieldErrors) error {
 	// $1 username, $2 email.
 	const q = `SELECT normalize($1, NFKC), EXISTS (SELECT 1 FROM login_names WHERE name = lower(normalize($1, NFKC))),
@@ -456,7 +448,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		FROM (SELECT lower(normalize($1, NFKC)) AS name) k
 		LEFT JOIN login_names n ON n.name = k.name LEFT JOIN users u ON u.id = n.user_id`
 	// Unknown users are checked against the dummy hash ("" verifies as it
-	// does) and leave an event with no account: the same work and the same
+	// does) and leave an event with no user: the same work and the same
 	// answer, so neither timing nor a commit's flush reveals which exist.
 	match, stale, err := s.passwords.check(ctx, password, func() (stored string, wait int, err error) {
 		err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds,
@@ -467,7 +459,12 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if !match {
-		return s.failedLogin(ctx, r, id, errBadCredentials)
+		// $1 user (0: none, written as null), $2 client IP, $3 request id.
+		const failed = `INSERT INTO audit_events (user_id, action, ip, request_id) VALUES (nullif($1, 0), 'login.failed', $2, $3)`
+		if _, err := s.db.ExecContext(ctx, failed, id, info.clientIP.String(), info.id); err != nil {
+			return fmt.Errorf("record login.failed: %w", err)
+		}
+		return errBadCredentials
 	}
 	var upgraded *string // a stale hash's replacement at our iteration count
 	if stale {
@@ -484,9 +481,9 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, pair)
 }
 
-// startCheckedLogin starts a login of account id, whose password was
+// startCheckedLogin starts a login of user id, whose password was
 // verified at version; upgraded replaces a stale hash, or is nil. The
-// password checked must still be the account's, locked until commit: a
+// password checked must still be the user's, locked until commit: a
 // password change cannot slip in between and miss this login. Setting
 // last_login marks an upgraded hash as no change (schema.sql's trigger).
 func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, version int64, upgraded *string) (tokenPair, error) {
@@ -502,25 +499,10 @@ func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, ver
 		if n, _ := res.RowsAffected(); n != 1 {
 			return errBadCredentials
 		}
-		var sid int64
-		if pair, sid, err = s.startLogin(ctx, tx, r, id); err != nil {
-			return err
-		}
-		return recordAccountEvent(ctx, tx, r, id, sid, "login")
+		pair, err = s.startLogin(ctx, tx, r, id, false)
+		return err
 	})
 	return pair, err
-}
-
-// failedLogin records a failed login of account id (0 for a name of no
-// account: the same statement, so the same work) and answers wrong.
-func (s *server) failedLogin(ctx context.Context, r *http.Request, id int64, wrong error) error {
-	info := infoFrom(r)
-	// $1 account (0: none, written as null), $2 IP, $3 request id.
-	const q = `INSERT INTO audit_events (user_id, action, ip, request_id) VALUES (nullif($1, 0), 'login.failed', $2, $3)`
-	if _, err := s.db.ExecContext(ctx, q, id, info.clientIP.String(), info.id); err != nil {
-		return fmt.Errorf("record login.failed: %w", err)
-	}
-	return wrong
 }
 
 // unlock is "healthcare unlock <name>": it ends every wait of both names of
@@ -564,8 +546,9 @@ func (s *server) refreshClaims(r *http.Request) (claims, error) {
 	return c, err
 }
 
-// handleRefresh spends the presented refresh token and issues a new pair of
-// the same login, in one transaction; the conditional UPDATE is the lock.
+// handleRefresh rotates the presented refresh token and records the new
+// pair's in one statement: the conditional UPDATE is the lock, so of two
+// refreshes with one token, one rotates it and the other is refused.
 func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 	c, err := s.refreshClaims(r)
 	if err == errExpired {
@@ -574,57 +557,44 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	ctx := r.Context()
-	var pair tokenPair
-	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// $1 jti, $2 login, $3 user.
-		const spend = `
-			UPDATE refresh_tokens t SET rotated_at = now()
+	next := s.signer.newClaims("refresh", c.UserID, c.SID, time.Now())
+	// $1 jti, $2 login, $3 user, $4 the new jti, $5 its expiry.
+	const q = `WITH rotated AS (UPDATE refresh_tokens t SET rotated_at = now()
 			FROM logins l
 			WHERE t.jti = $1 AND t.login_id = $2 AND t.rotated_at IS NULL AND t.expires_at > now()
-			  AND l.id = t.login_id AND l.user_id = $3 AND l.ended_at IS NULL AND l.expires_at > now()`
-		res, err := tx.ExecContext(ctx, spend, c.JTI, c.SID, c.UserID)
-		if err != nil {
-			return fmt.Errorf("spend refresh token: %w", err)
-		}
-		if n, _ := res.RowsAffected(); n != 1 {
-			return errRotated
-		}
-		pair, err = s.issuePair(ctx, tx, c.UserID, c.SID)
-		return err
-	})
-	if errors.Is(err, errRotated) {
+			  AND l.id = t.login_id AND l.user_id = $3 AND l.ended_at IS NULL AND l.expires_at > now() RETURNING t.login_id)
+		INSERT INTO refresh_tokens (jti, login_id, expires_at) SELECT $4, login_id, $5 FROM rotated`
+	res, err := s.db.ExecContext(r.Context(), q, c.JTI, c.SID, c.UserID, next.JTI, time.Unix(next.Exp, 0))
+	if err != nil {
+		return fmt.Errorf("rotate refresh token: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
 		return s.refusedRefresh(r, c)
 	}
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, http.StatusOK, pair)
+	return writeJSON(w, http.StatusOK, s.signer.pair(next))
 }
 
-var errRotated = errors.New("refresh token not spendable")
-
 // refusedRefresh explains why a signed refresh token (expired or not) could
-// not be spent. A rotated one reused past the grace window was probably
+// not be rotated. A rotated one reused past the grace window was probably
 // stolen, and the login ends (RFC 9700 §4.14.2); inside it, two tabs raced.
 func (s *server) refusedRefresh(r *http.Request, c claims) error {
 	// Reuse ends the login in the same statement that detects it. $1 jti,
 	// $2 login, $3 grace in seconds, $4 user, $5 IP, $6 request id.
 	const q = `
 		WITH t AS (
-			SELECT t.rotated_at IS NOT NULL OR l.ended_at IS NOT NULL AS spent,
+			SELECT t.rotated_at IS NOT NULL OR l.ended_at IS NOT NULL AS refused,
 			       l.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $3) AS reused
 			FROM refresh_tokens t JOIN logins l ON l.id = t.login_id
 			WHERE t.jti = $1 AND t.login_id = $2 AND l.user_id = $4),
 		ended AS (UPDATE logins SET ended_at = now() WHERE id = $2 AND ended_at IS NULL AND (SELECT reused FROM t) RETURNING id),
 		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id)
 			SELECT $4, id, 'refresh.reused', $5, $6 FROM ended)
-		SELECT spent, EXISTS (SELECT 1 FROM ended) FROM t`
-	var spent, reused bool
+		SELECT refused, EXISTS (SELECT 1 FROM ended) FROM t`
+	var refused, reused bool
 	info := infoFrom(r)
 	err := s.db.QueryRowContext(r.Context(), q, c.JTI, c.SID, s.cfg.reuseGrace.Seconds(), c.UserID,
-		info.clientIP.String(), info.id).Scan(&spent, &reused)
-	if errors.Is(err, sql.ErrNoRows) || err == nil && !spent {
+		info.clientIP.String(), info.id).Scan(&refused, &reused)
+	if errors.Is(err, sql.ErrNoRows) || err == nil && !refused {
 		return errRefreshInvalid
 	}
 	if err != nil {
@@ -633,11 +603,11 @@ func (s *server) refusedRefresh(r *http.Request, c claims) error {
 	if reused {
 		s.log.Warn("refresh token reused; login ended", "user_id", c.UserID, "login_id", c.SID)
 	}
-	return errBlacklisted
+	return errRefreshRefused
 }
 
 // handleLogout ends the login a refresh token (current, rotated or expired)
-// belongs to: its refresh tokens can no longer be spent and login_live
+// belongs to: its refresh tokens can no longer be rotated and login_live
 // refuses its access tokens from now on.
 func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 	c, err := s.refreshClaims(r)
@@ -668,7 +638,7 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 	return noContent(w)
 }
 
-// handleLogoutAll ends every login of the caller, the asking one included.
+// handleLogoutAll ends every login of the user, the asking one included.
 func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 	_, err := s.db.exec(r, statement{
 		steps:  `done AS (UPDATE logins SET ended_at = now() WHERE user_id = @user AND ended_at IS NULL RETURNING user_id)`,
@@ -680,7 +650,7 @@ func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
 	return noContent(w)
 }
 
-// handleMe returns the caller's account.
+// handleMe returns the asking user.
 func (s *server) handleMe(w http.ResponseWriter, r *http.Request) error {
 	return writeRow(w, r, s.db, http.StatusOK, func(row rowScanner) (u user, err error) {
 		err = row.Scan(&u.ID, &u.Username, &u.Email, &u.Name)
@@ -692,7 +662,9 @@ var errWrongOldPassword = &apiError{status: http.StatusBadRequest,
 	body: fieldErrors{"old_password": {"Your old password was entered incorrectly. Please enter it again."}}}
 
 // handleChangePassword sets a new password and ends every login of the
-// caller, the asking one included; the answer is the pair of a new login.
+// user, the asking one included; the answer is the pair of a new login.
+// Each statement checks the login (statement.sent), a wrong old password's
+// event included.
 func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) error {
 	f, err := decodeBody(r)
 	if err != nil {
@@ -700,76 +672,74 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	}
 	errs := fieldErrors{}
 	old := f.required("old_password", errs)
-	ctx, info := r.Context(), infoFrom(r)
 	var u user
-	var stored string
-	var version int64
-	// $1 user, $2 login.
-	const q = `SELECT id, username, email, name, password, password_version FROM users WHERE id = $1 AND login_live($1, $2)`
-	err = s.db.QueryRowContext(ctx, q, info.userID, info.loginID).Scan(&u.ID, &u.Username, &u.Email, &u.Name, &stored, &version)
+	err = s.db.queryRow(r, statement{steps: `done AS (SELECT username, email, name FROM users WHERE id = @user)`}).Scan(&u.Username, &u.Email, &u.Name)
 	if err != nil {
 		return fmt.Errorf("find user: %w", err)
 	}
 	password := s.newPassword(f, "new_password", u, errs)
-	confirmPassword(f, "new_password_confirm", password, errs)
 	if len(errs) > 0 {
 		return errs
 	}
 	// A wrong old password is a failed login of the username from the
-	// caller's source, and only this source's run can make the change wait:
-	// a live login is not locked out by strangers. $1 user, $2 login,
-	// $3 source, $4 LOGIN_LOCK_AFTER, $5 LOGIN_LOCK_S.
-	const attempt = `SELECT login_attempt(lower(username), $3, $4, $5, NULL, 0) FROM users WHERE id = $1 AND login_live($1, $2)`
-	match, _, err := s.passwords.check(ctx, old, func() (string, int, error) {
-		var wait int
-		err := s.db.QueryRowContext(ctx, attempt, info.userID, info.loginID, sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds).Scan(&wait)
+	// request's source, and only this source's run can make the change wait:
+	// a live login is not locked out by strangers. The hash is read, as
+	// login reads it, once a hashing slot is taken.
+	var version int64
+	match, _, err := s.passwords.check(r.Context(), old, func() (stored string, wait int, err error) {
+		err = s.db.queryRow(r, statement{
+			steps: `done AS (SELECT password, password_version, login_attempt(lower(username), @source, @lock_after, @lock_s, NULL, 0)
+				FROM users WHERE id = @user)`,
+			args: args{"source": sourceOf(infoFrom(r).clientIP).String(), "lock_after": s.cfg.lockAfter, "lock_s": s.cfg.lockSeconds},
+		}).Scan(&stored, &version, &wait)
 		return stored, wait, err
 	})
 	if err != nil {
 		return err
 	}
 	if !match {
-		return s.failedLogin(ctx, r, u.ID, errWrongOldPassword)
+		// A login.failed event has no login, whichever path writes it.
+		const failed = `done AS (INSERT INTO audit_events (user_id, action, ip, request_id) VALUES (@user, 'login.failed', @ip, @request_id) RETURNING id)`
+		if _, err := s.db.exec(r, statement{steps: failed}); err != nil {
+			return fmt.Errorf("record login.failed: %w", err)
+		}
+		return errWrongOldPassword
 	}
-	hashed, err := s.passwords.hash(ctx, password)
+	hashed, err := s.passwords.hash(r.Context(), password)
 	if err != nil {
 		return err
 	}
-	pair, err := s.replacePassword(ctx, r, hashed, version)
+	pair, err := s.replacePassword(r, hashed, version)
 	if err != nil {
 		return err
 	}
 	return writeJSON(w, http.StatusOK, pair)
 }
 
-// replacePassword sets the caller's new password hash, ends every login of
-// the caller and starts a new one. Only the password the old one was
-// checked against (at version) is replaced: of two changes at once, the
-// second finds it gone. (schema.sql's trigger counts the change in
-// password_version.)
-func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed string, version int64) (tokenPair, error) {
-	info := infoFrom(r)
+// replacePassword sets the user's new password hash, writing the
+// password.change event, then ends every login of the user and starts a new
+// one (startLogin).
+// Only the password the old one was checked against (at version) is
+// replaced: of two changes at once, the second finds it gone. (schema.sql's
+// trigger counts the change in password_version.)
+func (s *server) replacePassword(r *http.Request, hashed string, version int64) (tokenPair, error) {
+	ctx := r.Context()
 	var pair tokenPair
 	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// $1 user, $2 login, $3 new hash, $4 the version checked.
-		const q = `UPDATE users SET password = $3 WHERE id = $1 AND password_version = $4 AND login_live($1, $2)`
-		res, err := tx.ExecContext(ctx, q, info.userID, info.loginID, hashed, version)
+		text, values := statement{
+			steps:  `done AS (UPDATE users SET password = @hash WHERE id = @user AND password_version = @version RETURNING id)`,
+			args:   args{"hash": hashed, "version": version},
+			events: []audit{{action: "password.change"}},
+		}.sent(r)
+		err := tx.QueryRowContext(ctx, text, values...).Scan(new(int64))
+		if errors.Is(err, sql.ErrNoRows) {
+			return errWrongOldPassword
+		}
 		if err != nil {
 			return fmt.Errorf("change password: %w", err)
 		}
-		if n, _ := res.RowsAffected(); n != 1 {
-			return errWrongOldPassword
-		}
-		// A statement of its own, so that its snapshot holds every login
-		// committed before the row lock above was taken.
-		const end = `UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL`
-		if _, err := tx.ExecContext(ctx, end, info.userID); err != nil {
-			return fmt.Errorf("end logins: %w", err)
-		}
-		if pair, _, err = s.startLogin(ctx, tx, r, info.userID); err != nil {
-			return err
-		}
-		return recordAccountEvent(ctx, tx, r, info.userID, info.loginID, "password.change")
+		pair, err = s.startLogin(ctx, tx, r, infoFrom(r).userID, true)
+		return err
 	})
 	return pair, err
 }
@@ -777,11 +747,11 @@ func (s *server) replacePassword(ctx context.Context, r *http.Request, hashed st
 // Django's list of 19,726 common passwords (django/contrib/auth, BSD-3-Clause).
 //
 //go:embed common-passwords.txt.gz
-var commonPasswordsGz []byte
+var commonPasswordsGz string
 
 // loadCommonPasswords unpacks the embedded list.
 func loadCommonPasswords() (map[string]struct{}, error) {
-	zr, err := gzip.NewReader(bytes.NewReader(commonPasswordsGz))
+	zr, err := gzip.NewReader(strings.NewReader(commonPasswordsGz))
 	if err != nil {
 		return nil, fmt.Errorf("common passwords: %w", err)
 	}
@@ -793,50 +763,22 @@ func loadCommonPasswords() (map[string]struct{}, error) {
 	return set, err
 }
 
-// passwordProblems applies Django's four default validators, in Django's
-// order, returning one message per failing validator.
-func (s *server) passwordProblems(password string, attrs [3]string) []string {
-	var msgs []string
-	lower := strings.ToLower(password)
-	for i, label := range [3]string{"username", "email address", "name"} {
-		if tooSimilar(lower, strings.ToLower(attrs[i])) {
-			msgs = append(msgs, "The password is too similar to the "+label+".")
-			break
-		}
-	}
-	if utf8.RuneCountInString(password) < 8 {
-		msgs = append(msgs, "This password is too short. It must contain at least 8 characters.")
-	}
-	if _, ok := s.commonPasswords[strings.TrimSpace(lower)]; ok {
-		msgs = append(msgs, "This password is too common.")
-	}
-	if strings.IndexFunc(password, func(r rune) bool { return r < '0' || r > '9' }) < 0 {
-		msgs = append(msgs, "This password is entirely numeric.")
-	}
-	return msgs
-}
-
 // tooSimilar is Django's UserAttributeSimilarityValidator for one attribute:
 // the whole value and its parts split on non-word characters, each compared
 // with difflib's quick_ratio against 0.7, skipping parts too short to matter.
 func tooSimilar(password, value string) bool {
-	if value == "" {
-		return false
-	}
-	parts := append(strings.FieldsFunc(value, func(r rune) bool {
-		return !(unicode.IsLetter(r) || unicode.IsDigit(r) || r == '_')
-	}), value)
 	pw := []rune(password)
-	for _, part := range parts {
+	for _, part := range append(strings.FieldsFunc(value, func(r rune) bool {
+		return !(unicode.IsLetter(r) || unicode.IsDigit(r) || r == '_')
+	}), value) {
 		pr := []rune(part)
 		if len(pw) >= 10*len(pr) && float64(len(pr)) < 0.35*float64(len(pw)) {
 			continue
 		}
-		avail := map[rune]int{}
+		common, avail := 0, map[rune]int{}
 		for _, r := range pr {
 			avail[r]++
 		}
-		common := 0
 		for _, r := range pw {
 			if avail[r] > 0 {
 				avail[r]--
@@ -850,29 +792,39 @@ func tooSimilar(password, value string) bool {
 	return false
 }
 
-// newPassword reads a new password and checks it with Django's validators
-// against the account's names.
+// newPassword reads the new password key and its optional confirmation,
+// key_confirm, and checks the password with Django's four default
+// validators, in Django's order, against the user's names.
 func (s *server) newPassword(f members, key string, u user, errs fieldErrors) string {
 	password, ok := f.str(key, true, errs)
+	lower := strings.ToLower(password)
 	switch {
 	case !ok:
 	case strings.TrimSpace(password) == "":
-		// Blank as login judges it (DRF's), or the account could never log in.
+		// Blank as login judges it (DRF's), or the user could never log in.
 		errs.add(key, "This field may not be blank.")
 	case utf8.RuneCountInString(password) > 1024:
 		errs.add(key, "Ensure this field has no more than 1024 characters.")
 	default:
-		for _, msg := range s.passwordProblems(password, [3]string{u.Username, u.Email, u.Name}) {
-			errs.add(key, msg)
+		for _, name := range [][2]string{{"username", u.Username}, {"email address", u.Email}, {"name", u.Name}} {
+			if tooSimilar(lower, strings.ToLower(name[1])) {
+				errs.add(key, "The password is too similar to the "+name[0]+".")
+				break
+			}
+		}
+		if utf8.RuneCountInString(password) < 8 {
+			errs.add(key, "This password is too short. It must contain at least 8 characters.")
+		}
+		if _, ok := s.commonPasswords[strings.TrimSpace(lower)]; ok {
+			errs.add(key, "This password is too common.")
+		}
+		if strings.IndexFunc(password, func(r rune) bool { return r < '0' || r > '9' }) < 0 {
+			errs.add(key, "This password is entirely numeric.")
 		}
 	}
-	return password
-}
-
-// confirmPassword checks the optional confirmation field key against
-// password, once the body has no other problem.
-func confirmPassword(f members, key, password string, errs fieldErrors) {
-	if confirm, given := f.str(key, false, errs); given && len(errs) == 0 && confirm != password {
-		errs.add(key, "Passwords don't match.")
+	// The confirmation is compared once the body has no other problem.
+	if confirm, given := f.str(key+"_confirm", false, errs); given && len(errs) == 0 && confirm != password {
+		errs.add(key+"_confirm", "Passwords don't match.")
 	}
+	return password
 }

@@ -1614,8 +1614,9 @@ func TestPasswordChange(t *testing.T) {
 		a := register(t, s)
 		wrong := map[string]any{"old_password": "Not-The-Password-1", "new_password": "Quartz-Meadow-Lantern-88"}
 		for range 3 {
-			wantJSON(t, change(a.access, wrong), http.StatusBadRequest,
-				`{"old_password": ["Your old password was entered incorrectly. Please enter it again."]}`)
+			res := change(a.access, wrong)
+			wantJSON(t, res, http.StatusBadRequest, `{"old_password": ["Your old password was entered incorrectly. Please enter it again."]}`)
+			wantEvents(t, res, nil, "login.failed") // of no login, as a failed login's
 		}
 		wantThrottled(t, change(a.access, wrong), anyWait)
 		wantThrottled(t, login(t, s, a.username, a.password), anyWait)
@@ -2044,9 +2045,10 @@ func (s *logStmt) QueryContext(ctx context.Context, args []driver.NamedValue) (d
 // take effect at once everywhere: on a private route, every statement
 // checks the login (login_live), as the driver sees it. It runs every
 // private route, on the paths that reach its later statements (412s, bad
-// references, an empty list), against a pool that logs each statement, and
-// wants each one to call login_live, the existence checks (412 or 404, 403,
-// a bad reference, an empty list) included, except a statement inside a
+// references, an empty list, a wrong old password), against a pool that
+// logs each statement, and wants each one to call login_live, the existence
+// checks (412 or 404, 403, a bad reference, an empty list) and a wrong old
+// password's login.failed event included, except a statement inside a
 // transaction whose first statement calls it (the transaction fails as a
 // whole).
 //
@@ -2100,6 +2102,7 @@ func TestEveryPrivateStatementChecksLogin(t *testing.T) {
 		{"DELETE", P("/api/mappings/%d/", m), nil, nil, 204},
 		{"DELETE", P("/api/patients/%d/", p), nil, nil, 204},
 		{"GET", "/api/audit/?action=patient.read&patient=1", nil, nil, 200},
+		{"POST", "/api/auth/password/", map[string]any{"old_password": "a wrong password", "new_password": "Quartz-Meadow-Lantern-88"}, nil, 400},
 		{"POST", "/api/auth/password/", map[string]any{"old_password": a.password, "new_password": "Quartz-Meadow-Lantern-88",
 			"new_password_confirm": "Quartz-Meadow-Lantern-88"}, nil, 200},
 		{"POST", "/api/auth/logout/all/", nil, nil, 204},
@@ -2115,7 +2118,7 @@ func TestEveryPrivateStatementChecksLogin(t *testing.T) {
 			if res.status != tc.status {
 				t.Fatalf("status %d, want %d: %s", res.status, tc.status, res.body)
 			}
-			if tc.path == "/api/auth/password/" {
+			if tc.path == "/api/auth/password/" && tc.status == 200 {
 				token = pairOf(t, res).Access
 			}
 			checked, inTx := false, false
