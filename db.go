@@ -517,19 +517,8 @@ func (d *database) exec(r *http.Request, q statement) (int, error) {
 	return len(found), err
 }
 
-// The audit trail: a user's own events (no patient), and the list of a
-// user's events. Statements write their patients' events themselves (sent).
-
-// recordAccountEvent writes a user's own audit event (no patient), in the
-// transaction of the change it records.
-func recordAccountEvent(ctx context.Context, tx *sql.Tx, r *http.Request, userID, loginID int64, action string) error {
-	info := infoFrom(r)
-	const q = `INSERT INTO audit_events (user_id, login_id, action, ip, request_id) VALUES ($1, $2, $3, $4, $5)`
-	if _, err := tx.ExecContext(ctx, q, userID, loginID, action, info.clientIP.String(), info.id); err != nil {
-		return fmt.Errorf("record %s: %w", action, err)
-	}
-	return nil
-}
+// The audit trail as GET /api/audit/ lists it: a user's own events.
+// Statements write their events themselves (sent; auth.go's for logins).
 
 // event is one audit event as GET /api/audit/ shows it.
 type event struct {
