@@ -91,9 +91,9 @@ CREATE INDEX refresh_tokens_login_id ON refresh_tokens (login_id);
 
 -- The login lock. A row is one run: a login name's failed logins in a row
 -- from one source, or from every source together (source ''). The name is
--- '#' || the user's id, whichever of its names was sent, or '?' || the
--- login name of no user: two spaces that never meet, and a name of no user
--- waits exactly as a user's does.
+-- the login name as sent (NFKC, lower-cased): a user's username and email
+-- have runs of their own, and a name of no user waits exactly as a user's
+-- does, so a wait tells nothing about which names exist or go together.
 CREATE TABLE login_attempts (
     name         text        NOT NULL,
     source       text        NOT NULL,
@@ -112,13 +112,14 @@ CREATE FUNCTION run_wait(n int, last timestamptz, after int, secs int) RETURNS i
     SELECT CASE WHEN n >= after THEN ceil(extract(epoch FROM last + make_interval(secs => secs * 2 ^ least(n - after, 4)) - now()))::int ELSE 0 END
 $$;
 
--- login_attempt counts a login attempt as failed before its password is
--- checked (a success takes it back), unless the name must wait: then it
--- returns the seconds left and counts nothing. Attempts for one name take
--- turns (an advisory lock), so of any number at once no more than the
--- limit are let through. The ceiling for all sources (account_after, NULL
--- to count this source alone) spares sources that logged in within max_age
--- days.
+-- login_attempt counts an attempt as failed just before its password is
+-- checked (the server holds a hashing slot by then, so a shed attempt is
+-- never counted; a success ends the runs), unless the name must wait: then
+-- it returns the seconds left and counts nothing. Attempts for one name
+-- take turns (an advisory lock), so of any number at once no more than the
+-- limit are checked. The ceiling for all sources (account_after, NULL to
+-- count this source alone) spares sources that logged in to the name's user
+-- within max_age days.
 CREATE FUNCTION login_attempt(who text, src text, after int, secs int, account_after int, max_age int) RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
