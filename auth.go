@@ -15,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net/http"
 	"strconv"
 	"strings"
@@ -51,7 +50,7 @@ func newPasswords(iterations, concurrency int) (*passwords, error) {
 	p := &passwords{iterations: iterations, slots: make(chan struct{}, concurrency), maxWait: 2 * time.Second}
 	p.failCost.Store(int64(iterations))
 	var err error
-	p.dummy, err = p.encode("dummy password", newSalt())
+	p.dummy, err = p.encode("dummy password", rand.Text())
 	return p, err
 }
 
@@ -66,13 +65,14 @@ func (p *passwords) acquire(ctx context.Context) error {
 	return errUnavailable
 }
 
-// hash returns a fresh Django-format hash of password.
+// hash returns a Django-format hash of password with a fresh salt:
+// rand.Text, 130 bits (NIST SP 800-132 asks 128) in Django's salt alphabet.
 func (p *passwords) hash(ctx context.Context, password string) (string, error) {
 	if err := p.acquire(ctx); err != nil {
 		return "", err
 	}
 	defer func() { <-p.slots }()
-	return p.encode(password, newSalt())
+	return p.encode(password, rand.Text())
 }
 
 func (p *passwords) encode(password, salt string) (string, error) {
@@ -151,18 +151,6 @@ func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	}
 	p.failCost.Store(max(most.Int64, p.failCost.Load()))
 	return nil
-}
-
-// newSalt returns 22 random characters of Django's salt alphabet: about 131
-// bits, above the 128 NIST SP 800-132 asks of a salt.
-func newSalt() string {
-	const alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-	salt := make([]byte, 22)
-	for i := range salt {
-		n, _ := rand.Int(rand.Reader, big.NewInt(int64(len(alphabet))))
-		salt[i] = alphabet[n.Int64()]
-	}
-	return string(salt)
 }
 
 // claims are the payload of a token: SimpleJWT's claims, in its order, plus
@@ -315,32 +303,46 @@ type tokenPair struct {
 	Access  string `json:"access"`
 }
 
-// startLogin opens a login for userID, records its first refresh token and
-// issues its first pair, in one statement that writes the login event. A
-// password change (changed) ends every other login of the user instead:
-// its password.change is the event. It ends the runs of both the user's
-// login names, from the request's source and from every source, and marks
-// the source as one the user logs in from (in the order of the names, so
-// that two logins take their locks alike).
-func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64, changed bool) (tokenPair, error) {
-	info, refresh := infoFrom(r), s.signer.newClaims("refresh", userID, 0, time.Now())
-	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source, $4 jti, $5 its expiry,
-	// $6 changed, $7 client IP, $8 request id. A statement after the
-	// change's, so that its snapshot holds every login committed before the
-	// change's row lock was taken.
-	const q = `WITH others AS (UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND $6),
-		l AS (INSERT INTO logins (user_id, expires_at)
-			SELECT $1, now() + make_interval(days => $2)
-			FROM (SELECT count(login_succeeded(name, $3)) FROM (SELECT name FROM login_names WHERE user_id = $1 ORDER BY name) n) ended RETURNING id),
-		token AS (INSERT INTO refresh_tokens (jti, login_id, expires_at) SELECT $4, id, $5 FROM l),
-		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id) SELECT $1, id, 'login', $7, $8 FROM l WHERE NOT $6)
-		SELECT id FROM l`
-	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(info.clientIP).String(), refresh.JTI,
-		time.Unix(refresh.Exp, 0), changed, info.clientIP.String(), info.id).Scan(&refresh.SID)
-	if err != nil {
-		return tokenPair{}, fmt.Errorf("start login: %w", err)
-	}
-	return s.signer.pair(refresh), nil
+// startLogin runs first, a statement whose one row is the id of the user
+// who logs in (no row: the answer is none), then, in the same transaction,
+// opens a login for that user, records its first refresh token and issues
+// its first pair, in one statement that writes the login event. A password
+// change (changed) ends every other login of the user instead: its
+// password.change is the event. It ends the runs of both the user's login
+// names, from the request's source and from every source, and marks the
+// source as one the user logs in from (in the order of the names, so that
+// two logins take their locks alike).
+func (s *server) startLogin(r *http.Request, changed bool, none error, first string, values ...any) (userID int64, pair tokenPair, err error) {
+	ctx, info := r.Context(), infoFrom(r)
+	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
+		err := tx.QueryRowContext(ctx, first, values...).Scan(&userID)
+		if errors.Is(err, sql.ErrNoRows) {
+			return none
+		}
+		if err != nil {
+			return fmt.Errorf("find who logs in: %w", err)
+		}
+		// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source, $4 jti, $5 its expiry,
+		// $6 changed, $7 client IP, $8 request id. A statement after first,
+		// so that its snapshot holds every login committed before first's
+		// row lock was taken.
+		const q = `WITH others AS (UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND $6),
+			l AS (INSERT INTO logins (user_id, expires_at)
+				SELECT $1, now() + make_interval(days => $2)
+				FROM (SELECT count(login_succeeded(name, $3)) FROM (SELECT name FROM login_names WHERE user_id = $1 ORDER BY name) n) ended RETURNING id),
+			token AS (INSERT INTO refresh_tokens (jti, login_id, expires_at) SELECT $4, id, $5 FROM l),
+			seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id) SELECT $1, id, 'login', $7, $8 FROM l WHERE NOT $6)
+			SELECT id FROM l`
+		refresh := s.signer.newClaims("refresh", userID, 0, time.Now())
+		err = tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(info.clientIP).String(), refresh.JTI,
+			time.Unix(refresh.Exp, 0), changed, info.clientIP.String(), info.id).Scan(&refresh.SID)
+		if err != nil {
+			return fmt.Errorf("start login: %w", err)
+		}
+		pair = s.signer.pair(refresh)
+		return nil
+	})
+	return userID, pair, err
 }
 
 // handleRegister creates a user and its first login.
@@ -366,22 +368,15 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	// The primary key of login_names decides a race between two registrations.
+	const q = `WITH u AS (INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id),
+		names AS (INSERT INTO login_names (name, user_id) SELECT DISTINCT n, (SELECT id FROM u) FROM unnest(ARRAY[lower($1), $2]) n)
+		SELECT id FROM u`
 	var out struct {
 		User   user      `json:"user"`
 		Tokens tokenPair `json:"tokens"`
 	}
-	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// The primary key of login_names decides a race between two registrations.
-		const q = `WITH u AS (INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id),
-			names AS (INSERT INTO login_names (name, user_id) SELECT DISTINCT n, (SELECT id FROM u) FROM unnest(ARRAY[lower($1), $2]) n)
-			SELECT id FROM u`
-		if err := tx.QueryRowContext(ctx, q, u.Username, u.Email, u.Name, hashed).Scan(&u.ID); err != nil {
-			return fmt.Errorf("insert user: %w", err)
-		}
-		out.User = u
-		out.Tokens, err = s.startLogin(ctx, tx, r, u.ID, false) // the user's first login
-		return err
-	})
+	u.ID, out.Tokens, err = s.startLogin(r, false, nil, q, u.Username, u.Email, u.Name, hashed)
 	if pq.As(err, pqerror.UniqueViolation) != nil { // lost a race for a name
 		if err := s.takenNames(ctx, &u, errs); err != nil || len(errs) == 0 {
 			return cmp.Or(err, error(errUnavailable)) // the winner rolled back: try again
@@ -391,6 +386,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	out.User = u
 	return writeJSON(w, http.StatusCreated, out)
 }
 
@@ -466,43 +462,23 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		}
 		return errBadCredentials
 	}
-	var upgraded *string // a stale hash's replacement at our iteration count
+	upgraded := "" // a stale hash's replacement at our iteration count
 	if stale {
-		if h, err := s.passwords.hash(ctx, password); err != nil {
+		if upgraded, err = s.passwords.hash(ctx, password); err != nil {
 			s.log.Warn("rehash password; the next login tries again", "user_id", id, "err", err)
-		} else {
-			upgraded = &h
 		}
 	}
-	pair, err := s.startCheckedLogin(ctx, r, id, version, upgraded)
+	// The password checked must still be the user's, locked until commit: a
+	// password change cannot slip in between and miss this login. Setting
+	// last_login marks an upgraded hash as no change (schema.sql's trigger).
+	// $1 user, $2 the version checked, $3 an upgraded hash or "".
+	const still = `UPDATE users SET password = coalesce(nullif($3, ''), password), last_login = now()
+		WHERE id = $1 AND password_version = $2 RETURNING id`
+	_, pair, err := s.startLogin(r, false, errBadCredentials, still, id, version, upgraded)
 	if err != nil {
 		return err
 	}
 	return writeJSON(w, http.StatusOK, pair)
-}
-
-// startCheckedLogin starts a login of user id, whose password was
-// verified at version; upgraded replaces a stale hash, or is nil. The
-// password checked must still be the user's, locked until commit: a
-// password change cannot slip in between and miss this login. Setting
-// last_login marks an upgraded hash as no change (schema.sql's trigger).
-func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, version int64, upgraded *string) (tokenPair, error) {
-	var pair tokenPair
-	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// $1 user, $2 the version checked, $3 an upgraded hash or nil.
-		const still = `UPDATE users SET password = coalesce($3, password), last_login = now()
-			WHERE id = $1 AND password_version = $2`
-		res, err := tx.ExecContext(ctx, still, id, version, upgraded)
-		if err != nil {
-			return fmt.Errorf("recheck password: %w", err)
-		}
-		if n, _ := res.RowsAffected(); n != 1 {
-			return errBadCredentials
-		}
-		pair, err = s.startLogin(ctx, tx, r, id, false)
-		return err
-	})
-	return pair, err
 }
 
 // unlock is "healthcare unlock <name>": it ends every wait of both names of
@@ -709,39 +685,19 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	if err != nil {
 		return err
 	}
-	pair, err := s.replacePassword(r, hashed, version)
+	// Only the password the old one was checked against (at version) is
+	// replaced: of two changes at once, the second finds it gone.
+	// (schema.sql's trigger counts the change in password_version.)
+	text, values := statement{
+		steps:  `done AS (UPDATE users SET password = @hash WHERE id = @user AND password_version = @version RETURNING id)`,
+		args:   args{"hash": hashed, "version": version},
+		events: []audit{{action: "password.change"}},
+	}.sent(r)
+	_, pair, err := s.startLogin(r, true, errWrongOldPassword, text, values...)
 	if err != nil {
 		return err
 	}
 	return writeJSON(w, http.StatusOK, pair)
-}
-
-// replacePassword sets the user's new password hash, writing the
-// password.change event, then ends every login of the user and starts a new
-// one (startLogin).
-// Only the password the old one was checked against (at version) is
-// replaced: of two changes at once, the second finds it gone. (schema.sql's
-// trigger counts the change in password_version.)
-func (s *server) replacePassword(r *http.Request, hashed string, version int64) (tokenPair, error) {
-	ctx := r.Context()
-	var pair tokenPair
-	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		text, values := statement{
-			steps:  `done AS (UPDATE users SET password = @hash WHERE id = @user AND password_version = @version RETURNING id)`,
-			args:   args{"hash": hashed, "version": version},
-			events: []audit{{action: "password.change"}},
-		}.sent(r)
-		err := tx.QueryRowContext(ctx, text, values...).Scan(new(int64))
-		if errors.Is(err, sql.ErrNoRows) {
-			return errWrongOldPassword
-		}
-		if err != nil {
-			return fmt.Errorf("change password: %w", err)
-		}
-		pair, err = s.startLogin(ctx, tx, r, infoFrom(r).userID, true)
-		return err
-	})
-	return pair, err
 }
 
 // Django's list of 19,726 common passwords (django/contrib/auth, BSD-3-Clause).

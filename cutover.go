@@ -7,6 +7,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"crypto/rand"
 	"database/sql"
 	"encoding/json"
 	"errors"
@@ -265,7 +266,7 @@ func (r *report) checkUser(u members, names map[string]json.RawMessage) string {
 	r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", deref(email)))
 	if why := ""; json.Unmarshal(u["unusable"], &why) == nil && why != "" {
 		r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (%s)", u["id"], why))
-		u["password"], _ = json.Marshal("!" + newSalt()) // Django's unusable form
+		u["password"], _ = json.Marshal("!" + rand.Text()) // Django's unusable form
 		r.unusable++
 	}
 	if string(u["admin"]) == "true" {
