@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -104,28 +105,34 @@ func (p *passwords) check(ctx context.Context, password string, count func() (st
 	return p.verify(password, encoded)
 }
 
+// verifiable is the one rule of which stored hashes verify checks, shared
+// with SQL (raiseFailCost, import-django): pbkdf2_sha256, an iteration count
+// from 1 to maxIterations, a salt, a 32-byte key in standard base64.
+const verifiable = `^pbkdf2_sha256\$([1-9][0-9]{0,6}|10000000)\$([^$]+)\$([A-Za-z0-9+/]{43}=)$`
+
+var verifiableRE = regexp.MustCompile(verifiable)
+
 // verify checks password against a stored Django hash, at the hash's own
 // iteration count, and reports whether it should be re-hashed at ours. A
 // failed check is padded to failCost iterations, so that neither an unknown
 // name nor a migrated hash's count shows in the time a refusal takes.
 func (p *passwords) verify(password, encoded string) (ok, stale bool, err error) {
-	algo, rest, _ := strings.Cut(encoded, "$")
-	iterText, rest, _ := strings.Cut(rest, "$")
-	salt, dkText, _ := strings.Cut(rest, "$")
-	iter, iterErr := strconv.Atoi(iterText)
-	want, dkErr := base64.StdEncoding.DecodeString(dkText)
-	if algo != "pbkdf2_sha256" || iterErr != nil || iter < 1 || iter > maxIterations || dkErr != nil || len(want) != sha256.Size || salt == "" {
+	m := verifiableRE.FindStringSubmatch(encoded)
+	if m == nil {
 		// An unusable hash (Django's "!…", another hasher, a damaged row, a
 		// count past maxIterations) matches no password, at the cost of a
 		// wrong one, and raises no one's failCost.
 		_, _, err := p.verify(password, p.dummy)
 		return false, false, err
 	}
+	iter, _ := strconv.Atoi(m[1])
+	salt, want := []byte(m[2]), make([]byte, sha256.Size)
+	base64.StdEncoding.Decode(want, []byte(m[3])) // the pattern's 44 characters are 32 bytes
 	p.runs.Add(1)
 	for cost := p.failCost.Load(); int64(iter) > cost && !p.failCost.CompareAndSwap(cost, int64(iter)); {
 		cost = p.failCost.Load()
 	}
-	got, err := pbkdf2.Key(sha256.New, password, []byte(salt), iter, sha256.Size)
+	got, err := pbkdf2.Key(sha256.New, password, salt, iter, sha256.Size)
 	if err != nil {
 		return false, false, fmt.Errorf("pbkdf2: %w", err)
 	}
@@ -134,7 +141,7 @@ func (p *passwords) verify(password, encoded string) (ok, stale bool, err error)
 		return true, iter < p.iterations, nil
 	}
 	if pad := int(p.failCost.Load()) - iter; pad > 0 {
-		pbkdf2.Key(sha256.New, password, []byte(salt), pad, sha256.Size)
+		pbkdf2.Key(sha256.New, password, salt, pad, sha256.Size)
 	}
 	return false, false, nil
 }
@@ -143,10 +150,8 @@ func (p *passwords) verify(password, encoded string) (ok, stale bool, err error)
 // so that the first failed login on a migrated user is padded too.
 func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	var most sql.NullInt64
-	// Only hashes verify would check count: $1 maxIterations.
-	const q = `SELECT max(n) FROM (SELECT split_part(password, '$', 2)::int AS n FROM users
-		WHERE password ~ '^pbkdf2_sha256\$[0-9]{1,8}\$[^$]+\$[A-Za-z0-9+/]{43}=$') h WHERE n <= $1`
-	if err := db.QueryRowContext(ctx, q, maxIterations).Scan(&most); err != nil {
+	const q = `SELECT max(split_part(password, '$', 2)::int) FROM users WHERE password ~ '` + verifiable + `'`
+	if err := db.QueryRowContext(ctx, q).Scan(&most); err != nil {
 		return fmt.Errorf("stored password costs: %w", err)
 	}
 	p.failCost.Store(max(most.Int64, p.failCost.Load()))

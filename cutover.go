@@ -27,7 +27,7 @@ var copies = [4]struct{ table, columns, read string }{
 	{"users", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
 		coalesce(nullif(btrim(first_name || ' ' || last_name), ''), normalize(username, NFKC)) AS name, date_joined AS created_at, last_login,
 		password, is_superuser OR is_staff AS admin, CASE WHEN NOT is_active THEN 'inactive' WHEN password NOT LIKE 'pbkdf2\_sha256$%' THEN 'another hasher, or unusable in Django'
-			WHEN password !~ '^pbkdf2_sha256\$([1-9][0-9]{0,6}|10000000)\$[^$]+\$[A-Za-z0-9+/]{43}=$' THEN 'a malformed or unverifiable hash' END AS unusable FROM auth_user`}, // as passwords.verify reads a hash
+			WHEN password !~ '` + verifiable + `' THEN 'a malformed or unverifiable hash' END AS unusable FROM auth_user`},
 	{"patients", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
 	{"doctors", "id, first_name, last_name, email, specialization, created_at, updated_at, created_by", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
 	{"mappings", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
