@@ -50,9 +50,8 @@ type passwords struct {
 func newPasswords(iterations, concurrency int) (*passwords, error) {
 	p := &passwords{iterations: iterations, slots: make(chan struct{}, concurrency), maxWait: 2 * time.Second}
 	p.failCost.Store(int64(iterations))
-	var err error
-	p.dummy, err = p.encode("dummy password", rand.Text())
-	return p, err
+	p.dummy = p.encode("dummy password", rand.Text())
+	return p, nil
 }
 
 // acquire takes a hashing slot, waiting at most maxWait.
@@ -73,16 +72,15 @@ func (p *passwords) hash(ctx context.Context, password string) (string, error) {
 		return "", err
 	}
 	defer func() { <-p.slots }()
-	return p.encode(password, rand.Text())
+	return p.encode(password, rand.Text()), nil
 }
 
-func (p *passwords) encode(password, salt string) (string, error) {
+// encode hashes password with salt at our iteration count. With SHA-256 and
+// a 32-byte key pbkdf2.Key cannot fail; a nil key would verify nothing.
+func (p *passwords) encode(password, salt string) string {
 	p.runs.Add(1)
-	dk, err := pbkdf2.Key(sha256.New, password, []byte(salt), p.iterations, sha256.Size)
-	if err != nil {
-		return "", fmt.Errorf("pbkdf2: %w", err)
-	}
-	return fmt.Sprintf("pbkdf2_sha256$%d$%s$%s", p.iterations, salt, base64.StdEncoding.EncodeToString(dk)), nil
+	dk, _ := pbkdf2.Key(sha256.New, password, []byte(salt), p.iterations, sha256.Size)
+	return fmt.Sprintf("pbkdf2_sha256$%d$%s$%s", p.iterations, salt, base64.StdEncoding.EncodeToString(dk))
 }
 
 // check takes a hashing slot, then has count count the attempt and return
@@ -102,7 +100,8 @@ func (p *passwords) check(ctx context.Context, password string, count func() (st
 	case wait > 0:
 		return false, false, throttled(time.Duration(wait) * time.Second)
 	}
-	return p.verify(password, encoded)
+	ok, stale = p.verify(password, encoded)
+	return ok, stale, nil
 }
 
 // verifiable is the one rule of which stored hashes verify checks, shared
@@ -116,14 +115,14 @@ var verifiableRE = regexp.MustCompile(verifiable)
 // iteration count, and reports whether it should be re-hashed at ours. A
 // failed check is padded to failCost iterations, so that neither an unknown
 // name nor a migrated hash's count shows in the time a refusal takes.
-func (p *passwords) verify(password, encoded string) (ok, stale bool, err error) {
+func (p *passwords) verify(password, encoded string) (ok, stale bool) {
 	m := verifiableRE.FindStringSubmatch(encoded)
 	if m == nil {
 		// An unusable hash (Django's "!…", another hasher, a damaged row, a
 		// count past maxIterations) matches no password, at the cost of a
 		// wrong one, and raises no one's failCost.
-		_, _, err := p.verify(password, p.dummy)
-		return false, false, err
+		p.verify(password, p.dummy)
+		return false, false
 	}
 	iter, _ := strconv.Atoi(m[1])
 	salt, want := []byte(m[2]), make([]byte, sha256.Size)
@@ -132,18 +131,15 @@ func (p *passwords) verify(password, encoded string) (ok, stale bool, err error)
 	for cost := p.failCost.Load(); int64(iter) > cost && !p.failCost.CompareAndSwap(cost, int64(iter)); {
 		cost = p.failCost.Load()
 	}
-	got, err := pbkdf2.Key(sha256.New, password, salt, iter, sha256.Size)
-	if err != nil {
-		return false, false, fmt.Errorf("pbkdf2: %w", err)
-	}
+	got, _ := pbkdf2.Key(sha256.New, password, salt, iter, sha256.Size) // cannot fail (encode)
 	// Constant time, so the comparison leaks nothing about how close a guess was.
 	if hmac.Equal(got, want) && encoded != p.dummy {
-		return true, iter < p.iterations, nil
+		return true, iter < p.iterations
 	}
 	if pad := int(p.failCost.Load()) - iter; pad > 0 {
 		pbkdf2.Key(sha256.New, password, salt, pad, sha256.Size)
 	}
-	return false, false, nil
+	return false, false
 }
 
 // raiseFailCost sets failCost to the largest iteration count stored in db,
