@@ -189,10 +189,7 @@ type signer struct {
 
 // newClaims fills the claims of a new token with a random jti.
 func (s *signer) newClaims(tokenType string, userID, sid int64, now time.Time) claims {
-	ttl := s.accessTTL
-	if tokenType == "refresh" {
-		ttl = s.refreshTTL
-	}
+	ttl := map[string]time.Duration{"access": s.accessTTL, "refresh": s.refreshTTL}[tokenType]
 	var id [16]byte
 	rand.Read(id[:])
 	return claims{TokenType: tokenType, Exp: now.Add(ttl).Unix(), Iat: now.Unix(),
@@ -373,11 +370,8 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	const q = `WITH u AS (INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id),
 		names AS (INSERT INTO login_names (name, user_id) SELECT DISTINCT n, (SELECT id FROM u) FROM unnest(ARRAY[lower($1), $2]) n)
 		SELECT id FROM u`
-	var out struct {
-		User   user      `json:"user"`
-		Tokens tokenPair `json:"tokens"`
-	}
-	u.ID, out.Tokens, err = s.startLogin(r, false, nil, q, u.Username, u.Email, u.Name, hashed)
+	var pair tokenPair
+	u.ID, pair, err = s.startLogin(r, false, nil, q, u.Username, u.Email, u.Name, hashed)
 	if pq.As(err, pqerror.UniqueViolation) != nil { // lost a race for a name
 		if err := s.takenNames(ctx, &u, errs); err != nil || len(errs) == 0 {
 			return cmp.Or(err, error(errUnavailable)) // the winner rolled back: try again
@@ -387,8 +381,10 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out.User = u
-	return writeJSON(w, http.StatusCreated, out)
+	return writeJSON(w, http.StatusCreated, struct {
+		User   user      `json:"user"`
+		Tokens tokenPair `json:"tokens"`
+	}{u, pair})
 }
 
 func deref(s *string) string {
