@@ -15,8 +15,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -50,9 +50,8 @@ type passwords struct {
 func newPasswords(iterations, concurrency int) (*passwords, error) {
 	p := &passwords{iterations: iterations, slots: make(chan struct{}, concurrency), maxWait: 2 * time.Second}
 	p.failCost.Store(int64(iterations))
-	var err error
-	p.dummy, err = p.encode("dummy password", newSalt())
-	return p, err
+	p.dummy = p.encode("dummy password", rand.Text())
+	return p, nil
 }
 
 // acquire takes a hashing slot, waiting at most maxWait.
@@ -66,22 +65,22 @@ func (p *passwords) acquire(ctx context.Context) error {
 	return errUnavailable
 }
 
-// hash returns a fresh Django-format hash of password.
+// hash returns a Django-format hash of password with a fresh salt:
+// rand.Text, 130 bits (NIST SP 800-132 asks 128) in Django's salt alphabet.
 func (p *passwords) hash(ctx context.Context, password string) (string, error) {
 	if err := p.acquire(ctx); err != nil {
 		return "", err
 	}
 	defer func() { <-p.slots }()
-	return p.encode(password, newSalt())
+	return p.encode(password, rand.Text()), nil
 }
 
-func (p *passwords) encode(password, salt string) (string, error) {
+// encode hashes password with salt at our iteration count. With SHA-256 and
+// a 32-byte key pbkdf2.Key cannot fail; a nil key would verify nothing.
+func (p *passwords) encode(password, salt string) string {
 	p.runs.Add(1)
-	dk, err := pbkdf2.Key(sha256.New, password, []byte(salt), p.iterations, sha256.Size)
-	if err != nil {
-		return "", fmt.Errorf("pbkdf2: %w", err)
-	}
-	return fmt.Sprintf("pbkdf2_sha256$%d$%s$%s", p.iterations, salt, base64.StdEncoding.EncodeToString(dk)), nil
+	dk, _ := pbkdf2.Key(sha256.New, password, []byte(salt), p.iterations, sha256.Size)
+	return fmt.Sprintf("pbkdf2_sha256$%d$%s$%s", p.iterations, salt, base64.StdEncoding.EncodeToString(dk))
 }
 
 // check takes a hashing slot, then has count count the attempt and return
@@ -101,68 +100,58 @@ func (p *passwords) check(ctx context.Context, password string, count func() (st
 	case wait > 0:
 		return false, false, throttled(time.Duration(wait) * time.Second)
 	}
-	return p.verify(password, encoded)
+	ok, stale = p.verify(password, encoded)
+	return ok, stale, nil
 }
+
+// verifiable is the one rule of which stored hashes verify checks, shared
+// with SQL (raiseFailCost, import-django): pbkdf2_sha256, an iteration count
+// from 1 to maxIterations, a salt, a 32-byte key in standard base64.
+const verifiable = `^pbkdf2_sha256\$([1-9][0-9]{0,6}|10000000)\$([^$]+)\$([A-Za-z0-9+/]{43}=)$`
+
+var verifiableRE = regexp.MustCompile(verifiable)
 
 // verify checks password against a stored Django hash, at the hash's own
 // iteration count, and reports whether it should be re-hashed at ours. A
 // failed check is padded to failCost iterations, so that neither an unknown
 // name nor a migrated hash's count shows in the time a refusal takes.
-func (p *passwords) verify(password, encoded string) (ok, stale bool, err error) {
-	algo, rest, _ := strings.Cut(encoded, "$")
-	iterText, rest, _ := strings.Cut(rest, "$")
-	salt, dkText, _ := strings.Cut(rest, "$")
-	iter, iterErr := strconv.Atoi(iterText)
-	want, dkErr := base64.StdEncoding.DecodeString(dkText)
-	if algo != "pbkdf2_sha256" || iterErr != nil || iter < 1 || iter > maxIterations || dkErr != nil || len(want) != sha256.Size || salt == "" {
+func (p *passwords) verify(password, encoded string) (ok, stale bool) {
+	m := verifiableRE.FindStringSubmatch(encoded)
+	if m == nil {
 		// An unusable hash (Django's "!…", another hasher, a damaged row, a
 		// count past maxIterations) matches no password, at the cost of a
 		// wrong one, and raises no one's failCost.
-		_, _, err := p.verify(password, p.dummy)
-		return false, false, err
+		p.verify(password, p.dummy)
+		return false, false
 	}
+	iter, _ := strconv.Atoi(m[1])
+	salt, want := []byte(m[2]), make([]byte, sha256.Size)
+	base64.StdEncoding.Decode(want, []byte(m[3])) // the pattern's 44 characters are 32 bytes
 	p.runs.Add(1)
 	for cost := p.failCost.Load(); int64(iter) > cost && !p.failCost.CompareAndSwap(cost, int64(iter)); {
 		cost = p.failCost.Load()
 	}
-	got, err := pbkdf2.Key(sha256.New, password, []byte(salt), iter, sha256.Size)
-	if err != nil {
-		return false, false, fmt.Errorf("pbkdf2: %w", err)
-	}
+	got, _ := pbkdf2.Key(sha256.New, password, salt, iter, sha256.Size) // cannot fail (encode)
 	// Constant time, so the comparison leaks nothing about how close a guess was.
 	if hmac.Equal(got, want) && encoded != p.dummy {
-		return true, iter < p.iterations, nil
+		return true, iter < p.iterations
 	}
 	if pad := int(p.failCost.Load()) - iter; pad > 0 {
-		pbkdf2.Key(sha256.New, password, []byte(salt), pad, sha256.Size)
+		pbkdf2.Key(sha256.New, password, salt, pad, sha256.Size)
 	}
-	return false, false, nil
+	return false, false
 }
 
 // raiseFailCost sets failCost to the largest iteration count stored in db,
 // so that the first failed login on a migrated user is padded too.
 func (p *passwords) raiseFailCost(ctx context.Context, db *sql.DB) error {
 	var most sql.NullInt64
-	// Only hashes verify would check count: $1 maxIterations.
-	const q = `SELECT max(n) FROM (SELECT split_part(password, '$', 2)::int AS n FROM users
-		WHERE password ~ '^pbkdf2_sha256\$[0-9]{1,8}\$[^$]+\$[A-Za-z0-9+/]{43}=$') h WHERE n <= $1`
-	if err := db.QueryRowContext(ctx, q, maxIterations).Scan(&most); err != nil {
+	const q = `SELECT max(split_part(password, '$', 2)::int) FROM users WHERE password ~ '` + verifiable + `'`
+	if err := db.QueryRowContext(ctx, q).Scan(&most); err != nil {
 		return fmt.Errorf("stored password costs: %w", err)
 	}
 	p.failCost.Store(max(most.Int64, p.failCost.Load()))
 	return nil
-}
-
-// newSalt returns 22 random characters of Django's salt alphabet: about 131
-// bits, above the 128 NIST SP 800-132 asks of a salt.
-func newSalt() string {
-	const alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-	salt := make([]byte, 22)
-	for i := range salt {
-		n, _ := rand.Int(rand.Reader, big.NewInt(int64(len(alphabet))))
-		salt[i] = alphabet[n.Int64()]
-	}
-	return string(salt)
 }
 
 // claims are the payload of a token: SimpleJWT's claims, in its order, plus
@@ -200,10 +189,7 @@ type signer struct {
 
 // newClaims fills the claims of a new token with a random jti.
 func (s *signer) newClaims(tokenType string, userID, sid int64, now time.Time) claims {
-	ttl := s.accessTTL
-	if tokenType == "refresh" {
-		ttl = s.refreshTTL
-	}
+	ttl := map[string]time.Duration{"access": s.accessTTL, "refresh": s.refreshTTL}[tokenType]
 	var id [16]byte
 	rand.Read(id[:])
 	return claims{TokenType: tokenType, Exp: now.Add(ttl).Unix(), Iat: now.Unix(),
@@ -315,32 +301,46 @@ type tokenPair struct {
 	Access  string `json:"access"`
 }
 
-// startLogin opens a login for userID, records its first refresh token and
-// issues its first pair, in one statement that writes the login event. A
-// password change (changed) ends every other login of the user instead:
-// its password.change is the event. It ends the runs of both the user's
-// login names, from the request's source and from every source, and marks
-// the source as one the user logs in from (in the order of the names, so
-// that two logins take their locks alike).
-func (s *server) startLogin(ctx context.Context, tx *sql.Tx, r *http.Request, userID int64, changed bool) (tokenPair, error) {
-	info, refresh := infoFrom(r), s.signer.newClaims("refresh", userID, 0, time.Now())
-	// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source, $4 jti, $5 its expiry,
-	// $6 changed, $7 client IP, $8 request id. A statement after the
-	// change's, so that its snapshot holds every login committed before the
-	// change's row lock was taken.
-	const q = `WITH others AS (UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND $6),
-		l AS (INSERT INTO logins (user_id, expires_at)
-			SELECT $1, now() + make_interval(days => $2)
-			FROM (SELECT count(login_succeeded(name, $3)) FROM (SELECT name FROM login_names WHERE user_id = $1 ORDER BY name) n) ended RETURNING id),
-		token AS (INSERT INTO refresh_tokens (jti, login_id, expires_at) SELECT $4, id, $5 FROM l),
-		seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id) SELECT $1, id, 'login', $7, $8 FROM l WHERE NOT $6)
-		SELECT id FROM l`
-	err := tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(info.clientIP).String(), refresh.JTI,
-		time.Unix(refresh.Exp, 0), changed, info.clientIP.String(), info.id).Scan(&refresh.SID)
-	if err != nil {
-		return tokenPair{}, fmt.Errorf("start login: %w", err)
-	}
-	return s.signer.pair(refresh), nil
+// startLogin runs first, a statement whose one row is the id of the user
+// who logs in (no row: the answer is none), then, in the same transaction,
+// opens a login for that user, records its first refresh token and issues
+// its first pair, in one statement that writes the login event. A password
+// change (changed) ends every other login of the user instead: its
+// password.change is the event. It ends the runs of both the user's login
+// names, from the request's source and from every source, and marks the
+// source as one the user logs in from (in the order of the names, so that
+// two logins take their locks alike).
+func (s *server) startLogin(r *http.Request, changed bool, none error, first string, values ...any) (userID int64, pair tokenPair, err error) {
+	ctx, info := r.Context(), infoFrom(r)
+	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
+		err := tx.QueryRowContext(ctx, first, values...).Scan(&userID)
+		if errors.Is(err, sql.ErrNoRows) {
+			return none
+		}
+		if err != nil {
+			return fmt.Errorf("find who logs in: %w", err)
+		}
+		// $1 user, $2 LOGIN_MAX_AGE_DAYS, $3 source, $4 jti, $5 its expiry,
+		// $6 changed, $7 client IP, $8 request id. A statement after first,
+		// so that its snapshot holds every login committed before first's
+		// row lock was taken.
+		const q = `WITH others AS (UPDATE logins SET ended_at = now() WHERE user_id = $1 AND ended_at IS NULL AND $6),
+			l AS (INSERT INTO logins (user_id, expires_at)
+				SELECT $1, now() + make_interval(days => $2)
+				FROM (SELECT count(login_succeeded(name, $3)) FROM (SELECT name FROM login_names WHERE user_id = $1 ORDER BY name) n) ended RETURNING id),
+			token AS (INSERT INTO refresh_tokens (jti, login_id, expires_at) SELECT $4, id, $5 FROM l),
+			seen AS (INSERT INTO audit_events (user_id, login_id, action, ip, request_id) SELECT $1, id, 'login', $7, $8 FROM l WHERE NOT $6)
+			SELECT id FROM l`
+		refresh := s.signer.newClaims("refresh", userID, 0, time.Now())
+		err = tx.QueryRowContext(ctx, q, userID, s.cfg.loginMaxAgeDays, sourceOf(info.clientIP).String(), refresh.JTI,
+			time.Unix(refresh.Exp, 0), changed, info.clientIP.String(), info.id).Scan(&refresh.SID)
+		if err != nil {
+			return fmt.Errorf("start login: %w", err)
+		}
+		pair = s.signer.pair(refresh)
+		return nil
+	})
+	return userID, pair, err
 }
 
 // handleRegister creates a user and its first login.
@@ -366,22 +366,12 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	var out struct {
-		User   user      `json:"user"`
-		Tokens tokenPair `json:"tokens"`
-	}
-	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// The primary key of login_names decides a race between two registrations.
-		const q = `WITH u AS (INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id),
-			names AS (INSERT INTO login_names (name, user_id) SELECT DISTINCT n, (SELECT id FROM u) FROM unnest(ARRAY[lower($1), $2]) n)
-			SELECT id FROM u`
-		if err := tx.QueryRowContext(ctx, q, u.Username, u.Email, u.Name, hashed).Scan(&u.ID); err != nil {
-			return fmt.Errorf("insert user: %w", err)
-		}
-		out.User = u
-		out.Tokens, err = s.startLogin(ctx, tx, r, u.ID, false) // the user's first login
-		return err
-	})
+	// The primary key of login_names decides a race between two registrations.
+	const q = `WITH u AS (INSERT INTO users (username, email, name, password) VALUES ($1, $2, $3, $4) RETURNING id),
+		names AS (INSERT INTO login_names (name, user_id) SELECT DISTINCT n, (SELECT id FROM u) FROM unnest(ARRAY[lower($1), $2]) n)
+		SELECT id FROM u`
+	var pair tokenPair
+	u.ID, pair, err = s.startLogin(r, false, nil, q, u.Username, u.Email, u.Name, hashed)
 	if pq.As(err, pqerror.UniqueViolation) != nil { // lost a race for a name
 		if err := s.takenNames(ctx, &u, errs); err != nil || len(errs) == 0 {
 			return cmp.Or(err, error(errUnavailable)) // the winner rolled back: try again
@@ -391,7 +381,10 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	return writeJSON(w, http.StatusCreated, out)
+	return writeJSON(w, http.StatusCreated, struct {
+		User   user      `json:"user"`
+		Tokens tokenPair `json:"tokens"`
+	}{u, pair})
 }
 
 func deref(s *string) string {
@@ -466,43 +459,23 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 		}
 		return errBadCredentials
 	}
-	var upgraded *string // a stale hash's replacement at our iteration count
+	upgraded := "" // a stale hash's replacement at our iteration count
 	if stale {
-		if h, err := s.passwords.hash(ctx, password); err != nil {
+		if upgraded, err = s.passwords.hash(ctx, password); err != nil {
 			s.log.Warn("rehash password; the next login tries again", "user_id", id, "err", err)
-		} else {
-			upgraded = &h
 		}
 	}
-	pair, err := s.startCheckedLogin(ctx, r, id, version, upgraded)
+	// The password checked must still be the user's, locked until commit: a
+	// password change cannot slip in between and miss this login. Setting
+	// last_login marks an upgraded hash as no change (schema.sql's trigger).
+	// $1 user, $2 the version checked, $3 an upgraded hash or "".
+	const still = `UPDATE users SET password = coalesce(nullif($3, ''), password), last_login = now()
+		WHERE id = $1 AND password_version = $2 RETURNING id`
+	_, pair, err := s.startLogin(r, false, errBadCredentials, still, id, version, upgraded)
 	if err != nil {
 		return err
 	}
 	return writeJSON(w, http.StatusOK, pair)
-}
-
-// startCheckedLogin starts a login of user id, whose password was
-// verified at version; upgraded replaces a stale hash, or is nil. The
-// password checked must still be the user's, locked until commit: a
-// password change cannot slip in between and miss this login. Setting
-// last_login marks an upgraded hash as no change (schema.sql's trigger).
-func (s *server) startCheckedLogin(ctx context.Context, r *http.Request, id, version int64, upgraded *string) (tokenPair, error) {
-	var pair tokenPair
-	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		// $1 user, $2 the version checked, $3 an upgraded hash or nil.
-		const still = `UPDATE users SET password = coalesce($3, password), last_login = now()
-			WHERE id = $1 AND password_version = $2`
-		res, err := tx.ExecContext(ctx, still, id, version, upgraded)
-		if err != nil {
-			return fmt.Errorf("recheck password: %w", err)
-		}
-		if n, _ := res.RowsAffected(); n != 1 {
-			return errBadCredentials
-		}
-		pair, err = s.startLogin(ctx, tx, r, id, false)
-		return err
-	})
-	return pair, err
 }
 
 // unlock is "healthcare unlock <name>": it ends every wait of both names of
@@ -709,39 +682,19 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	if err != nil {
 		return err
 	}
-	pair, err := s.replacePassword(r, hashed, version)
+	// Only the password the old one was checked against (at version) is
+	// replaced: of two changes at once, the second finds it gone.
+	// (schema.sql's trigger counts the change in password_version.)
+	text, values := statement{
+		steps:  `done AS (UPDATE users SET password = @hash WHERE id = @user AND password_version = @version RETURNING id)`,
+		args:   args{"hash": hashed, "version": version},
+		events: []audit{{action: "password.change"}},
+	}.sent(r)
+	_, pair, err := s.startLogin(r, true, errWrongOldPassword, text, values...)
 	if err != nil {
 		return err
 	}
 	return writeJSON(w, http.StatusOK, pair)
-}
-
-// replacePassword sets the user's new password hash, writing the
-// password.change event, then ends every login of the user and starts a new
-// one (startLogin).
-// Only the password the old one was checked against (at version) is
-// replaced: of two changes at once, the second finds it gone. (schema.sql's
-// trigger counts the change in password_version.)
-func (s *server) replacePassword(r *http.Request, hashed string, version int64) (tokenPair, error) {
-	ctx := r.Context()
-	var pair tokenPair
-	err := withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
-		text, values := statement{
-			steps:  `done AS (UPDATE users SET password = @hash WHERE id = @user AND password_version = @version RETURNING id)`,
-			args:   args{"hash": hashed, "version": version},
-			events: []audit{{action: "password.change"}},
-		}.sent(r)
-		err := tx.QueryRowContext(ctx, text, values...).Scan(new(int64))
-		if errors.Is(err, sql.ErrNoRows) {
-			return errWrongOldPassword
-		}
-		if err != nil {
-			return fmt.Errorf("change password: %w", err)
-		}
-		pair, err = s.startLogin(ctx, tx, r, infoFrom(r).userID, true)
-		return err
-	})
-	return pair, err
 }
 
 // Django's list of 19,726 common passwords (django/contrib/auth, BSD-3-Clause).

@@ -7,6 +7,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"crypto/rand"
 	"database/sql"
 	"encoding/json"
 	"errors"
@@ -26,7 +27,7 @@ var copies = [4]struct{ table, columns, read string }{
 	{"users", "id, username, email, name, password, created_at, last_login", `SELECT id, normalize(username, NFKC) AS username, email,
 		coalesce(nullif(btrim(first_name || ' ' || last_name), ''), normalize(username, NFKC)) AS name, date_joined AS created_at, last_login,
 		password, is_superuser OR is_staff AS admin, CASE WHEN NOT is_active THEN 'inactive' WHEN password NOT LIKE 'pbkdf2\_sha256$%' THEN 'another hasher, or unusable in Django'
-			WHEN password !~ '^pbkdf2_sha256\$([1-9][0-9]{0,6}|10000000)\$[^$]+\$[A-Za-z0-9+/]{43}=$' THEN 'a malformed or unverifiable hash' END AS unusable FROM auth_user`}, // as passwords.verify reads a hash
+			WHEN password !~ '` + verifiable + `' THEN 'a malformed or unverifiable hash' END AS unusable FROM auth_user`},
 	{"patients", "id, owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at", `SELECT id, created_by_id AS owner_id, first_name, last_name, email, date_of_birth, phone, created_at, updated_at FROM api_patient`},
 	{"doctors", "id, first_name, last_name, email, specialization, created_at, updated_at, created_by", `SELECT id, first_name, last_name, email, specialization, created_at, updated_at FROM api_doctor`},
 	{"mappings", "id, owner_id, patient_id, doctor_id, created_at", `SELECT m.id, p.created_by_id AS owner_id, m.patient_id,
@@ -217,15 +218,30 @@ func (r *report) unique(seen map[string]json.RawMessage, key, table string, row 
 }
 
 // check checks every row with the API's readers (middleware.go), in place:
-// what each row becomes is what the API would store. An account without a
-// usable password gets Django's unusable form; every doctor, the account
-// named creator (if any) as its creator.
+// what each row becomes is what the API would store. An account's names are
+// checked as register would; one without a usable password is listed and
+// gets Django's unusable form, and the Django rights that do not carry over
+// are listed. Every doctor gets the account named creator (if any) as its
+// creator.
 func (r *report) check(rows [4][]members, creator string) {
 	// Login names; emails: a patient's key starts with its owner, a doctor's with '"'.
 	names, emails := map[string]json.RawMessage{}, map[string]json.RawMessage{}
 	createdBy := json.RawMessage("null")
 	for _, u := range rows[0] {
-		if username := r.checkUser(u, names); creator != "" && strings.EqualFold(username, creator) {
+		errs := fieldErrors{}
+		username, email := u.username("username", errs), u.email("email", true, errs)
+		r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": email, "name": u.text("name", true, 1, 150, errs)})
+		r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another account's login name, after NFKC and lower-casing", username))
+		r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", deref(email)))
+		if why := ""; json.Unmarshal(u["unusable"], &why) == nil && why != "" {
+			r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (%s)", u["id"], why))
+			u["password"], _ = json.Marshal("!" + rand.Text()) // Django's unusable form
+			r.unusable++
+		}
+		if string(u["admin"]) == "true" {
+			r.notes = append(r.notes, fmt.Sprintf("auth_user %s: a Django superuser or staff account, copied as an ordinary user (this server has no admin)", u["id"]))
+		}
+		if creator != "" && strings.EqualFold(username, creator) {
 			createdBy = u["id"]
 		}
 	}
@@ -251,25 +267,4 @@ func (r *report) check(rows [4][]members, creator string) {
 		r.notes = append(r.notes, fmt.Sprintf("api_doctor: the %d doctors are copied with no creator, so nobody can change or delete them: "+
 			"--doctor-creator <username> makes that account their creator", len(rows[2])))
 	}
-}
-
-// checkUser checks an account: its names as register would, its password
-// (an unusable one is listed and replaced by Django's unusable form), and
-// the Django rights that do not carry over. It returns the username as the
-// API stores it.
-func (r *report) checkUser(u members, names map[string]json.RawMessage) string {
-	errs := fieldErrors{}
-	username, email := u.username("username", errs), u.email("email", true, errs)
-	r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": email, "name": u.text("name", true, 1, 150, errs)})
-	r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another account's login name, after NFKC and lower-casing", username))
-	r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", deref(email)))
-	if why := ""; json.Unmarshal(u["unusable"], &why) == nil && why != "" {
-		r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (%s)", u["id"], why))
-		u["password"], _ = json.Marshal("!" + newSalt()) // Django's unusable form
-		r.unusable++
-	}
-	if string(u["admin"]) == "true" {
-		r.notes = append(r.notes, fmt.Sprintf("auth_user %s: a Django superuser or staff account, copied as an ordinary user (this server has no admin)", u["id"]))
-	}
-	return username
 }

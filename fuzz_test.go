@@ -52,10 +52,7 @@ func FuzzPasswordHash(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	good, err := p.encode("secret", "saltsaltsalt")
-	if err != nil {
-		f.Fatal(err)
-	}
+	good := p.encode("secret", "saltsaltsalt")
 	f.Add(good)
 	f.Add("pbkdf2_sha256$$$")
 	f.Add("pbkdf2_sha256$-1$salt$AAAA")
@@ -65,10 +62,10 @@ func FuzzPasswordHash(f *testing.F) {
 		if parts := strings.Split(encoded, "$"); len(parts) > 1 && len(parts[1]) > 4 {
 			return
 		}
-		ok, _, err := p.verify("secret", encoded)
-		if err == nil && ok && encoded != good {
+		ok, _ := p.verify("secret", encoded)
+		if ok && encoded != good {
 			// Another encoding of the same hash is fine; check it really is one.
-			if again, _, _ := p.verify("not the secret", encoded); again {
+			if again, _ := p.verify("not the secret", encoded); again {
 				t.Fatalf("hash %q accepts two passwords", encoded)
 			}
 		}
