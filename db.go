@@ -623,12 +623,8 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 	if dir == '>' {
 		slices.Reverse(events)
 	}
-	var pg struct {
-		Next     *string `json:"next"`
-		Previous *string `json:"previous"`
-		Results  []event `json:"results"`
-	}
-	if pg.Results = events; len(events) > 0 {
+	pg := page[event]{Results: events}
+	if len(events) > 0 {
 		if more || dir == '>' {
 			pg.Next = pageLink(r, "cursor", cursorAt('<', events[len(events)-1].ID))
 		}
@@ -754,7 +750,8 @@ type listParams struct {
 	page    int // from 1
 	size    int
 	orderBy string // SQL from a fixed whitelist, never from input
-	terms   []any  // ILIKE patterns with %, _ and \ escaped; any, as they are query arguments
+	terms   int    // how many search terms args holds, @term0 on
+	args    args   // @limit, @offset (the rows before the page), and each term's ILIKE pattern, %, _ and \ escaped
 }
 
 // maxSearchTerms bounds the work one search can ask of the database.
@@ -794,6 +791,7 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 		order = append(order, orderable["id"])
 	}
 	p.orderBy = strings.Join(order, ", ")
+	p.args = args{"limit": p.size, "offset": (p.page - 1) * p.size}
 	if searchable {
 		// PostgreSQL text holds neither NUL nor invalid UTF-8: NULs are
 		// dropped, as DRF does, and invalid bytes become U+FFFD.
@@ -803,9 +801,10 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 			return p, fieldErrors{"search": {fmt.Sprintf("Ensure there are no more than %d search terms.", maxSearchTerms)}}
 		}
 		escape := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`)
-		for _, t := range terms {
-			p.terms = append(p.terms, "%"+escape.Replace(t)+"%")
+		for i, t := range terms {
+			p.args[fmt.Sprint("term", i)] = "%" + escape.Replace(t) + "%"
 		}
+		p.terms = len(terms)
 	}
 	return p, nil
 }
@@ -813,7 +812,7 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 // search returns " AND (c1 || ' ' || c2) ILIKE @term0 AND (…) ILIKE @term1":
 // every term must occur in the columns joined by ' ', the expression a
 // trigram index holds (schema.sql). A term holds no space, so it occurs in
-// the joined text only within one column. args gives the terms' values.
+// the joined text only within one column. args holds the terms' values.
 func (p listParams) search(columns ...string) (sql string) {
 	for i := range p.terms {
 		sql += fmt.Sprintf(" AND (%s) ILIKE @term%d", strings.Join(columns, " || ' ' || "), i)
@@ -821,35 +820,27 @@ func (p listParams) search(columns ...string) (sql string) {
 	return sql
 }
 
-// count is a list's count column: its own scan, so that a page with a
-// LIMIT stops after its rows, and a count through an index reads no row.
-func (p listParams) count(table, where string) string {
-	return "(SELECT count(*) FROM " + table + " WHERE " + where + ")"
-}
-
-// args are the values of a list statement's @limit and @offset (the rows
-// before the page) and of its search terms.
-func (p listParams) args() args {
-	a := args{"limit": p.size, "offset": (p.page - 1) * p.size}
-	for i, t := range p.terms {
-		a[fmt.Sprint("term", i)] = t
-	}
-	return a
-}
-
-// listBody is a collection GET's body, as DRF's PageNumberPagination writes it.
-type listBody[T any] struct {
-	Count    int     `json:"count"`
+// page is a page of a collection: links to the pages either side, and its
+// rows. The audit trail's is its body (DRF's CursorPagination).
+type page[T any] struct {
 	Next     *string `json:"next"`
 	Previous *string `json:"previous"`
 	Results  []T     `json:"results"`
+}
+
+// listBody is a collection GET's body, as DRF's PageNumberPagination writes
+// it: the count of the whole list, then the page.
+type listBody[T any] struct {
+	Count int `json:"count"`
+	page[T]
 }
 
 // customPlan makes a transaction's statements planned with their arguments.
 const customPlan = `SET LOCAL plan_cache_mode = force_custom_plan`
 
 // listPage answers a collection GET with the page list asks for: q's rows
-// are the page's, each with the total count in front. A search runs in a
+// are the page's, each with the total count in front (a scan of its own, so
+// that the page's LIMIT stops after its rows). A search runs in a
 // transaction planned with its terms (README, Performance): a generic plan,
 // blind to them, may read a whole table for one match.
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list listParams, scan func(rowScanner) (T, error), q statement) error {
@@ -865,7 +856,7 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list 
 	}
 	text, values := q.sent(r)
 	var err error
-	if len(list.terms) == 0 {
+	if list.terms == 0 {
 		err = read(db.QueryContext(ctx, text, values...))
 	} else {
 		err = withTx(ctx, db.DB, func(tx *sql.Tx) error {
@@ -881,7 +872,7 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list 
 	if len(results) == 0 && list.page > 1 {
 		return errInvalidPage
 	}
-	body := listBody[T]{Count: count, Results: results}
+	body := listBody[T]{Count: count, page: page[T]{Results: results}}
 	if list.page*list.size < count {
 		body.Next = pageLink(r, "page", strconv.Itoa(list.page+1))
 	}

@@ -45,7 +45,7 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) erro
 	return listPage(w, r, s.db, list, scanMapping, statement{
 		steps: `done AS (SELECT (SELECT count(*) FROM mappings WHERE owner_id = @user), ` + mappingColumns + `
 			FROM mappings m` + withDetails + ` WHERE m.owner_id = @user ORDER BY ` + list.orderBy + ` LIMIT @limit OFFSET @offset)`,
-		args:   list.args(),
+		args:   list.args,
 		events: mappingsShown,
 	})
 }
