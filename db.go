@@ -495,10 +495,14 @@ func (q statement) sent(r *http.Request) (string, []any) {
 	return text, values
 }
 
-// query runs q (sent) for its rows.
-func (d *database) query(r *http.Request, q statement) (*sql.Rows, error) {
+// queryAll runs q (sent) and reads each of its rows with scan.
+func queryAll[T any](r *http.Request, db *database, q statement, scan func(rowScanner) (T, error)) ([]T, error) {
 	text, values := q.sent(r)
-	return d.QueryContext(r.Context(), text, values...)
+	rows, err := db.QueryContext(r.Context(), text, values...)
+	if err != nil {
+		return nil, err
+	}
+	return scanAll(rows, scan)
 }
 
 // queryRow runs q (sent) for its one row.
@@ -509,12 +513,17 @@ func (d *database) queryRow(r *http.Request, q statement) *sql.Row {
 
 // exec runs q (sent) and counts its rows.
 func (d *database) exec(r *http.Request, q statement) (int, error) {
-	rows, err := d.query(r, q)
-	if err != nil {
-		return 0, err
-	}
-	found, err := scanAll(rows, func(rowScanner) (bool, error) { return true, nil })
+	found, err := queryAll(r, d, q, func(rowScanner) (bool, error) { return true, nil })
 	return len(found), err
+}
+
+// find runs q (sent): errNotFound when it returns no row.
+func (d *database) find(r *http.Request, q statement) error {
+	n, err := d.exec(r, q)
+	if err == nil && n == 0 {
+		return errNotFound
+	}
+	return err
 }
 
 // The audit trail as GET /api/audit/ lists it: a user's own events.
@@ -609,14 +618,10 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 	}
 	// dir is '<' or '>', checked above: the comparison, and its order.
 	order := map[byte]string{'<': "DESC", '>': "ASC"}[dir]
-	rows, err := s.db.query(r, statement{args: a, steps: `done AS (SELECT id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id FROM audit_events
-		WHERE ` + where + ` AND id ` + string(dir) + ` @cursor ORDER BY id ` + order + ` LIMIT @limit)`})
+	events, err := queryAll(r, s.db, statement{args: a, steps: `done AS (SELECT id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id FROM audit_events
+		WHERE ` + where + ` AND id ` + string(dir) + ` @cursor ORDER BY id ` + order + ` LIMIT @limit)`}, scanEvent)
 	if err != nil {
 		return fmt.Errorf("list audit: %w", err)
-	}
-	events, err := scanAll(rows, scanEvent)
-	if err != nil {
-		return err
 	}
 	more := len(events) > p.size // beyond this page, in the direction read
 	events = events[:min(len(events), p.size)]
@@ -674,12 +679,8 @@ func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, statu
 // deleteRow runs q, a DELETE that returns what it deleted, and answers 204,
 // or 404 when nothing was deleted.
 func deleteRow(w http.ResponseWriter, r *http.Request, db *database, q statement) error {
-	n, err := db.exec(r, q)
-	if err != nil {
-		return fmt.Errorf("delete: %w", err)
-	}
-	if n == 0 {
-		return errNotFound
+	if err := db.find(r, q); err != nil {
+		return err
 	}
 	return noContent(w)
 }
@@ -721,14 +722,10 @@ func unmatched(r *http.Request, db *database, err error, found statement) error 
 	if err != errNotFound || ifMatch(r) == nil {
 		return err
 	}
-	n, err := db.exec(r, found)
-	switch {
-	case err != nil:
-		return fmt.Errorf("check the record: %w", err)
-	case n > 0:
+	if err = db.find(r, found); err == nil {
 		return &apiError{status: http.StatusPreconditionFailed, body: detail("The record has changed since you read it.")}
 	}
-	return errNotFound
+	return err
 }
 
 // scanAll reads every row of rows with scan.
