@@ -495,10 +495,14 @@ func (q statement) sent(r *http.Request) (string, []any) {
 	return text, values
 }
 
-// query runs q (sent) for its rows.
-func (d *database) query(r *http.Request, q statement) (*sql.Rows, error) {
+// queryAll runs q (sent) and reads each of its rows with scan.
+func queryAll[T any](r *http.Request, db *database, q statement, scan func(rowScanner) (T, error)) ([]T, error) {
 	text, values := q.sent(r)
-	return d.QueryContext(r.Context(), text, values...)
+	rows, err := db.QueryContext(r.Context(), text, values...)
+	if err != nil {
+		return nil, err
+	}
+	return scanAll(rows, scan)
 }
 
 // queryRow runs q (sent) for its one row.
@@ -509,12 +513,17 @@ func (d *database) queryRow(r *http.Request, q statement) *sql.Row {
 
 // exec runs q (sent) and counts its rows.
 func (d *database) exec(r *http.Request, q statement) (int, error) {
-	rows, err := d.query(r, q)
-	if err != nil {
-		return 0, err
-	}
-	found, err := scanAll(rows, func(rowScanner) (bool, error) { return true, nil })
+	found, err := queryAll(r, d, q, func(rowScanner) (bool, error) { return true, nil })
 	return len(found), err
+}
+
+// find runs q (sent): errNotFound when it returns no row.
+func (d *database) find(r *http.Request, q statement) error {
+	n, err := d.exec(r, q)
+	if err == nil && n == 0 {
+		return errNotFound
+	}
+	return err
 }
 
 // The audit trail as GET /api/audit/ lists it: a user's own events.
@@ -609,26 +618,18 @@ func (s *server) handleListAudit(w http.ResponseWriter, r *http.Request) error {
 	}
 	// dir is '<' or '>', checked above: the comparison, and its order.
 	order := map[byte]string{'<': "DESC", '>': "ASC"}[dir]
-	rows, err := s.db.query(r, statement{args: a, steps: `done AS (SELECT id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id FROM audit_events
-		WHERE ` + where + ` AND id ` + string(dir) + ` @cursor ORDER BY id ` + order + ` LIMIT @limit)`})
+	events, err := queryAll(r, s.db, statement{args: a, steps: `done AS (SELECT id, api_time(at), action, patient_id, doctor_id, fields, login_id, ip, request_id FROM audit_events
+		WHERE ` + where + ` AND id ` + string(dir) + ` @cursor ORDER BY id ` + order + ` LIMIT @limit)`}, scanEvent)
 	if err != nil {
 		return fmt.Errorf("list audit: %w", err)
-	}
-	events, err := scanAll(rows, scanEvent)
-	if err != nil {
-		return err
 	}
 	more := len(events) > p.size // beyond this page, in the direction read
 	events = events[:min(len(events), p.size)]
 	if dir == '>' {
 		slices.Reverse(events)
 	}
-	var pg struct {
-		Next     *string `json:"next"`
-		Previous *string `json:"previous"`
-		Results  []event `json:"results"`
-	}
-	if pg.Results = events; len(events) > 0 {
+	pg := page[event]{Results: events}
+	if len(events) > 0 {
 		if more || dir == '>' {
 			pg.Next = pageLink(r, "cursor", cursorAt('<', events[len(events)-1].ID))
 		}
@@ -678,12 +679,8 @@ func writeRow[T any](w http.ResponseWriter, r *http.Request, db *database, statu
 // deleteRow runs q, a DELETE that returns what it deleted, and answers 204,
 // or 404 when nothing was deleted.
 func deleteRow(w http.ResponseWriter, r *http.Request, db *database, q statement) error {
-	n, err := db.exec(r, q)
-	if err != nil {
-		return fmt.Errorf("delete: %w", err)
-	}
-	if n == 0 {
-		return errNotFound
+	if err := db.find(r, q); err != nil {
+		return err
 	}
 	return noContent(w)
 }
@@ -725,14 +722,10 @@ func unmatched(r *http.Request, db *database, err error, found statement) error 
 	if err != errNotFound || ifMatch(r) == nil {
 		return err
 	}
-	n, err := db.exec(r, found)
-	switch {
-	case err != nil:
-		return fmt.Errorf("check the record: %w", err)
-	case n > 0:
+	if err = db.find(r, found); err == nil {
 		return &apiError{status: http.StatusPreconditionFailed, body: detail("The record has changed since you read it.")}
 	}
-	return errNotFound
+	return err
 }
 
 // scanAll reads every row of rows with scan.
@@ -754,7 +747,8 @@ type listParams struct {
 	page    int // from 1
 	size    int
 	orderBy string // SQL from a fixed whitelist, never from input
-	terms   []any  // ILIKE patterns with %, _ and \ escaped; any, as they are query arguments
+	terms   int    // how many search terms args holds, @term0 on
+	args    args   // @limit, @offset (the rows before the page), and each term's ILIKE pattern, %, _ and \ escaped
 }
 
 // maxSearchTerms bounds the work one search can ask of the database.
@@ -794,6 +788,7 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 		order = append(order, orderable["id"])
 	}
 	p.orderBy = strings.Join(order, ", ")
+	p.args = args{"limit": p.size, "offset": (p.page - 1) * p.size}
 	if searchable {
 		// PostgreSQL text holds neither NUL nor invalid UTF-8: NULs are
 		// dropped, as DRF does, and invalid bytes become U+FFFD.
@@ -803,9 +798,10 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 			return p, fieldErrors{"search": {fmt.Sprintf("Ensure there are no more than %d search terms.", maxSearchTerms)}}
 		}
 		escape := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`)
-		for _, t := range terms {
-			p.terms = append(p.terms, "%"+escape.Replace(t)+"%")
+		for i, t := range terms {
+			p.args[fmt.Sprint("term", i)] = "%" + escape.Replace(t) + "%"
 		}
+		p.terms = len(terms)
 	}
 	return p, nil
 }
@@ -813,7 +809,7 @@ func parseList(q url.Values, orderable map[string]string, searchable bool) (list
 // search returns " AND (c1 || ' ' || c2) ILIKE @term0 AND (…) ILIKE @term1":
 // every term must occur in the columns joined by ' ', the expression a
 // trigram index holds (schema.sql). A term holds no space, so it occurs in
-// the joined text only within one column. args gives the terms' values.
+// the joined text only within one column. args holds the terms' values.
 func (p listParams) search(columns ...string) (sql string) {
 	for i := range p.terms {
 		sql += fmt.Sprintf(" AND (%s) ILIKE @term%d", strings.Join(columns, " || ' ' || "), i)
@@ -821,35 +817,27 @@ func (p listParams) search(columns ...string) (sql string) {
 	return sql
 }
 
-// count is a list's count column: its own scan, so that a page with a
-// LIMIT stops after its rows, and a count through an index reads no row.
-func (p listParams) count(table, where string) string {
-	return "(SELECT count(*) FROM " + table + " WHERE " + where + ")"
-}
-
-// args are the values of a list statement's @limit and @offset (the rows
-// before the page) and of its search terms.
-func (p listParams) args() args {
-	a := args{"limit": p.size, "offset": (p.page - 1) * p.size}
-	for i, t := range p.terms {
-		a[fmt.Sprint("term", i)] = t
-	}
-	return a
-}
-
-// listBody is a collection GET's body, as DRF's PageNumberPagination writes it.
-type listBody[T any] struct {
-	Count    int     `json:"count"`
+// page is a page of a collection: links to the pages either side, and its
+// rows. The audit trail's is its body (DRF's CursorPagination).
+type page[T any] struct {
 	Next     *string `json:"next"`
 	Previous *string `json:"previous"`
 	Results  []T     `json:"results"`
+}
+
+// listBody is a collection GET's body, as DRF's PageNumberPagination writes
+// it: the count of the whole list, then the page.
+type listBody[T any] struct {
+	Count int `json:"count"`
+	page[T]
 }
 
 // customPlan makes a transaction's statements planned with their arguments.
 const customPlan = `SET LOCAL plan_cache_mode = force_custom_plan`
 
 // listPage answers a collection GET with the page list asks for: q's rows
-// are the page's, each with the total count in front. A search runs in a
+// are the page's, each with the total count in front (a scan of its own, so
+// that the page's LIMIT stops after its rows). A search runs in a
 // transaction planned with its terms (README, Performance): a generic plan,
 // blind to them, may read a whole table for one match.
 func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list listParams, scan func(rowScanner) (T, error), q statement) error {
@@ -865,7 +853,7 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list 
 	}
 	text, values := q.sent(r)
 	var err error
-	if len(list.terms) == 0 {
+	if list.terms == 0 {
 		err = read(db.QueryContext(ctx, text, values...))
 	} else {
 		err = withTx(ctx, db.DB, func(tx *sql.Tx) error {
@@ -881,7 +869,7 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list 
 	if len(results) == 0 && list.page > 1 {
 		return errInvalidPage
 	}
-	body := listBody[T]{Count: count, Results: results}
+	body := listBody[T]{Count: count, page: page[T]{Results: results}}
 	if list.page*list.size < count {
 		body.Next = pageLink(r, "page", strconv.Itoa(list.page+1))
 	}

@@ -52,9 +52,9 @@ func (s *server) handleListDoctors(w http.ResponseWriter, r *http.Request) error
 	}
 	where := `true` + list.search("first_name", "last_name", "email", "specialization")
 	return listPage(w, r, s.db, list, scanDoctor, statement{
-		steps: `done AS (SELECT ` + list.count("doctors", where) + `, ` + doctorColumns + ` FROM doctors
+		steps: `done AS (SELECT (SELECT count(*) FROM doctors WHERE ` + where + `), ` + doctorColumns + ` FROM doctors
 			WHERE ` + where + ` ORDER BY ` + list.orderBy + ` LIMIT @limit OFFSET @offset)`,
-		args: list.args(),
+		args: list.args,
 	})
 }
 
@@ -75,9 +75,9 @@ func (s *server) handleGetDoctor(w http.ResponseWriter, r *http.Request) error {
 	return writeRow(w, r, s.db, http.StatusOK, scanDoctor, statement{steps: `done AS (SELECT ` + doctorColumns + ` FROM doctors WHERE id = @id)`})
 }
 
-// doctorFound finds the doctor the path names: unmatched tells a write's
-// 412 from its 404 by it.
-var doctorFound = statement{steps: `done AS (SELECT 1 FROM doctors WHERE id = @id)`}
+// doctorFound finds the doctor the path names, with its creator: for
+// mayChangeDoctor, and for unmatched to tell a write's 412 from its 404.
+var doctorFound = statement{steps: `done AS (SELECT created_by FROM doctors WHERE id = @id)`}
 
 // mayChangeDoctor answers 404 for a malformed id or a missing doctor, and
 // 403 for one the user did not create. The order of checks puts it before
@@ -87,8 +87,7 @@ func (s *server) mayChangeDoctor(r *http.Request) error {
 		return errNotFound
 	}
 	var creator sql.NullInt64
-	err := s.db.queryRow(r, statement{steps: `done AS (SELECT created_by FROM doctors WHERE id = @id)`}).Scan(&creator)
-	switch {
+	switch err := s.db.queryRow(r, doctorFound).Scan(&creator); {
 	case errors.Is(err, sql.ErrNoRows):
 		return errNotFound
 	case err != nil:

@@ -45,7 +45,7 @@ func (s *server) handleListMappings(w http.ResponseWriter, r *http.Request) erro
 	return listPage(w, r, s.db, list, scanMapping, statement{
 		steps: `done AS (SELECT (SELECT count(*) FROM mappings WHERE owner_id = @user), ` + mappingColumns + `
 			FROM mappings m` + withDetails + ` WHERE m.owner_id = @user ORDER BY ` + list.orderBy + ` LIMIT @limit OFFSET @offset)`,
-		args:   list.args(),
+		args:   list.args,
 		events: mappingsShown,
 	})
 }
@@ -103,25 +103,17 @@ func (s *server) handleCreateMapping(w http.ResponseWriter, r *http.Request) err
 // handlePatientMappings lists one of the user's patients' mappings, oldest
 // first, as a plain array; another user's patient is a 404.
 func (s *server) handlePatientMappings(w http.ResponseWriter, r *http.Request) error {
-	rows, err := s.db.query(r, statement{
+	out, err := queryAll(r, s.db, statement{
 		steps: `done AS (SELECT ` + mappingColumns + ` FROM mappings m` + withDetails + `
 			WHERE m.patient_id = @id AND m.owner_id = @user ORDER BY m.created_at, m.id)`,
 		events: mappingsShown,
-	})
+	}, scanMapping)
 	if err != nil {
 		return fmt.Errorf("list patient mappings: %w", err)
 	}
-	out, err := scanAll(rows, scanMapping)
-	if err != nil {
-		return err
-	}
 	if len(out) == 0 { // an empty array for the user's patient, else 404
-		n, err := s.db.exec(r, patientFound)
-		if err != nil {
-			return fmt.Errorf("find patient: %w", err)
-		}
-		if n == 0 {
-			return errNotFound
+		if err := s.db.find(r, patientFound); err != nil {
+			return err
 		}
 	}
 	return writeJSON(w, http.StatusOK, out)

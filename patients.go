@@ -46,9 +46,9 @@ func (s *server) handleListPatients(w http.ResponseWriter, r *http.Request) erro
 	}
 	where := `owner_id = @user` + list.search("first_name", "last_name", "email")
 	return listPage(w, r, s.db, list, scanPatient, statement{
-		steps: `done AS (SELECT ` + list.count("patients", where) + `, ` + patientColumns + ` FROM patients
+		steps: `done AS (SELECT (SELECT count(*) FROM patients WHERE ` + where + `), ` + patientColumns + ` FROM patients
 			WHERE ` + where + ` ORDER BY ` + list.orderBy + ` LIMIT @limit OFFSET @offset)`,
-		args:   list.args(),
+		args:   list.args,
 		events: []audit{{action: "patient.list", patient: "id"}},
 	})
 }
