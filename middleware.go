@@ -66,47 +66,21 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"request_id", info.id)
 	}()
 	s.setHeaders(sw, r, info)
-	s.dispatch(sw, r)
-}
-
-// dispatch applies the checks up to routing and the body cap, then hands the
-// request to its route.
-func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path != "/healthz" && r.URL.Path != "/readyz" && !s.hostAllowed(r.Host) {
-		writeJSON(w, http.StatusBadRequest, detail("Invalid host header."))
-		return
+	h, _ := s.mux.Handler(r)
+	switch {
+	case r.URL.Path != "/healthz" && r.URL.Path != "/readyz" && !s.hostAllowed(r.Host):
+		writeJSON(sw, http.StatusBadRequest, detail("Invalid host header."))
+	case r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
+		sw.Header().Get("Access-Control-Allow-Origin") != "": // a preflight from an origin setHeaders allowed
+		sw.Header().Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
+		sw.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
+		sw.Header().Set("Access-Control-Max-Age", "86400")
+		sw.WriteHeader(http.StatusNoContent)
+	case !isRoute(h):
+		s.unrouted(sw, r, h)
+	default:
+		s.mux.ServeHTTP(sw, r) // to route.ServeHTTP
 	}
-	// A preflight from a listed origin, which setHeaders has echoed back.
-	if h := w.Header(); r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
-		h.Get("Access-Control-Allow-Origin") != "" {
-		h.Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
-		h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
-		h.Set("Access-Control-Max-Age", "86400")
-		w.WriteHeader(http.StatusNoContent)
-		return
-	}
-	if h, _ := s.mux.Handler(r); !isRoute(h) {
-		s.unrouted(w, r, h)
-		return
-	}
-	if r.ContentLength != 0 {
-		// Read the body once, here, within its cap, so that an oversized body
-		// is refused before authentication; decodeBody reads it from info.
-		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			writeJSON(w, http.StatusRequestEntityTooLarge, detail("Request body is too large."))
-			return
-		}
-		if err != nil {
-			writeJSON(w, http.StatusBadRequest, detail("Could not read the request body."))
-			return
-		}
-		infoFrom(r).body = body
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.requestTimeout)
-	defer cancel()
-	s.mux.ServeHTTP(w, r.WithContext(ctx))
 }
 
 // unrouted answers a request the mux has no route for, in JSON rather than
@@ -240,7 +214,7 @@ type requestInfo struct {
 	https    bool
 	userID   int64
 	loginID  int64  // the login (the tokens' sid)
-	body     []byte // the request body, read within its cap by dispatch
+	body     []byte // the request body, read within its cap by route.serve
 }
 
 type infoKey struct{}
@@ -302,14 +276,32 @@ func isRoute(h http.Handler) bool {
 }
 
 func (rt route) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s, info := rt.s, infoFrom(r)
-	info.route = r.Pattern
-	if err := rt.serve(w, r, info); err != nil {
-		s.fail(w, r, err)
+	infoFrom(r).route = r.Pattern
+	if err := rt.serve(w, r); err != nil {
+		rt.s.fail(w, r, err)
 	}
 }
 
-func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo) error {
+// serve applies the checks that follow routing, then runs the handler within
+// the request timeout.
+func (rt route) serve(w http.ResponseWriter, r *http.Request) error {
+	info := infoFrom(r)
+	if r.ContentLength != 0 {
+		// Read the body once, here, within its cap, so that an oversized body
+		// is refused before authentication; decodeBody reads it from info.
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return &apiError{status: http.StatusRequestEntityTooLarge, body: detail("Request body is too large.")}
+		}
+		if err != nil {
+			return &apiError{status: http.StatusBadRequest, body: detail("Could not read the request body.")}
+		}
+		info.body = body
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), rt.s.cfg.requestTimeout)
+	defer cancel()
+	r = r.WithContext(ctx)
 	var authErr error
 	switch rt.access {
 	case probe: // no token, no limit
@@ -573,7 +565,7 @@ func noContent(w http.ResponseWriter) error {
 // case-insensitively and report only the first error).
 type members map[string]json.RawMessage
 
-// decodeBody reads the request body (read by dispatch) as a JSON object. An
+// decodeBody reads the request body (read by route.serve) as a JSON object. An
 // empty body is {}.
 func decodeBody(r *http.Request) (members, error) {
 	body := infoFrom(r).body
