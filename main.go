@@ -255,7 +255,13 @@ type server struct {
 	routes    []string // the patterns of addRoutes
 	signer    *signer
 	passwords *passwords
-	ready     readiness
+	// PostgreSQL's last answer to /readyz, kept for a second so that no
+	// rate of probes becomes a rate of queries.
+	ready struct {
+		sync.Mutex
+		at  time.Time
+		err error
+	}
 	hopWarned atomic.Int64 // when clientIP last logged a hop that is no address, in Unix seconds
 
 	commonPasswords map[string]struct{}
@@ -342,16 +348,8 @@ func (s *server) handleHealthz(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-// readiness is PostgreSQL's last answer to /readyz, kept for a second so
-// that no rate of probes becomes a rate of queries.
-type readiness struct {
-	mu  sync.Mutex
-	at  time.Time
-	err error
-}
-
 func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) error {
-	s.ready.mu.Lock()
+	s.ready.Lock()
 	if time.Since(s.ready.at) >= time.Second {
 		// Not the prober's context: one that hangs up must not leave its
 		// cancellation as everyone's answer for a second.
@@ -360,11 +358,10 @@ func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) error {
 		cancel()
 	}
 	err := s.ready.err
-	s.ready.mu.Unlock()
+	s.ready.Unlock()
 	if err != nil {
 		s.log.Warn("not ready", "err", err)
-		w.Header().Set("Retry-After", "5")
-		return writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable"})
+		return &apiError{status: http.StatusServiceUnavailable, body: map[string]string{"status": "unavailable"}, retryAfter: 5}
 	}
 	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }

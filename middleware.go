@@ -786,15 +786,12 @@ var phoneRE = regexp.MustCompile(`^\+?[ ().\-]*([0-9][ ().\-]*){10,15}$`)
 // phone reads a phone number as sent, trimmed: empty, or phoneRE's shape in
 // at most 32 characters.
 func (f members) phone(key string, errs fieldErrors) *string {
-	v, ok := f.str(key, false, errs)
-	if !ok {
-		return nil
-	}
-	if v = strings.TrimSpace(v); v != "" && (len(v) > 32 || !phoneRE.MatchString(v)) {
+	v := f.trimmed(key, false, 0, 32, strings.TrimSpace, errs)
+	if v != nil && *v != "" && !phoneRE.MatchString(*v) {
 		errs.add(key, "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.")
 		return nil
 	}
-	return &v
+	return v
 }
 
 // readPerson reads the body that patients and doctors share, a person's
