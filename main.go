@@ -84,9 +84,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	cfg, warnings, err := loadConfig(func(k string) string {
-		return cmp.Or(getenv(k), dotenv[k]) // real environment variables win over .env
-	})
+	// Real environment variables win over .env.
+	cfg, warnings, err := loadConfig(func(k string) string { return cmp.Or(getenv(k), dotenv[k]) })
 	if err != nil {
 		return err
 	}
@@ -123,17 +122,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 // printVersion is "healthcare version": the module's version and commit as
 // go build stamps them from git ("(modified)": the tree had changes), and Go's.
 func printVersion(stdout io.Writer) error {
-	info, ok := debug.ReadBuildInfo()
-	if !ok { // a binary built without module support
-		info = &debug.BuildInfo{Main: debug.Module{Version: "(unknown)"}}
-	}
-	version := info.Main.Version
-	for _, s := range info.Settings {
-		switch {
-		case s.Key == "vcs.revision":
-			version += " commit " + s.Value
-		case s.Key == "vcs.modified" && s.Value == "true":
-			version += " (modified)"
+	version := "(unknown)" // a binary built without module support has no build information
+	if info, ok := debug.ReadBuildInfo(); ok {
+		version = info.Main.Version
+		for _, s := range info.Settings {
+			switch {
+			case s.Key == "vcs.revision":
+				version += " commit " + s.Value
+			case s.Key == "vcs.modified" && s.Value == "true":
+				version += " (modified)"
+			}
 		}
 	}
 	_, err := fmt.Fprintln(stdout, "healthcare", version, runtime.Version())
@@ -344,6 +342,7 @@ func (s *server) addRoutes() {
 	handle("GET /api/audit/{$}", private, s.handleListAudit)
 }
 
+// handleHealthz answers while the process serves; it asks PostgreSQL nothing.
 func (s *server) handleHealthz(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }

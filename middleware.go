@@ -67,6 +67,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	s.setHeaders(sw, r, info)
 	h, _ := s.mux.Handler(r)
+	_, routed := h.(route)
 	switch {
 	case r.URL.Path != "/healthz" && r.URL.Path != "/readyz" && !s.hostAllowed(r.Host):
 		writeJSON(sw, http.StatusBadRequest, detail("Invalid host header."))
@@ -76,7 +77,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		sw.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
 		sw.Header().Set("Access-Control-Max-Age", "86400")
 		sw.WriteHeader(http.StatusNoContent)
-	case !isRoute(h):
+	case !routed:
 		s.unrouted(sw, r, h)
 	default:
 		s.mux.ServeHTTP(sw, r) // to route.ServeHTTP
@@ -90,7 +91,8 @@ func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler
 	if p := r.URL.Path; strings.HasPrefix(p, "/api/") && !strings.HasSuffix(p, "/") {
 		slashed := r.Clone(r.Context())
 		slashed.URL = &url.URL{Path: p + "/", RawQuery: r.URL.RawQuery} // "/api/x?" goes to "/api/x/", without the empty query
-		if sh, _ := s.mux.Handler(slashed); isRoute(sh) || muxAnswer(sh, slashed).status == http.StatusMethodNotAllowed {
+		sh, _ := s.mux.Handler(slashed)
+		if _, routed := sh.(route); routed || muxAnswer(sh, slashed).status == http.StatusMethodNotAllowed {
 			w.Header().Set("Location", slashed.URL.RequestURI()) // the path, and "?query" if there is one
 			writeJSON(w, http.StatusPermanentRedirect, detail("Use the path that ends in a slash."))
 			return
@@ -270,11 +272,6 @@ type route struct {
 	h      handler
 }
 
-func isRoute(h http.Handler) bool {
-	_, ok := h.(route)
-	return ok
-}
-
 func (rt route) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	infoFrom(r).route = r.Pattern
 	if err := rt.serve(w, r); err != nil {
@@ -290,8 +287,7 @@ func (rt route) serve(w http.ResponseWriter, r *http.Request) error {
 		// Read the body once, here, within its cap, so that an oversized body
 		// is refused before authentication; decodeBody reads it from info.
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
+		if errors.As(err, new(*http.MaxBytesError)) {
 			return &apiError{status: http.StatusRequestEntityTooLarge, body: detail("Request body is too large.")}
 		}
 		if err != nil {
@@ -366,11 +362,8 @@ type rateKey struct {
 // runs of failed logins: an IPv6 address by its /64, which one subscriber
 // usually holds whole (keying single addresses would give each 2^64 budgets).
 func sourceOf(ip netip.Addr) netip.Addr {
-	if ip.Is6() {
-		p, _ := ip.Prefix(64)
-		return p.Addr()
-	}
-	return ip
+	p, _ := ip.Prefix(min(ip.BitLen(), 64)) // an IPv4 address whole
+	return p.Addr()
 }
 
 func bySource(ip netip.Addr) rateKey { return rateKey{source: sourceOf(ip).As16()} }
@@ -574,18 +567,16 @@ func decodeBody(r *http.Request) (members, error) {
 	}
 	ct := r.Header.Get("Content-Type")
 	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
-		msg := fmt.Sprintf("Unsupported media type %q in request.", ct)
-		return nil, &apiError{status: http.StatusUnsupportedMediaType, body: detail(msg)}
+		return nil, &apiError{status: http.StatusUnsupportedMediaType, body: detail(fmt.Sprintf("Unsupported media type %q in request.", ct))}
 	}
 	var f members
 	dec := json.NewDecoder(bytes.NewReader(body))
 	err := dec.Decode(&f)
-	var typeErr *json.UnmarshalTypeError
 	why := ""
 	switch {
 	case !utf8.Valid(body): // encoding/json would silently replace it
 		why = "invalid UTF-8"
-	case errors.As(err, &typeErr) || err == nil && f == nil: // another JSON value, or null
+	case errors.As(err, new(*json.UnmarshalTypeError)) || err == nil && f == nil: // another JSON value, or null
 		why = "the body must be a JSON object"
 	case err != nil:
 		why = err.Error()
