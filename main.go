@@ -1,6 +1,6 @@
-// Command healthcare serves the Healthcare API: accounts with JWT logins,
-// private patients, a shared doctor directory and patient–doctor
-// assignments, on PostgreSQL. README and openapi.json describe its API.
+// Command healthcare serves the Healthcare API: users with JWT logins,
+// private patients, a shared doctor directory and patient–doctor mappings,
+// on PostgreSQL. README and openapi.json describe its API.
 package main
 
 import (
@@ -45,7 +45,7 @@ func main() {
 const usage = `Usage: healthcare [command]
   serve                    serve the API (the default)
   migrate                  bring the schema up to date; with DB_APP_ROLE, grant that role what serving needs
-  unlock <username>        end an account's login lock
+  unlock <username>        end the waits of a user's login names
   import-django [--check] [--doctor-creator <username>]  copy a Django service's database (DJANGO_DATABASE_URL) into an empty one
   version, help (-h, --help)
 Environment variables (default), also read from ./.env:
@@ -56,8 +56,7 @@ Environment variables (default), also read from ./.env:
   LOGIN_LOCK_AFTER (10)  LOGIN_LOCK_S (60)  LOGIN_LOCK_ACCOUNT_AFTER (100)  PASSWORD_ITERATIONS (600000)
   CORS_ALLOWED_ORIGINS (http://localhost:3000,http://127.0.0.1:3000,http://localhost:8080,http://127.0.0.1:8080)
   TRUSTED_PROXIES (none)  RATE_MAX_KEYS (100000)  RATE_REGISTER (5/hour)  RATE_LOGIN (10/hour)  RATE_ANON (100/hour)
-  RATE_USER (1000/hour)  TLS_CERT_FILE, TLS_KEY_FILE (none)  DJANGO_DATABASE_URL (none; import-django only)
-  GOGC (400)  GOMEMLIMIT (64MiB)
+  RATE_USER (1000/hour)  TLS_CERT_FILE, TLS_KEY_FILE (none)  DJANGO_DATABASE_URL (none; import-django only)  GOGC (400)
 `
 
 // run carries out the command in args (serve by default) and, serving,
@@ -85,21 +84,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	cfg, warnings, err := loadConfig(func(k string) string {
-		return cmp.Or(getenv(k), dotenv[k]) // real environment variables win over .env
-	})
+	// Real environment variables win over .env.
+	cfg, warnings, err := loadConfig(func(k string) string { return cmp.Or(getenv(k), dotenv[k]) })
 	if err != nil {
 		return err
 	}
-	logger := newLogger(stdout, cfg.debug)
-	// Garbage may grow to four times the live heap, within a soft 64 MiB
-	// while serving (README, Performance), unless GOGC or GOMEMLIMIT say
-	// otherwise; import-django holds the whole original in memory.
+	logger := slog.New(slog.NewJSONHandler(stdout, nil))
+	if cfg.debug {
+		logger = slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	// Garbage may grow to four times the live heap unless GOGC says
+	// otherwise: fewer collections (README, Performance).
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(400)
-	}
-	if getenv("GOMEMLIMIT") == "" && command == "serve" {
-		debug.SetMemoryLimit(64 << 20)
 	}
 	db, err := openDB(ctx, cfg.db, 4*runtime.NumCPU(), logger)
 	if err != nil {
@@ -125,14 +122,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 // printVersion is "healthcare version": the module's version and commit as
 // go build stamps them from git ("(modified)": the tree had changes), and Go's.
 func printVersion(stdout io.Writer) error {
-	info, _ := debug.ReadBuildInfo() // every build of a module (go.mod) has it
-	version := info.Main.Version
-	for _, s := range info.Settings {
-		switch {
-		case s.Key == "vcs.revision":
-			version += " commit " + s.Value
-		case s.Key == "vcs.modified" && s.Value == "true":
-			version += " (modified)"
+	version := "(unknown)" // a binary built without module support has no build information
+	if info, ok := debug.ReadBuildInfo(); ok {
+		version = info.Main.Version
+		for _, s := range info.Settings {
+			switch {
+			case s.Key == "vcs.revision":
+				version += " commit " + s.Value
+			case s.Key == "vcs.modified" && s.Value == "true":
+				version += " (modified)"
+			}
 		}
 	}
 	_, err := fmt.Fprintln(stdout, "healthcare", version, runtime.Version())
@@ -244,13 +243,6 @@ type secret []byte
 
 func (secret) LogValue() slog.Value { return slog.StringValue("[redacted]") }
 
-func newLogger(w io.Writer, debug bool) *slog.Logger {
-	if debug {
-		return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewJSONHandler(w, nil))
-}
-
 // server holds what the handlers share. There is no package-level state:
 // tests build as many independent servers as they like.
 type server struct {
@@ -261,7 +253,13 @@ type server struct {
 	routes    []string // the patterns of addRoutes
 	signer    *signer
 	passwords *passwords
-	ready     readiness
+	// PostgreSQL's last answer to /readyz, kept for a second so that no
+	// rate of probes becomes a rate of queries.
+	ready struct {
+		sync.Mutex
+		at  time.Time
+		err error
+	}
 	hopWarned atomic.Int64 // when clientIP last logged a hop that is no address, in Unix seconds
 
 	commonPasswords map[string]struct{}
@@ -344,20 +342,13 @@ func (s *server) addRoutes() {
 	handle("GET /api/audit/{$}", private, s.handleListAudit)
 }
 
+// handleHealthz answers while the process serves; it asks PostgreSQL nothing.
 func (s *server) handleHealthz(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-// readiness is PostgreSQL's last answer to /readyz, kept for a second so
-// that no rate of probes becomes a rate of queries.
-type readiness struct {
-	mu  sync.Mutex
-	at  time.Time
-	err error
-}
-
 func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) error {
-	s.ready.mu.Lock()
+	s.ready.Lock()
 	if time.Since(s.ready.at) >= time.Second {
 		// Not the prober's context: one that hangs up must not leave its
 		// cancellation as everyone's answer for a second.
@@ -366,11 +357,10 @@ func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) error {
 		cancel()
 	}
 	err := s.ready.err
-	s.ready.mu.Unlock()
+	s.ready.Unlock()
 	if err != nil {
 		s.log.Warn("not ready", "err", err)
-		w.Header().Set("Retry-After", "5")
-		return writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable"})
+		return &apiError{status: http.StatusServiceUnavailable, body: map[string]string{"status": "unavailable"}, retryAfter: 5}
 	}
 	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
@@ -588,12 +578,9 @@ func parseRate(key, s string) (rate, error) {
 // blank lines and an optional "export " are skipped, and a value in single
 // or double quotes loses them.
 func readDotenv(path string) (map[string]string, error) {
-	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+	data, err := os.ReadFile(path) // its error names path
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
 	}
 	vars := map[string]string{}
 	for i, line := range strings.Split(string(data), "\n") {

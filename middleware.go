@@ -2,9 +2,9 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -55,9 +55,6 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	sw := &statusWriter{ResponseWriter: w}
 	defer func() {
 		if p := recover(); p != nil {
-			if p == http.ErrAbortHandler {
-				panic(p)
-			}
 			s.log.Error("panic", "request_id", info.id, "panic", p)
 			if sw.status == 0 {
 				writeJSON(sw, http.StatusInternalServerError, detail("A server error occurred."))
@@ -69,47 +66,22 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"request_id", info.id)
 	}()
 	s.setHeaders(sw, r, info)
-	s.dispatch(sw, r)
-}
-
-// dispatch applies the checks up to routing and the body cap, then hands the
-// request to its route.
-func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path != "/healthz" && r.URL.Path != "/readyz" && !s.hostAllowed(r.Host) {
-		writeJSON(w, http.StatusBadRequest, detail("Invalid host header."))
-		return
+	h, _ := s.mux.Handler(r)
+	_, routed := h.(route)
+	switch {
+	case r.URL.Path != "/healthz" && r.URL.Path != "/readyz" && !s.hostAllowed(r.Host):
+		writeJSON(sw, http.StatusBadRequest, detail("Invalid host header."))
+	case r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
+		sw.Header().Get("Access-Control-Allow-Origin") != "": // a preflight from an origin setHeaders allowed
+		sw.Header().Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
+		sw.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
+		sw.Header().Set("Access-Control-Max-Age", "86400")
+		sw.WriteHeader(http.StatusNoContent)
+	case !routed:
+		s.unrouted(sw, r, h)
+	default:
+		s.mux.ServeHTTP(sw, r) // to route.ServeHTTP
 	}
-	// A preflight from a listed origin, which setHeaders has echoed back.
-	if h := w.Header(); r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
-		h.Get("Access-Control-Allow-Origin") != "" {
-		h.Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
-		h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match, If-None-Match")
-		h.Set("Access-Control-Max-Age", "86400")
-		w.WriteHeader(http.StatusNoContent)
-		return
-	}
-	if h, _ := s.mux.Handler(r); !isRoute(h) {
-		s.unrouted(w, r, h)
-		return
-	}
-	if r.ContentLength != 0 {
-		// Read the body once, here, within its cap, so that an oversized body
-		// is refused before authentication; decodeBody reads it from info.
-		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			writeJSON(w, http.StatusRequestEntityTooLarge, detail("Request body is too large."))
-			return
-		}
-		if err != nil {
-			writeJSON(w, http.StatusBadRequest, detail("Could not read the request body."))
-			return
-		}
-		infoFrom(r).body = body
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.requestTimeout)
-	defer cancel()
-	s.mux.ServeHTTP(w, r.WithContext(ctx))
 }
 
 // unrouted answers a request the mux has no route for, in JSON rather than
@@ -119,7 +91,8 @@ func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler
 	if p := r.URL.Path; strings.HasPrefix(p, "/api/") && !strings.HasSuffix(p, "/") {
 		slashed := r.Clone(r.Context())
 		slashed.URL = &url.URL{Path: p + "/", RawQuery: r.URL.RawQuery} // "/api/x?" goes to "/api/x/", without the empty query
-		if sh, _ := s.mux.Handler(slashed); isRoute(sh) || muxAnswer(sh, slashed).status == http.StatusMethodNotAllowed {
+		sh, _ := s.mux.Handler(slashed)
+		if _, routed := sh.(route); routed || muxAnswer(sh, slashed).status == http.StatusMethodNotAllowed {
 			w.Header().Set("Location", slashed.URL.RequestURI()) // the path, and "?query" if there is one
 			writeJSON(w, http.StatusPermanentRedirect, detail("Use the path that ends in a slash."))
 			return
@@ -243,7 +216,7 @@ type requestInfo struct {
 	https    bool
 	userID   int64
 	loginID  int64  // the login (the tokens' sid)
-	body     []byte // the request body, read within its cap by dispatch
+	body     []byte // the request body, read within its cap by route.serve
 }
 
 type infoKey struct{}
@@ -252,11 +225,7 @@ func infoFrom(r *http.Request) *requestInfo { return r.Context().Value(infoKey{}
 
 // newRequestID is random, not a counter, so that it tells a client nothing
 // about how busy the server is.
-func newRequestID() string {
-	var b [8]byte
-	rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}
+func newRequestID() string { return rand.Text() }
 
 // statusWriter records the status and size of a response for the log.
 type statusWriter struct {
@@ -303,20 +272,32 @@ type route struct {
 	h      handler
 }
 
-func isRoute(h http.Handler) bool {
-	_, ok := h.(route)
-	return ok
-}
-
 func (rt route) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s, info := rt.s, infoFrom(r)
-	info.route = r.Pattern
-	if err := rt.serve(w, r, info); err != nil {
-		s.fail(w, r, err)
+	infoFrom(r).route = r.Pattern
+	if err := rt.serve(w, r); err != nil {
+		rt.s.fail(w, r, err)
 	}
 }
 
-func (rt route) serve(w http.ResponseWriter, r *http.Request, info *requestInfo) error {
+// serve applies the checks that follow routing, then runs the handler within
+// the request timeout.
+func (rt route) serve(w http.ResponseWriter, r *http.Request) error {
+	info := infoFrom(r)
+	if r.ContentLength != 0 {
+		// Read the body once, here, within its cap, so that an oversized body
+		// is refused before authentication; decodeBody reads it from info.
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+		if errors.As(err, new(*http.MaxBytesError)) {
+			return &apiError{status: http.StatusRequestEntityTooLarge, body: detail("Request body is too large.")}
+		}
+		if err != nil {
+			return &apiError{status: http.StatusBadRequest, body: detail("Could not read the request body.")}
+		}
+		info.body = body
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), rt.s.cfg.requestTimeout)
+	defer cancel()
+	r = r.WithContext(ctx)
 	var authErr error
 	switch rt.access {
 	case probe: // no token, no limit
@@ -381,11 +362,8 @@ type rateKey struct {
 // runs of failed logins: an IPv6 address by its /64, which one subscriber
 // usually holds whole (keying single addresses would give each 2^64 budgets).
 func sourceOf(ip netip.Addr) netip.Addr {
-	if ip.Is6() {
-		p, _ := ip.Prefix(64)
-		return p.Addr()
-	}
-	return ip
+	p, _ := ip.Prefix(min(ip.BitLen(), 64)) // an IPv4 address whole
+	return p.Addr()
 }
 
 func bySource(ip netip.Addr) rateKey { return rateKey{source: sourceOf(ip).As16()} }
@@ -514,18 +492,16 @@ var (
 
 func throttled(wait time.Duration) *apiError {
 	n := max(1, int(math.Ceil(wait.Seconds())))
-	unit := "seconds"
+	msg := fmt.Sprintf("Request was throttled. Expected available in %d seconds.", n)
 	if n == 1 {
-		unit = "second"
+		msg = "Request was throttled. Expected available in 1 second."
 	}
-	msg := fmt.Sprintf("Request was throttled. Expected available in %d %s.", n, unit)
 	return &apiError{status: http.StatusTooManyRequests, body: detail(msg), retryAfter: n}
 }
 
 // fail writes err as the API's answer, and runs no statement. Causes
 // the client must not see (driver text, SQL) go to the log only.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
-	info := infoFrom(r)
 	// A key the statement ran into: the client's conflict.
 	if e := pq.As(err, pqerror.UniqueViolation); e != nil && conflicts[e.Constraint] != nil {
 		err = conflicts[e.Constraint]
@@ -539,10 +515,10 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	case pq.As(err, "HC401") != nil: // login_live's refusal (schema.sql): the login has ended
 		ae = errAccessInvalid
 	case isUnavailable(err):
-		s.log.Warn("database unavailable", "request_id", info.id, "err", err)
+		s.log.Warn("database unavailable", "request_id", infoFrom(r).id, "err", err)
 		ae = errUnavailable
 	default:
-		s.log.Error("request failed", "request_id", info.id, "err", err)
+		s.log.Error("request failed", "request_id", infoFrom(r).id, "err", err)
 		ae = errServerFailed
 	}
 	if ae.retryAfter > 0 {
@@ -582,7 +558,7 @@ func noContent(w http.ResponseWriter) error {
 // case-insensitively and report only the first error).
 type members map[string]json.RawMessage
 
-// decodeBody reads the request body (read by dispatch) as a JSON object. An
+// decodeBody reads the request body (read by route.serve) as a JSON object. An
 // empty body is {}.
 func decodeBody(r *http.Request) (members, error) {
 	body := infoFrom(r).body
@@ -591,31 +567,26 @@ func decodeBody(r *http.Request) (members, error) {
 	}
 	ct := r.Header.Get("Content-Type")
 	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
-		msg := fmt.Sprintf("Unsupported media type %q in request.", ct)
-		return nil, &apiError{status: http.StatusUnsupportedMediaType, body: detail(msg)}
+		return nil, &apiError{status: http.StatusUnsupportedMediaType, body: detail(fmt.Sprintf("Unsupported media type %q in request.", ct))}
 	}
-	// encoding/json would silently replace invalid UTF-8.
-	if !utf8.Valid(body) {
-		return nil, parseError("invalid UTF-8")
-	}
-	dec := json.NewDecoder(bytes.NewReader(body))
 	var f members
+	dec := json.NewDecoder(bytes.NewReader(body))
 	err := dec.Decode(&f)
-	var typeErr *json.UnmarshalTypeError
-	if errors.As(err, &typeErr) || err == nil && f == nil { // another JSON value, or null
-		return nil, parseError("the body must be a JSON object")
+	why := ""
+	switch {
+	case !utf8.Valid(body): // encoding/json would silently replace it
+		why = "invalid UTF-8"
+	case errors.As(err, new(*json.UnmarshalTypeError)) || err == nil && f == nil: // another JSON value, or null
+		why = "the body must be a JSON object"
+	case err != nil:
+		why = err.Error()
+	case dec.InputOffset() < int64(len(bytes.TrimRight(body, " \t\r\n"))): // JSON's whitespace only
+		why = "trailing data after the JSON object"
 	}
-	if err != nil {
-		return nil, parseError(err.Error())
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, parseError("trailing data after the JSON object")
+	if why != "" {
+		return nil, &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
 	}
 	return f, nil
-}
-
-func parseError(why string) error {
-	return &apiError{status: http.StatusBadRequest, body: detail("JSON parse error - " + why)}
 }
 
 // pathID reads the {id} path value, or 0 when it is not a positive integer
@@ -663,11 +634,18 @@ func (f members) required(key string, errs fieldErrors) string {
 // text reads a free-text member: tags stripped, ends trimmed, then checked
 // for length in characters. nil means absent or invalid.
 func (f members) text(key string, required bool, minLen, maxLen int, errs fieldErrors) *string {
+	return f.trimmed(key, required, minLen, maxLen, stripTags, errs)
+}
+
+// trimmed reads a string member, changed by clean and its ends trimmed, then
+// checks its length in characters: blank only if neither required nor
+// minLen forbids it. nil means absent or invalid.
+func (f members) trimmed(key string, required bool, minLen, maxLen int, clean func(string) string, errs fieldErrors) *string {
 	v, ok := f.str(key, required, errs)
 	if !ok {
 		return nil
 	}
-	v = strings.TrimSpace(stripTags(v))
+	v = strings.TrimSpace(clean(v))
 	switch n := utf8.RuneCountInString(v); {
 	case n == 0 && (required || minLen > 0):
 		errs.add(key, "This field may not be blank.")
@@ -714,37 +692,27 @@ var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
 
 // email reads an address, trimmed and lower-cased, at most 254 characters.
 func (f members) email(key string, required bool, errs fieldErrors) *string {
-	return f.matching(key, required, true, 254, emailRE, "Enter a valid email address.", errs)
+	return f.matching(key, required, strings.ToLower, 254, emailRE, "Enter a valid email address.", errs)
 }
 
 const invalidUsername = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
 
-// username reads Django's username: 1–150 letters, digits and @.+-_.
+// username reads Django's username, trimmed only: 1–150 letters, digits
+// and @.+-_.
 func (f members) username(key string, errs fieldErrors) string {
-	return deref(f.matching(key, true, false, 150, usernameRE, invalidUsername, errs))
+	return deref(f.matching(key, true, strings.TrimSpace, 150, usernameRE, invalidUsername, errs))
 }
 
-// matching reads a trimmed (and, if asked, lower-cased) string of at most
-// maxLen characters that re matches; nil means absent or invalid.
-func (f members) matching(key string, required, lower bool, maxLen int, re *regexp.Regexp, invalid string, errs fieldErrors) *string {
-	v, ok := f.str(key, required, errs)
-	if !ok {
+// matching reads a string trimmed as trimmed does, not blank, of at most
+// maxLen characters, that re matches; nil means absent or invalid.
+func (f members) matching(key string, required bool, clean func(string) string, maxLen int,
+	re *regexp.Regexp, invalid string, errs fieldErrors) *string {
+	v := f.trimmed(key, required, 1, maxLen, clean, errs)
+	if v != nil && !re.MatchString(*v) {
+		errs.add(key, invalid)
 		return nil
 	}
-	if v = strings.TrimSpace(v); lower {
-		v = strings.ToLower(v)
-	}
-	switch {
-	case v == "":
-		errs.add(key, "This field may not be blank.")
-	case utf8.RuneCountInString(v) > maxLen:
-		errs.add(key, fmt.Sprintf("Ensure this field has no more than %d characters.", maxLen))
-	case !re.MatchString(v):
-		errs.add(key, invalid)
-	default:
-		return &v
-	}
-	return nil
+	return v
 }
 
 // pk reads a primary key given as a JSON integer or a string of digits; as
@@ -753,32 +721,28 @@ func (f members) matching(key string, required, lower bool, maxLen int, re *rege
 // for the "does not exist" message.
 func (f members) pk(key string, errs fieldErrors) (id int64, text string, ok bool) {
 	raw, present := f[key]
+	text = string(raw) // a number as written, or a string's contents
+	if present && raw[0] == '"' {
+		json.Unmarshal(raw, &text)
+	}
 	switch {
 	case !present:
 		errs.add(key, "This field is required.")
-		return 0, "", false
 	case string(raw) == "null":
 		errs.add(key, "This field may not be null.")
-		return 0, "", false
-	}
-	// DRF names the type it received; raw is one valid JSON value (decodeBody
-	// checked it), so its first byte tells.
-	got := map[byte]string{'"': "str", '[': "list", '{': "dict", 't': "bool", 'f': "bool"}[raw[0]]
-	switch got {
-	case "":
-		got, text = "float", string(raw)
-	case "str":
-		json.Unmarshal(raw, &text)
-	}
-	if text == "" || strings.Trim(strings.TrimPrefix(text, "-"), "0123456789") != "" {
+	case text == "" || strings.Trim(strings.TrimPrefix(text, "-"), "0123456789") != "":
+		// DRF names the type it received; raw is one valid JSON value
+		// (decodeBody checked it), so its first byte tells.
+		got := cmp.Or(map[byte]string{'"': "str", '[': "list", '{': "dict", 't': "bool", 'f': "bool"}[raw[0]], "float")
 		errs.add(key, "Incorrect type. Expected pk value, received "+got+".")
-		return 0, "", false
+	default:
+		id, err := strconv.ParseInt(text, 10, 64)
+		if err != nil { // beyond int64: a well-formed id no row can have
+			id = 0
+		}
+		return id, text, true
 	}
-	id, err := strconv.ParseInt(text, 10, 64)
-	if err != nil { // beyond int64: a well-formed id no row can have
-		id = 0
-	}
-	return id, text, true
+	return 0, "", false
 }
 
 // date reads date_of_birth: YYYY-MM-DD, not in the future, not before
@@ -813,15 +777,12 @@ var phoneRE = regexp.MustCompile(`^\+?[ ().\-]*([0-9][ ().\-]*){10,15}$`)
 // phone reads a phone number as sent, trimmed: empty, or phoneRE's shape in
 // at most 32 characters.
 func (f members) phone(key string, errs fieldErrors) *string {
-	v, ok := f.str(key, false, errs)
-	if !ok {
-		return nil
-	}
-	if v = strings.TrimSpace(v); v != "" && (len(v) > 32 || !phoneRE.MatchString(v)) {
+	v := f.trimmed(key, false, 0, 32, strings.TrimSpace, errs)
+	if v != nil && *v != "" && !phoneRE.MatchString(*v) {
 		errs.add(key, "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.")
 		return nil
 	}
-	return &v
+	return v
 }
 
 // readPerson reads the body that patients and doctors share, a person's
