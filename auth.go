@@ -47,11 +47,11 @@ type passwords struct {
 	runs       atomic.Int64 // hashes computed, for tests
 }
 
-func newPasswords(iterations, concurrency int) (*passwords, error) {
+func newPasswords(iterations, concurrency int) *passwords {
 	p := &passwords{iterations: iterations, slots: make(chan struct{}, concurrency), maxWait: 2 * time.Second}
 	p.failCost.Store(int64(iterations))
 	p.dummy = p.encode("dummy password", rand.Text())
-	return p, nil
+	return p
 }
 
 // acquire takes a hashing slot, waiting at most maxWait.

@@ -56,7 +56,8 @@ Environment variables (default), also read from ./.env:
   LOGIN_LOCK_AFTER (10)  LOGIN_LOCK_S (60)  LOGIN_LOCK_ACCOUNT_AFTER (100)  PASSWORD_ITERATIONS (600000)
   CORS_ALLOWED_ORIGINS (http://localhost:3000,http://127.0.0.1:3000,http://localhost:8080,http://127.0.0.1:8080)
   TRUSTED_PROXIES (none)  RATE_MAX_KEYS (100000)  RATE_REGISTER (5/hour)  RATE_LOGIN (10/hour)  RATE_ANON (100/hour)
-  RATE_USER (1000/hour)  TLS_CERT_FILE, TLS_KEY_FILE (none)  DJANGO_DATABASE_URL (none; import-django only)  GOGC (400)
+  RATE_USER (1000/hour)  TLS_CERT_FILE, TLS_KEY_FILE (none)  DJANGO_DATABASE_URL (none; import-django only)
+  GOGC (400)  GOMEMLIMIT (64MiB)
 `
 
 // run carries out the command in args (serve by default) and, serving,
@@ -93,10 +94,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cfg.debug {
 		logger = slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	// Garbage may grow to four times the live heap unless GOGC says
-	// otherwise: fewer collections (README, Performance).
+	// Garbage may grow to four times the live heap, within a soft 64 MiB
+	// while serving (README, Performance), unless GOGC or GOMEMLIMIT say
+	// otherwise; import-django holds the whole original in memory.
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(400)
+	}
+	if getenv("GOMEMLIMIT") == "" && command == "serve" {
+		debug.SetMemoryLimit(64 << 20)
 	}
 	db, err := openDB(ctx, cfg.db, 4*runtime.NumCPU(), logger)
 	if err != nil {
@@ -271,10 +276,7 @@ type server struct {
 func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 	// Half the cores at most hash passwords: a login flood then leaves the
 	// other half to every request that needs no hash.
-	pw, err := newPasswords(cfg.passwordIterations, max(1, runtime.NumCPU()/2))
-	if err != nil {
-		return nil, err
-	}
+	pw := newPasswords(cfg.passwordIterations, max(1, runtime.NumCPU()/2))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := pw.raiseFailCost(ctx, db); err != nil {
