@@ -697,18 +697,20 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 //go:embed common-passwords.txt.gz
 var commonPasswordsGz string
 
-// loadCommonPasswords unpacks the embedded list.
-func loadCommonPasswords() (map[string]struct{}, error) {
-	zr, err := gzip.NewReader(strings.NewReader(commonPasswordsGz))
-	if err != nil {
-		return nil, fmt.Errorf("common passwords: %w", err)
-	}
+// loadCommonPasswords unpacks the embedded list. It is part of the binary:
+// a damaged one is a broken build, which panics at start (a nil reader
+// included) rather than serve with a weaker check.
+func loadCommonPasswords() map[string]struct{} {
+	zr, _ := gzip.NewReader(strings.NewReader(commonPasswordsGz))
 	list, err := io.ReadAll(zr)
+	if err != nil {
+		panic("common-passwords.txt.gz: " + err.Error())
+	}
 	set := make(map[string]struct{}, 20_000)
 	for _, p := range strings.Split(string(list), "\n") {
 		set[strings.TrimSpace(p)] = struct{}{}
 	}
-	return set, err
+	return set
 }
 
 // tooSimilar is Django's UserAttributeSimilarityValidator for one attribute:

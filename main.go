@@ -188,10 +188,7 @@ func serve(ctx context.Context, cfg config, db *sql.DB, logger *slog.Logger, sch
 	for _, w := range warnings { // about serving: the key, for one
 		logger.Warn(w)
 	}
-	srv, err := newServer(cfg, db, logger)
-	if err != nil {
-		return err
-	}
+	srv := newServer(cfg, db, logger)
 	go func() {
 		for ctx.Err() == nil {
 			if err := pruneLogins(ctx, db, cfg.loginMaxAgeDays); err != nil {
@@ -273,7 +270,7 @@ type server struct {
 }
 
 // newServer builds the handler for cfg on db.
-func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
+func newServer(cfg config, db *sql.DB, logger *slog.Logger) *server {
 	// Half the cores at most hash passwords: a login flood then leaves the
 	// other half to every request that needs no hash.
 	pw := newPasswords(cfg.passwordIterations, max(1, runtime.NumCPU()/2))
@@ -282,10 +279,6 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 	if err := pw.raiseFailCost(ctx, db); err != nil {
 		logger.Warn("failed logins are padded from the first one that meets a costlier hash", "err", err)
 	}
-	common, err := loadCommonPasswords()
-	if err != nil {
-		return nil, err
-	}
 	s := &server{
 		cfg:             cfg,
 		db:              &database{DB: db},
@@ -293,14 +286,14 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 		mux:             http.NewServeMux(),
 		signer:          &signer{key: cfg.secretKey, accessTTL: cfg.accessTTL, refreshTTL: cfg.refreshTTL},
 		passwords:       pw,
-		commonPasswords: common,
+		commonPasswords: loadCommonPasswords(),
 		registerLimit:   newLimiter(cfg.rateRegister, cfg.rateMaxKeys),
 		loginLimit:      newLimiter(cfg.rateLogin, cfg.rateMaxKeys),
 		anonLimit:       newLimiter(cfg.rateAnon, cfg.rateMaxKeys),
 		userLimit:       newLimiter(cfg.rateUser, cfg.rateMaxKeys),
 	}
 	s.addRoutes()
-	return s, nil
+	return s
 }
 
 // addRoutes lists the whole API. Each pattern ends in {$} so that it
