@@ -692,7 +692,7 @@ var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
 
 // email reads an address, trimmed and lower-cased, at most 254 characters.
 func (f members) email(key string, required bool, errs fieldErrors) *string {
-	return f.matching(key, required, strings.ToLower, 254, emailRE, "Enter a valid email address.", errs)
+	return f.matching(key, required, strings.ToLower, 1, 254, emailRE, "Enter a valid email address.", errs)
 }
 
 const invalidUsername = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
@@ -700,15 +700,15 @@ const invalidUsername = "Enter a valid username. This value may contain only let
 // username reads Django's username, trimmed only: 1–150 letters, digits
 // and @.+-_.
 func (f members) username(key string, errs fieldErrors) string {
-	return deref(f.matching(key, true, strings.TrimSpace, 150, usernameRE, invalidUsername, errs))
+	return deref(f.matching(key, true, strings.TrimSpace, 1, 150, usernameRE, invalidUsername, errs))
 }
 
-// matching reads a string trimmed as trimmed does, not blank, of at most
-// maxLen characters, that re matches; nil means absent or invalid.
-func (f members) matching(key string, required bool, clean func(string) string, maxLen int,
+// matching reads a string as trimmed does, then checks that re matches it,
+// unless it is empty (which minLen 0 allows); nil means absent or invalid.
+func (f members) matching(key string, required bool, clean func(string) string, minLen, maxLen int,
 	re *regexp.Regexp, invalid string, errs fieldErrors) *string {
-	v := f.trimmed(key, required, 1, maxLen, clean, errs)
-	if v != nil && !re.MatchString(*v) {
+	v := f.trimmed(key, required, minLen, maxLen, clean, errs)
+	if v != nil && *v != "" && !re.MatchString(*v) {
 		errs.add(key, invalid)
 		return nil
 	}
@@ -777,12 +777,8 @@ var phoneRE = regexp.MustCompile(`^\+?[ ().\-]*([0-9][ ().\-]*){10,15}$`)
 // phone reads a phone number as sent, trimmed: empty, or phoneRE's shape in
 // at most 32 characters.
 func (f members) phone(key string, errs fieldErrors) *string {
-	v := f.trimmed(key, false, 0, 32, strings.TrimSpace, errs)
-	if v != nil && *v != "" && !phoneRE.MatchString(*v) {
-		errs.add(key, "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.")
-		return nil
-	}
-	return v
+	return f.matching(key, false, strings.TrimSpace, 0, 32, phoneRE,
+		"Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.", errs)
 }
 
 // readPerson reads the body that patients and doctors share, a person's
