@@ -608,9 +608,12 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 
 // handleLogoutAll ends every login of the user, the asking one included.
 func (s *server) handleLogoutAll(w http.ResponseWriter, r *http.Request) error {
-	_, err := s.db.exec(r, statement{
-		steps:  `done AS (UPDATE logins SET ended_at = now() WHERE user_id = @user AND ended_at IS NULL RETURNING user_id)`,
-		events: []audit{{action: "logout.all", from: "(SELECT DISTINCT user_id FROM done) ended"}},
+	// done is one row, also for the loser of a race, who finds every login
+	// ended already: 204 all the same.
+	err := s.db.find(r, statement{
+		steps: `ended AS (UPDATE logins SET ended_at = now() WHERE user_id = @user AND ended_at IS NULL RETURNING user_id),
+			done AS (SELECT count(*) FROM ended)`,
+		events: []audit{{action: "logout.all", from: "(SELECT DISTINCT user_id FROM ended) e"}},
 	})
 	if err != nil {
 		return fmt.Errorf("end logins: %w", err)
@@ -668,7 +671,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	if !match {
 		// A login.failed event has no login, whichever path writes it.
 		const failed = `done AS (INSERT INTO audit_events (user_id, action, ip, request_id) VALUES (@user, 'login.failed', @ip, @request_id) RETURNING id)`
-		if _, err := s.db.exec(r, statement{steps: failed}); err != nil {
+		if err := s.db.find(r, statement{steps: failed}); err != nil {
 			return fmt.Errorf("record login.failed: %w", err)
 		}
 		return errWrongOldPassword

@@ -511,16 +511,10 @@ func (d *database) queryRow(r *http.Request, q statement) *sql.Row {
 	return d.QueryRowContext(r.Context(), text, values...)
 }
 
-// exec runs q (sent) and counts its rows.
-func (d *database) exec(r *http.Request, q statement) (int, error) {
-	found, err := queryAll(r, d, q, func(rowScanner) (bool, error) { return true, nil })
-	return len(found), err
-}
-
 // find runs q (sent): errNotFound when it returns no row.
 func (d *database) find(r *http.Request, q statement) error {
-	n, err := d.exec(r, q)
-	if err == nil && n == 0 {
+	found, err := queryAll(r, d, q, func(rowScanner) (bool, error) { return true, nil })
+	if err == nil && len(found) == 0 {
 		return errNotFound
 	}
 	return err
