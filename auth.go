@@ -548,8 +548,7 @@ func (s *server) handleRefresh(w http.ResponseWriter, r *http.Request) error {
 func (s *server) refusedRefresh(r *http.Request, c claims) error {
 	// Reuse ends the login in the same statement that detects it. $1 jti,
 	// $2 login, $3 grace in seconds, $4 user, $5 IP, $6 request id.
-	const q = `
-		WITH t AS (
+	const q = `WITH t AS (
 			SELECT t.rotated_at IS NOT NULL OR l.ended_at IS NOT NULL AS refused,
 			       l.ended_at IS NULL AND t.rotated_at < now() - make_interval(secs => $3) AS reused
 			FROM refresh_tokens t JOIN logins l ON l.id = t.login_id
@@ -584,8 +583,7 @@ func (s *server) handleLogout(w http.ResponseWriter, r *http.Request) error {
 	}
 	// Only a login that was live ends, and only then is an event written.
 	// $1 login, $2 user, $3 jti, $4 IP, $5 request id.
-	const q = `
-		WITH login AS (
+	const q = `WITH login AS (
 			SELECT id, ended_at IS NULL AS live FROM logins
 			WHERE id = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM refresh_tokens WHERE jti = $3 AND login_id = $1)
 			FOR UPDATE),
