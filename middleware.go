@@ -86,7 +86,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // unrouted answers a request the mux has no route for, in JSON rather than
 // the mux's plain text: a redirect to the slashed path, 204 for OPTIONS on a
-// known path, 405 with Allow, a redirect to the cleaned path, or 404.
+// known path, 405 with Allow, or 404.
 func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler) {
 	if p := r.URL.Path; strings.HasPrefix(p, "/api/") && !strings.HasSuffix(p, "/") {
 		slashed := r.Clone(r.Context())
@@ -106,11 +106,7 @@ func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler
 	case ans.status == http.StatusMethodNotAllowed:
 		w.Header().Set("Allow", ans.header.Get("Allow")+", OPTIONS")
 		writeJSON(w, http.StatusMethodNotAllowed, detail(fmt.Sprintf("Method %q not allowed.", r.Method)))
-	case ans.status >= 300 && ans.status < 400: // the mux cleaning a path such as /api//x/
-		// 308 as for the slash, not the mux's 301, which lets a client turn a POST into a GET.
-		w.Header().Set("Location", ans.header.Get("Location"))
-		writeJSON(w, http.StatusPermanentRedirect, detail("Use the canonical path."))
-	default:
+	default: // the mux's 404, or its redirect to a cleaned path (/api//x/): a path no route has
 		writeJSON(w, http.StatusNotFound, detail("Not found."))
 	}
 }
