@@ -811,19 +811,14 @@ func (p listParams) search(columns ...string) (sql string) {
 	return sql
 }
 
-// page is a page of a collection: links to the pages either side, and its
-// rows. The audit trail's is its body (DRF's CursorPagination).
+// page is a page of a collection: the count of the whole list (DRF's
+// PageNumberPagination), links to the pages either side, and its rows. The
+// audit trail's pages have no count (DRF's CursorPagination).
 type page[T any] struct {
+	Count    *int    `json:"count,omitempty"`
 	Next     *string `json:"next"`
 	Previous *string `json:"previous"`
 	Results  []T     `json:"results"`
-}
-
-// listBody is a collection GET's body, as DRF's PageNumberPagination writes
-// it: the count of the whole list, then the page.
-type listBody[T any] struct {
-	Count int `json:"count"`
-	page[T]
 }
 
 // customPlan makes a transaction's statements planned with their arguments.
@@ -863,7 +858,7 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list 
 	if len(results) == 0 && list.page > 1 {
 		return errInvalidPage
 	}
-	body := listBody[T]{Count: count, page: page[T]{Results: results}}
+	body := page[T]{Count: &count, Results: results}
 	if list.page*list.size < count {
 		body.Next = pageLink(r, "page", strconv.Itoa(list.page+1))
 	}
