@@ -252,7 +252,6 @@ type server struct {
 	db        *database
 	log       *slog.Logger
 	mux       *http.ServeMux
-	routes    []string // the patterns of addRoutes
 	signer    *signer
 	passwords *passwords
 	// PostgreSQL's last answer to /readyz, kept for a second so that no
@@ -300,7 +299,6 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) *server {
 // matches its path exactly, not the subtree below it.
 func (s *server) addRoutes() {
 	handle := func(pattern string, a access, h handler) {
-		s.routes = append(s.routes, pattern)
 		s.mux.Handle(pattern, route{s: s, access: a, h: h})
 	}
 	handle("GET /healthz", probe, s.handleHealthz)
