@@ -482,7 +482,7 @@ func unlock(ctx context.Context, db *sql.DB, name string, stdout io.Writer) erro
 		ended AS (UPDATE login_attempts SET failures = 0 WHERE name IN (SELECT name FROM login_names WHERE user_id = (SELECT id FROM u))),
 		seen AS (INSERT INTO audit_events (user_id, action, ip, request_id) SELECT id, 'login.unlock', '', $2 FROM u)
 		SELECT id FROM u`
-	requestID := newRequestID()
+	requestID := rand.Text()
 	var id int64
 	err := db.QueryRowContext(ctx, q, strings.TrimSpace(name), requestID).Scan(&id)
 	if errors.Is(err, sql.ErrNoRows) {

@@ -536,9 +536,8 @@ type event struct {
 	RequestID string         `json:"request_id"`
 }
 
-func scanEvent(row rowScanner) (event, error) {
-	var e event
-	err := row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
+func scanEvent(row rowScanner) (e event, err error) {
+	err = row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
 	return e, err
 }
 

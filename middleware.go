@@ -49,7 +49,9 @@ const maxBody = 64 << 10
 // rejections come first, so that garbage costs as little as possible.
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	info := &requestInfo{id: newRequestID()}
+	// A request id is random, not a counter, so that it tells a client
+	// nothing about how busy the server is.
+	info := &requestInfo{id: rand.Text()}
 	info.clientIP, info.https = s.clientIP(r)
 	r = r.WithContext(context.WithValue(r.Context(), infoKey{}, info))
 	sw := &statusWriter{ResponseWriter: w}
@@ -218,10 +220,6 @@ type requestInfo struct {
 type infoKey struct{}
 
 func infoFrom(r *http.Request) *requestInfo { return r.Context().Value(infoKey{}).(*requestInfo) }
-
-// newRequestID is random, not a counter, so that it tells a client nothing
-// about how busy the server is.
-func newRequestID() string { return rand.Text() }
 
 // statusWriter records the status and size of a response for the log.
 type statusWriter struct {
