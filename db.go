@@ -511,16 +511,10 @@ func (d *database) queryRow(r *http.Request, q statement) *sql.Row {
 	return d.QueryRowContext(r.Context(), text, values...)
 }
 
-// exec runs q (sent) and counts its rows.
-func (d *database) exec(r *http.Request, q statement) (int, error) {
-	found, err := queryAll(r, d, q, func(rowScanner) (bool, error) { return true, nil })
-	return len(found), err
-}
-
 // find runs q (sent): errNotFound when it returns no row.
 func (d *database) find(r *http.Request, q statement) error {
-	n, err := d.exec(r, q)
-	if err == nil && n == 0 {
+	found, err := queryAll(r, d, q, func(rowScanner) (bool, error) { return true, nil })
+	if err == nil && len(found) == 0 {
 		return errNotFound
 	}
 	return err
@@ -542,9 +536,8 @@ type event struct {
 	RequestID string         `json:"request_id"`
 }
 
-func scanEvent(row rowScanner) (event, error) {
-	var e event
-	err := row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
+func scanEvent(row rowScanner) (e event, err error) {
+	err = row.Scan(&e.ID, &e.At, &e.Action, &e.Patient, &e.Doctor, &e.Fields, &e.Login, &e.IP, &e.RequestID)
 	return e, err
 }
 
@@ -817,19 +810,14 @@ func (p listParams) search(columns ...string) (sql string) {
 	return sql
 }
 
-// page is a page of a collection: links to the pages either side, and its
-// rows. The audit trail's is its body (DRF's CursorPagination).
+// page is a page of a collection: the count of the whole list (DRF's
+// PageNumberPagination), links to the pages either side, and its rows. The
+// audit trail's pages have no count (DRF's CursorPagination).
 type page[T any] struct {
+	Count    *int    `json:"count,omitempty"`
 	Next     *string `json:"next"`
 	Previous *string `json:"previous"`
 	Results  []T     `json:"results"`
-}
-
-// listBody is a collection GET's body, as DRF's PageNumberPagination writes
-// it: the count of the whole list, then the page.
-type listBody[T any] struct {
-	Count int `json:"count"`
-	page[T]
 }
 
 // customPlan makes a transaction's statements planned with their arguments.
@@ -869,7 +857,7 @@ func listPage[T any](w http.ResponseWriter, r *http.Request, db *database, list 
 	if len(results) == 0 && list.page > 1 {
 		return errInvalidPage
 	}
-	body := listBody[T]{Count: count, page: page[T]{Results: results}}
+	body := page[T]{Count: &count, Results: results}
 	if list.page*list.size < count {
 		body.Next = pageLink(r, "page", strconv.Itoa(list.page+1))
 	}

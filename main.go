@@ -188,10 +188,7 @@ func serve(ctx context.Context, cfg config, db *sql.DB, logger *slog.Logger, sch
 	for _, w := range warnings { // about serving: the key, for one
 		logger.Warn(w)
 	}
-	srv, err := newServer(cfg, db, logger)
-	if err != nil {
-		return err
-	}
+	srv := newServer(cfg, db, logger)
 	go func() {
 		for ctx.Err() == nil {
 			if err := pruneLogins(ctx, db, cfg.loginMaxAgeDays); err != nil {
@@ -255,7 +252,6 @@ type server struct {
 	db        *database
 	log       *slog.Logger
 	mux       *http.ServeMux
-	routes    []string // the patterns of addRoutes
 	signer    *signer
 	passwords *passwords
 	// PostgreSQL's last answer to /readyz, kept for a second so that no
@@ -273,7 +269,7 @@ type server struct {
 }
 
 // newServer builds the handler for cfg on db.
-func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
+func newServer(cfg config, db *sql.DB, logger *slog.Logger) *server {
 	// Half the cores at most hash passwords: a login flood then leaves the
 	// other half to every request that needs no hash.
 	pw := newPasswords(cfg.passwordIterations, max(1, runtime.NumCPU()/2))
@@ -282,10 +278,6 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 	if err := pw.raiseFailCost(ctx, db); err != nil {
 		logger.Warn("failed logins are padded from the first one that meets a costlier hash", "err", err)
 	}
-	common, err := loadCommonPasswords()
-	if err != nil {
-		return nil, err
-	}
 	s := &server{
 		cfg:             cfg,
 		db:              &database{DB: db},
@@ -293,21 +285,20 @@ func newServer(cfg config, db *sql.DB, logger *slog.Logger) (*server, error) {
 		mux:             http.NewServeMux(),
 		signer:          &signer{key: cfg.secretKey, accessTTL: cfg.accessTTL, refreshTTL: cfg.refreshTTL},
 		passwords:       pw,
-		commonPasswords: common,
+		commonPasswords: loadCommonPasswords(),
 		registerLimit:   newLimiter(cfg.rateRegister, cfg.rateMaxKeys),
 		loginLimit:      newLimiter(cfg.rateLogin, cfg.rateMaxKeys),
 		anonLimit:       newLimiter(cfg.rateAnon, cfg.rateMaxKeys),
 		userLimit:       newLimiter(cfg.rateUser, cfg.rateMaxKeys),
 	}
 	s.addRoutes()
-	return s, nil
+	return s
 }
 
 // addRoutes lists the whole API. Each pattern ends in {$} so that it
 // matches its path exactly, not the subtree below it.
 func (s *server) addRoutes() {
 	handle := func(pattern string, a access, h handler) {
-		s.routes = append(s.routes, pattern)
 		s.mux.Handle(pattern, route{s: s, access: a, h: h})
 	}
 	handle("GET /healthz", probe, s.handleHealthz)

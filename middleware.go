@@ -49,7 +49,9 @@ const maxBody = 64 << 10
 // rejections come first, so that garbage costs as little as possible.
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	info := &requestInfo{id: newRequestID()}
+	// A request id is random, not a counter, so that it tells a client
+	// nothing about how busy the server is.
+	info := &requestInfo{id: rand.Text()}
 	info.clientIP, info.https = s.clientIP(r)
 	r = r.WithContext(context.WithValue(r.Context(), infoKey{}, info))
 	sw := &statusWriter{ResponseWriter: w}
@@ -86,7 +88,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // unrouted answers a request the mux has no route for, in JSON rather than
 // the mux's plain text: a redirect to the slashed path, 204 for OPTIONS on a
-// known path, 405 with Allow, a redirect to the cleaned path, or 404.
+// known path, 405 with Allow, or 404.
 func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler) {
 	if p := r.URL.Path; strings.HasPrefix(p, "/api/") && !strings.HasSuffix(p, "/") {
 		slashed := r.Clone(r.Context())
@@ -106,11 +108,7 @@ func (s *server) unrouted(w http.ResponseWriter, r *http.Request, h http.Handler
 	case ans.status == http.StatusMethodNotAllowed:
 		w.Header().Set("Allow", ans.header.Get("Allow")+", OPTIONS")
 		writeJSON(w, http.StatusMethodNotAllowed, detail(fmt.Sprintf("Method %q not allowed.", r.Method)))
-	case ans.status >= 300 && ans.status < 400: // the mux cleaning a path such as /api//x/
-		// 308 as for the slash, not the mux's 301, which lets a client turn a POST into a GET.
-		w.Header().Set("Location", ans.header.Get("Location"))
-		writeJSON(w, http.StatusPermanentRedirect, detail("Use the canonical path."))
-	default:
+	default: // the mux's 404, or its redirect to a cleaned path (/api//x/): a path no route has
 		writeJSON(w, http.StatusNotFound, detail("Not found."))
 	}
 }
@@ -222,10 +220,6 @@ type requestInfo struct {
 type infoKey struct{}
 
 func infoFrom(r *http.Request) *requestInfo { return r.Context().Value(infoKey{}).(*requestInfo) }
-
-// newRequestID is random, not a counter, so that it tells a client nothing
-// about how busy the server is.
-func newRequestID() string { return rand.Text() }
 
 // statusWriter records the status and size of a response for the log.
 type statusWriter struct {
@@ -692,7 +686,7 @@ var usernameRE = regexp.MustCompile(`^[\p{L}\p{N}@.+\-_]+$`)
 
 // email reads an address, trimmed and lower-cased, at most 254 characters.
 func (f members) email(key string, required bool, errs fieldErrors) *string {
-	return f.matching(key, required, strings.ToLower, 254, emailRE, "Enter a valid email address.", errs)
+	return f.matching(key, required, strings.ToLower, 1, 254, emailRE, "Enter a valid email address.", errs)
 }
 
 const invalidUsername = "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters."
@@ -700,15 +694,15 @@ const invalidUsername = "Enter a valid username. This value may contain only let
 // username reads Django's username, trimmed only: 1–150 letters, digits
 // and @.+-_.
 func (f members) username(key string, errs fieldErrors) string {
-	return deref(f.matching(key, true, strings.TrimSpace, 150, usernameRE, invalidUsername, errs))
+	return deref(f.matching(key, true, strings.TrimSpace, 1, 150, usernameRE, invalidUsername, errs))
 }
 
-// matching reads a string trimmed as trimmed does, not blank, of at most
-// maxLen characters, that re matches; nil means absent or invalid.
-func (f members) matching(key string, required bool, clean func(string) string, maxLen int,
+// matching reads a string as trimmed does, then checks that re matches it,
+// unless it is empty (which minLen 0 allows); nil means absent or invalid.
+func (f members) matching(key string, required bool, clean func(string) string, minLen, maxLen int,
 	re *regexp.Regexp, invalid string, errs fieldErrors) *string {
-	v := f.trimmed(key, required, 1, maxLen, clean, errs)
-	if v != nil && !re.MatchString(*v) {
+	v := f.trimmed(key, required, minLen, maxLen, clean, errs)
+	if v != nil && *v != "" && !re.MatchString(*v) {
 		errs.add(key, invalid)
 		return nil
 	}
@@ -777,12 +771,8 @@ var phoneRE = regexp.MustCompile(`^\+?[ ().\-]*([0-9][ ().\-]*){10,15}$`)
 // phone reads a phone number as sent, trimmed: empty, or phoneRE's shape in
 // at most 32 characters.
 func (f members) phone(key string, errs fieldErrors) *string {
-	v := f.trimmed(key, false, 0, 32, strings.TrimSpace, errs)
-	if v != nil && *v != "" && !phoneRE.MatchString(*v) {
-		errs.add(key, "Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.")
-		return nil
-	}
-	return v
+	return f.matching(key, false, strings.TrimSpace, 0, 32, phoneRE,
+		"Enter a valid phone number: 10 to 15 digits, optionally a leading + and spaces, dashes, dots or parentheses.", errs)
 }
 
 // readPerson reads the body that patients and doctors share, a person's

@@ -55,8 +55,27 @@ func (d openAPI) operations() map[string]map[string]any {
 // oaServed lists the server's routes as "METHOD /path", without the {$}.
 func oaServed(s *server) map[string]bool {
 	out := map[string]bool{}
-	for _, p := range s.routes {
+	for _, p := range servedRoutes(s) {
 		out[strings.TrimSuffix(p, "{$}")] = true
+	}
+	return out
+}
+
+// servedRoutes are the patterns of addRoutes' handle calls, read from
+// main.go (a ServeMux does not list its patterns); it panics unless s's mux
+// routes a request for each to that very pattern.
+func servedRoutes(s *server) []string {
+	src, err := os.ReadFile("main.go")
+	if err != nil {
+		panic(err)
+	}
+	var out []string
+	for _, m := range regexp.MustCompile(`(?m)^\s*handle\("([^"]+)"`).FindAllStringSubmatch(string(src), -1) {
+		method, path, _ := strings.Cut(strings.ReplaceAll(strings.TrimSuffix(m[1], "{$}"), "{id}", "1"), " ")
+		if _, pattern := s.mux.Handler(httptest.NewRequest(method, path, nil)); pattern != m[1] {
+			panic(fmt.Sprintf("main.go's route %s is served as %q", m[1], pattern))
+		}
+		out = append(out, m[1])
 	}
 	return out
 }
