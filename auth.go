@@ -233,8 +233,13 @@ func (s *signer) verify(token, tokenType string, now time.Time) (claims, error) 
 	if !hmac.Equal(got, s.mac(token[:len(head)+1+len(body)])) {
 		return c, errors.New("bad signature")
 	}
-	if head != jwtHeaderB64 { // these very bytes: the header is not read, so it chooses nothing
-		return c, errors.New("bad header")
+	if head != jwtHeaderB64 {
+		// Same JSON, other bytes (key order, spaces): still exactly these two fields.
+		var h map[string]any
+		raw, err := b64.DecodeString(head)
+		if err != nil || json.Unmarshal(raw, &h) != nil || len(h) != 2 || h["alg"] != "HS256" || h["typ"] != "JWT" {
+			return c, errors.New("bad header")
+		}
 	}
 	payload, err := b64.DecodeString(body)
 	if err != nil || json.Unmarshal(payload, &c) != nil {

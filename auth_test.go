@@ -329,6 +329,8 @@ func TestTokenForgedAccess(t *testing.T) {
 		for name, token := range map[string]string{
 			"real token":                a.access,
 			"forged with the right key": signed(nil),
+			"header keys reordered":     forge(`{"typ":"JWT","alg":"HS256"}`, payloadWith(t, ac, nil), testSecret),
+			"header with spaces":        forge(`{ "alg": "HS256", "typ": "JWT" }`, payloadWith(t, ac, nil), testSecret),
 			"unknown payload claim":     signed(map[string]any{"scope": "admin"}),
 		} {
 			t.Run(name, func(t *testing.T) { wantMe(t, s, token, a) })
@@ -420,8 +422,6 @@ func TestTokenForgedAccess(t *testing.T) {
 		{"missing typ", forge(`{"alg":"HS256"}`, payloadWith(t, ac, nil), testSecret)},
 		{"typ lower case", forge(`{"alg":"HS256","typ":"jwt"}`, payloadWith(t, ac, nil), testSecret)},
 		{"alg lower case", forge(`{"alg":"hs256","typ":"JWT"}`, payloadWith(t, ac, nil), testSecret)},
-		{"header keys reordered", forge(`{"typ":"JWT","alg":"HS256"}`, payloadWith(t, ac, nil), testSecret)},
-		{"header with spaces", forge(`{ "alg": "HS256", "typ": "JWT" }`, payloadWith(t, ac, nil), testSecret)},
 		{"header not JSON", forge(`alg=HS256`, payloadWith(t, ac, nil), testSecret)},
 		{"empty header", forge(`{}`, payloadWith(t, ac, nil), testSecret)},
 		{"wrong key", forge(hs256Header, payloadWith(t, ac, nil), otherKey)},
