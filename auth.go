@@ -87,21 +87,26 @@ func (p *passwords) encode(password, salt string) string {
 // the stored hash and the wait the attempt's runs impose (then no password
 // is checked), and verifies password against the hash. The slot comes
 // first: an attempt shed for want of one (503) was never counted, so a
-// flood that saturates hashing slows a user, never locks one out.
-func (p *passwords) check(ctx context.Context, password string, count func() (string, int, error)) (ok, stale bool, err error) {
+// flood that saturates hashing slows a user, never locks one out. A match
+// is hashed again in the same slot, as next (a new password) or, when its
+// hash is stale, as itself: a right password is never shed after its check.
+func (p *passwords) check(ctx context.Context, password, next string, count func() (string, int, error)) (ok bool, hashed string, err error) {
 	if err := p.acquire(ctx); err != nil {
-		return false, false, err
+		return false, "", err
 	}
 	defer func() { <-p.slots }()
 	encoded, wait, err := count()
 	switch {
 	case err != nil:
-		return false, false, fmt.Errorf("count the attempt: %w", err)
+		return false, "", fmt.Errorf("count the attempt: %w", err)
 	case wait > 0:
-		return false, false, throttled(time.Duration(wait) * time.Second)
+		return false, "", throttled(time.Duration(wait) * time.Second)
 	}
-	ok, stale = p.verify(password, encoded)
-	return ok, stale, nil
+	ok, stale := p.verify(password, encoded)
+	if ok && (stale || next != "") {
+		hashed = p.encode(cmp.Or(next, password), rand.Text())
+	}
+	return ok, hashed, nil
 }
 
 // verifiable is the one rule of which stored hashes verify checks, shared
@@ -311,7 +316,11 @@ type tokenPair struct {
 // source as one the user logs in from (in the order of the names, so that
 // two logins take their locks alike).
 func (s *server) startLogin(r *http.Request, changed bool, none error, first string, values ...any) (userID int64, pair tokenPair, err error) {
-	ctx, info := r.Context(), infoFrom(r)
+	// Past the request's deadline too: a right password checked late in a
+	// flood must still end its runs, or the flood would lock its user out.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), s.cfg.requestTimeout)
+	defer cancel()
+	info := infoFrom(r)
 	err = withTx(ctx, s.db.DB, func(tx *sql.Tx) error {
 		err := tx.QueryRowContext(ctx, first, values...).Scan(&userID)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -443,7 +452,7 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 	// Unknown users are checked against the dummy hash ("" verifies as it
 	// does) and leave an event with no user: the same work and the same
 	// answer, so neither timing nor a commit's flush reveals which exist.
-	match, stale, err := s.passwords.check(ctx, password, func() (stored string, wait int, err error) {
+	match, upgraded, err := s.passwords.check(ctx, password, "", func() (stored string, wait int, err error) {
 		err = s.db.QueryRowContext(ctx, q, strings.TrimSpace(name), sourceOf(info.clientIP).String(), s.cfg.lockAfter, s.cfg.lockSeconds,
 			s.cfg.lockAccountAfter, s.cfg.loginMaxAgeDays).Scan(&id, &stored, &version, &wait)
 		return stored, wait, err
@@ -458,12 +467,6 @@ func (s *server) handleLogin(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("record login.failed: %w", err)
 		}
 		return errBadCredentials
-	}
-	upgraded := "" // a stale hash's replacement at our iteration count
-	if stale {
-		if upgraded, err = s.passwords.hash(ctx, password); err != nil {
-			s.log.Warn("rehash password; the next login tries again", "user_id", id, "err", err)
-		}
 	}
 	// The password checked must still be the user's, locked until commit: a
 	// password change cannot slip in between and miss this login. Setting
@@ -660,7 +663,7 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 	// a live login is not locked out by strangers. The hash is read, as
 	// login reads it, once a hashing slot is taken.
 	var version int64
-	match, _, err := s.passwords.check(r.Context(), old, func() (stored string, wait int, err error) {
+	match, hashed, err := s.passwords.check(r.Context(), old, password, func() (stored string, wait int, err error) {
 		err = s.db.queryRow(r, statement{
 			steps: `done AS (SELECT password, password_version, login_attempt(lower(username), @source, @lock_after, @lock_s, NULL, 0)
 				FROM users WHERE id = @user)`,
@@ -678,10 +681,6 @@ func (s *server) handleChangePassword(w http.ResponseWriter, r *http.Request) er
 			return fmt.Errorf("record login.failed: %w", err)
 		}
 		return errWrongOldPassword
-	}
-	hashed, err := s.passwords.hash(r.Context(), password)
-	if err != nil {
-		return err
 	}
 	// Only the password the old one was checked against (at version) is
 	// replaced: of two changes at once, the second finds it gone.

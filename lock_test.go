@@ -397,3 +397,29 @@ func TestPruneKeepsKnownSources(t *testing.T) {
 		t.Fatalf("after the prune: %q (%v), want the two kept", left, err)
 	}
 }
+
+// TestRightPasswordPastDeadlineNotCounted: a right password whose check
+// ends after the request's deadline (a flood made it wait for its slot, or
+// its hash is costly) still logs in and ends its runs; it was never a
+// failed attempt, so no number of them locks the user out. A stale hash's
+// upgrade and a password change's new hash are made in the same slot.
+func TestRightPasswordPastDeadlineNotCounted(t *testing.T) {
+	s := newTestServer(t, map[string]string{"LOGIN_LOCK_AFTER": "3", "TRUSTED_PROXIES": "10.0.0.0/8"},
+		func(c *config) { c.requestTimeout = 20 * time.Millisecond })
+	a := register(t, s)
+	slow := djangoHash(t, a.password, "SlowSaltSlowSalt", 400_000) // tens of milliseconds: past the deadline
+	if _, err := testDB.ExecContext(t.Context(), `UPDATE users SET password = $2 WHERE id = $1`, a.id, slow); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		res := do(t, s, fromIP("203.0.113.78", loginReq(a.username, a.password)))
+		if res.status != http.StatusOK {
+			t.Fatalf("login %d with the right password past the deadline: status %d, body %s", i+1, res.status, res.body)
+		}
+		pairOf(t, res)
+	}
+	var failures int
+	if err := testDB.QueryRowContext(t.Context(), `SELECT coalesce(sum(failures), 0) FROM login_attempts WHERE name = lower($1)`, a.username).Scan(&failures); err != nil || failures != 0 {
+		t.Fatalf("runs after five right passwords: %d failures (%v), want 0", failures, err)
+	}
+}
