@@ -870,6 +870,11 @@ func TestClientIPKeys(t *testing.T) {
 			{"10.0.0.1:1", "[2001:db8:7:7::2]:8443", false},
 			{"[2001:db8:7:7::3]:1", "", true},
 		}},
+		{"a bracketed or quoted hop without a port is its address", "10.0.0.0/8", []step{
+			{"10.0.0.1:1", "[2001:db8:8:8::1]", false},
+			{"10.0.0.1:1", `"2001:db8:8:8::2"`, false},
+			{"[2001:db8:8:8::3]:1", "", true},
+		}},
 		{"a hop that is no address is the proxy's own request", "10.0.0.0/8", []step{
 			{"10.0.0.1:1", "unknown", false},
 			{"10.0.0.1:2", "5.6.7.16, _hidden", false},
