@@ -183,7 +183,7 @@ func (s *server) clientIP(r *http.Request) (netip.Addr, bool) {
 	hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
 	for i := len(hops) - 1; i >= 0 && s.trusted(ip); i-- {
 		h := strings.TrimSpace(hops[i])
-		hop, err := netip.ParseAddr(strings.Trim(h, `[]"`)) // also "[ipv6]" and a quoted address
+		hop, err := netip.ParseAddr(strings.Trim(h, `[]"`))  // also "[ipv6]" and a quoted address
 		if ap, err2 := netip.ParseAddrPort(h); err2 == nil { // as some proxies write it: ip:port, [ipv6]:port
 			hop, err = ap.Addr(), nil
 		}
