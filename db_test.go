@@ -809,7 +809,7 @@ func TestStartChecksRights(t *testing.T) {
 // starts unchecked; a member of the owner, a superuser and a partial owner
 // are refused. A setting the role's sessions start with (its own, or the
 // database's session_replication_role, with which no trigger fires) is
-// refused, naming the command that resets it.
+// refused, naming the command that resets it (the undo: that command).
 func TestStartChecksEveryRole(t *testing.T) {
 	role := appRole(t)
 	owner := scratchDB(t, "_everyrole", -1)
@@ -822,13 +822,13 @@ func TestStartChecksEveryRole(t *testing.T) {
 			`ALTER TABLE schema_migrations OWNER TO ` + by},
 		{"the role's setting", `ALTER ROLE ` + r + ` SET session_replication_role = replica`,
 			fmt.Sprintf(`starts its sessions with session_replication_role=replica (ALTER ROLE %s SET): run "ALTER ROLE %[1]s RESET session_replication_role"`, role),
-			`ALTER ROLE ` + r + ` RESET ALL`},
+			`ALTER ROLE ` + r + ` RESET session_replication_role`},
 		{"the role's setting here", `ALTER ROLE ` + r + ` IN DATABASE ` + d + ` SET search_path = pg_temp`,
 			fmt.Sprintf(`starts its sessions with search_path=pg_temp (ALTER ROLE %s IN DATABASE %s SET): run "ALTER ROLE %[1]s IN DATABASE %[2]s RESET search_path"`, role, database),
-			`ALTER ROLE ` + r + ` IN DATABASE ` + d + ` RESET ALL`},
+			`ALTER ROLE ` + r + ` IN DATABASE ` + d + ` RESET search_path`},
 		{"the database's setting", `ALTER DATABASE ` + d + ` SET session_replication_role = replica`,
-			fmt.Sprintf(`starts its sessions with session_replication_role=replica (ALTER DATABASE %s SET): run "ALTER DATABASE %[1]s RESET session_replication_role"`, database),
-			`ALTER DATABASE ` + d + ` RESET session_replication_role`},
+			fmt.Sprintf(`starts its sessions with session_replication_role=replica (ALTER ROLE ALL IN DATABASE %s SET): run "ALTER ROLE ALL IN DATABASE %[1]s RESET session_replication_role"`, database),
+			`ALTER ROLE ALL IN DATABASE ` + d + ` RESET session_replication_role`},
 	})
 }
 
@@ -847,10 +847,14 @@ func TestStartChecksCatalogsAndExtensions(t *testing.T) {
 			beyond("EXECUTE ON FUNCTION zz_wipe()", "PUBLIC"), `DROP FUNCTION pg_catalog.zz_wipe()`},
 		{"pg_read_binary_file", `GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO ` + r,
 			beyond("EXECUTE ON FUNCTION pg_read_binary_file(text)", role), `REVOKE EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) FROM ` + r},
+		{"pg_sleep", `GRANT EXECUTE ON FUNCTION pg_catalog.pg_sleep(float8) TO ` + r,
+			beyond("EXECUTE ON FUNCTION pg_sleep(double precision)", role), `REVOKE EXECUTE ON FUNCTION pg_catalog.pg_sleep(float8) FROM ` + r},
 		{"pg_read_binary_file to PUBLIC", `GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO PUBLIC`,
 			beyond("EXECUTE ON FUNCTION pg_read_binary_file(text)", "PUBLIC"), `REVOKE EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) FROM PUBLIC`},
 		{"dblink_connect_u", `CREATE EXTENSION dblink; GRANT EXECUTE ON FUNCTION dblink_connect_u(text, text) TO ` + r,
 			beyond("EXECUTE ON FUNCTION dblink_connect_u(text,text)", role), `DROP EXTENSION dblink`},
+		{"dblink", `CREATE EXTENSION dblink; GRANT EXECUTE ON FUNCTION dblink_connect(text) TO ` + r,
+			beyond("EXECUTE ON FUNCTION dblink_connect(text)", role), `DROP EXTENSION dblink`},
 		{"adminpack to PUBLIC", `CREATE EXTENSION adminpack; GRANT EXECUTE ON FUNCTION pg_file_write(text, text, boolean) TO PUBLIC`,
 			beyond("EXECUTE ON FUNCTION pg_file_write(text,text,boolean)", "PUBLIC"), `DROP EXTENSION adminpack`},
 		{"a SECURITY DEFINER function added to pg_trgm", `CREATE FUNCTION public.evil() RETURNS void LANGUAGE sql SECURITY DEFINER
