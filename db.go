@@ -227,6 +227,7 @@ const schemaLockID = 7_201_418_305
 // failed "healthcare migrate" names the owner.
 type schemaState struct {
 	database, role, owner string // owner: the schema's, when the role is not it (nor a member), so may not migrate
+	ownsAll               bool   // the role owns every table of the schema: start checks no rights
 	found, at             int    // the step found and the step reached; 0 is an empty database, or one made before steps
 	applied               []int  // the steps applied, in order
 }
@@ -245,9 +246,10 @@ func migrate(ctx context.Context, db *sql.DB, schema string, steps []string) (s 
 	// schema_migrations', or the database's until that exists. Without
 	// users, the database is empty (or made before steps).
 	var folds, empty bool
-	const q = `SELECT current_database(), current_user, lower('Ä') = 'ä', to_regclass('users') IS NULL, CASE WHEN NOT pg_has_role(o, 'USAGE') THEN pg_get_userbyid(o) ELSE '' END
+	const q = `SELECT current_database(), current_user, lower('Ä') = 'ä', to_regclass('users') IS NULL, CASE WHEN NOT pg_has_role(o, 'USAGE') THEN pg_get_userbyid(o) ELSE '' END,
+			NOT EXISTS (SELECT FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p', 'v', 'm', 'S') AND relowner <> current_user::regrole)
 		FROM coalesce((SELECT relowner FROM pg_class WHERE relname = 'schema_migrations' AND relnamespace = 'public'::regnamespace), (SELECT datdba FROM pg_database WHERE datname = current_database())) o`
-	if err := conn.QueryRowContext(ctx, q).Scan(&s.database, &s.role, &folds, &empty, &s.owner); err != nil {
+	if err := conn.QueryRowContext(ctx, q).Scan(&s.database, &s.role, &folds, &empty, &s.owner, &s.ownsAll); err != nil {
 		return s, fmt.Errorf("read the database: %w", err)
 	}
 	if !folds {
@@ -292,9 +294,10 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 	if pq.As(err, pqerror.InsufficientPrivilege) != nil {
 		return s, fmt.Errorf(`database schema is at step %d, this server needs step %d: run "healthcare migrate" as the schema owner`, s.at, len(schemaSteps))
 	}
-	// A role that does not own the schema serves with what migrate granted
-	// it (DB_APP_ROLE): granted since, or taken since, a right stops the start.
-	if err == nil && s.owner != "" {
+	// A role that does not own every table serves with what migrate granted
+	// it (DB_APP_ROLE): granted since, or taken since, a right stops the start,
+	// a member of the owner, a superuser or a partial owner's too.
+	if err == nil && !s.ownsAll {
 		err = withTx(ctx, db, func(tx *sql.Tx) error { return checkServing(ctx, tx, s.role) })
 	}
 	return s, err
@@ -371,35 +374,45 @@ func grantServing(ctx context.Context, db *sql.DB, role string) error {
 	})
 }
 
-// checkServing refuses role for a power no grant could limit, then for the
-// first right it holds beyond servingRights, then for the first it lacks.
+// checkServing refuses role for a power no grant could limit, then for a
+// setting its sessions start with (its own, or the database's
+// session_replication_role, which turns triggers off), then for the first
+// right it holds beyond servingRights, then for the first it lacks.
 // Without those powers (a superuser, a member of another role, an owner),
 // what a role holds by effect is what the ACLs give it or PUBLIC, whoever
 // granted it, on anything it can reach: a column, a parameter, any schema it
-// may use. Extensions' functions stay as their owner made them.
+// may use, pg_catalog included. PUBLIC's rights on what initdb made (oid <
+// 16384), and on an extension's function that is not SECURITY DEFINER, pass
+// while initdb or the extension gave them (pg_init_privs, or no entry there).
 func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
 	// $1 the role, $2 servingRights. A right is spelled as GRANT spells it:
-	// a privilege, then what, an object's ACL, says it is on.
-	const check = `WITH u AS (SELECT * FROM pg_roles WHERE rolname = $1),
+	// a privilege, then what, an object's ACL, says it is on. held drops an
+	// ACL as initdb or its extension left it before aclexplode (OFFSET 0), and
+	// names only what is held: a start stays cheap.
+	const check = `WITH u AS (SELECT *, (SELECT oid FROM pg_database WHERE datname = current_database()) AS db FROM pg_roles WHERE rolname = $1),
 		want AS (SELECT p || ' ON ' || m[2] || ' ' || o AS item FROM unnest($2::text[]) g, regexp_match(g, '^(.*?) ON (\S+) (.*)$') m, unnest(string_to_array(m[1], ', ')) p,
 			unnest(string_to_array(m[3], ', ')) o UNION ALL SELECT 'USAGE ON SEQUENCE ' || oid::regclass FROM pg_class WHERE relkind = 'S' AND relnamespace = 'public'::regnamespace),
-		schemas AS (SELECT * FROM pg_namespace WHERE nspname NOT LIKE 'pg\_%' AND nspname <> 'information_schema'),
-		ns AS (SELECT s.oid FROM schemas s, u WHERE has_schema_privilege(u.oid, s.oid, 'USAGE')),
-		acls (what, acl) AS (SELECT CASE relkind WHEN 'S' THEN ' ON SEQUENCE ' ELSE ' ON TABLE ' END || oid::regclass, coalesce(relacl, acldefault(CASE relkind WHEN 'S' THEN 's'::"char" ELSE 'r' END, relowner))
-				FROM pg_class WHERE relnamespace IN (SELECT oid FROM ns) AND relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-			UNION ALL SELECT ' (' || quote_ident(a.attname) || ') ON TABLE ' || c.oid::regclass, a.attacl FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attacl IS NOT NULL
-				WHERE c.relnamespace IN (SELECT oid FROM ns)
-			UNION ALL SELECT ' ON FUNCTION ' || f.oid::regprocedure, coalesce(f.proacl, acldefault('f', f.proowner)) FROM pg_proc f WHERE f.pronamespace IN (SELECT oid FROM ns)
-				AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e')
-			UNION ALL SELECT ' ON SCHEMA ' || quote_ident(nspname), coalesce(nspacl, acldefault('n', nspowner)) FROM schemas
-			UNION ALL SELECT ' ON DATABASE ' || quote_ident(datname), coalesce(datacl, acldefault('d', datdba)) FROM pg_database WHERE datname = current_database()
-			UNION ALL SELECT ' ON PARAMETER ' || parname, paracl FROM pg_parameter_acl),
-		held AS (SELECT a.privilege_type || what AS item, a.grantee, a.grantor FROM acls, aclexplode(acl) a, u WHERE a.grantee IN (0, u.oid) AND a.privilege_type <> 'CONNECT')
+		ns AS (SELECT s.oid FROM pg_namespace s, u WHERE has_schema_privilege(u.oid, s.oid, 'USAGE')),
+		acls (what, acl, cls, obj, sub, kept) AS (SELECT CASE relkind WHEN 'S' THEN ' ON SEQUENCE ' ELSE ' ON TABLE ' END, coalesce(relacl, acldefault(CASE relkind WHEN 'S' THEN 's'::"char" ELSE 'r' END, relowner)),
+				'pg_class'::regclass, oid, 0, oid < 16384 FROM pg_class WHERE relnamespace IN (SELECT oid FROM ns) AND relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+			UNION ALL SELECT ' (' || quote_ident(a.attname) || ') ON TABLE ', a.attacl, 'pg_class'::regclass, c.oid, a.attnum, c.oid < 16384
+				FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attacl IS NOT NULL WHERE c.relnamespace IN (SELECT oid FROM ns)
+			UNION ALL SELECT ' ON FUNCTION ', coalesce(f.proacl, acldefault('f', f.proowner)), 'pg_proc'::regclass, f.oid, 0, f.oid < 16384 OR NOT f.prosecdef
+				AND EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = f.oid AND e.deptype = 'e') FROM pg_proc f WHERE f.pronamespace IN (SELECT oid FROM ns) AND (f.oid >= 16384 OR f.proacl IS NOT NULL)
+			UNION ALL SELECT ' ON SCHEMA ' || quote_ident(nspname), coalesce(nspacl, acldefault('n', nspowner)), 'pg_namespace'::regclass, oid, 0, oid < 16384 AND nspname <> 'public' FROM pg_namespace
+			UNION ALL SELECT ' ON DATABASE ' || quote_ident(datname), coalesce(datacl, acldefault('d', datdba)), NULL, NULL, NULL, false FROM pg_database WHERE datname = current_database()
+			UNION ALL SELECT ' ON PARAMETER ' || parname, paracl, NULL, NULL, NULL, false FROM pg_parameter_acl),
+		held AS (SELECT a.privilege_type || what || CASE cls WHEN 'pg_class'::regclass THEN obj::regclass::text WHEN 'pg_proc'::regclass THEN obj::regprocedure::text ELSE '' END AS item, a.grantee, a.grantor
+			FROM (SELECT * FROM acls LEFT JOIN pg_init_privs ON (objoid, classoid, objsubid) = (obj, cls, sub) WHERE NOT (kept AND acl IS NOT DISTINCT FROM initprivs) OFFSET 0) x, aclexplode(acl) a, u
+			WHERE a.privilege_type <> 'CONNECT' AND (a.grantee = u.oid OR a.grantee = 0 AND NOT (kept AND coalesce(aclcontains(initprivs, makeaclitem(0, a.grantor, a.privilege_type, false)), true))))
 		SELECT 'role "' || $1 || '" ' || coalesce(coalesce((SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' END FROM u),
 				(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m, u WHERE m.member = u.oid),
-				(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o, u, pg_database d WHERE d.datname = current_database()
-					AND o.refobjid = u.oid AND o.deptype = 'o' AND (o.dbid = d.oid OR o.classid = 'pg_database'::regclass AND o.objid = d.oid))
+				(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o, u
+					WHERE o.refobjid = u.oid AND o.deptype = 'o' AND (o.dbid = u.db OR o.classid = 'pg_database'::regclass AND o.objid = u.db))
 			) || ', so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")',
+			(SELECT format('starts its sessions with %s (ALTER %s SET): run "ALTER %2$s RESET %s"', c, concat_ws(' IN DATABASE ', CASE setrole WHEN 0 THEN 'ROLE ALL' ELSE 'ROLE ' || quote_ident($1) END,
+				CASE setdatabase WHEN 0 THEN NULL ELSE quote_ident(current_database()) END), split_part(c, '=', 1)) FROM pg_db_role_setting, unnest(setconfig) c, u
+				WHERE setdatabase IN (0, u.db) AND (setrole = u.oid OR setrole = 0 AND c LIKE 'session\_replication\_role=%') ORDER BY 1 LIMIT 1),
 			(SELECT format('holds %s beyond what serving needs, granted to %s by role "%s": run "REVOKE %s FROM %s" as role "%3$s"', item, CASE grantee WHEN 0 THEN 'PUBLIC' ELSE 'it' END,
 				pg_get_userbyid(grantor), item, CASE grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident($1) END) FROM held WHERE item NOT IN (SELECT item FROM want) ORDER BY item LIMIT 1),
 			(SELECT format('lacks %s, which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner', item, $1) FROM want WHERE item NOT IN (SELECT item FROM held) ORDER BY item LIMIT 1))`

@@ -735,30 +735,17 @@ func TestTwoRolesAsReadmeSays(t *testing.T) {
 	}
 }
 
-// TestStartChecksRights: every start as a role that does not own the
-// schema runs migrate's check. A right granted since migrate (a membership,
-// a table's, a parameter's) or one taken since (a table's, EXECUTE on a
-// function the statements call, as when a step was migrated without
-// DB_APP_ROLE) refuses the start, naming the right and the command.
-func TestStartChecksRights(t *testing.T) {
+// startChange is a change to the database after migrate, and what the
+// start refuses after it (after `role "<role>" `), then undone.
+type startChange struct{ name, change, want, undo string }
+
+// startRefuses migrates, starts as role, makes each change and starts
+// again: the start must refuse it, as c.want says.
+func startRefuses(t *testing.T, owner *sql.DB, role string, changes []startChange) {
 	ctx := t.Context()
-	role := appRole(t)
-	owner := scratchDB(t, "_grants", -1)
-	r := pq.QuoteIdentifier(role)
-	migrateHint := fmt.Sprintf(`which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, role)
 	app := connectAs(t, owner, role)
-	for _, c := range []struct{ name, change, want string }{
-		{"pg_write_all_data", `GRANT pg_write_all_data TO ` + r,
-			`is a member of role pg_write_all_data, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`},
-		{"UPDATE on the events", `GRANT UPDATE ON audit_events TO ` + r,
-			fmt.Sprintf(`holds UPDATE ON TABLE audit_events beyond what serving needs, granted to it by role %q: run "REVOKE UPDATE ON TABLE audit_events FROM %s" as role %q`, testDBConfig.User, role, testDBConfig.User)},
-		// Parameters are the cluster's: granted to this role alone, so that no other test sees it.
-		{"a parameter", `GRANT SET ON PARAMETER session_replication_role TO ` + r,
-			fmt.Sprintf(`holds SET ON PARAMETER session_replication_role beyond what serving needs, granted to it by role %q: run "REVOKE SET ON PARAMETER session_replication_role FROM %s" as role %q`, testDBConfig.User, role, testDBConfig.User)},
-		{"login_live", `REVOKE EXECUTE ON FUNCTION login_live(bigint, bigint) FROM ` + r, "lacks EXECUTE ON FUNCTION login_live(bigint,bigint), " + migrateHint},
-		{"a table", `REVOKE ALL ON login_attempts FROM ` + r, "lacks DELETE ON TABLE login_attempts, " + migrateHint},
-		{"a column", `REVOKE INSERT (request_id) ON audit_events FROM ` + r, "lacks INSERT (request_id) ON TABLE audit_events, " + migrateHint},
-	} {
+	r := pq.QuoteIdentifier(role)
+	for _, c := range changes {
 		t.Run(c.name, func(t *testing.T) {
 			if err := runMigrate(ctx, owner, role, io.Discard); err != nil {
 				t.Fatal(err)
@@ -769,13 +756,111 @@ func TestStartChecksRights(t *testing.T) {
 			if _, err := owner.ExecContext(ctx, c.change); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := ensureSchema(ctx, app); err == nil || err.Error() != fmt.Sprintf("role %q %s", role, c.want) {
+			_, err := ensureSchema(ctx, app)
+			// Undone (migrate alone cannot take back a membership, a parameter's right, a setting, an ownership).
+			owner.ExecContext(ctx, `REVOKE pg_write_all_data FROM `+r+`; REVOKE SET ON PARAMETER session_replication_role FROM `+r)
+			if c.undo != "" {
+				if _, err := owner.ExecContext(ctx, c.undo); err != nil {
+					t.Fatalf("%s: %v", c.undo, err)
+				}
+			}
+			if err == nil || err.Error() != fmt.Sprintf("role %q %s", role, c.want) {
 				t.Fatalf("start:\n%v\nwant\nrole %q %s", err, role, c.want)
 			}
-			// Undone (migrate alone cannot take back a membership or a parameter's right).
-			owner.ExecContext(ctx, `REVOKE pg_write_all_data FROM `+r+`; REVOKE SET ON PARAMETER session_replication_role FROM `+r)
 		})
 	}
+}
+
+// beyond is checkServing's message for a right beyond serving's, granted by
+// the test's superuser to PUBLIC or to role.
+func beyond(right, role string) string {
+	to, from := "it", role
+	if role == "PUBLIC" {
+		to = "PUBLIC"
+	}
+	return fmt.Sprintf(`holds %s beyond what serving needs, granted to %s by role %q: run "REVOKE %s FROM %s" as role %q`, right, to, testDBConfig.User, right, from, testDBConfig.User)
+}
+
+// powerful ends checkServing's message for a role no grant could limit.
+const powerful = `, so no grant could limit it: serve as a role that owns nothing and belongs to no other (README, "Two roles")`
+
+// TestStartChecksRights: every start as a role that does not own the
+// schema runs migrate's check. A right granted since migrate (a membership,
+// a table's, a parameter's) or one taken since (a table's, EXECUTE on a
+// function the statements call, as when a step was migrated without
+// DB_APP_ROLE) refuses the start, naming the right and the command.
+func TestStartChecksRights(t *testing.T) {
+	role := appRole(t)
+	owner := scratchDB(t, "_grants", -1)
+	r := pq.QuoteIdentifier(role)
+	migrateHint := fmt.Sprintf(`which serving needs: run "DB_APP_ROLE=%s healthcare migrate" as the schema owner`, role)
+	startRefuses(t, owner, role, []startChange{
+		{"pg_write_all_data", `GRANT pg_write_all_data TO ` + r, `is a member of role pg_write_all_data` + powerful, ""},
+		{"UPDATE on the events", `GRANT UPDATE ON audit_events TO ` + r, beyond("UPDATE ON TABLE audit_events", role), ""},
+		// Parameters are the cluster's: granted to this role alone, so that no other test sees it.
+		{"a parameter", `GRANT SET ON PARAMETER session_replication_role TO ` + r, beyond("SET ON PARAMETER session_replication_role", role), ""},
+		{"login_live", `REVOKE EXECUTE ON FUNCTION login_live(bigint, bigint) FROM ` + r, "lacks EXECUTE ON FUNCTION login_live(bigint,bigint), " + migrateHint, ""},
+		{"a table", `REVOKE ALL ON login_attempts FROM ` + r, "lacks DELETE ON TABLE login_attempts, " + migrateHint, ""},
+		{"a column", `REVOKE INSERT (request_id) ON audit_events FROM ` + r, "lacks INSERT (request_id) ON TABLE audit_events, " + migrateHint, ""},
+	})
+}
+
+// TestStartChecksEveryRole: only a role that owns every table of the schema
+// starts unchecked; a member of the owner, a superuser and a partial owner
+// are refused. A setting the role's sessions start with (its own, or the
+// database's session_replication_role, with which no trigger fires) is
+// refused, naming the command that resets it (the undo: that command).
+func TestStartChecksEveryRole(t *testing.T) {
+	role := appRole(t)
+	owner := scratchDB(t, "_everyrole", -1)
+	r, by, database := pq.QuoteIdentifier(role), pq.QuoteIdentifier(testDBConfig.User), testDBConfig.Database+"_everyrole"
+	d := pq.QuoteIdentifier(database)
+	startRefuses(t, owner, role, []startChange{
+		{"member of the owner", `GRANT ` + by + ` TO ` + r, "is a member of role " + testDBConfig.User + powerful, `REVOKE ` + by + ` FROM ` + r},
+		{"superuser", `ALTER ROLE ` + r + ` SUPERUSER`, "is a superuser" + powerful, `ALTER ROLE ` + r + ` NOSUPERUSER`},
+		{"owner of schema_migrations", `ALTER TABLE schema_migrations OWNER TO ` + r, "owns table schema_migrations" + powerful,
+			`ALTER TABLE schema_migrations OWNER TO ` + by},
+		{"the role's setting", `ALTER ROLE ` + r + ` SET session_replication_role = replica`,
+			fmt.Sprintf(`starts its sessions with session_replication_role=replica (ALTER ROLE %s SET): run "ALTER ROLE %[1]s RESET session_replication_role"`, role),
+			`ALTER ROLE ` + r + ` RESET session_replication_role`},
+		{"the role's setting here", `ALTER ROLE ` + r + ` IN DATABASE ` + d + ` SET search_path = pg_temp`,
+			fmt.Sprintf(`starts its sessions with search_path=pg_temp (ALTER ROLE %s IN DATABASE %s SET): run "ALTER ROLE %[1]s IN DATABASE %[2]s RESET search_path"`, role, database),
+			`ALTER ROLE ` + r + ` IN DATABASE ` + d + ` RESET search_path`},
+		{"the database's setting", `ALTER DATABASE ` + d + ` SET session_replication_role = replica`,
+			fmt.Sprintf(`starts its sessions with session_replication_role=replica (ALTER ROLE ALL IN DATABASE %s SET): run "ALTER ROLE ALL IN DATABASE %[1]s RESET session_replication_role"`, database),
+			`ALTER ROLE ALL IN DATABASE ` + d + ` RESET session_replication_role`},
+	})
+}
+
+// TestStartChecksCatalogsAndExtensions: pg_catalog is checked as any other
+// schema for what was made there since initdb, and for grants since on what
+// initdb made, to the role or to PUBLIC. An extension's function passes
+// with PUBLIC's right as the extension left it, and not with a grant to the
+// role, a grant to PUBLIC since, or SECURITY DEFINER.
+func TestStartChecksCatalogsAndExtensions(t *testing.T) {
+	role := appRole(t)
+	owner := scratchDB(t, "_catalogs", -1)
+	r := pq.QuoteIdentifier(role)
+	startRefuses(t, owner, role, []startChange{
+		{"a function in pg_catalog", `CREATE FUNCTION pg_catalog.zz_wipe() RETURNS void LANGUAGE sql SECURITY DEFINER
+			SET session_replication_role = replica AS $$DELETE FROM public.audit_events$$`,
+			beyond("EXECUTE ON FUNCTION zz_wipe()", "PUBLIC"), `DROP FUNCTION pg_catalog.zz_wipe()`},
+		{"pg_read_binary_file", `GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO ` + r,
+			beyond("EXECUTE ON FUNCTION pg_read_binary_file(text)", role), `REVOKE EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) FROM ` + r},
+		{"pg_sleep", `GRANT EXECUTE ON FUNCTION pg_catalog.pg_sleep(float8) TO ` + r,
+			beyond("EXECUTE ON FUNCTION pg_sleep(double precision)", role), `REVOKE EXECUTE ON FUNCTION pg_catalog.pg_sleep(float8) FROM ` + r},
+		{"pg_read_binary_file to PUBLIC", `GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO PUBLIC`,
+			beyond("EXECUTE ON FUNCTION pg_read_binary_file(text)", "PUBLIC"), `REVOKE EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) FROM PUBLIC`},
+		{"dblink_connect_u", `CREATE EXTENSION dblink; GRANT EXECUTE ON FUNCTION dblink_connect_u(text, text) TO ` + r,
+			beyond("EXECUTE ON FUNCTION dblink_connect_u(text,text)", role), `DROP EXTENSION dblink`},
+		{"dblink", `CREATE EXTENSION dblink; GRANT EXECUTE ON FUNCTION dblink_connect(text) TO ` + r,
+			beyond("EXECUTE ON FUNCTION dblink_connect(text)", role), `DROP EXTENSION dblink`},
+		{"adminpack to PUBLIC", `CREATE EXTENSION adminpack; GRANT EXECUTE ON FUNCTION pg_file_write(text, text, boolean) TO PUBLIC`,
+			beyond("EXECUTE ON FUNCTION pg_file_write(text,text,boolean)", "PUBLIC"), `DROP EXTENSION adminpack`},
+		{"a SECURITY DEFINER function added to pg_trgm", `CREATE FUNCTION public.evil() RETURNS void LANGUAGE sql SECURITY DEFINER
+			AS 'DELETE FROM public.mappings'; ALTER EXTENSION pg_trgm ADD FUNCTION public.evil()`,
+			beyond("EXECUTE ON FUNCTION evil()", "PUBLIC"), `ALTER EXTENSION pg_trgm DROP FUNCTION public.evil(); DROP FUNCTION public.evil()`},
+	})
 }
 
 // TestGenericPlansUseIndexes: the statements the server sends for the audit
