@@ -405,7 +405,7 @@ func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
 		held AS (SELECT a.privilege_type || what || CASE cls WHEN 'pg_class'::regclass THEN obj::regclass::text WHEN 'pg_proc'::regclass THEN obj::regprocedure::text ELSE '' END AS item, a.grantee, a.grantor
 			FROM (SELECT * FROM acls LEFT JOIN pg_init_privs ON (objoid, classoid, objsubid) = (obj, cls, sub) WHERE NOT (kept AND acl IS NOT DISTINCT FROM initprivs) OFFSET 0) x, aclexplode(acl) a, u
 			WHERE a.privilege_type <> 'CONNECT' AND (a.grantee = u.oid OR a.grantee = 0 AND NOT (kept AND coalesce(aclcontains(initprivs, makeaclitem(0, a.grantor, a.privilege_type, false)), true))))
-		SELECT 'role "' || $1 || '" ' || coalesce(coalesce((SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' END FROM u),
+		SELECT 'role "' || $1 || '" ' || coalesce(coalesce((SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' WHEN rolcreatedb THEN 'can create databases' END FROM u),
 				(SELECT 'is a member of role ' || min(m.roleid::regrole::text) FROM pg_auth_members m, u WHERE m.member = u.oid),
 				(SELECT 'owns ' || min(pg_describe_object(o.classid, o.objid, 0)) FROM pg_shdepend o, u
 					WHERE o.refobjid = u.oid AND o.deptype = 'o' AND (o.dbid = u.db OR o.classid = 'pg_database'::regclass AND o.objid = u.db))

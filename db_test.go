@@ -230,6 +230,7 @@ func TestGrantRefusesPowerfulRoles(t *testing.T) {
 		{"superuser", `ALTER ROLE {role} SUPERUSER`, "is a superuser"},
 		{"createrole", `ALTER ROLE {role} CREATEROLE`, "can create roles"},
 		{"replication", `ALTER ROLE {role} REPLICATION`, "can replicate the cluster"},
+		{"createdb", `ALTER ROLE {role} CREATEDB`, "can create databases"},
 		{"member of postgres", `GRANT postgres TO {role}`, "is a member of role postgres"},
 		{"member of a group", `GRANT {group} TO {role}`, "is a member of role {group}"},
 		{"server programs", `GRANT pg_execute_server_program TO {role}`, "is a member of role pg_execute_server_program"},
