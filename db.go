@@ -96,10 +96,9 @@ func createDatabase(ctx context.Context, cfg pq.Config) error {
 }
 
 // database is the pool, running each query that returns rows as a prepared
-// statement, so that PostgreSQL plans it once per connection rather than at
-// every call (README, Performance). Query texts are built from constants,
-// whitelisted orderings and a bounded number of search terms; the cache
-// stops growing at maxStatements all the same.
+// statement, planned once per connection, not at every call (README,
+// Performance). Query texts come from constants, whitelisted orderings and
+// a bounded number of search terms; the cache stops at maxStatements.
 type database struct {
 	*sql.DB
 	stmts sync.Map // query text → *sql.Stmt
@@ -307,8 +306,7 @@ func ensureSchema(ctx context.Context, db *sql.DB) (schemaState, error) {
 // hold, each "privileges ON objects" (a function's types without spaces):
 // migrate grants them, with USAGE on the sequences, and every start checks
 // them. INSERT on the audit events is by column, never id or at: an
-// event's id and time are the database's. The functions are those the
-// statements call.
+// event's id and time are the database's.
 var servingRights = []string{
 	"SELECT, INSERT, UPDATE, DELETE ON TABLE users, login_names, logins, refresh_tokens, patients, doctors, mappings, login_attempts",
 	"SELECT ON TABLE audit_events, schema_migrations",
@@ -323,8 +321,7 @@ var servingRights = []string{
 // is there: they are part of the serving set until a later step drops it.
 var compatRights = []string{"SELECT, INSERT, UPDATE, DELETE ON TABLE sessions", "EXECUTE ON FUNCTION changed_fields(text[],text[],text[])"}
 
-// servingRightsIn returns servingRights, and compatRights while their
-// objects are there.
+// servingRightsIn returns servingRights, and compatRights while they apply.
 func servingRightsIn(ctx context.Context, tx *sql.Tx) ([]string, error) {
 	var compat bool
 	if err := tx.QueryRowContext(ctx, `SELECT to_regclass('sessions') IS NOT NULL`).Scan(&compat); err != nil {
