@@ -494,12 +494,12 @@ func unlock(ctx context.Context, db *sql.DB, name string, stdout io.Writer) erro
 	var id int64
 	err := db.QueryRowContext(ctx, q, strings.TrimSpace(name), requestID).Scan(&id)
 	if errors.Is(err, sql.ErrNoRows) {
-		return fmt.Errorf("unlock: no account has the name %q", name)
+		return fmt.Errorf("unlock: no user has the name %q", name)
 	}
 	if err != nil {
 		return fmt.Errorf("unlock: %w", err)
 	}
-	fmt.Fprintf(stdout, "account %d (%q) unlocked: login.unlock written, request id %s\n", id, name, requestID)
+	fmt.Fprintf(stdout, "user %d (%q) unlocked: login.unlock written, request id %s\n", id, name, requestID)
 	return nil
 }
 

@@ -157,7 +157,7 @@ func readDjango(ctx context.Context, url string) (rows [4][]members, breaks []st
 }
 
 // copyAll inserts each table's rows in one statement, moves its sequence
-// past the largest id copied, and gives every account its login names as
+// past the largest id copied, and gives every user its login names as
 // register does.
 func copyAll(ctx context.Context, tx *sql.Tx, rows [4][]members) error {
 	for i, c := range copies {
@@ -181,7 +181,7 @@ func copyAll(ctx context.Context, tx *sql.Tx, rows [4][]members) error {
 // said, and the row copied.
 type report struct {
 	breaks, notes []string
-	unusable      int // accounts copied without a usable password
+	unusable      int // users copied without a usable password
 }
 
 func (r *report) breakf(table string, row members, format string, a ...any) {
@@ -209,7 +209,7 @@ func (r *report) stored(table string, row members, errs fieldErrors, read map[st
 }
 
 // unique breaks a row whose value for key (a login name, an email in its
-// scope) another row already has; one account's username may be its email.
+// scope) another row already has; one user's username may be its email.
 func (r *report) unique(seen map[string]json.RawMessage, key, table string, row members, what string) {
 	if other, ok := seen[key]; ok && string(other) != string(row["id"]) {
 		r.breakf(table, row, "%s (%s %s has it)", what, table, other)
@@ -218,10 +218,10 @@ func (r *report) unique(seen map[string]json.RawMessage, key, table string, row 
 }
 
 // check checks every row with the API's readers (middleware.go), in place:
-// what each row becomes is what the API would store. An account's names are
+// what each row becomes is what the API would store. A user's names are
 // checked as register would; one without a usable password is listed and
 // gets Django's unusable form, and the Django rights that do not carry over
-// are listed. Every doctor gets the account named creator (if any) as its
+// are listed. Every doctor gets the user named creator (if any) as its
 // creator.
 func (r *report) check(rows [4][]members, creator string) {
 	// Login names; emails: a patient's key starts with its owner, a doctor's with '"'.
@@ -231,8 +231,8 @@ func (r *report) check(rows [4][]members, creator string) {
 		errs := fieldErrors{}
 		username, email := u.username("username", errs), u.email("email", true, errs)
 		r.stored("auth_user", u, errs, map[string]*string{"username": &username, "email": email, "name": u.text("name", true, 1, 150, errs)})
-		r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another account's login name, after NFKC and lower-casing", username))
-		r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another account's login name (username or email)", deref(email)))
+		r.unique(names, strings.ToLower(username), "auth_user", u, fmt.Sprintf("username %q is another user's login name, after NFKC and lower-casing", username))
+		r.unique(names, deref(email), "auth_user", u, fmt.Sprintf("email %q is another user's login name (username or email)", deref(email)))
 		if why := ""; json.Unmarshal(u["unusable"], &why) == nil && why != "" {
 			r.notes = append(r.notes, fmt.Sprintf("auth_user %s: copied with no usable password (%s)", u["id"], why))
 			u["password"], _ = json.Marshal("!" + rand.Text()) // Django's unusable form
@@ -262,9 +262,9 @@ func (r *report) check(rows [4][]members, creator string) {
 	}
 	switch {
 	case creator != "" && string(createdBy) == "null":
-		r.breaks = append(r.breaks, fmt.Sprintf("--doctor-creator: no account in auth_user has the username %q", creator))
+		r.breaks = append(r.breaks, fmt.Sprintf("--doctor-creator: no user in auth_user has the username %q", creator))
 	case creator == "" && len(rows[2]) > 0:
 		r.notes = append(r.notes, fmt.Sprintf("api_doctor: the %d doctors are copied with no creator, so nobody can change or delete them: "+
-			"--doctor-creator <username> makes that account their creator", len(rows[2])))
+			"--doctor-creator <username> makes that user their creator", len(rows[2])))
 	}
 }

@@ -110,7 +110,7 @@ func TestImportDjango(t *testing.T) {
 	for _, want := range []string{
 		"auth_user 7: copied with no usable password (inactive)\n", "auth_user 10: copied with no usable password (another hasher, or unusable in Django)\n",
 		"auth_user 10: a Django superuser or staff account, copied as an ordinary user (this server has no admin)\n",
-		"api_doctor: the 2 doctors are copied with no creator, so nobody can change or delete them: --doctor-creator <username> makes that account their creator\n",
+		"api_doctor: the 2 doctors are copied with no creator, so nobody can change or delete them: --doctor-creator <username> makes that user their creator\n",
 		`"msg":"import","users":3,"patients":3,"doctors":2,"mappings":2,"unusable_passwords":2`,
 	} {
 		if !strings.Contains(out, want) {
@@ -190,10 +190,10 @@ func TestImportDjangoRefuses(t *testing.T) {
 	name := testDBConfig.Database + "_refused"
 	for i, c := range []struct{ name, rows, want string }{
 		{"same name after NFKC and lower-casing", `INSERT INTO auth_user VALUES (2, '!', NULL, false, 'Ａｄａ', '', '', 'x@example.com', false, true, now());`,
-			`auth_user 2: username "Ada" is another account's login name, after NFKC and lower-casing (auth_user 1 has it)`},
+			`auth_user 2: username "Ada" is another user's login name, after NFKC and lower-casing (auth_user 1 has it)`},
 		{"email that is another account's username", `INSERT INTO auth_user VALUES (2, '!', NULL, false, 'ada@example.org', '', '', 'x@example.com', false, true, now()),
 			(3, '!', NULL, false, 'cy', '', '', 'ADA@example.org', false, true, now());`,
-			`auth_user 3: email "ada@example.org" is another account's login name (username or email) (auth_user 2 has it)`},
+			`auth_user 3: email "ada@example.org" is another user's login name (username or email) (auth_user 2 has it)`},
 		{"username Django's rule refuses", `INSERT INTO auth_user VALUES (2, '!', NULL, false, 'bad name', '', '', 'x@example.com', false, true, now());`,
 			`auth_user 2: username: Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters.`},
 		{"blank email", `INSERT INTO auth_user VALUES (2, '!', NULL, false, 'bo', '', '', '', false, true, now());`,
@@ -256,7 +256,7 @@ func TestImportDjangoDoctorCreator(t *testing.T) {
 	name := testDBConfig.Database + "_creator_target"
 	for _, args := range [][]string{{"--check", "--doctor-creator", "nobody"}, {"--doctor-creator=nobody"}} {
 		out, err := importInto(t, name, source, args...)
-		if err == nil || !strings.Contains(out, "--doctor-creator: no account in auth_user has the username \"nobody\"\n") ||
+		if err == nil || !strings.Contains(out, "--doctor-creator: no user in auth_user has the username \"nobody\"\n") ||
 			!strings.Contains(err.Error(), "1 problems (listed above)") {
 			t.Fatalf("%v: %v\n%s", args, err, out)
 		}

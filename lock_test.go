@@ -229,7 +229,7 @@ func TestUnlock(t *testing.T) {
 	if err := testDB.QueryRowContext(t.Context(), `SELECT request_id FROM audit_events WHERE user_id = $1 AND action = 'login.unlock' AND ip = '' AND login_id IS NULL`, a.id).Scan(&requestID); err != nil {
 		t.Fatalf("the login.unlock event: %v", err)
 	}
-	if want := fmt.Sprintf("account %d (%q) unlocked: login.unlock written, request id %s\n", a.id, strings.ToUpper(a.email), requestID); out.String() != want {
+	if want := fmt.Sprintf("user %d (%q) unlocked: login.unlock written, request id %s\n", a.id, strings.ToUpper(a.email), requestID); out.String() != want {
 		t.Fatalf("unlock printed %q, want %q", out.String(), want)
 	}
 	pairOf(t, do(t, s, fromIP(newcomer, loginReq(a.username, a.password))))
@@ -239,7 +239,7 @@ func TestUnlock(t *testing.T) {
 		t.Fatalf("the trail's login.unlock events: %s", res.body)
 	}
 	err := run(t.Context(), []string{"unlock", "no-such-name-x"}, env, io.Discard, io.Discard)
-	if err == nil || err.Error() != `unlock: no account has the name "no-such-name-x"` {
+	if err == nil || err.Error() != `unlock: no user has the name "no-such-name-x"` {
 		t.Fatalf("unlock of no account: %v", err)
 	}
 }

@@ -166,7 +166,7 @@ func runMigrate(ctx context.Context, db *sql.DB, appRole string, stdout io.Write
 // importArgs are import-django's flags: [--check] [--doctor-creator <username>].
 type importArgs struct {
 	check   bool   // check every row, write nothing
-	creator string // the imported account that becomes every imported doctor's creator
+	creator string // the imported user who becomes every imported doctor's creator
 }
 
 func parseImportArgs(args []string) (a importArgs, err error) {
