@@ -399,7 +399,7 @@ func checkServing(ctx context.Context, tx *sql.Tx, role string) error {
 			UNION ALL SELECT ' ON SCHEMA ' || quote_ident(nspname), coalesce(nspacl, acldefault('n', nspowner)), 'pg_namespace'::regclass, oid, 0, oid < 16384 AND nspname <> 'public' FROM pg_namespace
 			UNION ALL SELECT ' ON DATABASE ' || quote_ident(datname), coalesce(datacl, acldefault('d', datdba)), NULL, NULL, NULL, false FROM pg_database WHERE datname = current_database()
 			UNION ALL SELECT ' ON PARAMETER ' || parname, paracl, NULL, NULL, NULL, false FROM pg_parameter_acl),
-		held AS (SELECT a.privilege_type || what || CASE cls WHEN 'pg_class'::regclass THEN obj::regclass::text WHEN 'pg_proc'::regclass THEN obj::regprocedure::text ELSE '' END AS item, a.grantee, a.grantor
+		held AS (SELECT CASE WHEN a.is_grantable THEN 'GRANT OPTION FOR ' ELSE '' END || a.privilege_type || what || CASE cls WHEN 'pg_class'::regclass THEN obj::regclass::text WHEN 'pg_proc'::regclass THEN obj::regprocedure::text ELSE '' END AS item, a.grantee, a.grantor
 			FROM (SELECT * FROM acls LEFT JOIN pg_init_privs ON (objoid, classoid, objsubid) = (obj, cls, sub) WHERE NOT (kept AND acl IS NOT DISTINCT FROM initprivs) OFFSET 0) x, aclexplode(acl) a, u
 			WHERE a.privilege_type <> 'CONNECT' AND (a.grantee = u.oid OR a.grantee = 0 AND NOT (kept AND coalesce(aclcontains(initprivs, makeaclitem(0, a.grantor, a.privilege_type, false)), true))))
 		SELECT 'role "' || $1 || '" ' || coalesce(coalesce((SELECT CASE WHEN rolsuper THEN 'is a superuser' WHEN rolcreaterole THEN 'can create roles' WHEN rolreplication THEN 'can replicate the cluster' WHEN rolcreatedb THEN 'can create databases' END FROM u),

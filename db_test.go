@@ -798,6 +798,8 @@ func TestStartChecksRights(t *testing.T) {
 	startRefuses(t, owner, role, []startChange{
 		{"pg_write_all_data", `GRANT pg_write_all_data TO ` + r, `is a member of role pg_write_all_data` + powerful, ""},
 		{"UPDATE on the events", `GRANT UPDATE ON audit_events TO ` + r, beyond("UPDATE ON TABLE audit_events", role), ""},
+		{"a grant option", `GRANT SELECT ON users TO ` + r + ` WITH GRANT OPTION`, beyond("GRANT OPTION FOR SELECT ON TABLE users", role),
+			`REVOKE GRANT OPTION FOR SELECT ON TABLE users FROM ` + r},
 		// Parameters are the cluster's: granted to this role alone, so that no other test sees it.
 		{"a parameter", `GRANT SET ON PARAMETER session_replication_role TO ` + r, beyond("SET ON PARAMETER session_replication_role", role), ""},
 		{"login_live", `REVOKE EXECUTE ON FUNCTION login_live(bigint, bigint) FROM ` + r, "lacks EXECUTE ON FUNCTION login_live(bigint,bigint), " + migrateHint, ""},
