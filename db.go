@@ -59,9 +59,8 @@ func openDB(ctx context.Context, cfg pq.Config, maxConns int, logger *slog.Logge
 // connect opens a pool without touching the network.
 func connect(cfg pq.Config, maxConns int) (*sql.DB, error) {
 	// Prepared statements keep one generic plan per connection rather than
-	// planning every call (README, Performance); api_time writes times in
-	// the zone TimeZone names.
-	runtime := map[string]string{"plan_cache_mode": "force_generic_plan", "TimeZone": "UTC"}
+	// planning every call (README, Performance). TimeZone is dbConfig's.
+	runtime := map[string]string{"plan_cache_mode": "force_generic_plan"}
 	maps.Copy(runtime, cfg.Runtime) // a setting in DATABASE_URL wins
 	cfg.Runtime = runtime
 	connector, err := pq.NewConnectorConfig(cfg)
